@@ -1,0 +1,31 @@
+# nocrm_automation — PGXS build
+MODULE_big = nocrm_automation
+OBJS = \
+	src/actions.o \
+	src/assign.o \
+	src/definition.o \
+	src/dispatch.o \
+	src/events.o \
+	src/guc.o \
+	src/history.o \
+	src/lead.o \
+	src/rules.o \
+	src/spi_plans.o
+
+EXTENSION = nocrm_automation
+DATA = nocrm_automation--1.0.sql
+PGFILEDESC = "nocrm_automation - CRM automations inside PostgreSQL"
+
+PG_CPPFLAGS = -I$(srcdir)/src
+# -Wclobbered fires on PG_TRY/PG_FINALLY's own _do_rethrow variable in PostgreSQL 15 headers.
+PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare -Wno-clobbered
+
+REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
+
+ISOLATION = $(patsubst test/specs/%.spec,%,$(sort $(wildcard test/specs/*.spec)))
+ISOLATION_OPTS = --inputdir=test --temp-instance=./tmp_check_iso --temp-config=$(srcdir)/test/regress.conf
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

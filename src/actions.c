@@ -1,0 +1,411 @@
+/*
+ * actions.c — running one action of a rule, as the Butler.
+ *
+ * Lead changes go through plain SQL on nocrm.leads/tags/comments, so they
+ * raise their own events (chaining) and obey every constraint.  Emails,
+ * mobile pushes and delayed actions are written to nocrm.queue in the same
+ * transaction; a rollback leaves nothing behind.
+ */
+#include "nocrm.h"
+
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+/* One kept plan per statement an action runs. */
+static SPIPlanPtr plan_assign,
+			plan_user_active,
+			plan_add_tags,
+			plan_remove_tags,
+			plan_set_status,
+			plan_step_by_name,
+			plan_step_by_id,
+			plan_comment,
+			plan_notify,
+			plan_enqueue;
+
+static const char *
+action_event(RuleAction *action)
+{
+	return psprintf("action.%s", nocrm_action_names[action->kind]);
+}
+
+static void
+action_history(Rule *rule, RuleAction *action, LeadState *lead,
+			   Jsonb *old_value, Jsonb *new_value, const char *detail)
+{
+	if (nocrm_history_level != HISTORY_NONE)
+		nocrm_history(lead->id, action_event(action), rule->id, old_value, new_value, detail);
+}
+
+/* Runs a kept plan that returns at most one row; returns its first column. */
+static bool
+exec_one(SPIPlanPtr plan, Datum *args, const char *nulls, Datum *result, bool *isnull)
+{
+	int			ret = SPI_execute_plan(plan, args, nulls, false, 0);
+
+	if (ret < 0)
+		elog(ERROR, "automation statement failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0 || SPI_tuptable == NULL)
+		return false;
+	if (result)
+		*result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, isnull);
+	return true;
+}
+
+static bool
+user_is_active(int64 user_id)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(user_id)};
+
+	nocrm_plan(&plan_user_active,
+			   "SELECT 1 FROM nocrm.users WHERE id = $1 AND active", 1, types);
+	return exec_one(plan_user_active, args, NULL, NULL, NULL);
+}
+
+/* Sets the owner; history records old and new owner. */
+static void
+assign_to(Rule *rule, RuleAction *action, LeadState *lead, int64 user_id)
+{
+	Oid			types[2] = {INT8OID, INT8OID};
+	Datum		args[2] = {Int64GetDatum(lead->id), Int64GetDatum(user_id)};
+	LeadState	current;
+
+	if (!nocrm_lead_fetch(lead->id, &current))
+		return;
+	if (current.has_owner && current.owner_id == user_id)
+	{
+		action_history(rule, action, lead, NULL, NULL,
+					   psprintf("user %lld already owns the lead", (long long) user_id));
+		return;
+	}
+	nocrm_plan(&plan_assign,
+			   "UPDATE nocrm.leads SET user_id = $2 WHERE id = $1", 2, types);
+	(void) exec_one(plan_assign, args, NULL, NULL, NULL);
+	action_history(rule, action, lead,
+				   nocrm_jsonb_int_pair("user_id", current.owner_id, !current.has_owner),
+				   nocrm_jsonb_int_pair("user_id", user_id, false), NULL);
+}
+
+static void
+change_tags(Rule *rule, RuleAction *action, LeadState *lead)
+{
+	Oid			types[2] = {INT8OID, TEXTARRAYOID};
+	Datum		args[2] = {Int64GetDatum(lead->id), action->tags};
+	Datum		result;
+	bool		isnull;
+	bool		add = action->kind == ACT_ADD_TAGS;
+	Jsonb	   *changed;
+
+	if (add)
+		nocrm_plan(&plan_add_tags,
+				   "WITH t AS (INSERT INTO nocrm.tags (lead_id, name)"
+				   "           SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING name)"
+				   " SELECT jsonb_build_object('tags', coalesce(jsonb_agg(name), '[]')) FROM t",
+				   2, types);
+	else
+		nocrm_plan(&plan_remove_tags,
+				   "WITH t AS (DELETE FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2)"
+				   "           RETURNING name)"
+				   " SELECT jsonb_build_object('tags', coalesce(jsonb_agg(name), '[]')) FROM t",
+				   2, types);
+	(void) exec_one(add ? plan_add_tags : plan_remove_tags, args, NULL, &result, &isnull);
+	changed = DatumGetJsonbP(result);
+	action_history(rule, action, lead, add ? NULL : changed, add ? changed : NULL, NULL);
+}
+
+static void
+set_status(Rule *rule, RuleAction *action, LeadState *lead)
+{
+	Oid			types[2] = {INT8OID, TEXTOID};
+	Datum		args[2] = {Int64GetDatum(lead->id), CStringGetTextDatum(action->status)};
+	LeadState	current;
+
+	if (!nocrm_lead_fetch(lead->id, &current))
+		return;
+	if (strcmp(current.status_text, action->status) == 0)
+	{
+		action_history(rule, action, lead, NULL, NULL,
+					   psprintf("status is already %s", action->status));
+		return;
+	}
+	nocrm_plan(&plan_set_status,
+			   "UPDATE nocrm.leads SET status = $2 WHERE id = $1", 2, types);
+	(void) exec_one(plan_set_status, args, NULL, NULL, NULL);
+	action_history(rule, action, lead,
+				   nocrm_jsonb_pair("status", current.status_text),
+				   nocrm_jsonb_pair("status", action->status), NULL);
+}
+
+static void
+set_step(Rule *rule, RuleAction *action, LeadState *lead)
+{
+	LeadState	current;
+	Datum		result;
+	bool		isnull;
+	bool		moved;
+
+	if (!nocrm_lead_fetch(lead->id, &current))
+		return;
+	if (action->step_id != 0)
+	{
+		Oid			types[2] = {INT8OID, INT8OID};
+		Datum		args[2] = {Int64GetDatum(lead->id), Int64GetDatum(action->step_id)};
+
+		nocrm_plan(&plan_step_by_id,
+				   "UPDATE nocrm.leads l SET step_id = s.id, pipeline_id = s.pipeline_id"
+				   " FROM nocrm.steps s WHERE l.id = $1 AND s.id = $2"
+				   " AND l.step_id IS DISTINCT FROM s.id RETURNING s.id",
+				   2, types);
+		moved = exec_one(plan_step_by_id, args, NULL, &result, &isnull);
+	}
+	else
+	{
+		Oid			types[2] = {INT8OID, TEXTOID};
+		Datum		args[2] = {Int64GetDatum(lead->id), CStringGetTextDatum(action->step_name)};
+
+		if (!current.has_pipeline)
+		{
+			action_history(rule, action, lead, NULL, NULL,
+						   psprintf("skipped: the lead is in no pipeline, so step \"%s\" is ambiguous",
+									action->step_name));
+			return;
+		}
+		nocrm_plan(&plan_step_by_name,
+				   "UPDATE nocrm.leads l SET step_id = s.id"
+				   " FROM nocrm.steps s WHERE l.id = $1 AND s.pipeline_id = l.pipeline_id"
+				   " AND s.name = $2 AND l.step_id IS DISTINCT FROM s.id RETURNING s.id",
+				   2, types);
+		moved = exec_one(plan_step_by_name, args, NULL, &result, &isnull);
+	}
+	if (!moved)
+	{
+		action_history(rule, action, lead, NULL, NULL,
+					   action->step_id ? "the lead is already at that step"
+					   : psprintf("skipped: no step \"%s\" in the lead's pipeline, or the lead is already there",
+								  action->step_name));
+		return;
+	}
+	action_history(rule, action, lead,
+				   nocrm_jsonb_int_pair("step_id", current.step_id, !current.has_step),
+				   nocrm_jsonb_int_pair("step_id", DatumGetInt64(result), false), NULL);
+}
+
+static void
+add_comment(Rule *rule, RuleAction *action, LeadState *lead)
+{
+	Oid			types[2] = {INT8OID, TEXTOID};
+	Datum		args[2] = {Int64GetDatum(lead->id), CStringGetTextDatum(action->text)};
+	Datum		result;
+	bool		isnull;
+
+	nocrm_plan(&plan_comment,
+			   "INSERT INTO nocrm.comments (lead_id, user_id, body) VALUES ($1, 0, $2) RETURNING id",
+			   2, types);
+	(void) exec_one(plan_comment, args, NULL, &result, &isnull);
+	action_history(rule, action, lead, NULL,
+				   nocrm_jsonb_int_pair("comment_id", DatumGetInt64(result), false), NULL);
+}
+
+/*
+ * Writes a queue row for the drain and returns its id.  run_after NULL means
+ * now.
+ */
+static int64
+enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
+		const char *kind, const char *recipient, Jsonb *payload, Interval *run_after)
+{
+	Oid			types[8] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
+	JSONBOID, INTERVALOID};
+	Datum		args[8];
+	char		nulls[8];
+	Datum		result;
+	bool		isnull;
+
+	nocrm_plan(&plan_enqueue,
+			   "INSERT INTO nocrm.queue (kind, automation_id, action_no, lead_id, event,"
+			   " recipient, payload, run_at)"
+			   " VALUES ($1, $2, $3, $4, $5, $6, $7, now() + coalesce($8, interval '0'))"
+			   " RETURNING id",
+			   8, types);
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = CStringGetTextDatum(kind);
+	args[1] = Int32GetDatum(rule->id);
+	args[2] = Int32GetDatum(action->action_no);
+	args[3] = Int64GetDatum(lead->id);
+	args[4] = CStringGetTextDatum(nocrm_event_names[ev->event]);
+	args[5] = recipient ? CStringGetTextDatum(recipient) : (Datum) 0;
+	nulls[5] = recipient ? ' ' : 'n';
+	args[6] = JsonbPGetDatum(payload);
+	args[7] = run_after ? IntervalPGetDatum(run_after) : (Datum) 0;
+	nulls[7] = run_after ? ' ' : 'n';
+	(void) exec_one(plan_enqueue, args, nulls, &result, &isnull);
+	return DatumGetInt64(result);
+}
+
+static Jsonb *
+queued_json(int64 queue_id)
+{
+	return nocrm_jsonb_int_pair("queue_id", queue_id, false);
+}
+
+/* {"template": ..., "to": ..., "lead_id": ...} and friends, built in SQL-free C. */
+static Jsonb *
+payload_json(const char *const *keys, const char *const *values, int n)
+{
+	JsonbParseState *state = NULL;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	for (int i = 0; i < n; i++)
+	{
+		JsonbValue	k,
+					v;
+
+		k.type = jbvString;
+		k.val.string.val = (char *) keys[i];
+		k.val.string.len = strlen(keys[i]);
+		pushJsonbValue(&state, WJB_KEY, &k);
+		if (values[i] == NULL)
+			v.type = jbvNull;
+		else
+		{
+			v.type = jbvString;
+			v.val.string.val = (char *) values[i];
+			v.val.string.len = strlen(values[i]);
+		}
+		pushJsonbValue(&state, WJB_VALUE, &v);
+	}
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
+static void
+notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
+{
+	int64		user_id = action->user_id;
+	char	   *user_text;
+	LeadState	current;
+
+	if (user_id == USER_IS_OWNER)
+	{
+		if (!lead->deleted && nocrm_lead_fetch(lead->id, &current))
+			lead = &current;
+		if (!lead->has_owner)
+		{
+			action_history(rule, action, lead, NULL, NULL, "skipped: the lead has no owner");
+			return;
+		}
+		user_id = lead->owner_id;
+	}
+	user_text = psprintf("%lld", (long long) user_id);
+
+	if (action->channels & CHANNEL_BROWSER)
+	{
+		Oid			types[4] = {INT8OID, INT8OID, INT4OID, TEXTOID};
+		Datum		args[4] = {Int64GetDatum(user_id), Int64GetDatum(lead->id),
+		Int32GetDatum(rule->id), CStringGetTextDatum(action->text)};
+		Datum		result;
+		bool		isnull;
+
+		nocrm_plan(&plan_notify,
+				   "WITH n AS (INSERT INTO nocrm.notifications (user_id, lead_id, automation_id, message)"
+				   "           VALUES ($1, $2, $3, $4)"
+				   "           RETURNING id, user_id, lead_id, automation_id, message)"
+				   " SELECT n.id, pg_notify('nocrm_notifications', row_to_json(n)::text) FROM n",
+				   4, types);
+		(void) exec_one(plan_notify, args, NULL, &result, &isnull);
+		action_history(rule, action, lead, NULL,
+					   nocrm_jsonb_int_pair("notification_id", DatumGetInt64(result), false),
+					   "browser");
+	}
+	for (int ch = CHANNEL_EMAIL; ch <= CHANNEL_MOBILE; ch <<= 1)
+	{
+		const char *channel = ch == CHANNEL_EMAIL ? "email" : "mobile";
+		const char *keys[4] = {"channel", "user_id", "message", "lead_title"};
+		const char *values[4] = {channel, user_text, action->text, lead->title};
+		int64		id;
+
+		if (!(action->channels & ch))
+			continue;
+		id = enqueue(rule, action, lead, ev, channel, user_text,
+					 payload_json(keys, values, 4), NULL);
+		action_history(rule, action, lead, NULL, queued_json(id), channel);
+	}
+}
+
+static void
+send_email(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
+{
+	const char *to = action->to ? action->to : lead->contact_email;
+	const char *keys[2] = {"template", "to"};
+	const char *values[2] = {action->template_name, to};
+	int64		id;
+
+	if (to == NULL || to[0] == '\0')
+	{
+		action_history(rule, action, lead, NULL, NULL,
+					   "skipped: the lead has no contact_email and the action no \"to\"");
+		return;
+	}
+	id = enqueue(rule, action, lead, ev, "email", to, payload_json(keys, values, 2), NULL);
+	action_history(rule, action, lead, NULL, queued_json(id), NULL);
+}
+
+void
+nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
+{
+	if (action->delayed)
+	{
+		int64		id = enqueue(rule, action, lead, ev, "action", NULL,
+								 action->definition, &action->delay);
+
+		action_history(rule, action, lead, NULL, queued_json(id), "delayed");
+		return;
+	}
+
+	switch (action->kind)
+	{
+		case ACT_ASSIGN:
+			if (!user_is_active(action->user_id))
+				action_history(rule, action, lead, NULL, NULL,
+							   psprintf("skipped: user %lld is inactive",
+										(long long) action->user_id));
+			else
+				assign_to(rule, action, lead, action->user_id);
+			break;
+		case ACT_ASSIGN_ROUND_ROBIN:
+		case ACT_ASSIGN_RANDOM:
+		case ACT_ASSIGN_BALANCED:
+			{
+				bool		found;
+				int64		user_id = nocrm_pick_assignee(rule, action, lead, &found);
+
+				if (!found)
+					action_history(rule, action, lead, NULL, NULL,
+								   "skipped: no active user in the group");
+				else
+					assign_to(rule, action, lead, user_id);
+				break;
+			}
+		case ACT_ADD_TAGS:
+		case ACT_REMOVE_TAGS:
+			change_tags(rule, action, lead);
+			break;
+		case ACT_SET_STATUS:
+			set_status(rule, action, lead);
+			break;
+		case ACT_SET_STEP:
+			set_step(rule, action, lead);
+			break;
+		case ACT_COMMENT:
+			add_comment(rule, action, lead);
+			break;
+		case ACT_NOTIFY:
+			notify(rule, action, lead, ev);
+			break;
+		case ACT_SEND_EMAIL:
+			send_email(rule, action, lead, ev);
+			break;
+		case ACT_COUNT:
+			elog(ERROR, "unexpected action kind");
+	}
+}

@@ -1,0 +1,734 @@
+/*
+ * definition.c — checking an automation's definition and compiling it into
+ * a Rule: event, target, conditions and actions with every name resolved.
+ *
+ * The same code validates a definition when it is written (errors reach the
+ * user) and compiles it when the rule cache loads.
+ */
+#include "nocrm.h"
+
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/timestamp.h"
+
+const char *const nocrm_event_names[EV_COUNT] = {
+	[EV_CREATION] = "lead.creation",
+	[EV_STATUS_CHANGED] = "lead.status.changed.to",
+	[EV_STEP_CHANGED] = "lead.step.changed.to",
+	[EV_ASSIGNED] = "lead.assigned",
+	[EV_UNASSIGNED] = "lead.unassigned",
+	[EV_CONTENT_CHANGED] = "lead.content_has_changed",
+	[EV_ANY_UPDATE] = "lead.any_update",
+	[EV_COMMENTED] = "lead.commented",
+	[EV_EMAIL_RECEIVED] = "lead.email.received",
+	[EV_DELETED] = "lead.deleted",
+};
+
+const char *const nocrm_action_names[ACT_COUNT] = {
+	[ACT_ASSIGN] = "assign",
+	[ACT_ASSIGN_ROUND_ROBIN] = "assign_round_robin",
+	[ACT_ASSIGN_RANDOM] = "assign_random",
+	[ACT_ASSIGN_BALANCED] = "assign_balanced",
+	[ACT_ADD_TAGS] = "add_tags",
+	[ACT_REMOVE_TAGS] = "remove_tags",
+	[ACT_SET_STATUS] = "set_status",
+	[ACT_SET_STEP] = "set_step",
+	[ACT_COMMENT] = "comment",
+	[ACT_NOTIFY] = "notify",
+	[ACT_SEND_EMAIL] = "send_email",
+};
+
+/* Arguments each action accepts besides "type" and "delay"; first ones required. */
+static const struct
+{
+	const char *required[2];
+	const char *optional[2];
+}			action_args[ACT_COUNT] = {
+	[ACT_ASSIGN] = {{"user"}, {NULL}},
+	[ACT_ASSIGN_ROUND_ROBIN] = {{"users"}, {NULL}},
+	[ACT_ASSIGN_RANDOM] = {{"users"}, {NULL}},
+	[ACT_ASSIGN_BALANCED] = {{"users"}, {NULL}},
+	[ACT_ADD_TAGS] = {{"tags"}, {NULL}},
+	[ACT_REMOVE_TAGS] = {{"tags"}, {NULL}},
+	[ACT_SET_STATUS] = {{"status"}, {NULL}},
+	[ACT_SET_STEP] = {{"step"}, {NULL}},
+	[ACT_COMMENT] = {{"body"}, {NULL}},
+	[ACT_NOTIFY] = {{"user", "message"}, {"channels"}},
+	[ACT_SEND_EMAIL] = {{"template"}, {"to"}},
+};
+
+#define STATUS_LIST "todo, standby, won, lost, cancelled"
+
+/* Where in the definition we are, for error details. */
+typedef struct DefContext
+{
+	const char *automation;
+	const char *where;			/* "conditions.owner", "action 2 (notify)" ... */
+} DefContext;
+
+static void
+invalid(DefContext *cx, const char *msg, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("invalid automation \"%s\": %s", cx->automation, msg),
+			 errdetail("The problem is in %s.", cx->where),
+			 hint ? errhint("%s", hint) : 0));
+}
+
+static void
+unknown_object(DefContext *cx, const char *kind, const char *name, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_UNDEFINED_OBJECT),
+			 errmsg("invalid automation \"%s\": unknown %s %s", cx->automation, kind, name),
+			 errdetail("The problem is in %s.", cx->where),
+			 errhint("%s", hint)));
+}
+
+NocrmEvent
+nocrm_event_from_name(const char *name)
+{
+	for (int i = 0; i < EV_COUNT; i++)
+		if (strcmp(nocrm_event_names[i], name) == 0)
+			return (NocrmEvent) i;
+	return EV_COUNT;
+}
+
+static char *
+jstring(JsonbValue *v)
+{
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+/* A JSON value as text for messages: strings quoted, numbers as written. */
+static char *
+jdisplay(JsonbValue *v)
+{
+	if (v->type == jbvString)
+		return quote_literal_cstr(jstring(v));
+	if (v->type == jbvNumeric)
+		return DatumGetCString(DirectFunctionCall1(numeric_out,
+												   NumericGetDatum(v->val.numeric)));
+	return pstrdup("(value)");
+}
+
+static const char *
+jtype(JsonbValue *v)
+{
+	switch (v->type)
+	{
+		case jbvNull:
+			return "null";
+		case jbvString:
+			return "a string";
+		case jbvNumeric:
+			return "a number";
+		case jbvBool:
+			return "a boolean";
+		case jbvBinary:
+			return JsonContainerIsArray(v->val.binary.data) ? "an array" : "an object";
+		default:
+			return "a value";
+	}
+}
+
+/*
+ * The elements of a "one value or a list" argument.  Scalars give one
+ * element; an array gives its elements (non-empty); nested arrays are refused.
+ */
+static JsonbValue *
+jlist(DefContext *cx, JsonbValue *v, int *n)
+{
+	JsonbValue *out;
+
+	if (v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data))
+	{
+		JsonbContainer *c = v->val.binary.data;
+		int			size = JsonContainerSize(c);
+
+		if (size == 0)
+			invalid(cx, "an empty list", "Give at least one value.");
+		out = palloc(sizeof(JsonbValue) * size);
+		for (int i = 0; i < size; i++)
+		{
+			JsonbValue *e = getIthJsonbValueFromContainer(c, i);
+
+			if (e->type == jbvBinary)
+				invalid(cx, psprintf("list element %d is %s", i + 1, jtype(e)),
+						"List elements are strings or numbers.");
+			out[i] = *e;
+		}
+		*n = size;
+		return out;
+	}
+	if (v->type == jbvBinary)
+		invalid(cx, "an object where a value or a list was expected", NULL);
+	out = palloc(sizeof(JsonbValue));
+	out[0] = *v;
+	*n = 1;
+	return out;
+}
+
+static char **
+string_list(DefContext *cx, JsonbValue *v, int *n, const char *what)
+{
+	JsonbValue *items = jlist(cx, v, n);
+	char	  **out = palloc(sizeof(char *) * *n);
+
+	for (int i = 0; i < *n; i++)
+	{
+		if (items[i].type != jbvString)
+			invalid(cx, psprintf("%s must be strings, not %s", what, jtype(&items[i])),
+					NULL);
+		out[i] = jstring(&items[i]);
+		if (out[i][0] == '\0' || strspn(out[i], " \t\r\n") == strlen(out[i]))
+			invalid(cx, psprintf("%s must not be empty", what), NULL);
+	}
+	return out;
+}
+
+static int
+status_value(DefContext *cx, JsonbValue *v)
+{
+	int			bit;
+
+	if (v->type != jbvString)
+		invalid(cx, psprintf("a status must be a string, not %s", jtype(v)),
+				"Statuses are " STATUS_LIST ".");
+	bit = nocrm_status_bit(jstring(v));
+	if (bit == 0)
+		invalid(cx, psprintf("unknown status %s", jdisplay(v)),
+				"Statuses are " STATUS_LIST ".");
+	return bit;
+}
+
+/* A user given by id (number) or email (string). */
+static int64
+resolve_user(DefContext *cx, JsonbValue *v)
+{
+	bool		found;
+	int64		id;
+
+	if (v->type == jbvNumeric)
+	{
+		Datum		d = DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric));
+
+		id = nocrm_lookup_id("SELECT id FROM nocrm.users WHERE id = $1",
+							 d, INT8OID, &found);
+	}
+	else if (v->type == jbvString)
+		id = nocrm_lookup_id("SELECT id FROM nocrm.users WHERE lower(email) = lower($1)",
+							 CStringGetTextDatum(jstring(v)), TEXTOID, &found);
+	else
+	{
+		invalid(cx, psprintf("a user must be an id (number) or an email (string), not %s",
+							 jtype(v)), NULL);
+		return 0;				/* keep compiler quiet */
+	}
+	if (!found)
+		unknown_object(cx, "user", jdisplay(v),
+					   "Name users by their id or email in nocrm.users.");
+	return id;
+}
+
+static int64 *
+resolve_users(DefContext *cx, JsonbValue *v, int *n, bool allow_dups)
+{
+	JsonbValue *items = jlist(cx, v, n);
+	int64	   *ids = palloc(sizeof(int64) * *n);
+
+	for (int i = 0; i < *n; i++)
+	{
+		ids[i] = resolve_user(cx, &items[i]);
+		for (int j = 0; j < i && !allow_dups; j++)
+			if (ids[j] == ids[i])
+				invalid(cx, psprintf("user %s is listed twice", jdisplay(&items[i])),
+						"List each user once.");
+	}
+	return ids;
+}
+
+static int64
+resolve_pipeline(DefContext *cx, JsonbValue *v)
+{
+	bool		found;
+	int64		id;
+
+	if (v->type == jbvNumeric)
+		id = nocrm_lookup_id("SELECT id FROM nocrm.pipelines WHERE id = $1",
+							 DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric)),
+							 INT8OID, &found);
+	else if (v->type == jbvString)
+		id = nocrm_lookup_id("SELECT id FROM nocrm.pipelines WHERE name = $1",
+							 CStringGetTextDatum(jstring(v)), TEXTOID, &found);
+	else
+	{
+		invalid(cx, psprintf("a pipeline must be a name or an id, not %s", jtype(v)), NULL);
+		return 0;
+	}
+	if (!found)
+		unknown_object(cx, "pipeline", jdisplay(v), "See nocrm.pipelines.");
+	return id;
+}
+
+/* Every step a name or id stands for (a name may exist in several pipelines). */
+static void
+resolve_steps(DefContext *cx, JsonbValue *v, int64 **ids, int *n)
+{
+	Oid			argtype;
+	Datum		arg;
+	char		nulls = ' ';
+	int			ret;
+	int			base = *n;
+
+	if (v->type == jbvNumeric)
+	{
+		argtype = INT8OID;
+		arg = DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric));
+		ret = SPI_execute_with_args("SELECT id FROM nocrm.steps WHERE id = $1",
+									1, &argtype, &arg, &nulls, true, 0);
+	}
+	else if (v->type == jbvString)
+	{
+		argtype = TEXTOID;
+		arg = CStringGetTextDatum(jstring(v));
+		ret = SPI_execute_with_args("SELECT id FROM nocrm.steps WHERE name = $1 ORDER BY id",
+									1, &argtype, &arg, &nulls, true, 0);
+	}
+	else
+	{
+		invalid(cx, psprintf("a step must be a name or an id, not %s", jtype(v)), NULL);
+		return;
+	}
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "step lookup failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		unknown_object(cx, "step", jdisplay(v), "See nocrm.steps.");
+	*n += SPI_processed;
+	*ids = *ids ? repalloc(*ids, sizeof(int64) * *n) : palloc(sizeof(int64) * *n);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+
+		(*ids)[base + i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+													   SPI_tuptable->tupdesc, 1, &isnull));
+	}
+}
+
+static void
+check_template(DefContext *cx, JsonbValue *v)
+{
+	bool		found;
+
+	if (v->type != jbvString)
+		invalid(cx, psprintf("template must be a template name, not %s", jtype(v)), NULL);
+	nocrm_lookup_id("SELECT 1::bigint FROM nocrm.email_templates WHERE name = $1",
+					CStringGetTextDatum(jstring(v)), TEXTOID, &found);
+	if (!found)
+		unknown_object(cx, "template", jdisplay(v),
+					   "Create it first: INSERT INTO nocrm.email_templates (name, subject, body).");
+}
+
+/* A positive interval, e.g. "2 hours" or "P1D", parsed without throwing. */
+static void
+parse_delay(DefContext *cx, JsonbValue *v, Interval *out)
+{
+	char	   *str;
+	char		workbuf[256];
+	char	   *field[MAXDATEFIELDS];
+	int			ftype[MAXDATEFIELDS];
+	int			nf;
+	int			dtype = 0;
+	int			dterr;
+	struct pg_itm_in itm_in;
+	Interval	zero = {0};
+
+	if (v->type != jbvString)
+		invalid(cx, psprintf("delay must be an interval string such as \"2 hours\", not %s",
+							 jtype(v)), NULL);
+	str = jstring(v);
+	memset(&itm_in, 0, sizeof(itm_in));
+	dterr = ParseDateTime(str, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf);
+	if (dterr == 0)
+		dterr = DecodeInterval(field, ftype, nf, INTERVAL_FULL_RANGE, &dtype, &itm_in);
+	if (dterr == DTERR_BAD_FORMAT)
+	{
+		memset(&itm_in, 0, sizeof(itm_in));
+		dterr = DecodeISO8601Interval(str, &dtype, &itm_in);
+	}
+	if (dterr != 0 || dtype != DTK_DELTA || itmin2interval(&itm_in, out) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_DATETIME_FORMAT),
+				 errmsg("invalid automation \"%s\": bad delay %s", cx->automation,
+						quote_literal_cstr(str)),
+				 errdetail("The problem is in %s.", cx->where),
+				 errhint("Write the delay as a PostgreSQL interval, e.g. \"30 minutes\", \"2 hours\" or \"3 days\".")));
+	if (!DatumGetBool(DirectFunctionCall2(interval_gt, IntervalPGetDatum(out),
+										  IntervalPGetDatum(&zero))))
+		invalid(cx, psprintf("delay %s is not positive", quote_literal_cstr(str)),
+				"Leave the delay out to run the action at once.");
+}
+
+static void
+check_channels(DefContext *cx, JsonbValue *v, int *mask)
+{
+	int			n;
+	char	  **names = string_list(cx, v, &n, "channels");
+
+	*mask = 0;
+	for (int i = 0; i < n; i++)
+	{
+		if (strcmp(names[i], "browser") == 0)
+			*mask |= CHANNEL_BROWSER;
+		else if (strcmp(names[i], "email") == 0)
+			*mask |= CHANNEL_EMAIL;
+		else if (strcmp(names[i], "mobile") == 0)
+			*mask |= CHANNEL_MOBILE;
+		else
+			invalid(cx, psprintf("unknown channel %s", quote_literal_cstr(names[i])),
+					"Channels are browser, email and mobile.");
+	}
+}
+
+static bool
+is_key(const char *key, const char *const *list, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (list[i] && strcmp(list[i], key) == 0)
+			return true;
+	return false;
+}
+
+static Datum
+text_array(char **items, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * n);
+
+	for (int i = 0; i < n; i++)
+		d[i] = CStringGetTextDatum(items[i]);
+	return PointerGetDatum(construct_array(d, n, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+static bool
+event_changes_lead_forbidden(NocrmEvent event, ActionKind kind)
+{
+	return event == EV_DELETED && kind != ACT_NOTIFY && kind != ACT_SEND_EMAIL;
+}
+
+static void
+compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAction *a)
+{
+	JsonbContainer *c;
+	JsonbValue *type;
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbIteratorToken tok;
+	int			kind = -1;
+
+	cx->where = psprintf("action %d", no + 1);
+	if (def->type != jbvBinary || JsonContainerIsArray(def->val.binary.data) ||
+		JsonContainerIsScalar(def->val.binary.data))
+		invalid(cx, psprintf("an action must be an object, not %s", jtype(def)),
+				"Write each action as {\"type\": \"add_tags\", \"tags\": [\"B2B\"]}.");
+	c = def->val.binary.data;
+
+	type = getKeyJsonValueFromContainer(c, "type", 4, NULL);
+	if (type == NULL)
+		invalid(cx, "the action has no \"type\"",
+				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify and send_email.");
+	if (type->type == jbvString)
+		for (int i = 0; i < ACT_COUNT; i++)
+			if (strlen(nocrm_action_names[i]) == type->val.string.len &&
+				strncmp(nocrm_action_names[i], type->val.string.val, type->val.string.len) == 0)
+				kind = i;
+	if (kind < 0)
+		invalid(cx, psprintf("unknown action type %s", jdisplay(type)),
+				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify and send_email.");
+
+	memset(a, 0, sizeof(RuleAction));
+	a->kind = (ActionKind) kind;
+	a->action_no = no;
+	a->definition = JsonbValueToJsonb(def);
+	cx->where = psprintf("action %d (%s)", no + 1, nocrm_action_names[kind]);
+
+	if (event_changes_lead_forbidden(event, a->kind))
+		invalid(cx, psprintf("action %s cannot run on lead.deleted: the lead is gone",
+							 nocrm_action_names[kind]),
+				"On lead.deleted use notify or send_email.");
+
+	/* Every key must be known: a misspelt argument is an error, not a silent default. */
+	it = JsonbIteratorInit(c);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		char	   *key;
+
+		if (tok != WJB_KEY)
+			continue;
+		key = jstring(&k);
+		if (strcmp(key, "type") != 0 && strcmp(key, "delay") != 0 &&
+			!is_key(key, action_args[kind].required, 2) &&
+			!is_key(key, action_args[kind].optional, 2))
+			invalid(cx, psprintf("unknown argument %s for action %s",
+								 quote_literal_cstr(key), nocrm_action_names[kind]),
+					psprintf("%s takes %s%s%s%s%s.", nocrm_action_names[kind],
+							 action_args[kind].required[0],
+							 action_args[kind].required[1] ? ", " : "",
+							 action_args[kind].required[1] ? action_args[kind].required[1] : "",
+							 action_args[kind].optional[0] ? " and optionally " : "",
+							 action_args[kind].optional[0] ? action_args[kind].optional[0] : ""));
+	}
+	for (int i = 0; i < 2; i++)
+	{
+		const char *req = action_args[kind].required[i];
+
+		if (req && getKeyJsonValueFromContainer(c, req, strlen(req), NULL) == NULL)
+			invalid(cx, psprintf("action %s needs %s", nocrm_action_names[kind],
+								 quote_literal_cstr(req)), NULL);
+	}
+
+	{
+		JsonbValue *delay = getKeyJsonValueFromContainer(c, "delay", 5, NULL);
+
+		if (delay && delay->type != jbvNull)
+		{
+			parse_delay(cx, delay, &a->delay);
+			a->delayed = true;
+		}
+	}
+
+	switch (a->kind)
+	{
+		case ACT_ASSIGN:
+			a->user_id = resolve_user(cx, getKeyJsonValueFromContainer(c, "user", 4, NULL));
+			break;
+		case ACT_ASSIGN_ROUND_ROBIN:
+		case ACT_ASSIGN_RANDOM:
+		case ACT_ASSIGN_BALANCED:
+			{
+				JsonbValue *users = getKeyJsonValueFromContainer(c, "users", 5, NULL);
+
+				if (!(users->type == jbvBinary && JsonContainerIsArray(users->val.binary.data)))
+					invalid(cx, psprintf("users must be an array of users, not %s", jtype(users)),
+							"Write \"users\": [\"anna@example.com\", 7].");
+				a->users = resolve_users(cx, users, &a->nusers, false);
+				break;
+			}
+		case ACT_ADD_TAGS:
+		case ACT_REMOVE_TAGS:
+			{
+				char	  **tags = string_list(cx, getKeyJsonValueFromContainer(c, "tags", 4, NULL),
+											   &a->ntags, "tags");
+
+				a->tags = text_array(tags, a->ntags);
+				break;
+			}
+		case ACT_SET_STATUS:
+			{
+				JsonbValue *st = getKeyJsonValueFromContainer(c, "status", 6, NULL);
+
+				status_value(cx, st);
+				a->status = jstring(st);
+				break;
+			}
+		case ACT_SET_STEP:
+			{
+				JsonbValue *st = getKeyJsonValueFromContainer(c, "step", 4, NULL);
+				int64	   *ids = NULL;
+				int			n = 0;
+
+				resolve_steps(cx, st, &ids, &n);
+				if (st->type == jbvNumeric)
+					a->step_id = ids[0];
+				else
+					a->step_name = jstring(st);
+				break;
+			}
+		case ACT_COMMENT:
+			{
+				JsonbValue *b = getKeyJsonValueFromContainer(c, "body", 4, NULL);
+
+				if (b->type != jbvString || b->val.string.len == 0)
+					invalid(cx, "body must be a non-empty string", NULL);
+				a->text = jstring(b);
+				break;
+			}
+		case ACT_NOTIFY:
+			{
+				JsonbValue *u = getKeyJsonValueFromContainer(c, "user", 4, NULL);
+				JsonbValue *m = getKeyJsonValueFromContainer(c, "message", 7, NULL);
+				JsonbValue *ch = getKeyJsonValueFromContainer(c, "channels", 8, NULL);
+
+				if (u->type == jbvString && u->val.string.len == 5 &&
+					strncmp(u->val.string.val, "owner", 5) == 0)
+				{
+					if (event == EV_UNASSIGNED)
+						invalid(cx, "notify \"owner\" on lead.unassigned has nobody to notify",
+								"Name a user instead.");
+					a->user_id = USER_IS_OWNER;
+				}
+				else
+					a->user_id = resolve_user(cx, u);
+				if (m->type != jbvString || m->val.string.len == 0)
+					invalid(cx, "message must be a non-empty string", NULL);
+				a->text = jstring(m);
+				a->channels = CHANNEL_BROWSER;
+				if (ch)
+					check_channels(cx, ch, &a->channels);
+				break;
+			}
+		case ACT_SEND_EMAIL:
+			{
+				JsonbValue *to = getKeyJsonValueFromContainer(c, "to", 2, NULL);
+
+				check_template(cx, getKeyJsonValueFromContainer(c, "template", 8, NULL));
+				a->template_name = jstring(getKeyJsonValueFromContainer(c, "template", 8, NULL));
+				if (to)
+				{
+					if (to->type != jbvString || memchr(to->val.string.val, '@', to->val.string.len) == NULL)
+						invalid(cx, "to must be an email address", NULL);
+					a->to = jstring(to);
+					if (strpbrk(a->to, "\r\n<>,; \t") != NULL)
+						invalid(cx, psprintf("to %s is not a single email address",
+											 quote_literal_cstr(a->to)), NULL);
+				}
+				break;
+			}
+		case ACT_COUNT:
+			break;
+	}
+}
+
+static void
+compile_conditions(DefContext *cx, Jsonb *conditions, Rule *rule)
+{
+	JsonbIterator *it;
+	JsonbValue	k,
+				v;
+	JsonbIteratorToken tok;
+
+	cx->where = "conditions";
+	if (!JB_ROOT_IS_OBJECT(conditions) || JB_ROOT_IS_SCALAR(conditions))
+		invalid(cx, "conditions must be a JSON object",
+				"Write e.g. {\"pipeline\": \"Vendite\", \"has_tag\": [\"B2B\"]}, or {} for none.");
+
+	it = JsonbIteratorInit(&conditions->root);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		char	   *key;
+		int			n;
+
+		if (tok != WJB_KEY)
+			continue;
+		key = jstring(&k);
+		tok = JsonbIteratorNext(&it, &v, true);
+		cx->where = psprintf("conditions.%s", key);
+
+		if (strcmp(key, "has_tag") == 0)
+			rule->has_tags = (const char **) string_list(cx, &v, &rule->nhas_tags, "tags");
+		else if (strcmp(key, "lacks_tag") == 0)
+			rule->lacks_tags = (const char **) string_list(cx, &v, &rule->nlacks_tags, "tags");
+		else if (strcmp(key, "status") == 0)
+		{
+			JsonbValue *items = jlist(cx, &v, &n);
+
+			for (int i = 0; i < n; i++)
+				rule->status_mask |= status_value(cx, &items[i]);
+		}
+		else if (strcmp(key, "owner") == 0)
+		{
+			if (v.type == jbvNull)
+				rule->unassigned_only = true;
+			else
+				rule->owners = resolve_users(cx, &v, &rule->nowners, true);
+		}
+		else if (strcmp(key, "pipeline") == 0)
+		{
+			JsonbValue *items = jlist(cx, &v, &n);
+
+			rule->pipelines = palloc(sizeof(int64) * n);
+			rule->npipelines = n;
+			for (int i = 0; i < n; i++)
+				rule->pipelines[i] = resolve_pipeline(cx, &items[i]);
+		}
+		else if (strcmp(key, "step") == 0)
+		{
+			JsonbValue *items = jlist(cx, &v, &n);
+
+			for (int i = 0; i < n; i++)
+				resolve_steps(cx, &items[i], &rule->steps, &rule->nsteps);
+		}
+		else
+			invalid(cx, psprintf("unknown condition %s", quote_literal_cstr(key)),
+					"Conditions are has_tag, lacks_tag, status, owner, pipeline and step.");
+	}
+}
+
+/*
+ * Checks a definition and returns the compiled rule, in CurrentMemoryContext.
+ * Any problem raises an error.  Must be called inside an SPI connection.
+ */
+Rule *
+nocrm_compile_rule(int32 id, const char *name, const char *event,
+				   const char *target, Jsonb *conditions, Jsonb *actions)
+{
+	Rule	   *rule = palloc0(sizeof(Rule));
+	DefContext	cx = {name, "event"};
+	int			nactions;
+
+	rule->id = id;
+	rule->name = pstrdup(name);
+	rule->event = nocrm_event_from_name(event);
+	if (rule->event == EV_COUNT)
+		invalid(&cx, psprintf("unknown event %s", quote_literal_cstr(event)),
+				"Events are lead.creation, lead.deleted, lead.any_update, lead.status.changed.to, lead.step.changed.to, lead.assigned, lead.unassigned, lead.content_has_changed, lead.commented and lead.email.received.");
+
+	cx.where = "target";
+	if (rule->event == EV_STATUS_CHANGED || rule->event == EV_STEP_CHANGED)
+	{
+		JsonbValue	tv;
+
+		if (target == NULL || target[0] == '\0')
+			invalid(&cx, psprintf("event %s needs a target", event),
+					rule->event == EV_STATUS_CHANGED
+					? "Give the status it changes to, e.g. target => 'won'."
+					: "Give the step it changes to, e.g. target => 'Preventivo'.");
+		tv.type = jbvString;
+		tv.val.string.val = (char *) target;
+		tv.val.string.len = strlen(target);
+		if (rule->event == EV_STATUS_CHANGED)
+			rule->target_status = status_value(&cx, &tv);
+		else
+		{
+			/* A target of digits is a step id, anything else a step name. */
+			if (strspn(target, "0123456789") == strlen(target))
+			{
+				tv.type = jbvNumeric;
+				tv.val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in,
+																	 CStringGetDatum(target),
+																	 ObjectIdGetDatum(InvalidOid),
+																	 Int32GetDatum(-1)));
+			}
+			resolve_steps(&cx, &tv, &rule->target_steps, &rule->ntarget_steps);
+		}
+	}
+	else if (target != NULL)
+		invalid(&cx, psprintf("event %s takes no target", event),
+				"Only lead.status.changed.to and lead.step.changed.to have a target; filter with conditions instead.");
+
+	compile_conditions(&cx, conditions, rule);
+
+	cx.where = "actions";
+	if (!JB_ROOT_IS_ARRAY(actions) || JB_ROOT_IS_SCALAR(actions))
+		invalid(&cx, "actions must be a JSON array",
+				"Write e.g. [{\"type\": \"add_tags\", \"tags\": [\"B2B\"]}].");
+	nactions = JB_ROOT_COUNT(actions);
+	if (nactions == 0)
+		invalid(&cx, "an automation needs at least one action", NULL);
+	rule->nactions = nactions;
+	rule->actions = palloc0(sizeof(RuleAction) * nactions);
+	for (int i = 0; i < nactions; i++)
+		compile_action(&cx, rule->event, getIthJsonbValueFromContainer(&actions->root, i),
+					   i, &rule->actions[i]);
+	return rule;
+}

@@ -1,0 +1,188 @@
+/*
+ * dispatch.c — runs the automations for raised events, as the Butler.
+ *
+ * Actions change leads through ordinary SQL, so their changes raise events
+ * of their own and fire the triggers again, nested inside the action.  The
+ * chain of automations currently running is kept here: it makes the Butler
+ * the actor, bounds the depth, and stops a rule from re-firing on a change
+ * its own chain made.
+ */
+#include "nocrm.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+
+#define MAX_CHAIN 101			/* nocrm.max_chain_depth is at most 100 */
+
+static int32 chain[MAX_CHAIN];
+static int	chain_len = 0;
+
+/* The last nocrm.actor value resolved, so each row need not look it up. */
+static char *actor_text = NULL;
+static int64 actor_id = -1;
+
+static void
+dispatch_xact_callback(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_COMMIT ||
+		event == XACT_EVENT_PARALLEL_ABORT || event == XACT_EVENT_PREPARE)
+	{
+		chain_len = 0;
+		nocrm_rules_reset_pins();
+	}
+}
+
+void
+nocrm_dispatch_init(void)
+{
+	RegisterXactCallback(dispatch_xact_callback, NULL);
+}
+
+int
+nocrm_chain_depth(void)
+{
+	return chain_len;
+}
+
+int32
+nocrm_chain_automation(void)
+{
+	return chain_len > 0 ? chain[chain_len - 1] : 0;
+}
+
+/*
+ * The actor of the current change: the Butler inside an automation's chain,
+ * else the user named by nocrm.actor, else -1 (unknown).
+ */
+int64
+nocrm_current_actor(void)
+{
+	bool		found;
+	int64		id;
+	const char *text = nocrm_actor ? nocrm_actor : "";
+
+	if (chain_len > 0)
+		return BUTLER_ID;
+	if (text[0] == '\0')
+		return -1;
+	if (actor_text != NULL && strcmp(actor_text, text) == 0)
+		return actor_id;
+
+	if (strspn(text, "0123456789") == strlen(text) && strlen(text) < 19)
+		id = nocrm_lookup_id("SELECT id FROM nocrm.users WHERE id = $1",
+							 Int64GetDatum(strtoll(text, NULL, 10)), INT8OID, &found);
+	else
+		id = nocrm_lookup_id("SELECT id FROM nocrm.users WHERE lower(email) = lower($1)",
+							 CStringGetTextDatum(text), TEXTOID, &found);
+	if (!found)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("nocrm.actor names an unknown user: \"%s\"", text),
+				 errdetail("The setting must be the id or email of a row in nocrm.users."),
+				 errhint("SET nocrm.actor to a user's id or email, or RESET nocrm.actor.")));
+	if (id == BUTLER_ID)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("nocrm.actor cannot be The Butler"),
+				 errdetail("Only automations act as The Butler, so history can tell people from automations."),
+				 errhint("SET nocrm.actor to the human user making the change.")));
+
+	if (actor_text)
+		pfree(actor_text);
+	actor_text = MemoryContextStrdup(TopMemoryContext, text);
+	actor_id = id;
+	return id;
+}
+
+static bool
+in_chain(int32 automation_id)
+{
+	for (int i = 0; i < chain_len; i++)
+		if (chain[i] == automation_id)
+			return true;
+	return false;
+}
+
+static void
+log_stop(LeadState *lead, Rule *rule, RaisedEvent *ev, const char *why)
+{
+	if (nocrm_history_level == HISTORY_NONE)
+		return;
+	nocrm_history(lead->id, "automation.stopped", rule->id, NULL, NULL,
+				  psprintf("automation %d \"%s\" not run for %s: %s",
+						   rule->id, rule->name, nocrm_event_names[ev->event], why));
+}
+
+static void
+run_rule(Rule *rule, LeadState *lead, RaisedEvent *ev)
+{
+	chain[chain_len++] = rule->id;
+	PG_TRY();
+	{
+		for (int i = 0; i < rule->nactions; i++)
+		{
+			CHECK_FOR_INTERRUPTS();
+			nocrm_run_action(rule, &rule->actions[i], lead, ev);
+		}
+	}
+	PG_FINALLY();
+	{
+		chain_len--;
+	}
+	PG_END_TRY();
+}
+
+/*
+ * Records each event and runs the rules listening to it.  Events are
+ * handled in the order given; rules for one event in id order.
+ */
+void
+nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
+{
+	for (int e = 0; e < nevents; e++)
+	{
+		RaisedEvent *ev = &events[e];
+		Rule	  **rules;
+		int			nrules;
+
+		if (nocrm_history_level == HISTORY_ALL)
+			nocrm_history(lead->id, nocrm_event_names[ev->event], nocrm_chain_automation(),
+						  ev->old_value, ev->new_value, ev->detail);
+		else if (chain_len == 0)
+			(void) nocrm_current_actor();	/* a bad nocrm.actor is an error either way */
+
+		if (!nocrm_automations_enabled)
+			continue;
+
+		rules = nocrm_rules_for_event(ev->event, &nrules);
+		if (nrules == 0)
+			continue;
+
+		nocrm_rules_pin();
+		PG_TRY();
+		{
+			for (int r = 0; r < nrules; r++)
+			{
+				Rule	   *rule = rules[r];
+
+				if (!nocrm_rule_matches(rule, lead, ev))
+					continue;
+				if (in_chain(rule->id))
+					log_stop(lead, rule, ev, "it already ran in this chain");
+				else if (chain_len >= nocrm_max_chain_depth)
+					log_stop(lead, rule, ev,
+							 psprintf("chain depth limit %d reached (nocrm.max_chain_depth)",
+									  nocrm_max_chain_depth));
+				else
+					run_rule(rule, lead, ev);
+			}
+		}
+		PG_FINALLY();
+		{
+			nocrm_rules_unpin();
+		}
+		PG_END_TRY();
+	}
+}

@@ -1,0 +1,396 @@
+/*
+ * events.c — trigger functions that turn row changes on leads, tags,
+ * comments and emails into CRM events.
+ */
+#include "nocrm.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "commands/trigger.h"
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/timestamp.h"
+
+PG_FUNCTION_INFO_V1(nocrm_lead_before_trigger);
+PG_FUNCTION_INFO_V1(nocrm_lead_event_trigger);
+PG_FUNCTION_INFO_V1(nocrm_tag_event_trigger);
+PG_FUNCTION_INFO_V1(nocrm_comment_event_trigger);
+PG_FUNCTION_INFO_V1(nocrm_email_event_trigger);
+
+/* Columns that are workflow, not "content", for lead.content_has_changed. */
+static const char *const workflow_columns[] = {
+	"id", "pipeline_id", "step_id", "status", "user_id",
+	"created_at", "updated_at", "closed_at", NULL
+};
+
+static bool
+is_workflow_column(const char *name)
+{
+	for (int i = 0; workflow_columns[i]; i++)
+		if (strcmp(workflow_columns[i], name) == 0)
+			return true;
+	return false;
+}
+
+static void
+check_trigger(FunctionCallInfo fcinfo, const char *name, bool before)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "%s: not called by trigger manager", name);
+	if (!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
+		TRIGGER_FIRED_BEFORE(trigdata->tg_event) != before)
+		elog(ERROR, "%s: must be fired %s, for each row", name, before ? "before" : "after");
+}
+
+static bool
+column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int attno)
+{
+	Form_pg_attribute att = TupleDescAttr(desc, attno - 1);
+	bool		anull,
+				bnull;
+	Datum		ad = heap_getattr(a, attno, desc, &anull);
+	Datum		bd = heap_getattr(b, attno, desc, &bnull);
+
+	if (anull || bnull)
+		return anull == bnull;
+	return datum_image_eq(ad, bd, att->attbyval, att->attlen);
+}
+
+static Datum
+first_step_of(int64 pipeline_id, bool *found)
+{
+	return Int64GetDatum(nocrm_lookup_id("SELECT id FROM nocrm.steps WHERE pipeline_id = $1"
+										 " ORDER BY position LIMIT 1",
+										 Int64GetDatum(pipeline_id), INT8OID, found));
+}
+
+static bool
+closed_status(const char *status)
+{
+	return (nocrm_status_bit(status) & STATUS_OPEN) == 0;
+}
+
+/*
+ * BEFORE INSERT OR UPDATE ON nocrm.leads: keeps updated_at, closed_at and a
+ * lead's place in its pipeline consistent, whoever writes the row.
+ */
+Datum
+nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	HeapTuple	newtup,
+				oldtup = NULL;
+	int			cols[4];
+	Datum		vals[4];
+	bool		nulls[4] = {false, false, false, false};
+	int			ncols = 0;
+	bool		changed = false;
+	LeadState	newlead,
+				oldlead;
+	int			att_updated,
+				att_closed;
+	Datum		now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+
+	check_trigger(fcinfo, "nocrm_lead_before_trigger", true);
+	desc = trigdata->tg_relation->rd_att;
+	att_updated = SPI_fnumber(desc, "updated_at");
+	att_closed = SPI_fnumber(desc, "closed_at");
+
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		oldtup = trigdata->tg_trigtuple;
+		newtup = trigdata->tg_newtuple;
+		for (int i = 1; i <= desc->natts && !changed; i++)
+			if (!TupleDescAttr(desc, i - 1)->attisdropped && i != att_updated &&
+				!column_equal(oldtup, newtup, desc, i))
+				changed = true;
+		if (!changed)
+			return PointerGetDatum(newtup);
+		nocrm_lead_from_tuple(&oldlead, oldtup, desc);
+		if (column_equal(oldtup, newtup, desc, att_updated))
+		{
+			cols[ncols] = att_updated;
+			vals[ncols++] = now;
+		}
+	}
+	else if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+		newtup = trigdata->tg_trigtuple;
+	else
+		elog(ERROR, "nocrm_lead_before_trigger: must be fired for INSERT or UPDATE");
+
+	nocrm_lead_from_tuple(&newlead, newtup, desc);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	/* Place the lead: a step implies its pipeline; a pipeline alone, its first step. */
+	if (newlead.has_step && !newlead.has_pipeline)
+	{
+		bool		found;
+		int64		pipeline = nocrm_lookup_id("SELECT pipeline_id FROM nocrm.steps WHERE id = $1",
+											   Int64GetDatum(newlead.step_id), INT8OID, &found);
+
+		if (found)
+		{
+			cols[ncols] = SPI_fnumber(desc, "pipeline_id");
+			vals[ncols++] = Int64GetDatum(pipeline);
+		}
+	}
+	else if (newlead.has_pipeline &&
+			 (!newlead.has_step ||
+			  (oldtup && oldlead.has_pipeline && oldlead.pipeline_id != newlead.pipeline_id &&
+			   oldlead.has_step && newlead.step_id == oldlead.step_id)))
+	{
+		bool		found;
+		Datum		step = first_step_of(newlead.pipeline_id, &found);
+
+		cols[ncols] = SPI_fnumber(desc, "step_id");
+		vals[ncols] = step;
+		nulls[ncols++] = !found;
+	}
+	SPI_finish();
+
+	/* closed_at is stamped when a lead closes and cleared when it reopens. */
+	{
+		bool		was_closed = oldtup ? closed_status(oldlead.status_text) : false;
+		bool		is_closed = closed_status(newlead.status_text);
+		bool		closed_null;
+		bool		set_by_writer;
+
+		(void) heap_getattr(newtup, att_closed, desc, &closed_null);
+		set_by_writer = oldtup ? !column_equal(oldtup, newtup, desc, att_closed) : !closed_null;
+		if (is_closed && !was_closed && !set_by_writer)
+		{
+			cols[ncols] = att_closed;
+			vals[ncols++] = now;
+		}
+		else if (!is_closed && !closed_null)
+		{
+			cols[ncols] = att_closed;
+			vals[ncols] = (Datum) 0;
+			nulls[ncols++] = true;
+		}
+	}
+
+	if (ncols > 0)
+		newtup = heap_modify_tuple_by_cols(newtup, desc, ncols, cols, vals, nulls);
+	return PointerGetDatum(newtup);
+}
+
+/* {"col": "text value", ...} of the given tuple's columns in mask */
+static Jsonb *
+columns_json(HeapTuple tuple, TupleDesc desc, bool *mask)
+{
+	JsonbParseState *state = NULL;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	for (int i = 1; i <= desc->natts; i++)
+	{
+		JsonbValue	k,
+					v;
+		char	   *value;
+
+		if (!mask[i])
+			continue;
+		k.type = jbvString;
+		k.val.string.val = NameStr(TupleDescAttr(desc, i - 1)->attname);
+		k.val.string.len = strlen(k.val.string.val);
+		pushJsonbValue(&state, WJB_KEY, &k);
+		value = SPI_getvalue(tuple, desc, i);
+		if (value == NULL)
+			v.type = jbvNull;
+		else
+		{
+			v.type = jbvString;
+			v.val.string.val = value;
+			v.val.string.len = strlen(value);
+		}
+		pushJsonbValue(&state, WJB_VALUE, &v);
+	}
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
+static void
+add_event(RaisedEvent *events, int *n, NocrmEvent event, Jsonb *old_value, Jsonb *new_value)
+{
+	events[*n].event = event;
+	events[*n].old_value = old_value;
+	events[*n].new_value = new_value;
+	events[*n].detail = NULL;
+	(*n)++;
+}
+
+static Jsonb *
+owner_json(LeadState *lead)
+{
+	return nocrm_jsonb_int_pair("user_id", lead->owner_id, !lead->has_owner);
+}
+
+/* The events of an UPDATE, in the documented order. */
+static int
+update_events(HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
+			  LeadState *oldlead, LeadState *newlead, RaisedEvent *events)
+{
+	bool	   *changed = palloc0(sizeof(bool) * (desc->natts + 1));
+	bool	   *content = palloc0(sizeof(bool) * (desc->natts + 1));
+	bool		any = false,
+				any_content = false;
+	int			n = 0;
+	int			att_updated = SPI_fnumber(desc, "updated_at");
+
+	for (int i = 1; i <= desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i - 1);
+
+		if (att->attisdropped || i == att_updated || column_equal(oldtup, newtup, desc, i))
+			continue;
+		changed[i] = any = true;
+		if (!is_workflow_column(NameStr(att->attname)))
+			content[i] = any_content = true;
+	}
+	if (!any)
+		return 0;
+
+	if (oldlead->status != newlead->status)
+		add_event(events, &n, EV_STATUS_CHANGED,
+				  nocrm_jsonb_pair("status", oldlead->status_text),
+				  nocrm_jsonb_pair("status", newlead->status_text));
+	if (newlead->has_step &&
+		(!oldlead->has_step || oldlead->step_id != newlead->step_id))
+		add_event(events, &n, EV_STEP_CHANGED,
+				  nocrm_jsonb_int_pair("step_id", oldlead->step_id, !oldlead->has_step),
+				  nocrm_jsonb_int_pair("step_id", newlead->step_id, false));
+	if (newlead->has_owner &&
+		(!oldlead->has_owner || oldlead->owner_id != newlead->owner_id))
+		add_event(events, &n, EV_ASSIGNED, owner_json(oldlead), owner_json(newlead));
+	if (!newlead->has_owner && oldlead->has_owner)
+		add_event(events, &n, EV_UNASSIGNED, owner_json(oldlead), owner_json(newlead));
+	if (any_content)
+		add_event(events, &n, EV_CONTENT_CHANGED,
+				  columns_json(oldtup, desc, content), columns_json(newtup, desc, content));
+	add_event(events, &n, EV_ANY_UPDATE,
+			  columns_json(oldtup, desc, changed), columns_json(newtup, desc, changed));
+	return n;
+}
+
+/* AFTER INSERT OR UPDATE OR DELETE ON nocrm.leads, for each row. */
+Datum
+nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	LeadState	lead,
+				oldlead;
+	RaisedEvent events[EV_COUNT];
+	int			nevents = 0;
+
+	check_trigger(fcinfo, "nocrm_lead_event_trigger", false);
+	desc = trigdata->tg_relation->rd_att;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+	{
+		nocrm_lead_from_tuple(&lead, trigdata->tg_trigtuple, desc);
+		add_event(events, &nevents, EV_CREATION, NULL,
+				  nocrm_jsonb_pair("title", lead.title));
+		add_event(events, &nevents, lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED,
+				  NULL, owner_json(&lead));
+	}
+	else if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
+	{
+		nocrm_lead_from_tuple(&lead, trigdata->tg_trigtuple, desc);
+		lead.deleted = true;
+		add_event(events, &nevents, EV_DELETED,
+				  nocrm_jsonb_pair("title", lead.title), NULL);
+	}
+	else
+	{
+		nocrm_lead_from_tuple(&oldlead, trigdata->tg_trigtuple, desc);
+		nocrm_lead_from_tuple(&lead, trigdata->tg_newtuple, desc);
+		nevents = update_events(trigdata->tg_trigtuple, trigdata->tg_newtuple, desc,
+								&oldlead, &lead, events);
+	}
+
+	if (nevents > 0)
+		nocrm_dispatch(&lead, events, nevents);
+	SPI_finish();
+	return PointerGetDatum(NULL);
+}
+
+static int64
+trigger_int64(TriggerData *trigdata, const char *col)
+{
+	TupleDesc	desc = trigdata->tg_relation->rd_att;
+	bool		isnull;
+	Datum		d = heap_getattr(trigdata->tg_trigtuple, SPI_fnumber(desc, col), desc, &isnull);
+
+	return isnull ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * Shared by the tags, comments and emails triggers: raise one event on the
+ * row's lead, unless the lead itself is being deleted (cascade).
+ */
+static Datum
+child_row_event(FunctionCallInfo fcinfo, const char *name, NocrmEvent event,
+				const char *column, const char *key, const char *detail, bool removed)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	LeadState	lead;
+	RaisedEvent ev;
+	char	   *value;
+
+	check_trigger(fcinfo, name, false);
+	desc = trigdata->tg_relation->rd_att;
+	value = SPI_getvalue(trigdata->tg_trigtuple, desc, SPI_fnumber(desc, column));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (nocrm_lead_fetch(trigger_int64(trigdata, "lead_id"), &lead))
+	{
+		Jsonb	   *pair = nocrm_jsonb_pair(key, value);
+
+		ev.event = event;
+		ev.old_value = removed ? pair : NULL;
+		ev.new_value = removed ? NULL : pair;
+		ev.detail = detail;
+		nocrm_dispatch(&lead, &ev, 1);
+	}
+	SPI_finish();
+	return PointerGetDatum(NULL);
+}
+
+/* AFTER INSERT OR DELETE ON nocrm.tags: a tag change is a lead.any_update. */
+Datum
+nocrm_tag_event_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	bool		removed = CALLED_AS_TRIGGER(fcinfo) &&
+		TRIGGER_FIRED_BY_DELETE(trigdata->tg_event);
+
+	return child_row_event(fcinfo, "nocrm_tag_event_trigger", EV_ANY_UPDATE,
+						   "name", "tag", removed ? "tag removed" : "tag added", removed);
+}
+
+/* AFTER INSERT ON nocrm.comments */
+Datum
+nocrm_comment_event_trigger(PG_FUNCTION_ARGS)
+{
+	return child_row_event(fcinfo, "nocrm_comment_event_trigger", EV_COMMENTED,
+						   "body", "comment", NULL, false);
+}
+
+/* AFTER INSERT ON nocrm.emails */
+Datum
+nocrm_email_event_trigger(PG_FUNCTION_ARGS)
+{
+	return child_row_event(fcinfo, "nocrm_email_event_trigger", EV_EMAIL_RECEIVED,
+						   "subject", "subject", NULL, false);
+}

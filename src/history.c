@@ -1,0 +1,105 @@
+/*
+ * history.c — writing nocrm.lead_history, and small jsonb builders for it.
+ */
+#include "nocrm.h"
+
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+
+/* {"key": "value"} (value NULL gives JSON null) */
+Jsonb *
+nocrm_jsonb_pair(const char *key, const char *value)
+{
+	JsonbParseState *state = NULL;
+	JsonbValue	k,
+				v;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	pushJsonbValue(&state, WJB_KEY, &k);
+	if (value == NULL)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvString;
+		v.val.string.val = (char *) value;
+		v.val.string.len = strlen(value);
+	}
+	pushJsonbValue(&state, WJB_VALUE, &v);
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
+/* {"key": 123} (or null) */
+Jsonb *
+nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull)
+{
+	JsonbParseState *state = NULL;
+	JsonbValue	k,
+				v;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	pushJsonbValue(&state, WJB_KEY, &k);
+	if (isnull)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvNumeric;
+		v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric,
+															Int64GetDatum(value)));
+	}
+	pushJsonbValue(&state, WJB_VALUE, &v);
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
+/*
+ * Appends one history row.  The actor and chain come from the dispatcher:
+ * inside an automation's chain the actor is the Butler.
+ */
+void
+nocrm_history(int64 lead_id, const char *event, int32 automation_id,
+			  Jsonb *old_value, Jsonb *new_value, const char *detail)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[8] = {INT8OID, TEXTOID, INT8OID, INT4OID, INT4OID,
+	JSONBOID, JSONBOID, TEXTOID};
+	Datum		args[8];
+	char		nulls[8];
+	int64		actor;
+	int			ret;
+
+	nocrm_plan(&plan,
+			   "INSERT INTO nocrm.lead_history"
+			   " (lead_id, event, actor_id, automation_id, chain_depth, old_value, new_value, detail)"
+			   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+			   8, types);
+
+	memset(nulls, ' ', sizeof(nulls));
+	actor = nocrm_current_actor();
+	args[0] = Int64GetDatum(lead_id);
+	args[1] = CStringGetTextDatum(event);
+	args[2] = Int64GetDatum(actor);
+	if (actor < 0)
+		nulls[2] = 'n';
+	args[3] = Int32GetDatum(automation_id);
+	if (automation_id == 0)
+		nulls[3] = 'n';
+	args[4] = Int32GetDatum(nocrm_chain_depth());
+	args[5] = old_value ? JsonbPGetDatum(old_value) : (Datum) 0;
+	if (old_value == NULL)
+		nulls[5] = 'n';
+	args[6] = new_value ? JsonbPGetDatum(new_value) : (Datum) 0;
+	if (new_value == NULL)
+		nulls[6] = 'n';
+	args[7] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
+	if (detail == NULL)
+		nulls[7] = 'n';
+
+	ret = SPI_execute_plan(plan, args, nulls, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "writing lead history failed: %s", SPI_result_code_string(ret));
+}

@@ -1,0 +1,200 @@
+/*
+ * nocrm.h — shared declarations of the nocrm_automation extension.
+ */
+#ifndef NOCRM_H
+#define NOCRM_H
+
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "datatype/timestamp.h"
+#include "executor/spi.h"
+#include "utils/jsonb.h"
+
+/* Events, in the order one change raises them (see docs/reference.md). */
+typedef enum NocrmEvent
+{
+	EV_CREATION = 0,
+	EV_STATUS_CHANGED,
+	EV_STEP_CHANGED,
+	EV_ASSIGNED,
+	EV_UNASSIGNED,
+	EV_CONTENT_CHANGED,
+	EV_ANY_UPDATE,
+	EV_COMMENTED,
+	EV_EMAIL_RECEIVED,
+	EV_DELETED,
+	EV_COUNT
+} NocrmEvent;
+
+extern const char *const nocrm_event_names[EV_COUNT];
+
+/* Lead statuses as bits, so a condition is one AND. */
+#define STATUS_TODO			0x01
+#define STATUS_STANDBY		0x02
+#define STATUS_WON			0x04
+#define STATUS_LOST			0x08
+#define STATUS_CANCELLED	0x10
+#define STATUS_OPEN			(STATUS_TODO | STATUS_STANDBY)
+
+typedef enum ActionKind
+{
+	ACT_ASSIGN,
+	ACT_ASSIGN_ROUND_ROBIN,
+	ACT_ASSIGN_RANDOM,
+	ACT_ASSIGN_BALANCED,
+	ACT_ADD_TAGS,
+	ACT_REMOVE_TAGS,
+	ACT_SET_STATUS,
+	ACT_SET_STEP,
+	ACT_COMMENT,
+	ACT_NOTIFY,
+	ACT_SEND_EMAIL,
+	ACT_COUNT
+} ActionKind;
+
+extern const char *const nocrm_action_names[ACT_COUNT];
+
+#define CHANNEL_BROWSER		0x01
+#define CHANNEL_EMAIL		0x02
+#define CHANNEL_MOBILE		0x04
+
+/* The Butler's user id, fixed by the install script and protected by a trigger. */
+#define BUTLER_ID			0
+
+/* "user": "owner" means the lead's owner when the action runs. */
+#define USER_IS_OWNER		(-1)
+
+typedef struct RuleAction
+{
+	ActionKind	kind;
+	int			action_no;		/* 0-based index in the actions array */
+	bool		delayed;
+	Interval	delay;
+	int64		user_id;		/* assign, notify; USER_IS_OWNER allowed for notify */
+	int			nusers;
+	int64	   *users;			/* assign_* groups, in list order */
+	Datum		tags;			/* text[] for add_tags / remove_tags */
+	int			ntags;
+	const char *status;			/* set_status */
+	const char *step_name;		/* set_step by name, within the lead's pipeline */
+	int64		step_id;		/* set_step by id, 0 if by name */
+	const char *text;			/* comment body, notify message */
+	int			channels;		/* notify */
+	const char *template_name;	/* send_email */
+	const char *to;				/* send_email recipient, NULL = lead contact */
+	Jsonb	   *definition;		/* the action as written, for the queue */
+} RuleAction;
+
+typedef struct Rule
+{
+	int32		id;
+	const char *name;
+	NocrmEvent	event;
+	/* *.changed.to target */
+	int			target_status;	/* status bit */
+	int			ntarget_steps;
+	int64	   *target_steps;
+	/* conditions; a zero count or mask means "not constrained" */
+	int			nhas_tags;
+	const char **has_tags;
+	int			nlacks_tags;
+	const char **lacks_tags;
+	int			status_mask;
+	int			nowners;
+	int64	   *owners;
+	bool		unassigned_only;
+	int			npipelines;
+	int64	   *pipelines;
+	int			nsteps;
+	int64	   *steps;
+	/* actions */
+	int			nactions;
+	RuleAction *actions;
+} Rule;
+
+/* The lead as the rules see it. */
+typedef struct LeadState
+{
+	int64		id;
+	const char *title;
+	int			status;			/* status bit */
+	const char *status_text;
+	bool		has_owner;
+	int64		owner_id;
+	bool		has_pipeline;
+	int64		pipeline_id;
+	bool		has_step;
+	int64		step_id;
+	const char *contact_email;
+	bool		deleted;
+} LeadState;
+
+/* A raised event with what changed, for history and matching. */
+typedef struct RaisedEvent
+{
+	NocrmEvent	event;
+	Jsonb	   *old_value;
+	Jsonb	   *new_value;
+	const char *detail;
+} RaisedEvent;
+
+/* guc.c */
+extern int	nocrm_max_chain_depth;
+extern int	nocrm_history_level;
+extern bool nocrm_automations_enabled;
+extern char *nocrm_actor;
+
+#define HISTORY_NONE		0
+#define HISTORY_ACTIONS		1
+#define HISTORY_ALL			2
+
+extern void nocrm_define_gucs(void);
+
+/* status.c */
+extern int	nocrm_status_bit(const char *status);
+
+/* spi_plans.c */
+extern SPIPlanPtr nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);
+extern int64 nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found);
+
+/* definition.c: parse and check a rule definition */
+extern Rule *nocrm_compile_rule(int32 id, const char *name, const char *event,
+								const char *target, Jsonb *conditions, Jsonb *actions);
+extern NocrmEvent nocrm_event_from_name(const char *name);
+
+/* rules.c: the per-backend rule cache */
+extern void nocrm_rules_init(void);
+extern Rule **nocrm_rules_for_event(NocrmEvent event, int *nrules);
+extern void nocrm_rules_pin(void);
+extern void nocrm_rules_unpin(void);
+extern void nocrm_rules_reset_pins(void);
+extern Oid	nocrm_automations_relid(void);
+extern bool nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev);
+
+/* dispatch.c: run the rules for raised events */
+extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
+extern int64 nocrm_current_actor(void);
+extern int	nocrm_chain_depth(void);
+extern int32 nocrm_chain_automation(void);
+extern void nocrm_dispatch_init(void);
+
+/* history.c */
+extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,
+						  Jsonb *old_value, Jsonb *new_value, const char *detail);
+extern Jsonb *nocrm_jsonb_pair(const char *key, const char *value);
+extern Jsonb *nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull);
+
+/* actions.c */
+extern void nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead,
+							 RaisedEvent *ev);
+
+/* assign.c */
+extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead,
+								 bool *found);
+
+/* lead.c: reading lead rows */
+extern void nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc);
+extern bool nocrm_lead_fetch(int64 lead_id, LeadState *lead);
+
+#endif							/* NOCRM_H */

@@ -1,0 +1,380 @@
+/*
+ * rules.c — the per-backend rule cache, its invalidation, the validation
+ * trigger on nocrm.automations, and condition matching.
+ *
+ * Rules are compiled once per backend and kept by event, so a row whose
+ * event no rule listens to costs one array lookup.  Any write to a table a
+ * compiled rule depends on sends a relcache invalidation for
+ * nocrm.automations: this backend drops its cache at the next command, every
+ * other backend when the writer commits.
+ */
+#include "nocrm.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "commands/trigger.h"
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+
+PG_FUNCTION_INFO_V1(nocrm_automation_validate_trigger);
+PG_FUNCTION_INFO_V1(nocrm_rules_changed_trigger);
+
+static MemoryContext rules_context = NULL;
+static bool rules_valid = false;
+static Oid	automations_relid = InvalidOid;
+
+/*
+ * A dispatch holds pointers into the current rule set while actions run,
+ * and an action's nested change may reload the cache.  Rule sets replaced
+ * while pinned are kept until the last pin goes.
+ */
+static int	pin_count = 0;
+static List *retired_contexts = NIL;
+
+typedef struct EventRules
+{
+	int			nrules;
+	Rule	  **rules;
+} EventRules;
+
+static EventRules by_event[EV_COUNT];
+
+static void
+rules_relcache_callback(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == automations_relid)
+	{
+		rules_valid = false;
+		/* The extension may have been dropped and created again. */
+		automations_relid = InvalidOid;
+	}
+}
+
+static void
+free_retired(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, retired_contexts)
+		MemoryContextDelete((MemoryContext) lfirst(lc));
+	list_free(retired_contexts);
+	retired_contexts = NIL;
+}
+
+void
+nocrm_rules_pin(void)
+{
+	pin_count++;
+}
+
+void
+nocrm_rules_unpin(void)
+{
+	Assert(pin_count > 0);
+	if (--pin_count == 0 && retired_contexts != NIL)
+		free_retired();
+}
+
+/* At transaction end no dispatch can be running. */
+void
+nocrm_rules_reset_pins(void)
+{
+	pin_count = 0;
+	free_retired();
+}
+
+void
+nocrm_rules_init(void)
+{
+	CacheRegisterRelcacheCallback(rules_relcache_callback, (Datum) 0);
+}
+
+Oid
+nocrm_automations_relid(void)
+{
+	if (!OidIsValid(automations_relid))
+	{
+		Oid			nsp = get_namespace_oid("nocrm", false);
+
+		automations_relid = get_relname_relid("automations", nsp);
+		if (!OidIsValid(automations_relid))
+			elog(ERROR, "table nocrm.automations is missing");
+	}
+	return automations_relid;
+}
+
+/* Compiles one stored rule; a rule that no longer resolves is skipped with a warning. */
+static Rule *
+compile_stored(HeapTuple tuple, TupleDesc desc)
+{
+	bool		isnull;
+	int32		id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
+	char	   *name = SPI_getvalue(tuple, desc, 2);
+	char	   *event = SPI_getvalue(tuple, desc, 3);
+	char	   *target = SPI_getvalue(tuple, desc, 4);
+	Jsonb	   *conditions = DatumGetJsonbPCopy(SPI_getbinval(tuple, desc, 5, &isnull));
+	Jsonb	   *actions = DatumGetJsonbPCopy(SPI_getbinval(tuple, desc, 6, &isnull));
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	Rule	   *rule = NULL;
+
+	/*
+	 * What a rule names (a user, a step) can disappear after the rule was
+	 * written.  That must not break every change to every lead, so the
+	 * compile runs in a subtransaction and a failure only skips the rule.
+	 */
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		rule = nocrm_compile_rule(id, name, event, target, conditions, actions);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		ereport(WARNING,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("automation %d \"%s\" is skipped: %s", id, name, edata->message),
+				 edata->detail ? errdetail("%s", edata->detail) : 0,
+				 errhint("Fix it with nocrm.update_automation() or disable it.")));
+		FreeErrorData(edata);
+		rule = NULL;
+	}
+	PG_END_TRY();
+	return rule;
+}
+
+static void
+load_rules(void)
+{
+	int			ret;
+	int			counts[EV_COUNT] = {0};
+	Rule	  **all;
+	uint64		n;
+
+	if (rules_context != NULL)
+	{
+		if (pin_count > 0)
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+			retired_contexts = lappend(retired_contexts, rules_context);
+			MemoryContextSwitchTo(old);
+		}
+		else
+			MemoryContextDelete(rules_context);
+	}
+	rules_context = AllocSetContextCreate(CacheMemoryContext,
+										  "nocrm rule cache",
+										  ALLOCSET_DEFAULT_SIZES);
+	memset(by_event, 0, sizeof(by_event));
+
+	/* Invalidations that arrive while we read must not be lost. */
+	rules_valid = true;
+	nocrm_automations_relid();
+
+	ret = SPI_execute("SELECT id, name, event, target, conditions, actions"
+					  " FROM nocrm.automations WHERE enabled ORDER BY id",
+					  true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading automations failed: %s", SPI_result_code_string(ret));
+
+	{
+		SPITupleTable *tuptable = SPI_tuptable;
+		MemoryContext oldcontext;
+
+		n = SPI_processed;
+		oldcontext = MemoryContextSwitchTo(rules_context);
+		all = palloc0(sizeof(Rule *) * (n + 1));
+		for (uint64 i = 0; i < n; i++)
+		{
+			all[i] = compile_stored(tuptable->vals[i], tuptable->tupdesc);
+			if (all[i])
+				counts[all[i]->event]++;
+		}
+		for (int e = 0; e < EV_COUNT; e++)
+		{
+			by_event[e].rules = palloc(sizeof(Rule *) * (counts[e] + 1));
+			by_event[e].nrules = 0;
+		}
+		for (uint64 i = 0; i < n; i++)
+			if (all[i])
+			{
+				EventRules *er = &by_event[all[i]->event];
+
+				er->rules[er->nrules++] = all[i];
+			}
+		MemoryContextSwitchTo(oldcontext);
+		SPI_freetuptable(tuptable);
+	}
+}
+
+/* The enabled rules for an event, in id order.  Needs an SPI connection. */
+Rule	  **
+nocrm_rules_for_event(NocrmEvent event, int *nrules)
+{
+	if (!rules_valid)
+	{
+		PG_TRY();
+		{
+			load_rules();
+		}
+		PG_CATCH();
+		{
+			rules_valid = false;
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+	}
+	*nrules = by_event[event].nrules;
+	return by_event[event].rules;
+}
+
+static bool
+int64_in(int64 value, const int64 *list, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (list[i] == value)
+			return true;
+	return false;
+}
+
+/* Tags of the lead among the given ones: how many it has. */
+static int
+count_tags(int64 lead_id, const char **tags, int ntags)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT8OID, TEXTARRAYOID};
+	Datum		args[2];
+	Datum	   *elems = palloc(sizeof(Datum) * ntags);
+	bool		isnull;
+	int			ret;
+
+	for (int i = 0; i < ntags; i++)
+		elems[i] = CStringGetTextDatum(tags[i]);
+	args[0] = Int64GetDatum(lead_id);
+	args[1] = PointerGetDatum(construct_array(elems, ntags, TEXTOID, -1, false, TYPALIGN_INT));
+	nocrm_plan(&plan,
+			   "SELECT count(*) FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2)",
+			   2, types);
+	ret = SPI_execute_plan(plan, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading tags failed: %s", SPI_result_code_string(ret));
+	return (int) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * Does the rule apply to this event on this lead?  Cheap checks first; tags
+ * need a query, so they come last.
+ */
+bool
+nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev)
+{
+	if (rule->event == EV_STATUS_CHANGED && !(lead->status & rule->target_status))
+		return false;
+	if (rule->event == EV_STEP_CHANGED &&
+		!(lead->has_step && int64_in(lead->step_id, rule->target_steps, rule->ntarget_steps)))
+		return false;
+	if (rule->status_mask && !(lead->status & rule->status_mask))
+		return false;
+	if (rule->unassigned_only && lead->has_owner)
+		return false;
+	if (rule->nowners &&
+		!(lead->has_owner && int64_in(lead->owner_id, rule->owners, rule->nowners)))
+		return false;
+	if (rule->npipelines &&
+		!(lead->has_pipeline && int64_in(lead->pipeline_id, rule->pipelines, rule->npipelines)))
+		return false;
+	if (rule->nsteps &&
+		!(lead->has_step && int64_in(lead->step_id, rule->steps, rule->nsteps)))
+		return false;
+	if (rule->nhas_tags && !lead->deleted &&
+		count_tags(lead->id, rule->has_tags, rule->nhas_tags) != rule->nhas_tags)
+		return false;
+	if (rule->nlacks_tags && !lead->deleted &&
+		count_tags(lead->id, rule->lacks_tags, rule->nlacks_tags) != 0)
+		return false;
+	/* A deleted lead has no tags left to check. */
+	if (rule->nhas_tags && lead->deleted)
+		return false;
+	return true;
+}
+
+static char *
+trigger_text(HeapTuple tuple, TupleDesc desc, const char *col)
+{
+	return SPI_getvalue(tuple, desc, SPI_fnumber(desc, col));
+}
+
+/*
+ * BEFORE INSERT OR UPDATE ON nocrm.automations: refuse a bad definition with
+ * a precise error, whatever way it is written (function or plain SQL).
+ */
+Datum
+nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum		conditions,
+				actions;
+	char	   *target;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+		elog(ERROR, "nocrm_automation_validate_trigger: must be fired before, for each row");
+
+	tuple = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event)
+		? trigdata->tg_newtuple : trigdata->tg_trigtuple;
+	desc = trigdata->tg_relation->rd_att;
+
+	conditions = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "conditions"), &isnull);
+	actions = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "actions"), &isnull);
+	target = trigger_text(tuple, desc, "target");
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	nocrm_compile_rule(0, trigger_text(tuple, desc, "name"),
+					   trigger_text(tuple, desc, "event"), target,
+					   DatumGetJsonbP(conditions), DatumGetJsonbP(actions));
+	SPI_finish();
+
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		int			attno = SPI_fnumber(desc, "updated_at");
+		Datum		now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		bool		null = false;
+
+		tuple = heap_modify_tuple_by_cols(tuple, desc, 1, &attno, &now, &null);
+	}
+	return PointerGetDatum(tuple);
+}
+
+/*
+ * AFTER ... FOR EACH STATEMENT on the tables rules depend on: invalidate
+ * every backend's rule cache, transactionally.
+ */
+Datum
+nocrm_rules_changed_trigger(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "nocrm_rules_changed_trigger: not called as a trigger");
+	CacheInvalidateRelcacheByRelid(nocrm_automations_relid());
+	return PointerGetDatum(NULL);
+}

@@ -1,0 +1,50 @@
+/*
+ * spi_plans.c — prepared SPI plans kept for the life of the backend.
+ */
+#include "nocrm.h"
+
+/*
+ * Returns the plan in *slot, preparing and keeping it on first use.  A kept
+ * plan is revalidated by the plan cache when the tables it uses change.
+ */
+SPIPlanPtr
+nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*slot == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+				 sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		*slot = plan;
+	}
+	return *slot;
+}
+
+/*
+ * Runs a one-argument query returning one bigint column, unplanned; used for
+ * name lookups while compiling rules, where plans would not be reused.
+ */
+int64
+nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found)
+{
+	char		nulls = ' ';
+	int			ret;
+	bool		isnull;
+	Datum		d;
+
+	ret = SPI_execute_with_args(sql, 1, &argtype, &arg, &nulls, true, 2);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "lookup failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed != 1)
+	{
+		*found = false;
+		return 0;
+	}
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	*found = !isnull;
+	return isnull ? 0 : DatumGetInt64(d);
+}
