@@ -14,13 +14,15 @@
 /* One kept plan per statement an action runs. */
 static SPIPlanPtr plan_assign,
 			plan_user_active,
+			plan_tags_to_change,
 			plan_add_tags,
 			plan_remove_tags,
 			plan_set_status,
-			plan_step_by_name,
-			plan_step_by_id,
+			plan_find_step,
+			plan_move_step,
 			plan_comment,
 			plan_notify,
+			plan_notify_payload,
 			plan_enqueue;
 
 static const char *
@@ -79,39 +81,59 @@ assign_to(Rule *rule, RuleAction *action, LeadState *lead, int64 user_id)
 					   psprintf("user %lld already owns the lead", (long long) user_id));
 		return;
 	}
-	nocrm_plan(&plan_assign,
-			   "UPDATE nocrm.leads SET user_id = $2 WHERE id = $1", 2, types);
-	(void) exec_one(plan_assign, args, NULL, NULL, NULL);
+	/* The action is logged before the change, so it precedes the events it causes. */
 	action_history(rule, action, lead,
 				   nocrm_jsonb_int_pair("user_id", current.owner_id, !current.has_owner),
 				   nocrm_jsonb_int_pair("user_id", user_id, false), NULL);
+	nocrm_plan(&plan_assign,
+			   "UPDATE nocrm.leads SET user_id = $2 WHERE id = $1", 2, types);
+	(void) exec_one(plan_assign, args, NULL, NULL, NULL);
 }
 
 static void
 change_tags(Rule *rule, RuleAction *action, LeadState *lead)
 {
-	Oid			types[2] = {INT8OID, TEXTARRAYOID};
-	Datum		args[2] = {Int64GetDatum(lead->id), action->tags};
-	Datum		result;
-	bool		isnull;
+	Oid			types[3] = {INT8OID, TEXTARRAYOID, BOOLOID};
 	bool		add = action->kind == ACT_ADD_TAGS;
-	Jsonb	   *changed;
+	Datum		args[3] = {Int64GetDatum(lead->id), action->tags, BoolGetDatum(!add)};
+	Datum		tags,
+				changed;
+	bool		isnull;
 
+	/*
+	 * Work out which tags change first, so the log row precedes the tag
+	 * events it causes.
+	 */
+	nocrm_plan(&plan_tags_to_change,
+			   "SELECT array_agg(t.name ORDER BY t.ord),"
+			   "       jsonb_build_object('tags', jsonb_agg(t.name ORDER BY t.ord))"
+			   "  FROM (SELECT DISTINCT ON (name) name, ord"
+			   "          FROM unnest($2::text[]) WITH ORDINALITY AS u(name, ord)"
+			   "         ORDER BY name, ord) t"
+			   " WHERE EXISTS (SELECT 1 FROM nocrm.tags g WHERE g.lead_id = $1 AND g.name = t.name) = $3",
+			   3, types);
+	(void) exec_one(plan_tags_to_change, args, NULL, &tags, &isnull);
+	if (isnull)
+	{
+		action_history(rule, action, lead, NULL, NULL,
+					   add ? "the lead already has these tags" : "the lead has none of these tags");
+		return;
+	}
+	changed = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	action_history(rule, action, lead, add ? NULL : DatumGetJsonbP(changed),
+				   add ? DatumGetJsonbP(changed) : NULL, NULL);
+
+	args[1] = tags;
 	if (add)
 		nocrm_plan(&plan_add_tags,
-				   "WITH t AS (INSERT INTO nocrm.tags (lead_id, name)"
-				   "           SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING name)"
-				   " SELECT jsonb_build_object('tags', coalesce(jsonb_agg(name), '[]')) FROM t",
+				   "INSERT INTO nocrm.tags (lead_id, name) SELECT $1, unnest($2::text[])"
+				   " ON CONFLICT DO NOTHING",
 				   2, types);
 	else
 		nocrm_plan(&plan_remove_tags,
-				   "WITH t AS (DELETE FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2)"
-				   "           RETURNING name)"
-				   " SELECT jsonb_build_object('tags', coalesce(jsonb_agg(name), '[]')) FROM t",
+				   "DELETE FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2)",
 				   2, types);
-	(void) exec_one(add ? plan_add_tags : plan_remove_tags, args, NULL, &result, &isnull);
-	changed = DatumGetJsonbP(result);
-	action_history(rule, action, lead, add ? NULL : changed, add ? changed : NULL, NULL);
+	(void) exec_one(add ? plan_add_tags : plan_remove_tags, args, NULL, NULL, NULL);
 }
 
 static void
@@ -129,66 +151,61 @@ set_status(Rule *rule, RuleAction *action, LeadState *lead)
 					   psprintf("status is already %s", action->status));
 		return;
 	}
-	nocrm_plan(&plan_set_status,
-			   "UPDATE nocrm.leads SET status = $2 WHERE id = $1", 2, types);
-	(void) exec_one(plan_set_status, args, NULL, NULL, NULL);
 	action_history(rule, action, lead,
 				   nocrm_jsonb_pair("status", current.status_text),
 				   nocrm_jsonb_pair("status", action->status), NULL);
+	nocrm_plan(&plan_set_status,
+			   "UPDATE nocrm.leads SET status = $2 WHERE id = $1", 2, types);
+	(void) exec_one(plan_set_status, args, NULL, NULL, NULL);
 }
 
 static void
 set_step(Rule *rule, RuleAction *action, LeadState *lead)
 {
 	LeadState	current;
-	Datum		result;
+	Oid			types[3] = {INT8OID, INT8OID, TEXTOID};
+	Datum		args[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	Datum		step;
 	bool		isnull;
-	bool		moved;
 
 	if (!nocrm_lead_fetch(lead->id, &current))
 		return;
-	if (action->step_id != 0)
-	{
-		Oid			types[2] = {INT8OID, INT8OID};
-		Datum		args[2] = {Int64GetDatum(lead->id), Int64GetDatum(action->step_id)};
-
-		nocrm_plan(&plan_step_by_id,
-				   "UPDATE nocrm.leads l SET step_id = s.id, pipeline_id = s.pipeline_id"
-				   " FROM nocrm.steps s WHERE l.id = $1 AND s.id = $2"
-				   " AND l.step_id IS DISTINCT FROM s.id RETURNING s.id",
-				   2, types);
-		moved = exec_one(plan_step_by_id, args, NULL, &result, &isnull);
-	}
-	else
-	{
-		Oid			types[2] = {INT8OID, TEXTOID};
-		Datum		args[2] = {Int64GetDatum(lead->id), CStringGetTextDatum(action->step_name)};
-
-		if (!current.has_pipeline)
-		{
-			action_history(rule, action, lead, NULL, NULL,
-						   psprintf("skipped: the lead is in no pipeline, so step \"%s\" is ambiguous",
-									action->step_name));
-			return;
-		}
-		nocrm_plan(&plan_step_by_name,
-				   "UPDATE nocrm.leads l SET step_id = s.id"
-				   " FROM nocrm.steps s WHERE l.id = $1 AND s.pipeline_id = l.pipeline_id"
-				   " AND s.name = $2 AND l.step_id IS DISTINCT FROM s.id RETURNING s.id",
-				   2, types);
-		moved = exec_one(plan_step_by_name, args, NULL, &result, &isnull);
-	}
-	if (!moved)
+	/* By id: that step, in whatever pipeline.  By name: within the lead's pipeline. */
+	args[0] = Int64GetDatum(current.pipeline_id);
+	nulls[0] = current.has_pipeline ? ' ' : 'n';
+	args[1] = Int64GetDatum(action->step_id);
+	nulls[1] = action->step_id ? ' ' : 'n';
+	args[2] = action->step_name ? CStringGetTextDatum(action->step_name) : (Datum) 0;
+	nulls[2] = action->step_name ? ' ' : 'n';
+	nocrm_plan(&plan_find_step,
+			   "SELECT id FROM nocrm.steps"
+			   " WHERE CASE WHEN $2 IS NOT NULL THEN id = $2"
+			   "            ELSE pipeline_id = $1 AND name = $3 END",
+			   3, types);
+	if (!exec_one(plan_find_step, args, nulls, &step, &isnull))
 	{
 		action_history(rule, action, lead, NULL, NULL,
-					   action->step_id ? "the lead is already at that step"
-					   : psprintf("skipped: no step \"%s\" in the lead's pipeline, or the lead is already there",
-								  action->step_name));
+					   psprintf("skipped: %s has no step \"%s\"",
+								current.has_pipeline ? "the lead's pipeline" : "a lead in no pipeline",
+								action->step_name));
+		return;
+	}
+	if (current.has_step && current.step_id == DatumGetInt64(step))
+	{
+		action_history(rule, action, lead, NULL, NULL, "the lead is already at that step");
 		return;
 	}
 	action_history(rule, action, lead,
 				   nocrm_jsonb_int_pair("step_id", current.step_id, !current.has_step),
-				   nocrm_jsonb_int_pair("step_id", DatumGetInt64(result), false), NULL);
+				   nocrm_jsonb_int_pair("step_id", DatumGetInt64(step), false), NULL);
+	args[0] = Int64GetDatum(lead->id);
+	args[1] = step;
+	nocrm_plan(&plan_move_step,
+			   "UPDATE nocrm.leads l SET step_id = s.id, pipeline_id = s.pipeline_id"
+			   "  FROM nocrm.steps s WHERE l.id = $1 AND s.id = $2",
+			   2, types);
+	(void) exec_one(plan_move_step, args, NULL, NULL, NULL);
 }
 
 static void
@@ -196,15 +213,12 @@ add_comment(Rule *rule, RuleAction *action, LeadState *lead)
 {
 	Oid			types[2] = {INT8OID, TEXTOID};
 	Datum		args[2] = {Int64GetDatum(lead->id), CStringGetTextDatum(action->text)};
-	Datum		result;
-	bool		isnull;
 
+	action_history(rule, action, lead, NULL, nocrm_jsonb_pair("comment", action->text), NULL);
 	nocrm_plan(&plan_comment,
-			   "INSERT INTO nocrm.comments (lead_id, user_id, body) VALUES ($1, 0, $2) RETURNING id",
+			   "INSERT INTO nocrm.comments (lead_id, user_id, body) VALUES ($1, 0, $2)",
 			   2, types);
-	(void) exec_one(plan_comment, args, NULL, &result, &isnull);
-	action_history(rule, action, lead, NULL,
-				   nocrm_jsonb_int_pair("comment_id", DatumGetInt64(result), false), NULL);
+	(void) exec_one(plan_comment, args, NULL, NULL, NULL);
 }
 
 /*
@@ -282,7 +296,6 @@ static void
 notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 {
 	int64		user_id = action->user_id;
-	char	   *user_text;
 	LeadState	current;
 
 	if (user_id == USER_IS_OWNER)
@@ -296,7 +309,6 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 		}
 		user_id = lead->owner_id;
 	}
-	user_text = psprintf("%lld", (long long) user_id);
 
 	if (action->channels & CHANNEL_BROWSER)
 	{
@@ -320,14 +332,35 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 	for (int ch = CHANNEL_EMAIL; ch <= CHANNEL_MOBILE; ch <<= 1)
 	{
 		const char *channel = ch == CHANNEL_EMAIL ? "email" : "mobile";
-		const char *keys[4] = {"channel", "user_id", "message", "lead_title"};
-		const char *values[4] = {channel, user_text, action->text, lead->title};
+		Oid			types[5] = {INT8OID, TEXTOID, TEXTOID, INT8OID, TEXTOID};
+		Datum		args[5] = {Int64GetDatum(user_id), CStringGetTextDatum(channel),
+			CStringGetTextDatum(action->text), Int64GetDatum(lead->id),
+		CStringGetTextDatum(lead->title)};
+		Datum		payload;
+		bool		isnull;
+		char	   *email;
 		int64		id;
 
 		if (!(action->channels & ch))
 			continue;
-		id = enqueue(rule, action, lead, ev, channel, user_text,
-					 payload_json(keys, values, 4), NULL);
+		nocrm_plan(&plan_notify_payload,
+				   "SELECT jsonb_build_object('channel', $2, 'user_id', u.id, 'user_email', u.email,"
+				   "                          'message', $3, 'lead_id', $4, 'lead_title', $5),"
+				   "       u.email"
+				   "  FROM nocrm.users u WHERE u.id = $1",
+				   5, types);
+		if (!exec_one(plan_notify_payload, args, NULL, &payload, &isnull))
+			continue;			/* the user was deleted since the rule was loaded */
+		email = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+		if (ch == CHANNEL_EMAIL && email == NULL)
+		{
+			action_history(rule, action, lead, NULL, NULL,
+						   psprintf("skipped email: user %lld has no email", (long long) user_id));
+			continue;
+		}
+		id = enqueue(rule, action, lead, ev, channel,
+					 ch == CHANNEL_EMAIL ? email : psprintf("%lld", (long long) user_id),
+					 DatumGetJsonbP(payload), NULL);
 		action_history(rule, action, lead, NULL, queued_json(id), channel);
 	}
 }

@@ -281,6 +281,7 @@ resolve_steps(DefContext *cx, JsonbValue *v, int64 **ids, int *n)
 	char		nulls = ' ';
 	int			ret;
 	int			base = *n;
+	MemoryContext caller = CurrentMemoryContext;
 
 	if (v->type == jbvNumeric)
 	{
@@ -301,6 +302,8 @@ resolve_steps(DefContext *cx, JsonbValue *v, int64 **ids, int *n)
 		invalid(cx, psprintf("a step must be a name or an id, not %s", jtype(v)), NULL);
 		return;
 	}
+	/* SPI leaves us in its own context; the ids belong to the caller's. */
+	MemoryContextSwitchTo(caller);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "step lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)

@@ -135,17 +135,55 @@ run_rule(Rule *rule, LeadState *lead, RaisedEvent *ev)
 }
 
 /*
+ * Has an automation already undone or replaced what this event reports?
+ * E.g. a lead inserted without owner and assigned by a lead.creation rule is
+ * no longer unassigned: its lead.unassigned is dropped, the assignment
+ * raised lead.assigned of its own.
+ */
+static bool
+superseded(RaisedEvent *ev, LeadState *then, LeadState *now)
+{
+	switch (ev->event)
+	{
+		case EV_STATUS_CHANGED:
+			return now->status != then->status;
+		case EV_STEP_CHANGED:
+			return now->has_step != then->has_step || now->step_id != then->step_id;
+		case EV_ASSIGNED:
+		case EV_UNASSIGNED:
+			return now->has_owner != then->has_owner || now->owner_id != then->owner_id;
+		default:
+			return false;
+	}
+}
+
+/*
  * Records each event and runs the rules listening to it.  Events are
- * handled in the order given; rules for one event in id order.
+ * handled in the order given, rules for one event in id order.  Once a rule
+ * has run, the lead is read again, so later rules see its changes.
  */
 void
 nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 {
+	LeadState	changed_lead;
+	LeadState  *current = lead;
+	bool		stale = false;
+
 	for (int e = 0; e < nevents; e++)
 	{
 		RaisedEvent *ev = &events[e];
 		Rule	  **rules;
 		int			nrules;
+
+		if (stale)
+		{
+			if (!nocrm_lead_fetch(lead->id, &changed_lead))
+				return;			/* an automation deleted it */
+			current = &changed_lead;
+			stale = false;
+		}
+		if (superseded(ev, lead, current))
+			continue;
 
 		if (nocrm_history_level == HISTORY_ALL)
 			nocrm_history(lead->id, nocrm_event_names[ev->event], nocrm_chain_automation(),
@@ -167,16 +205,26 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 			{
 				Rule	   *rule = rules[r];
 
-				if (!nocrm_rule_matches(rule, lead, ev))
+				if (stale)
+				{
+					if (!nocrm_lead_fetch(lead->id, &changed_lead))
+						break;
+					current = &changed_lead;
+					stale = false;
+				}
+				if (!nocrm_rule_matches(rule, current, ev))
 					continue;
 				if (in_chain(rule->id))
-					log_stop(lead, rule, ev, "it already ran in this chain");
+					log_stop(current, rule, ev, "it already ran in this chain");
 				else if (chain_len >= nocrm_max_chain_depth)
-					log_stop(lead, rule, ev,
+					log_stop(current, rule, ev,
 							 psprintf("chain depth limit %d reached (nocrm.max_chain_depth)",
 									  nocrm_max_chain_depth));
 				else
-					run_rule(rule, lead, ev);
+				{
+					run_rule(rule, current, ev);
+					stale = !lead->deleted;
+				}
 			}
 		}
 		PG_FINALLY();

@@ -181,7 +181,44 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 	return PointerGetDatum(newtup);
 }
 
-/* {"col": "text value", ...} of the given tuple's columns in mask */
+/* A column value as JSON: numbers and booleans as such, the rest as text. */
+static void
+column_jsonb(HeapTuple tuple, TupleDesc desc, int attno, JsonbValue *v)
+{
+	char	   *text = SPI_getvalue(tuple, desc, attno);
+
+	if (text == NULL)
+	{
+		v->type = jbvNull;
+		return;
+	}
+	switch (TupleDescAttr(desc, attno - 1)->atttypid)
+	{
+		case INT2OID:
+		case INT4OID:
+		case INT8OID:
+		case NUMERICOID:
+			if (strcmp(text, "NaN") != 0 && strstr(text, "Infinity") == NULL)
+			{
+				v->type = jbvNumeric;
+				v->val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in,
+																	 CStringGetDatum(text),
+																	 ObjectIdGetDatum(InvalidOid),
+																	 Int32GetDatum(-1)));
+				return;
+			}
+			break;
+		case BOOLOID:
+			v->type = jbvBool;
+			v->val.boolean = text[0] == 't';
+			return;
+	}
+	v->type = jbvString;
+	v->val.string.val = text;
+	v->val.string.len = strlen(text);
+}
+
+/* {"column": value, ...} of the tuple's columns flagged in mask */
 static Jsonb *
 columns_json(HeapTuple tuple, TupleDesc desc, bool *mask)
 {
@@ -192,7 +229,6 @@ columns_json(HeapTuple tuple, TupleDesc desc, bool *mask)
 	{
 		JsonbValue	k,
 					v;
-		char	   *value;
 
 		if (!mask[i])
 			continue;
@@ -200,15 +236,7 @@ columns_json(HeapTuple tuple, TupleDesc desc, bool *mask)
 		k.val.string.val = NameStr(TupleDescAttr(desc, i - 1)->attname);
 		k.val.string.len = strlen(k.val.string.val);
 		pushJsonbValue(&state, WJB_KEY, &k);
-		value = SPI_getvalue(tuple, desc, i);
-		if (value == NULL)
-			v.type = jbvNull;
-		else
-		{
-			v.type = jbvString;
-			v.val.string.val = value;
-			v.val.string.len = strlen(value);
-		}
+		column_jsonb(tuple, desc, i, &v);
 		pushJsonbValue(&state, WJB_VALUE, &v);
 	}
 	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));

@@ -220,6 +220,7 @@ load_rules(void)
 			}
 		MemoryContextSwitchTo(oldcontext);
 		SPI_freetuptable(tuptable);
+		elog(DEBUG1, "nocrm: loaded " UINT64_FORMAT " automations", n);
 	}
 }
 

@@ -35,8 +35,11 @@ nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found)
 	int			ret;
 	bool		isnull;
 	Datum		d;
+	MemoryContext caller = CurrentMemoryContext;
 
 	ret = SPI_execute_with_args(sql, 1, &argtype, &arg, &nulls, true, 2);
+	/* SPI returns in its procedure context; callers may be building a cache. */
+	MemoryContextSwitchTo(caller);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed != 1)
