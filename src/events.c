@@ -269,12 +269,15 @@ update_events(HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
 				any_content = false;
 	int			n = 0;
 	int			att_updated = SPI_fnumber(desc, "updated_at");
+	int			att_closed = SPI_fnumber(desc, "closed_at");
 
+	/* updated_at and closed_at are bookkeeping the BEFORE trigger maintains, not events. */
 	for (int i = 1; i <= desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, i - 1);
 
-		if (att->attisdropped || i == att_updated || column_equal(oldtup, newtup, desc, i))
+		if (att->attisdropped || i == att_updated || i == att_closed ||
+			column_equal(oldtup, newtup, desc, i))
 			continue;
 		changed[i] = any = true;
 		if (!is_workflow_column(NameStr(att->attname)))
