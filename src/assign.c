@@ -142,7 +142,7 @@ pick_random(Rule *rule, RuleAction *action, int64 *user_id)
 			   "SELECT id FROM nocrm.users WHERE id = ANY ($1) AND active"
 			   " ORDER BY random() LIMIT 1",
 			   1, types);
-	ret = SPI_execute_plan(plan_random, args, NULL, true, 1);
+	ret = SPI_execute_plan(plan_random, args, NULL, false, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "choosing an assignee failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)

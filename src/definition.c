@@ -288,14 +288,14 @@ resolve_steps(DefContext *cx, JsonbValue *v, int64 **ids, int *n)
 		argtype = INT8OID;
 		arg = DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric));
 		ret = SPI_execute_with_args("SELECT id FROM nocrm.steps WHERE id = $1",
-									1, &argtype, &arg, &nulls, true, 0);
+									1, &argtype, &arg, &nulls, false, 0);
 	}
 	else if (v->type == jbvString)
 	{
 		argtype = TEXTOID;
 		arg = CStringGetTextDatum(jstring(v));
 		ret = SPI_execute_with_args("SELECT id FROM nocrm.steps WHERE name = $1 ORDER BY id",
-									1, &argtype, &arg, &nulls, true, 0);
+									1, &argtype, &arg, &nulls, false, 0);
 	}
 	else
 	{

@@ -245,6 +245,7 @@ columns_json(HeapTuple tuple, TupleDesc desc, bool *mask)
 static void
 add_event(RaisedEvent *events, int *n, NocrmEvent event, Jsonb *old_value, Jsonb *new_value)
 {
+	memset(&events[*n], 0, sizeof(RaisedEvent));
 	events[*n].event = event;
 	events[*n].old_value = old_value;
 	events[*n].new_value = new_value;
@@ -287,14 +288,20 @@ update_events(HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
 		return 0;
 
 	if (oldlead->status != newlead->status)
+	{
 		add_event(events, &n, EV_STATUS_CHANGED,
 				  nocrm_jsonb_pair("status", oldlead->status_text),
 				  nocrm_jsonb_pair("status", newlead->status_text));
+		events[n - 1].to_status = newlead->status;
+	}
 	if (newlead->has_step &&
 		(!oldlead->has_step || oldlead->step_id != newlead->step_id))
+	{
 		add_event(events, &n, EV_STEP_CHANGED,
 				  nocrm_jsonb_int_pair("step_id", oldlead->step_id, !oldlead->has_step),
 				  nocrm_jsonb_int_pair("step_id", newlead->step_id, false));
+		events[n - 1].to_step = newlead->step_id;
+	}
 	if (newlead->has_owner &&
 		(!oldlead->has_owner || oldlead->owner_id != newlead->owner_id))
 		add_event(events, &n, EV_ASSIGNED, owner_json(oldlead), owner_json(newlead));
@@ -388,6 +395,7 @@ child_row_event(FunctionCallInfo fcinfo, const char *name, NocrmEvent event,
 	{
 		Jsonb	   *pair = nocrm_jsonb_pair(key, value);
 
+		memset(&ev, 0, sizeof(ev));
 		ev.event = event;
 		ev.old_value = removed ? pair : NULL;
 		ev.new_value = removed ? NULL : pair;

@@ -36,9 +36,9 @@ nocrm_define_gucs(void)
 
 	DefineCustomIntVariable("nocrm.max_chain_depth",
 							"How deep automations may trigger one another.",
-							"At this depth further automations are stopped and the stop is logged.",
+							"1 means automations react to people's changes only. Deeper automations are stopped and the stop is logged.",
 							&nocrm_max_chain_depth,
-							5, 0, 100,
+							5, 1, 100,
 							PGC_SUSET,
 							0,
 							NULL, NULL, NULL);

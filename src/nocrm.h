@@ -134,6 +134,9 @@ typedef struct LeadState
 typedef struct RaisedEvent
 {
 	NocrmEvent	event;
+	/* what a *.changed.to event changed to, matched against rule targets */
+	int			to_status;
+	int64		to_step;
 	Jsonb	   *old_value;
 	Jsonb	   *new_value;
 	const char *detail;

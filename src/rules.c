@@ -272,7 +272,7 @@ count_tags(int64 lead_id, const char **tags, int ntags)
 	nocrm_plan(&plan,
 			   "SELECT count(*) FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2)",
 			   2, types);
-	ret = SPI_execute_plan(plan, args, NULL, true, 1);
+	ret = SPI_execute_plan(plan, args, NULL, false, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading tags failed: %s", SPI_result_code_string(ret));
 	return (int) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
@@ -286,10 +286,11 @@ count_tags(int64 lead_id, const char **tags, int ntags)
 bool
 nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev)
 {
-	if (rule->event == EV_STATUS_CHANGED && !(lead->status & rule->target_status))
+	/* The target belongs to the event; the conditions to the lead as it is now. */
+	if (rule->event == EV_STATUS_CHANGED && !(ev->to_status & rule->target_status))
 		return false;
 	if (rule->event == EV_STEP_CHANGED &&
-		!(lead->has_step && int64_in(lead->step_id, rule->target_steps, rule->ntarget_steps)))
+		!int64_in(ev->to_step, rule->target_steps, rule->ntarget_steps))
 		return false;
 	if (rule->status_mask && !(lead->status & rule->status_mask))
 		return false;

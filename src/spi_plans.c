@@ -27,6 +27,7 @@ nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
 /*
  * Runs a one-argument query returning one bigint column, unplanned; used for
  * name lookups while compiling rules, where plans would not be reused.
+ * Not read-only: a trigger must see the rows its own statement wrote.
  */
 int64
 nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found)
@@ -37,7 +38,7 @@ nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found)
 	Datum		d;
 	MemoryContext caller = CurrentMemoryContext;
 
-	ret = SPI_execute_with_args(sql, 1, &argtype, &arg, &nulls, true, 2);
+	ret = SPI_execute_with_args(sql, 1, &argtype, &arg, &nulls, false, 2);
 	/* SPI returns in its procedure context; callers may be building a cache. */
 	MemoryContextSwitchTo(caller);
 	if (ret != SPI_OK_SELECT)
