@@ -1,0 +1,70 @@
+-- Round robin: strict rotation, rollbacks skip nobody, members leave and join fairly.
+\i test/fixtures/crm.sql
+
+SELECT nocrm.create_automation(
+  name    => 'Round robin SDRs',
+  event   => 'lead.creation',
+  actions => '[{"type": "assign_round_robin",
+                "users": ["anna@example.com", "matteo@example.com", "giovanni@example.com"]}]');
+-- One counter per member, in list order.
+SELECT automation_id, action_no, user_id, position, assigned FROM nocrm.assignment_counters ORDER BY position;
+
+-- Strict rotation, row by row, also within one multi-row INSERT.
+INSERT INTO nocrm.leads (title) SELECT 'RR ' || i FROM generate_series(1, 7) i;
+SELECT l.title, u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id ORDER BY l.id;
+
+-- A rollback skips nobody: Matteo was next, and stays next.
+BEGIN;
+INSERT INTO nocrm.leads (title) VALUES ('Rolled back');
+SELECT u.name AS would_get FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id WHERE l.title = 'Rolled back';
+ROLLBACK;
+INSERT INTO nocrm.leads (title) VALUES ('After rollback');
+SELECT u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id WHERE l.title = 'After rollback';
+
+-- A savepoint rolled back inside a committed transaction skips nobody either.
+BEGIN;
+SAVEPOINT s;
+INSERT INTO nocrm.leads (title) VALUES ('Savepoint rolled back');
+ROLLBACK TO SAVEPOINT s;
+INSERT INTO nocrm.leads (title) VALUES ('After savepoint');
+COMMIT;
+SELECT u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id WHERE l.title = 'After savepoint';
+
+-- Inactive members are skipped while away; the rotation continues among the others.
+UPDATE nocrm.users SET active = false WHERE name = 'Matteo';
+INSERT INTO nocrm.leads (title) SELECT 'Away ' || i FROM generate_series(1, 4) i;
+SELECT l.title, u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id
+ WHERE l.title LIKE 'Away %' ORDER BY l.id;
+-- Back: Matteo is behind, so he takes the next turns until counts are level again.
+UPDATE nocrm.users SET active = true WHERE name = 'Matteo';
+INSERT INTO nocrm.leads (title) SELECT 'Back ' || i FROM generate_series(1, 4) i;
+SELECT l.title, u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id
+ WHERE l.title LIKE 'Back %' ORDER BY l.id;
+
+-- Counts per member never differ by more than one after a full rotation.
+SELECT u.name, c.assigned FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id ORDER BY c.position;
+
+-- A member joins: Sara starts at the group's lowest count, not at zero, so she
+-- is not handed every new lead until she catches up.
+SELECT nocrm.update_automation(1, actions => '[{"type": "assign_round_robin",
+  "users": ["anna@example.com", "matteo@example.com", "giovanni@example.com", "sara.manager@example.com"]}]');
+SELECT u.name, c.position, c.assigned FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id ORDER BY c.position;
+INSERT INTO nocrm.leads (title) SELECT 'Four ' || i FROM generate_series(1, 5) i;
+SELECT l.title, u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id
+ WHERE l.title LIKE 'Four %' ORDER BY l.id;
+
+-- A member leaves: their counter goes, the others keep theirs.
+SELECT nocrm.update_automation(1, actions => '[{"type": "assign_round_robin",
+  "users": ["anna@example.com", "giovanni@example.com"]}]');
+SELECT u.name, c.position, c.assigned FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id ORDER BY c.position;
+
+-- Every member inactive: the lead stays unassigned and the skip is logged.
+UPDATE nocrm.users SET active = false WHERE name IN ('Anna', 'Giovanni');
+INSERT INTO nocrm.leads (title) VALUES ('Nobody home');
+SELECT user_id FROM nocrm.leads WHERE title = 'Nobody home';
+SELECT event, detail FROM nocrm.lead_history
+ WHERE lead_id = (SELECT id FROM nocrm.leads WHERE title = 'Nobody home') ORDER BY id;
+
+-- Deleting the automation removes its counters.
+SELECT nocrm.delete_automation(1);
+SELECT count(*) AS counters FROM nocrm.assignment_counters;
