@@ -93,7 +93,7 @@ UPDATE nocrm.leads SET status = 'todo' WHERE id = 2;
 UPDATE nocrm.leads SET step_id = 3 WHERE id = 4;
 UPDATE nocrm.leads SET user_id = 4 WHERE id = 2;
 UPDATE nocrm.leads SET pipeline_id = 2 WHERE id = 4;
-SELECT event, count(*) FROM nocrm.lead_history GROUP BY event ORDER BY event;
+SELECT * FROM hist ORDER BY n;
 DELETE FROM nocrm.lead_history;
 
 ------------------------------------------------------------------------
@@ -170,18 +170,21 @@ INSERT INTO nocrm.steps (pipeline_id, name, position) VALUES
 INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Zeta', 3);       -- lead 6
 -- a step without pipeline: the pipeline is taken from the step
 INSERT INTO nocrm.leads (title, step_id) VALUES ('Eta', 6);            -- lead 7
-UPDATE nocrm.leads SET pipeline_id = 1 WHERE id = 6;                   -- Vendite, step 1
-UPDATE nocrm.leads SET pipeline_id = NULL, step_id = NULL WHERE id = 7;
-UPDATE nocrm.leads SET step_id = 7 WHERE id = 7;                       -- Rinnovi / Secondo
+CREATE TEMP VIEW place AS
 SELECT l.id, l.title, l.pipeline_id, p.name AS pipeline, l.step_id, s.name AS step
   FROM nocrm.leads l
   LEFT JOIN nocrm.pipelines p ON p.id = l.pipeline_id
-  LEFT JOIN nocrm.steps s ON s.id = l.step_id
- WHERE l.id IN (6, 7) ORDER BY l.id;
+  LEFT JOIN nocrm.steps s ON s.id = l.step_id;
+SELECT * FROM place WHERE id IN (6, 7) ORDER BY id;
+-- the same on UPDATE: a new pipeline alone moves the lead to its first step,
+-- a step alone brings its pipeline
+UPDATE nocrm.leads SET pipeline_id = 1 WHERE id = 6;
+UPDATE nocrm.leads SET pipeline_id = NULL, step_id = NULL WHERE id = 7;
+UPDATE nocrm.leads SET step_id = 7 WHERE id = 7;
+SELECT * FROM place WHERE id IN (6, 7) ORDER BY id;
 -- a step of another pipeline is refused by the foreign key
 UPDATE nocrm.leads SET step_id = 5 WHERE id = 6;
-INSERT INTO nocrm.leads (title, pipeline_id, step_id) VALUES ('Theta', 1, 6);
-SELECT id, pipeline_id, step_id FROM nocrm.leads WHERE id = 6;
+SELECT * FROM place WHERE id = 6 ORDER BY id;
 DELETE FROM nocrm.lead_history;
 
 ------------------------------------------------------------------------
@@ -273,3 +276,7 @@ SELECT count(*) AS history_rows FROM nocrm.lead_history;
 RESET nocrm.history;
 UPDATE nocrm.leads SET title = 'Mu 3' WHERE id = 11;
 SELECT * FROM hist ORDER BY n;
+
+-- (last, as a failed INSERT uses up a lead id) the foreign key on INSERT
+INSERT INTO nocrm.leads (title, pipeline_id, step_id) VALUES ('Theta', 1, 6);
+SELECT count(*) AS theta FROM nocrm.leads WHERE title = 'Theta';

@@ -271,10 +271,11 @@ SELECT count(*) AS automations FROM nocrm.automations;
 \pset fieldsep ' | '
 SELECT f AS function, r.code AS sqlstate, r.message, r.detail, r.hint
   FROM (VALUES
-    ('update_automation',  $$SELECT nocrm.update_automation(999, actions => '[{"type": "comment", "body": "hi"}]')$$),
-    ('enable_automation',  $$SELECT nocrm.enable_automation(999)$$),
-    ('disable_automation', $$SELECT nocrm.disable_automation(999)$$),
-    ('rename_automation',  $$SELECT nocrm.rename_automation(999, 'x')$$),
-    ('delete_automation',  $$SELECT nocrm.delete_automation(10)$$)) v(f, stmt),
-       pg_temp.try_sql(stmt) r;
+    (1, 'update_automation',  $$SELECT nocrm.update_automation(999, actions => '[{"type": "comment", "body": "hi"}]')$$),
+    (2, 'enable_automation',  $$SELECT nocrm.enable_automation(999)$$),
+    (3, 'disable_automation', $$SELECT nocrm.disable_automation(999)$$),
+    (4, 'rename_automation',  $$SELECT nocrm.rename_automation(999, 'x')$$),
+    (5, 'delete_automation',  $$SELECT nocrm.delete_automation(10)$$)) v(n, f, stmt),
+       pg_temp.try_sql(stmt) r
+ ORDER BY v.n;
 \pset format aligned
