@@ -299,6 +299,76 @@ CREATE TRIGGER nocrm_sync_counters AFTER INSERT OR UPDATE OF actions ON nocrm.au
     FOR EACH ROW EXECUTE FUNCTION nocrm.sync_assignment_counters();
 
 ------------------------------------------------------------------------
+-- Rules name users, pipelines, steps and templates: keep those names valid
+------------------------------------------------------------------------
+
+CREATE FUNCTION nocrm.check_automation(
+    name        text,
+    event       text,
+    target      text,
+    conditions  jsonb,
+    actions     jsonb)
+RETURNS void
+    AS 'MODULE_PATHNAME', 'nocrm_check_automation' LANGUAGE C;
+COMMENT ON FUNCTION nocrm.check_automation(text, text, text, jsonb, jsonb) IS 'Validates an automation definition without storing it; raises the same errors as create_automation.';
+
+-- Every JSON string equal (case-insensitively) to old, replaced by new.
+CREATE FUNCTION nocrm.replace_json_string(doc jsonb, old text, new text) RETURNS jsonb
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog AS $$
+    SELECT CASE jsonb_typeof(doc)
+        WHEN 'string' THEN CASE WHEN lower(doc #>> '{}') = lower(old) THEN to_jsonb(new) ELSE doc END
+        WHEN 'array' THEN (SELECT coalesce(jsonb_agg(nocrm.replace_json_string(e, old, new) ORDER BY o), '[]')
+                             FROM jsonb_array_elements(doc) WITH ORDINALITY AS a(e, o))
+        WHEN 'object' THEN (SELECT coalesce(jsonb_object_agg(k, nocrm.replace_json_string(v, old, new)), '{}')
+                              FROM jsonb_each(doc) AS e(k, v))
+        ELSE doc END
+$$;
+
+-- A user's new email follows into the rules that name them by email.
+CREATE FUNCTION nocrm.cascade_user_email() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    UPDATE nocrm.automations a
+       SET conditions = nocrm.replace_json_string(a.conditions, OLD.email, NEW.email),
+           actions = nocrm.replace_json_string(a.actions, OLD.email, NEW.email)
+     WHERE strpos(lower(a.conditions::text || a.actions::text), lower(OLD.email)) > 0;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER nocrm_cascade_email AFTER UPDATE OF email ON nocrm.users
+    FOR EACH ROW WHEN (OLD.email IS NOT NULL AND NEW.email IS NOT NULL
+                       AND lower(OLD.email) <> lower(NEW.email))
+    EXECUTE FUNCTION nocrm.cascade_user_email();
+
+-- Deleting or renaming what a rule names is refused, as a foreign key would.
+CREATE FUNCTION nocrm.check_references() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    a record;
+    msg text;
+BEGIN
+    FOR a IN SELECT * FROM nocrm.automations ORDER BY id LOOP
+        BEGIN
+            PERFORM nocrm.check_automation(a.name, a.event, a.target, a.conditions, a.actions);
+        EXCEPTION WHEN invalid_parameter_value OR undefined_object THEN
+            GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'this change to nocrm.% would break automation % "%"', TG_TABLE_NAME, a.id, a.name
+                USING ERRCODE = 'foreign_key_violation',
+                      DETAIL = msg,
+                      HINT = 'Change or delete the automation first.';
+        END;
+    END LOOP;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id ON nocrm.users
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.check_references();
+CREATE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id, name ON nocrm.pipelines
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.check_references();
+CREATE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id, name ON nocrm.steps
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.check_references();
+CREATE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF name ON nocrm.email_templates
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.check_references();
+
+------------------------------------------------------------------------
 -- The SQL interface
 ------------------------------------------------------------------------
 

@@ -193,8 +193,10 @@ DELETE FROM nocrm.lead_history;
 INSERT INTO nocrm.leads (title, status) VALUES ('Iota open', 'todo');   -- lead 8
 INSERT INTO nocrm.leads (title, status) VALUES ('Kappa won', 'won');    -- lead 9
 SELECT id, status, closed_at IS NOT NULL AS closed FROM nocrm.leads WHERE id IN (8, 9) ORDER BY id;
+BEGIN;
 UPDATE nocrm.leads SET status = 'won' WHERE id = 8;
-SELECT status, closed_at IS NOT NULL AS closed FROM nocrm.leads WHERE id = 8;
+SELECT status, closed_at = now() AS closed_now FROM nocrm.leads WHERE id = 8;
+COMMIT;
 SELECT closed_at AS won_at FROM nocrm.leads WHERE id = 8 \gset
 -- closed to closed: closed_at stays as it was
 UPDATE nocrm.leads SET status = 'lost' WHERE id = 8;
@@ -209,6 +211,11 @@ SELECT status, closed_at IS NULL AS cleared FROM nocrm.leads WHERE id = 8;
 -- an open lead cannot carry a closed_at
 UPDATE nocrm.leads SET closed_at = '2020-01-01 00:00:00+00' WHERE id = 8;
 SELECT status, closed_at IS NULL AS cleared FROM nocrm.leads WHERE id = 8;
+-- closed_at is bookkeeping: it is not reported as a change (no any_update);
+-- a closed lead keeps a closed_at its writer sets
+UPDATE nocrm.leads SET closed_at = '2020-01-01 00:00:00+00' WHERE id = 9;
+SELECT status, closed_at FROM nocrm.leads WHERE id = 9;
+SELECT * FROM hist ORDER BY n;
 DELETE FROM nocrm.lead_history;
 
 ------------------------------------------------------------------------
@@ -224,12 +231,16 @@ SELECT * FROM hist ORDER BY n;
 DELETE FROM nocrm.lead_history;
 SET nocrm.actor = '99';
 UPDATE nocrm.leads SET probability = 40 WHERE id = 2;
+\echo :SQLSTATE
 SET nocrm.actor = 'nobody@example.com';
 INSERT INTO nocrm.comments (lead_id, body) VALUES (2, 'who am I?');
+\echo :SQLSTATE
 SET nocrm.actor = '0';
 UPDATE nocrm.leads SET probability = 40 WHERE id = 2;
+\echo :SQLSTATE
 SET nocrm.actor = 'butler@nocrm.invalid';
 UPDATE nocrm.leads SET probability = 40 WHERE id = 2;
+\echo :SQLSTATE
 RESET nocrm.actor;
 -- the refused changes were rolled back
 SELECT probability FROM nocrm.leads WHERE id = 2;
@@ -241,8 +252,11 @@ SELECT count(*) AS history_rows FROM nocrm.lead_history;
 ------------------------------------------------------------------------
 SELECT nocrm.butler_id();
 DELETE FROM nocrm.users WHERE id = 0;
+\echo :SQLSTATE
 UPDATE nocrm.users SET active = false WHERE is_butler;
+\echo :SQLSTATE
 UPDATE nocrm.users SET is_butler = false WHERE id = 0;
+\echo :SQLSTATE
 SELECT nocrm.set_butler('Alfred');
 SELECT id, name, email, active, is_butler FROM nocrm.users WHERE is_butler;
 SELECT nocrm.set_butler('Jeeves', 'jeeves@example.com');
@@ -251,6 +265,7 @@ SELECT nocrm.butler_id();
 -- still the Butler under its new email
 SET nocrm.actor = 'jeeves@example.com';
 UPDATE nocrm.leads SET probability = 45 WHERE id = 2;
+\echo :SQLSTATE
 RESET nocrm.actor;
 SELECT probability FROM nocrm.leads WHERE id = 2;
 

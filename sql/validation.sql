@@ -169,7 +169,16 @@ INSERT INTO cases (label, event, actions) VALUES
   ('remove_tags on lead.deleted',        'lead.deleted', '[{"type": "remove_tags", "tags": "gone"}]'),
   ('set_status on lead.deleted',         'lead.deleted', '[{"type": "set_status", "status": "lost"}]'),
   ('set_step on lead.deleted',           'lead.deleted', '[{"type": "set_step", "step": "Nuovo"}]'),
-  ('comment (action 2) on lead.deleted', 'lead.deleted', '[{"type": "notify", "user": 1, "message": "m"}, {"type": "comment", "body": "bye"}]');
+  ('comment (action 2) on lead.deleted', 'lead.deleted', '[{"type": "notify", "user": 1, "message": "m"}, {"type": "comment", "body": "bye"}]'),
+  ('assign: fractional user id',         'lead.creation', '[{"type": "assign", "user": 1.5}]'),
+  ('round_robin: fractional member id',  'lead.creation', '[{"type": "assign_round_robin", "users": [1.5, 3]}]'),
+  ('assign: huge user id',               'lead.creation', '[{"type": "assign", "user": 1e20}]'),
+  ('action: type null',                  'lead.creation', '[{"type": null}]'),
+  ('comment: blank body',                'lead.creation', '[{"type": "comment", "body": "  "}]'),
+  ('notify: blank message',              'lead.creation', '[{"type": "notify", "user": 1, "message": "\t"}]');
+INSERT INTO cases (label, event, conditions) VALUES
+  ('pipeline: negative id',              'lead.creation', '{"pipeline": -1}'),
+  ('step: fractional id',                'lead.creation', '{"step": 2.5}');
 
 \pset format unaligned
 \pset fieldsep ' | '

@@ -101,6 +101,16 @@ jstring(JsonbValue *v)
 	return pnstrdup(v->val.string.val, v->val.string.len);
 }
 
+/* A string of nothing but white space? */
+static bool
+blank(JsonbValue *v)
+{
+	for (int i = 0; i < v->val.string.len; i++)
+		if (!strchr(" \t\r\n", v->val.string.val[i]))
+			return false;
+	return true;
+}
+
 /* A JSON value as text for messages: strings quoted, numbers as written. */
 static char *
 jdisplay(JsonbValue *v)
@@ -163,7 +173,8 @@ jlist(DefContext *cx, JsonbValue *v, int *n)
 		return out;
 	}
 	if (v->type == jbvBinary)
-		invalid(cx, "an object where a value or a list was expected", NULL);
+		invalid(cx, "an object where a value or a list was expected",
+				"Give one value, or a list of values in [ ].");
 	out = palloc(sizeof(JsonbValue));
 	out[0] = *v;
 	*n = 1;
@@ -180,10 +191,11 @@ string_list(DefContext *cx, JsonbValue *v, int *n, const char *what)
 	{
 		if (items[i].type != jbvString)
 			invalid(cx, psprintf("%s must be strings, not %s", what, jtype(&items[i])),
-					NULL);
+					strcmp(what, "channels") == 0 ? "Channels are browser, email and mobile."
+					: "Write e.g. \"B2B\" or [\"B2B\", \"Priority\"].");
 		out[i] = jstring(&items[i]);
 		if (out[i][0] == '\0' || strspn(out[i], " \t\r\n") == strlen(out[i]))
-			invalid(cx, psprintf("%s must not be empty", what), NULL);
+			invalid(cx, psprintf("%s must not be empty", what), "Remove the empty value.");
 	}
 	return out;
 }
@@ -203,6 +215,18 @@ status_value(DefContext *cx, JsonbValue *v)
 	return bit;
 }
 
+/* An id written as a JSON number: a whole number that fits a bigint. */
+static Datum
+json_id(DefContext *cx, JsonbValue *v, const char *what)
+{
+	char	   *text = jdisplay(v);
+
+	if (strspn(text, "0123456789") != strlen(text) || strlen(text) > 18)
+		invalid(cx, psprintf("%s is not a valid %s id", text, what),
+				"Ids are positive whole numbers, as in the id column.");
+	return DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric));
+}
+
 /* A user given by id (number) or email (string). */
 static int64
 resolve_user(DefContext *cx, JsonbValue *v)
@@ -212,10 +236,8 @@ resolve_user(DefContext *cx, JsonbValue *v)
 
 	if (v->type == jbvNumeric)
 	{
-		Datum		d = DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric));
-
 		id = nocrm_lookup_id("SELECT id FROM nocrm.users WHERE id = $1",
-							 d, INT8OID, &found);
+							 json_id(cx, v, "user"), INT8OID, &found);
 	}
 	else if (v->type == jbvString)
 		id = nocrm_lookup_id("SELECT id FROM nocrm.users WHERE lower(email) = lower($1)",
@@ -223,7 +245,7 @@ resolve_user(DefContext *cx, JsonbValue *v)
 	else
 	{
 		invalid(cx, psprintf("a user must be an id (number) or an email (string), not %s",
-							 jtype(v)), NULL);
+							 jtype(v)), "Write e.g. 7 or \"anna@example.com\".");
 		return 0;				/* keep compiler quiet */
 	}
 	if (!found)
@@ -257,14 +279,14 @@ resolve_pipeline(DefContext *cx, JsonbValue *v)
 
 	if (v->type == jbvNumeric)
 		id = nocrm_lookup_id("SELECT id FROM nocrm.pipelines WHERE id = $1",
-							 DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric)),
-							 INT8OID, &found);
+							 json_id(cx, v, "pipeline"), INT8OID, &found);
 	else if (v->type == jbvString)
 		id = nocrm_lookup_id("SELECT id FROM nocrm.pipelines WHERE name = $1",
 							 CStringGetTextDatum(jstring(v)), TEXTOID, &found);
 	else
 	{
-		invalid(cx, psprintf("a pipeline must be a name or an id, not %s", jtype(v)), NULL);
+		invalid(cx, psprintf("a pipeline must be a name or an id, not %s", jtype(v)),
+				"Write e.g. \"Vendite\" or 1.");
 		return 0;
 	}
 	if (!found)
@@ -286,7 +308,7 @@ resolve_steps(DefContext *cx, JsonbValue *v, int64 **ids, int *n)
 	if (v->type == jbvNumeric)
 	{
 		argtype = INT8OID;
-		arg = DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric));
+		arg = json_id(cx, v, "step");
 		ret = SPI_execute_with_args("SELECT id FROM nocrm.steps WHERE id = $1",
 									1, &argtype, &arg, &nulls, false, 0);
 	}
@@ -299,7 +321,8 @@ resolve_steps(DefContext *cx, JsonbValue *v, int64 **ids, int *n)
 	}
 	else
 	{
-		invalid(cx, psprintf("a step must be a name or an id, not %s", jtype(v)), NULL);
+		invalid(cx, psprintf("a step must be a name or an id, not %s", jtype(v)),
+				"Write e.g. \"Preventivo\" or 3.");
 		return;
 	}
 	/* SPI leaves us in its own context; the ids belong to the caller's. */
@@ -325,7 +348,8 @@ check_template(DefContext *cx, JsonbValue *v)
 	bool		found;
 
 	if (v->type != jbvString)
-		invalid(cx, psprintf("template must be a template name, not %s", jtype(v)), NULL);
+		invalid(cx, psprintf("template must be a template name, not %s", jtype(v)),
+				"Name a row of nocrm.email_templates, e.g. \"quote_followup\".");
 	nocrm_lookup_id("SELECT 1::bigint FROM nocrm.email_templates WHERE name = $1",
 					CStringGetTextDatum(jstring(v)), TEXTOID, &found);
 	if (!found)
@@ -349,7 +373,7 @@ parse_delay(DefContext *cx, JsonbValue *v, Interval *out)
 
 	if (v->type != jbvString)
 		invalid(cx, psprintf("delay must be an interval string such as \"2 hours\", not %s",
-							 jtype(v)), NULL);
+							 jtype(v)), "Write the delay as text, e.g. \"30 minutes\".");
 	str = jstring(v);
 	memset(&itm_in, 0, sizeof(itm_in));
 	dterr = ParseDateTime(str, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf);
@@ -419,6 +443,14 @@ event_changes_lead_forbidden(NocrmEvent event, ActionKind kind)
 	return event == EV_DELETED && kind != ACT_NOTIFY && kind != ACT_SEND_EMAIL;
 }
 
+/* Points error details at one argument of an action. */
+static JsonbValue *
+action_arg(DefContext *cx, JsonbContainer *c, int no, ActionKind kind, const char *key)
+{
+	cx->where = psprintf("action %d (%s), argument \"%s\"", no + 1, nocrm_action_names[kind], key);
+	return getKeyJsonValueFromContainer(c, key, strlen(key), NULL);
+}
+
 static void
 compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAction *a)
 {
@@ -440,8 +472,10 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 	if (type == NULL)
 		invalid(cx, "the action has no \"type\"",
 				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify and send_email.");
-	if (type->type == jbvString)
-		for (int i = 0; i < ACT_COUNT; i++)
+	if (type->type != jbvString)
+		invalid(cx, psprintf("an action type must be a string, not %s", jtype(type)),
+				"Write e.g. \"type\": \"add_tags\".");
+	for (int i = 0; i < ACT_COUNT; i++)
 			if (strlen(nocrm_action_names[i]) == type->val.string.len &&
 				strncmp(nocrm_action_names[i], type->val.string.val, type->val.string.len) == 0)
 				kind = i;
@@ -487,11 +521,12 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 
 		if (req && getKeyJsonValueFromContainer(c, req, strlen(req), NULL) == NULL)
 			invalid(cx, psprintf("action %s needs %s", nocrm_action_names[kind],
-								 quote_literal_cstr(req)), NULL);
+								 quote_literal_cstr(req)),
+					psprintf("Add \"%s\" to the action.", req));
 	}
 
 	{
-		JsonbValue *delay = getKeyJsonValueFromContainer(c, "delay", 5, NULL);
+		JsonbValue *delay = action_arg(cx, c, no, a->kind, "delay");
 
 		if (delay && delay->type != jbvNull)
 		{
@@ -503,24 +538,24 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 	switch (a->kind)
 	{
 		case ACT_ASSIGN:
-			a->user_id = resolve_user(cx, getKeyJsonValueFromContainer(c, "user", 4, NULL));
+			a->user_id = resolve_user(cx, action_arg(cx, c, no, a->kind, "user"));
 			break;
 		case ACT_ASSIGN_ROUND_ROBIN:
 		case ACT_ASSIGN_RANDOM:
 		case ACT_ASSIGN_BALANCED:
 			{
-				JsonbValue *users = getKeyJsonValueFromContainer(c, "users", 5, NULL);
+				JsonbValue *users = action_arg(cx, c, no, a->kind, "users");
 
 				if (!(users->type == jbvBinary && JsonContainerIsArray(users->val.binary.data)))
 					invalid(cx, psprintf("users must be an array of users, not %s", jtype(users)),
-							"Write \"users\": [\"anna@example.com\", 7].");
+							"Write e.g. \"users\": [\"anna@example.com\", 7].");
 				a->users = resolve_users(cx, users, &a->nusers, false);
 				break;
 			}
 		case ACT_ADD_TAGS:
 		case ACT_REMOVE_TAGS:
 			{
-				char	  **tags = string_list(cx, getKeyJsonValueFromContainer(c, "tags", 4, NULL),
+				char	  **tags = string_list(cx, action_arg(cx, c, no, a->kind, "tags"),
 											   &a->ntags, "tags");
 
 				a->tags = text_array(tags, a->ntags);
@@ -528,7 +563,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 			}
 		case ACT_SET_STATUS:
 			{
-				JsonbValue *st = getKeyJsonValueFromContainer(c, "status", 6, NULL);
+				JsonbValue *st = action_arg(cx, c, no, a->kind, "status");
 
 				status_value(cx, st);
 				a->status = jstring(st);
@@ -536,7 +571,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 			}
 		case ACT_SET_STEP:
 			{
-				JsonbValue *st = getKeyJsonValueFromContainer(c, "step", 4, NULL);
+				JsonbValue *st = action_arg(cx, c, no, a->kind, "step");
 				int64	   *ids = NULL;
 				int			n = 0;
 
@@ -549,18 +584,18 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 			}
 		case ACT_COMMENT:
 			{
-				JsonbValue *b = getKeyJsonValueFromContainer(c, "body", 4, NULL);
+				JsonbValue *b = action_arg(cx, c, no, a->kind, "body");
 
-				if (b->type != jbvString || b->val.string.len == 0)
-					invalid(cx, "body must be a non-empty string", NULL);
+				if (b->type != jbvString || blank(b))
+					invalid(cx, "body must be a non-empty string", "Write the comment's text.");
 				a->text = jstring(b);
 				break;
 			}
 		case ACT_NOTIFY:
 			{
-				JsonbValue *u = getKeyJsonValueFromContainer(c, "user", 4, NULL);
-				JsonbValue *m = getKeyJsonValueFromContainer(c, "message", 7, NULL);
-				JsonbValue *ch = getKeyJsonValueFromContainer(c, "channels", 8, NULL);
+				JsonbValue *u = action_arg(cx, c, no, a->kind, "user");
+				JsonbValue *m;
+				JsonbValue *ch;
 
 				if (u->type == jbvString && u->val.string.len == 5 &&
 					strncmp(u->val.string.val, "owner", 5) == 0)
@@ -572,28 +607,34 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 				}
 				else
 					a->user_id = resolve_user(cx, u);
-				if (m->type != jbvString || m->val.string.len == 0)
-					invalid(cx, "message must be a non-empty string", NULL);
+				m = action_arg(cx, c, no, a->kind, "message");
+				if (m->type != jbvString || blank(m))
+					invalid(cx, "message must be a non-empty string", "Write the notification's text.");
 				a->text = jstring(m);
 				a->channels = CHANNEL_BROWSER;
+				ch = action_arg(cx, c, no, a->kind, "channels");
 				if (ch)
 					check_channels(cx, ch, &a->channels);
 				break;
 			}
 		case ACT_SEND_EMAIL:
 			{
-				JsonbValue *to = getKeyJsonValueFromContainer(c, "to", 2, NULL);
+				JsonbValue *template = action_arg(cx, c, no, a->kind, "template");
+				JsonbValue *to;
 
-				check_template(cx, getKeyJsonValueFromContainer(c, "template", 8, NULL));
-				a->template_name = jstring(getKeyJsonValueFromContainer(c, "template", 8, NULL));
+				check_template(cx, template);
+				a->template_name = jstring(template);
+				to = action_arg(cx, c, no, a->kind, "to");
 				if (to)
 				{
 					if (to->type != jbvString || memchr(to->val.string.val, '@', to->val.string.len) == NULL)
-						invalid(cx, "to must be an email address", NULL);
+						invalid(cx, "to must be an email address",
+								"Leave \"to\" out to write to the lead's contact_email.");
 					a->to = jstring(to);
 					if (strpbrk(a->to, "\r\n<>,; \t") != NULL)
 						invalid(cx, psprintf("to %s is not a single email address",
-											 quote_literal_cstr(a->to)), NULL);
+											 quote_literal_cstr(a->to)),
+								"Give one address, without name, brackets or line breaks.");
 				}
 				break;
 			}
@@ -704,7 +745,7 @@ nocrm_compile_rule(int32 id, const char *name, const char *event,
 		else
 		{
 			/* A target of digits is a step id, anything else a step name. */
-			if (strspn(target, "0123456789") == strlen(target))
+			if (strspn(target, "0123456789") == strlen(target) && strlen(target) <= 18)
 			{
 				tv.type = jbvNumeric;
 				tv.val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in,
@@ -727,7 +768,8 @@ nocrm_compile_rule(int32 id, const char *name, const char *event,
 				"Write e.g. [{\"type\": \"add_tags\", \"tags\": [\"B2B\"]}].");
 	nactions = JB_ROOT_COUNT(actions);
 	if (nactions == 0)
-		invalid(&cx, "an automation needs at least one action", NULL);
+		invalid(&cx, "an automation needs at least one action",
+				"Write e.g. [{\"type\": \"add_tags\", \"tags\": [\"B2B\"]}].");
 	rule->nactions = nactions;
 	rule->actions = palloc0(sizeof(RuleAction) * nactions);
 	for (int i = 0; i < nactions; i++)

@@ -14,7 +14,9 @@
 #include "catalog/namespace.h"
 #include "commands/trigger.h"
 #include "fmgr.h"
+#include "access/htup_details.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -22,6 +24,7 @@
 
 PG_FUNCTION_INFO_V1(nocrm_automation_validate_trigger);
 PG_FUNCTION_INFO_V1(nocrm_rules_changed_trigger);
+PG_FUNCTION_INFO_V1(nocrm_check_automation);
 
 static MemoryContext rules_context = NULL;
 static bool rules_valid = false;
@@ -323,9 +326,26 @@ trigger_text(HeapTuple tuple, TupleDesc desc, const char *col)
 	return SPI_getvalue(tuple, desc, SPI_fnumber(desc, col));
 }
 
+static bool
+columns_differ(HeapTuple a, HeapTuple b, TupleDesc desc, const char *col)
+{
+	int			attno = SPI_fnumber(desc, col);
+	Form_pg_attribute att = TupleDescAttr(desc, attno - 1);
+	bool		anull,
+				bnull;
+	Datum		ad = heap_getattr(a, attno, desc, &anull);
+	Datum		bd = heap_getattr(b, attno, desc, &bnull);
+
+	if (anull || bnull)
+		return anull != bnull;
+	return !datum_image_eq(ad, bd, att->attbyval, att->attlen);
+}
+
 /*
  * BEFORE INSERT OR UPDATE ON nocrm.automations: refuse a bad definition with
  * a precise error, whatever way it is written (function or plain SQL).
+ * Renaming or disabling does not re-check, so a rule broken by a later
+ * change elsewhere can still be switched off.
  */
 Datum
 nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
@@ -333,10 +353,14 @@ nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	HeapTuple	tuple;
 	TupleDesc	desc;
-	bool		isnull;
+	bool		conditions_null,
+				actions_null,
+				enabled_null;
 	Datum		conditions,
 				actions;
-	char	   *target;
+	char	   *name,
+			   *event;
+	bool		check = true;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
 		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
@@ -346,16 +370,33 @@ nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
 		? trigdata->tg_newtuple : trigdata->tg_trigtuple;
 	desc = trigdata->tg_relation->rd_att;
 
-	conditions = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "conditions"), &isnull);
-	actions = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "actions"), &isnull);
-	target = trigger_text(tuple, desc, "target");
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		HeapTuple	old = trigdata->tg_trigtuple;
+		bool		enabling = columns_differ(old, tuple, desc, "enabled") &&
+			DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "enabled"), &enabled_null));
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	nocrm_compile_rule(0, trigger_text(tuple, desc, "name"),
-					   trigger_text(tuple, desc, "event"), target,
-					   DatumGetJsonbP(conditions), DatumGetJsonbP(actions));
-	SPI_finish();
+		check = enabling ||
+			columns_differ(old, tuple, desc, "event") ||
+			columns_differ(old, tuple, desc, "target") ||
+			columns_differ(old, tuple, desc, "conditions") ||
+			columns_differ(old, tuple, desc, "actions");
+	}
+
+	conditions = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "conditions"), &conditions_null);
+	actions = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "actions"), &actions_null);
+	name = trigger_text(tuple, desc, "name");
+	event = trigger_text(tuple, desc, "event");
+
+	/* NULLs are the NOT NULL constraints' to report, after this trigger. */
+	if (check && !conditions_null && !actions_null && name && event)
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		nocrm_compile_rule(0, name, event, trigger_text(tuple, desc, "target"),
+						   DatumGetJsonbP(conditions), DatumGetJsonbP(actions));
+		SPI_finish();
+	}
 
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
 	{
@@ -366,6 +407,30 @@ nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
 		tuple = heap_modify_tuple_by_cols(tuple, desc, 1, &attno, &now, &null);
 	}
 	return PointerGetDatum(tuple);
+}
+
+/*
+ * nocrm.check_automation(name, event, target, conditions, actions): the
+ * validation of a definition, callable on its own (by apps before saving,
+ * and by the reference checks that guard renames and deletes).
+ */
+Datum
+nocrm_check_automation(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(4))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("name, event and actions of an automation must not be null")));
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	nocrm_compile_rule(0, text_to_cstring(PG_GETARG_TEXT_PP(0)),
+					   text_to_cstring(PG_GETARG_TEXT_PP(1)),
+					   PG_ARGISNULL(2) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(2)),
+					   PG_ARGISNULL(3) ? DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")))
+					   : PG_GETARG_JSONB_P(3),
+					   PG_GETARG_JSONB_P(4));
+	SPI_finish();
+	PG_RETURN_VOID();
 }
 
 /*

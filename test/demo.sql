@@ -20,7 +20,8 @@ SELECT p.id, s.name, s.position
   JOIN (VALUES ('Vendite', 'Nuovo', 1), ('Vendite', 'Qualificato', 2),
                ('Vendite', 'Preventivo', 3), ('Vendite', 'Chiusura', 4),
                ('Rinnovi', 'Da contattare', 1), ('Rinnovi', 'Rinnovato', 2))
-       AS s(pipeline, name, position) ON s.pipeline = p.name;
+       AS s(pipeline, name, position) ON s.pipeline = p.name
+ ORDER BY p.id, s.position;
 
 INSERT INTO nocrm.email_templates (name, subject, body) VALUES
     ('quote_followup', 'Il suo preventivo',
@@ -33,18 +34,19 @@ SELECT p.name AS pipeline, s.position, s.name AS step
 
 \echo
 \echo '=== 2. The five automations of noCRM''s help page'
+-- (\gset keeps each new id in a psql variable; the list below shows them.)
 
 -- 1. Notify the manager when a lead is created or deleted (in the app and by email).
 SELECT nocrm.create_automation(
     name       => 'Notifica il manager: nuovo lead',
     event      => 'lead.creation',
     actions    => '[{"type": "notify", "user": "laura.manager@example.com",
-                     "channels": ["browser", "email"], "message": "Nuovo lead creato"}]');
+                     "channels": ["browser", "email"], "message": "Nuovo lead creato"}]') AS notify_created \gset
 SELECT nocrm.create_automation(
     name       => 'Notifica il manager: lead eliminato',
     event      => 'lead.deleted',
     actions    => '[{"type": "notify", "user": "laura.manager@example.com",
-                     "message": "Un lead è stato eliminato"}]');
+                     "message": "Un lead è stato eliminato"}]') AS notify_deleted \gset
 
 -- 2. Round robin: new unassigned leads of "Vendite" go to Anna, Matteo, Giovanni in turn.
 SELECT nocrm.create_automation(
@@ -52,7 +54,7 @@ SELECT nocrm.create_automation(
     event      => 'lead.creation',
     conditions => '{"pipeline": "Vendite", "owner": null}',
     actions    => '[{"type": "assign_round_robin",
-                     "users": ["anna@example.com", "matteo@example.com", "giovanni@example.com"]}]');
+                     "users": ["anna@example.com", "matteo@example.com", "giovanni@example.com"]}]') AS round_robin \gset
 
 -- 3. Even distribution: new unassigned leads of "Rinnovi" go to whoever has the fewest open leads.
 SELECT nocrm.create_automation(
@@ -60,7 +62,7 @@ SELECT nocrm.create_automation(
     event      => 'lead.creation',
     conditions => '{"pipeline": "Rinnovi", "owner": null}',
     actions    => '[{"type": "assign_balanced",
-                     "users": ["anna@example.com", "matteo@example.com", "giovanni@example.com"]}]');
+                     "users": ["anna@example.com", "matteo@example.com", "giovanni@example.com"]}]') AS balanced \gset
 
 -- 4. A lead reaching step "Preventivo" of "Vendite": email the quote follow-up and tag it.
 SELECT nocrm.create_automation(
@@ -69,14 +71,14 @@ SELECT nocrm.create_automation(
     target     => 'Preventivo',
     conditions => '{"pipeline": "Vendite"}',
     actions    => '[{"type": "send_email", "template": "quote_followup"},
-                    {"type": "add_tags", "tags": ["Preventivo Inviato"]}]');
+                    {"type": "add_tags", "tags": ["Preventivo Inviato"]}]') AS quote_followup \gset
 
 -- 5. A won lead is an upsell opportunity.
 SELECT nocrm.create_automation(
     name       => 'Vinto: opportunità di upsell',
     event      => 'lead.status.changed.to',
     target     => 'won',
-    actions    => '[{"type": "add_tags", "tags": "Upsell Opportunity"}]');
+    actions    => '[{"type": "add_tags", "tags": "Upsell Opportunity"}]') AS won_upsell \gset
 
 SELECT id, name, event, target, conditions FROM nocrm.automations ORDER BY id;
 
@@ -118,6 +120,14 @@ SELECT t.title, p.id, t.contact
 -- A lead entered by mistake.
 INSERT INTO nocrm.leads (title, contact_email) VALUES ('Lead di prova', 'test@example.com');
 
+\echo '--- open leads per salesperson: round robin took turns, balanced filled the least loaded'
+SELECT u.name AS owner, count(l.id) AS open_leads
+  FROM nocrm.users u
+  LEFT JOIN nocrm.leads l ON l.user_id = u.id AND l.status IN ('todo', 'standby')
+ WHERE u.email IN ('anna@example.com', 'matteo@example.com', 'giovanni@example.com')
+ GROUP BY u.id, u.name
+ ORDER BY u.id;
+
 \echo
 \echo '=== 4. The team works the leads'
 -- Changes below are made by Anna (nocrm.actor); automated ones by The Butler.
@@ -156,16 +166,7 @@ SELECT l.id, l.title, p.name AS pipeline, s.name AS step, l.status, u.name AS ow
  ORDER BY l.id;
 
 \echo
-\echo '=== 7. Open leads per salesperson'
-SELECT u.name AS owner, count(l.id) AS open_leads
-  FROM nocrm.users u
-  LEFT JOIN nocrm.leads l ON l.user_id = u.id AND l.status IN ('todo', 'standby')
- WHERE u.email IN ('anna@example.com', 'matteo@example.com', 'giovanni@example.com')
- GROUP BY u.id, u.name
- ORDER BY u.id;
-
-\echo
-\echo '=== 8. Notifications in the app (nocrm.notifications)'
+\echo '=== 7. Notifications in the app (nocrm.notifications)'
 SELECT n.id, u.name AS recipient, n.lead_id, l.title AS lead, a.name AS automation, n.message
   FROM nocrm.notifications n
   JOIN nocrm.users u ON u.id = n.user_id
@@ -174,16 +175,16 @@ SELECT n.id, u.name AS recipient, n.lead_id, l.title AS lead, a.name AS automati
  ORDER BY n.id;
 
 \echo
-\echo '=== 9. Work waiting for the drain (nocrm.queue: emails, pushes, delayed actions)'
+\echo '=== 8. Work waiting for the drain (nocrm.queue: emails, pushes, delayed actions)'
 SELECT q.id, q.kind, q.recipient, l.title AS lead, a.name AS automation, q.state,
-       left(q.payload::text, 80) AS payload
+       coalesce(q.payload ->> 'template', q.payload ->> 'message') AS what
   FROM nocrm.queue q
   LEFT JOIN nocrm.leads l ON l.id = q.lead_id
   LEFT JOIN nocrm.automations a ON a.id = q.automation_id
  ORDER BY q.id;
 
 \echo
-\echo '=== 10. Full history of Ferrari Logistica: who did what'
+\echo '=== 9. Full history of Ferrari Logistica: who did what'
 SELECT h.id, h.event, coalesce(u.name, '-') AS actor, a.name AS automation, h.chain_depth AS depth,
        h.old_value, h.new_value
   FROM nocrm.lead_history h
