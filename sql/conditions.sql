@@ -155,3 +155,20 @@ UPDATE nocrm.leads SET step_id = 4 WHERE id = 10;     -- Chiusura: none
 UPDATE nocrm.leads SET pipeline_id = 1 WHERE id = 11; -- into Vendite, lands on Nuovo: to Nuovo
 UPDATE nocrm.leads SET pipeline_id = 1 WHERE id = 12; -- Onboarding/Kickoff -> Vendite/Nuovo: to Nuovo
 SELECT lead_id, name FROM nocrm.tags WHERE name LIKE 'to %' ORDER BY lead_id, name;
+
+-- a step name stands for every step so named, also one added after the rule
+DELETE FROM nocrm.tags WHERE name LIKE 'to %';
+INSERT INTO nocrm.pipelines (name) VALUES ('Rinnovi');                        -- pipeline 3
+INSERT INTO nocrm.steps (pipeline_id, name, position) VALUES
+  (3, 'Inizio', 1), (3, 'Preventivo', 2);                                     -- steps 7, 8
+INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('T13', 3);               -- lead 13, at Inizio
+UPDATE nocrm.leads SET step_id = 8 WHERE id = 13;     -- Rinnovi/Preventivo: to Preventivo only
+SELECT lead_id, name FROM nocrm.tags WHERE name LIKE 'to %' ORDER BY lead_id, name;
+
+-- A tag listed twice in has_tag is required once.
+SELECT nocrm.create_automation(name => 'has_tag duplicate', event => 'lead.commented',
+       conditions => '{"has_tag": ["b2b", "b2b"]}', actions => '[{"type": "add_tags", "tags": ["dup-ok"]}]');
+SELECT conditions FROM nocrm.automations WHERE name = 'has_tag duplicate';
+INSERT INTO nocrm.comments (lead_id, body)
+  SELECT lead_id, 'dup' FROM nocrm.tags WHERE name = 'b2b' ORDER BY lead_id LIMIT 1;
+SELECT count(*) AS matched FROM nocrm.tags WHERE name = 'dup-ok';

@@ -295,3 +295,32 @@ SELECT * FROM hist ORDER BY n;
 -- (last, as a failed INSERT uses up a lead id) the foreign key on INSERT
 INSERT INTO nocrm.leads (title, pipeline_id, step_id) VALUES ('Theta', 1, 6);
 SELECT count(*) AS theta FROM nocrm.leads WHERE title = 'Theta';
+
+------------------------------------------------------------------------
+-- Later fixes: tag renames/moves, closed_at on closed leads, actor cache
+------------------------------------------------------------------------
+TRUNCATE nocrm.lead_history;
+INSERT INTO nocrm.tags (lead_id, name) VALUES (2, 'old-name');
+UPDATE nocrm.tags SET name = 'new-name' WHERE lead_id = 2 AND name = 'old-name';
+UPDATE nocrm.tags SET lead_id = 11 WHERE lead_id = 2 AND name = 'new-name';
+UPDATE nocrm.tags SET created_at = created_at WHERE lead_id = 11;       -- no change: no event
+SELECT lead_id, event, old_value, new_value, detail FROM nocrm.lead_history ORDER BY id;
+
+-- A closed lead always has a closed_at: clearing it stamps it again.
+UPDATE nocrm.leads SET status = 'won' WHERE id = 11;
+UPDATE nocrm.leads SET closed_at = NULL WHERE id = 11;
+SELECT status, closed_at IS NOT NULL AS has_closed_at FROM nocrm.leads WHERE id = 11;
+
+-- The actor is looked up again when nocrm.users changes.
+INSERT INTO nocrm.users (id, name, email) VALUES (50, 'Temp', 'temp@example.com');
+SET nocrm.actor = 'temp@example.com';
+UPDATE nocrm.leads SET probability = 11 WHERE id = 11;
+UPDATE nocrm.users SET email = 'temp2@example.com' WHERE id = 50;
+UPDATE nocrm.leads SET probability = 12 WHERE id = 11;                  -- refused: no such email now
+\echo :SQLSTATE
+SET nocrm.actor = '50';
+DELETE FROM nocrm.users WHERE id = 50;
+UPDATE nocrm.leads SET probability = 13 WHERE id = 11;                  -- refused: user deleted
+\echo :SQLSTATE
+RESET nocrm.actor;
+SELECT event, actor_id, new_value FROM nocrm.lead_history WHERE event = 'lead.content_has_changed' ORDER BY id;

@@ -181,21 +181,30 @@ jlist(DefContext *cx, JsonbValue *v, int *n)
 	return out;
 }
 
+/* A list of strings, duplicates dropped (["B2B", "B2B"] means "B2B"). */
 static char **
 string_list(DefContext *cx, JsonbValue *v, int *n, const char *what)
 {
-	JsonbValue *items = jlist(cx, v, n);
-	char	  **out = palloc(sizeof(char *) * *n);
+	int			nitems;
+	JsonbValue *items = jlist(cx, v, &nitems);
+	char	  **out = palloc(sizeof(char *) * nitems);
 
-	for (int i = 0; i < *n; i++)
+	*n = 0;
+	for (int i = 0; i < nitems; i++)
 	{
+		bool		dup = false;
+
 		if (items[i].type != jbvString)
 			invalid(cx, psprintf("%s must be strings, not %s", what, jtype(&items[i])),
 					strcmp(what, "channels") == 0 ? "Channels are browser, email and mobile."
 					: "Write e.g. \"B2B\" or [\"B2B\", \"Priority\"].");
-		out[i] = jstring(&items[i]);
-		if (out[i][0] == '\0' || strspn(out[i], " \t\r\n") == strlen(out[i]))
+		if (blank(&items[i]))
 			invalid(cx, psprintf("%s must not be empty", what), "Remove the empty value.");
+		out[*n] = jstring(&items[i]);
+		for (int j = 0; j < *n && !dup; j++)
+			dup = strcmp(out[j], out[*n]) == 0;
+		if (!dup)
+			(*n)++;
 	}
 	return out;
 }

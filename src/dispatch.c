@@ -22,6 +22,7 @@ static int	chain_len = 0;
 /* The last nocrm.actor value resolved, so each row need not look it up. */
 static char *actor_text = NULL;
 static int64 actor_id = -1;
+static uint64 actor_generation = 0;
 
 static void
 dispatch_xact_callback(XactEvent event, void *arg)
@@ -67,7 +68,9 @@ nocrm_current_actor(void)
 		return BUTLER_ID;
 	if (text[0] == '\0')
 		return -1;
-	if (actor_text != NULL && strcmp(actor_text, text) == 0)
+	/* Valid until the setting or nocrm.users changes (the rule cache's signal). */
+	if (actor_text != NULL && strcmp(actor_text, text) == 0 &&
+		actor_generation == nocrm_rules_generation())
 		return actor_id;
 
 	if (strspn(text, "0123456789") == strlen(text) && strlen(text) < 19)
@@ -93,6 +96,7 @@ nocrm_current_actor(void)
 		pfree(actor_text);
 	actor_text = MemoryContextStrdup(TopMemoryContext, text);
 	actor_id = id;
+	actor_generation = nocrm_rules_generation();
 	return id;
 }
 

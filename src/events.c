@@ -154,7 +154,10 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 
-	/* closed_at is stamped when a lead closes and cleared when it reopens. */
+	/*
+	 * closed_at is stamped when a lead closes (unless the writer gives one)
+	 * and cleared when it reopens; a closed lead always has one.
+	 */
 	{
 		bool		was_closed = oldtup ? closed_status(oldlead.status_text) : false;
 		bool		is_closed = closed_status(newlead.status_text);
@@ -163,7 +166,7 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 
 		(void) heap_getattr(newtup, att_closed, desc, &closed_null);
 		set_by_writer = oldtup ? !column_equal(oldtup, newtup, desc, att_closed) : !closed_null;
-		if (is_closed && !was_closed && !set_by_writer)
+		if (is_closed && ((!was_closed && !set_by_writer) || closed_null))
 		{
 			cols[ncols] = att_closed;
 			vals[ncols++] = now;
@@ -361,75 +364,94 @@ nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
 	return PointerGetDatum(NULL);
 }
 
-static int64
-trigger_int64(TriggerData *trigdata, const char *col)
-{
-	TupleDesc	desc = trigdata->tg_relation->rd_att;
-	bool		isnull;
-	Datum		d = heap_getattr(trigdata->tg_trigtuple, SPI_fnumber(desc, col), desc, &isnull);
-
-	return isnull ? 0 : DatumGetInt64(d);
-}
-
 /*
  * Shared by the tags, comments and emails triggers: raise one event on the
- * row's lead, unless the lead itself is being deleted (cascade).
+ * lead of the given row, unless the lead itself is being deleted (cascade).
  */
-static Datum
-child_row_event(FunctionCallInfo fcinfo, const char *name, NocrmEvent event,
+static void
+child_row_event(TriggerData *trigdata, HeapTuple tuple, NocrmEvent event,
 				const char *column, const char *key, const char *detail, bool removed)
 {
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-	TupleDesc	desc;
+	TupleDesc	desc = trigdata->tg_relation->rd_att;
+	char	   *value = SPI_getvalue(tuple, desc, SPI_fnumber(desc, column));
+	bool		isnull;
+	Datum		lead_id = heap_getattr(tuple, SPI_fnumber(desc, "lead_id"), desc, &isnull);
 	LeadState	lead;
 	RaisedEvent ev;
-	char	   *value;
+
+	if (isnull || !nocrm_lead_fetch(DatumGetInt64(lead_id), &lead))
+		return;
+	memset(&ev, 0, sizeof(ev));
+	ev.event = event;
+	ev.old_value = removed ? nocrm_jsonb_pair(key, value) : NULL;
+	ev.new_value = removed ? NULL : nocrm_jsonb_pair(key, value);
+	ev.detail = detail;
+	nocrm_dispatch(&lead, &ev, 1);
+}
+
+static Datum
+child_trigger(FunctionCallInfo fcinfo, const char *name, NocrmEvent event,
+			  const char *column, const char *key, const char *detail)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 
 	check_trigger(fcinfo, name, false);
-	desc = trigdata->tg_relation->rd_att;
-	value = SPI_getvalue(trigdata->tg_trigtuple, desc, SPI_fnumber(desc, column));
-
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (nocrm_lead_fetch(trigger_int64(trigdata, "lead_id"), &lead))
-	{
-		Jsonb	   *pair = nocrm_jsonb_pair(key, value);
-
-		memset(&ev, 0, sizeof(ev));
-		ev.event = event;
-		ev.old_value = removed ? pair : NULL;
-		ev.new_value = removed ? NULL : pair;
-		ev.detail = detail;
-		nocrm_dispatch(&lead, &ev, 1);
-	}
+	child_row_event(trigdata, trigdata->tg_trigtuple, event, column, key, detail, false);
 	SPI_finish();
 	return PointerGetDatum(NULL);
 }
 
-/* AFTER INSERT OR DELETE ON nocrm.tags: a tag change is a lead.any_update. */
+/*
+ * AFTER INSERT OR UPDATE OR DELETE ON nocrm.tags: a tag change is a
+ * lead.any_update; an UPDATE of a tag is its removal plus an addition.
+ */
 Datum
 nocrm_tag_event_trigger(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-	bool		removed = CALLED_AS_TRIGGER(fcinfo) &&
-		TRIGGER_FIRED_BY_DELETE(trigdata->tg_event);
 
-	return child_row_event(fcinfo, "nocrm_tag_event_trigger", EV_ANY_UPDATE,
-						   "name", "tag", removed ? "tag removed" : "tag added", removed);
+	check_trigger(fcinfo, "nocrm_tag_event_trigger", false);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+		child_row_event(trigdata, trigdata->tg_trigtuple, EV_ANY_UPDATE,
+						"name", "tag", "tag added", false);
+	else if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
+		child_row_event(trigdata, trigdata->tg_trigtuple, EV_ANY_UPDATE,
+						"name", "tag", "tag removed", true);
+	else
+	{
+		TupleDesc	desc = trigdata->tg_relation->rd_att;
+
+		if (!column_equal(trigdata->tg_trigtuple, trigdata->tg_newtuple, desc,
+						  SPI_fnumber(desc, "name")) ||
+			!column_equal(trigdata->tg_trigtuple, trigdata->tg_newtuple, desc,
+						  SPI_fnumber(desc, "lead_id")))
+		{
+			child_row_event(trigdata, trigdata->tg_trigtuple, EV_ANY_UPDATE,
+							"name", "tag", "tag removed", true);
+			child_row_event(trigdata, trigdata->tg_newtuple, EV_ANY_UPDATE,
+							"name", "tag", "tag added", false);
+		}
+	}
+	SPI_finish();
+	return PointerGetDatum(NULL);
 }
 
 /* AFTER INSERT ON nocrm.comments */
 Datum
 nocrm_comment_event_trigger(PG_FUNCTION_ARGS)
 {
-	return child_row_event(fcinfo, "nocrm_comment_event_trigger", EV_COMMENTED,
-						   "body", "comment", NULL, false);
+	return child_trigger(fcinfo, "nocrm_comment_event_trigger", EV_COMMENTED,
+						 "body", "comment", NULL);
 }
 
 /* AFTER INSERT ON nocrm.emails */
 Datum
 nocrm_email_event_trigger(PG_FUNCTION_ARGS)
 {
-	return child_row_event(fcinfo, "nocrm_email_event_trigger", EV_EMAIL_RECEIVED,
-						   "subject", "subject", NULL, false);
+	return child_trigger(fcinfo, "nocrm_email_event_trigger", EV_EMAIL_RECEIVED,
+						 "subject", "subject", NULL);
 }

@@ -173,6 +173,7 @@ extern void nocrm_rules_pin(void);
 extern void nocrm_rules_unpin(void);
 extern void nocrm_rules_reset_pins(void);
 extern Oid	nocrm_automations_relid(void);
+extern uint64 nocrm_rules_generation(void);
 extern bool nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev);
 
 /* dispatch.c: run the rules for raised events */

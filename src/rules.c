@@ -28,6 +28,7 @@ PG_FUNCTION_INFO_V1(nocrm_check_automation);
 
 static MemoryContext rules_context = NULL;
 static bool rules_valid = false;
+static uint64 rules_generation = 0;
 static Oid	automations_relid = InvalidOid;
 
 /*
@@ -52,6 +53,7 @@ rules_relcache_callback(Datum arg, Oid relid)
 	if (relid == InvalidOid || relid == automations_relid)
 	{
 		rules_valid = false;
+		rules_generation++;
 		/* The extension may have been dropped and created again. */
 		automations_relid = InvalidOid;
 	}
@@ -88,6 +90,13 @@ nocrm_rules_reset_pins(void)
 {
 	pin_count = 0;
 	free_retired();
+}
+
+/* Bumped whenever users, pipelines, steps, templates or automations change. */
+uint64
+nocrm_rules_generation(void)
+{
+	return rules_generation;
 }
 
 void
