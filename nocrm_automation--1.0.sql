@@ -198,6 +198,9 @@ CREATE FUNCTION nocrm.automation_validate_trigger() RETURNS trigger
 CREATE FUNCTION nocrm.rules_changed_trigger() RETURNS trigger
     AS 'MODULE_PATHNAME', 'nocrm_rules_changed_trigger' LANGUAGE C;
 
+CREATE FUNCTION nocrm.flush_assignments_trigger() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'nocrm_flush_assignments_trigger' LANGUAGE C;
+
 CREATE TRIGGER nocrm_lead_before BEFORE INSERT OR UPDATE ON nocrm.leads
     FOR EACH ROW EXECUTE FUNCTION nocrm.lead_before_trigger();
 CREATE TRIGGER nocrm_lead_events AFTER INSERT OR UPDATE OR DELETE ON nocrm.leads
@@ -208,6 +211,16 @@ CREATE TRIGGER nocrm_comment_events AFTER INSERT ON nocrm.comments
     FOR EACH ROW EXECUTE FUNCTION nocrm.comment_event_trigger();
 CREATE TRIGGER nocrm_email_events AFTER INSERT ON nocrm.emails
     FOR EACH ROW EXECUTE FUNCTION nocrm.email_event_trigger();
+
+-- Round-robin counts are written once per statement, not per lead (assign.c).
+CREATE TRIGGER nocrm_flush_assignments AFTER INSERT OR UPDATE OR DELETE ON nocrm.leads
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.flush_assignments_trigger();
+CREATE TRIGGER nocrm_flush_assignments AFTER INSERT OR UPDATE OR DELETE ON nocrm.tags
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.flush_assignments_trigger();
+CREATE TRIGGER nocrm_flush_assignments AFTER INSERT ON nocrm.comments
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.flush_assignments_trigger();
+CREATE TRIGGER nocrm_flush_assignments AFTER INSERT ON nocrm.emails
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.flush_assignments_trigger();
 
 CREATE TRIGGER nocrm_automation_validate BEFORE INSERT OR UPDATE ON nocrm.automations
     FOR EACH ROW EXECUTE FUNCTION nocrm.automation_validate_trigger();

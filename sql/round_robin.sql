@@ -30,6 +30,28 @@ INSERT INTO nocrm.leads (title) VALUES ('After savepoint');
 COMMIT;
 SELECT u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id WHERE l.title = 'After savepoint';
 
+-- A statement that fails after some of its rows were assigned (here a later
+-- trigger rejects the second row) undoes those assignments: inside a caught
+-- exception, Anna is still next afterwards.
+CREATE FUNCTION pg_temp.reject_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.title = 'boom' THEN RAISE EXCEPTION 'boom rejected'; END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER zz_reject_boom AFTER INSERT ON nocrm.leads
+  FOR EACH ROW EXECUTE FUNCTION pg_temp.reject_boom();
+SELECT u.name, c.assigned FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id ORDER BY c.position;
+DO $$
+BEGIN
+  INSERT INTO nocrm.leads (title) VALUES ('fine'), ('boom');
+EXCEPTION WHEN raise_exception THEN
+  RAISE NOTICE 'caught: %', SQLERRM;
+END $$;
+INSERT INTO nocrm.leads (title) VALUES ('After failed statement');
+DROP TRIGGER zz_reject_boom ON nocrm.leads;
+SELECT u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id WHERE l.title = 'After failed statement';
+SELECT u.name, c.assigned FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id ORDER BY c.position;
+
 -- Inactive members are skipped while away; the rotation continues among the others.
 UPDATE nocrm.users SET active = false WHERE name = 'Matteo';
 INSERT INTO nocrm.leads (title) SELECT 'Away ' || i FROM generate_series(1, 4) i;

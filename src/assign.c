@@ -11,25 +11,54 @@
  * transaction waits for one of them rather than pick a member ahead of the
  * rotation: a rollback could otherwise leave counts two apart.  A rollback
  * undoes the increment, so the member it would have used comes up next.
+ *
+ * Increments are kept in memory and written once per member at the end of
+ * the outermost statement (an AFTER STATEMENT trigger), not once per lead:
+ * a bulk INSERT would otherwise rewrite the same counter row per row and
+ * make every later pick walk all those row versions.  Picks add the pending
+ * increments to what the table says.
  */
 #include "nocrm.h"
 
+#include "access/xact.h"
+#include "commands/trigger.h"
+#include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/array.h"
+#include "utils/memutils.h"
+
+PG_FUNCTION_INFO_V1(nocrm_flush_assignments_trigger);
+
+/* One not yet written increment of a counter row, by subtransaction. */
+typedef struct PendingIncrement
+{
+	int32		automation_id;
+	int32		action_no;
+	int64		user_id;
+	SubTransactionId subid;
+	int64		delta;
+} PendingIncrement;
+
+static PendingIncrement *pending = NULL;
+static int	npending = 0;
+static int	maxpending = 0;
 
 static SPIPlanPtr plan_rr_try,
 			plan_rr_wait,
 			plan_balanced_try,
 			plan_balanced_wait,
-			plan_bump,
+
 			plan_random;
 
 #define ACTIVE_MEMBERS \
 	" FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id AND u.active" \
 	" WHERE c.automation_id = $1 AND c.action_no = $2"
 
+/* $3 holds this transaction's unwritten increments, by list position. */
+#define COUNT(c) "(" c ".assigned + coalesce(($3::bigint[])[" c ".position + 1], 0))"
+
 #define LOWEST_COUNT \
-	" AND c.assigned = (SELECT min(c2.assigned) FROM nocrm.assignment_counters c2" \
+	" AND " COUNT("c") " = (SELECT min" COUNT("c2") " FROM nocrm.assignment_counters c2" \
 	"                   JOIN nocrm.users u2 ON u2.id = c2.user_id AND u2.active" \
 	"                   WHERE c2.automation_id = $1 AND c2.action_no = $2)"
 
@@ -37,15 +66,36 @@ static SPIPlanPtr plan_rr_try,
 	"(SELECT count(*) FROM nocrm.leads l WHERE l.user_id = c.user_id" \
 	" AND l.status IN ('todo', 'standby'))"
 
+/* The pending increments of this group as a bigint[] indexed by position. */
+static Datum
+pending_by_position(Rule *rule, RuleAction *action)
+{
+	Datum	   *elems = palloc0(sizeof(Datum) * action->nusers);
+
+	for (int i = 0; i < npending; i++)
+	{
+		PendingIncrement *p = &pending[i];
+
+		if (p->automation_id != rule->id || p->action_no != action->action_no)
+			continue;
+		for (int pos = 0; pos < action->nusers; pos++)
+			if (action->users[pos] == p->user_id)
+				elems[pos] = Int64GetDatum(DatumGetInt64(elems[pos]) + p->delta);
+	}
+	return PointerGetDatum(construct_array(elems, action->nusers, INT8OID,
+										   sizeof(int64), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
 static bool
 pick(SPIPlanPtr *slot, const char *sql, Rule *rule, RuleAction *action, int64 *user_id)
 {
-	Oid			types[2] = {INT4OID, INT4OID};
-	Datum		args[2] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no)};
+	Oid			types[3] = {INT4OID, INT4OID, INT8ARRAYOID};
+	Datum		args[3] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no),
+	pending_by_position(rule, action)};
 	int			ret;
 	bool		isnull;
 
-	nocrm_plan(slot, sql, 2, types);
+	nocrm_plan(slot, sql, 3, types);
 	ret = SPI_execute_plan(*slot, args, NULL, false, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "choosing an assignee failed: %s", SPI_result_code_string(ret));
@@ -65,21 +115,120 @@ any_active_member(Rule *rule, RuleAction *action)
 	return pick(&plan, "SELECT c.user_id" ACTIVE_MEMBERS " LIMIT 1", rule, action, &ignored);
 }
 
+/* Records an increment, merged with an earlier one of the same subtransaction. */
 static void
 bump(Rule *rule, RuleAction *action, int64 user_id)
 {
-	Oid			types[3] = {INT4OID, INT4OID, INT8OID};
-	Datum		args[3] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no),
-	Int64GetDatum(user_id)};
-	int			ret;
+	SubTransactionId subid = GetCurrentSubTransactionId();
 
-	nocrm_plan(&plan_bump,
-			   "UPDATE nocrm.assignment_counters SET assigned = assigned + 1"
-			   " WHERE automation_id = $1 AND action_no = $2 AND user_id = $3",
-			   3, types);
-	ret = SPI_execute_plan(plan_bump, args, NULL, false, 0);
+	for (int i = 0; i < npending; i++)
+	{
+		PendingIncrement *p = &pending[i];
+
+		if (p->automation_id == rule->id && p->action_no == action->action_no &&
+			p->user_id == user_id && p->subid == subid)
+		{
+			p->delta++;
+			return;
+		}
+	}
+	if (npending == maxpending)
+	{
+		maxpending = Max(16, maxpending * 2);
+		pending = pending
+			? repalloc(pending, sizeof(PendingIncrement) * maxpending)
+			: MemoryContextAlloc(TopMemoryContext, sizeof(PendingIncrement) * maxpending);
+	}
+	pending[npending].automation_id = rule->id;
+	pending[npending].action_no = action->action_no;
+	pending[npending].user_id = user_id;
+	pending[npending].subid = subid;
+	pending[npending].delta = 1;
+	npending++;
+}
+
+/* Writes the pending increments to nocrm.assignment_counters. */
+static void
+flush_pending(void)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[4] = {INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID};
+	Datum	   *cols[4];
+	Datum		args[4];
+	int			ret;
+	int			n = npending;
+
+	for (int c = 0; c < 4; c++)
+		cols[c] = palloc(sizeof(Datum) * n);
+	for (int i = 0; i < n; i++)
+	{
+		cols[0][i] = Int32GetDatum(pending[i].automation_id);
+		cols[1][i] = Int32GetDatum(pending[i].action_no);
+		cols[2][i] = Int64GetDatum(pending[i].user_id);
+		cols[3][i] = Int64GetDatum(pending[i].delta);
+	}
+	args[0] = PointerGetDatum(construct_array(cols[0], n, INT4OID, 4, true, TYPALIGN_INT));
+	args[1] = PointerGetDatum(construct_array(cols[1], n, INT4OID, 4, true, TYPALIGN_INT));
+	args[2] = PointerGetDatum(construct_array(cols[2], n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[3] = PointerGetDatum(construct_array(cols[3], n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+
+	nocrm_plan(&plan,
+			   "UPDATE nocrm.assignment_counters c SET assigned = c.assigned + d.delta"
+			   "  FROM (SELECT a, n, u, sum(d) AS delta"
+			   "          FROM unnest($1::int[], $2::int[], $3::bigint[], $4::bigint[]) AS x(a, n, u, d)"
+			   "         GROUP BY a, n, u) d"
+			   " WHERE c.automation_id = d.a AND c.action_no = d.n AND c.user_id = d.u",
+			   4, types);
+	ret = SPI_execute_plan(plan, args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
-		elog(ERROR, "updating assignment counter failed: %s", SPI_result_code_string(ret));
+		elog(ERROR, "updating assignment counters failed: %s", SPI_result_code_string(ret));
+	npending = 0;
+}
+
+/*
+ * AFTER ... FOR EACH STATEMENT on the tables whose triggers run actions:
+ * write the statement's increments.  Statements run by actions themselves
+ * (inside a chain) leave them to the outermost statement.
+ */
+Datum
+nocrm_flush_assignments_trigger(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "nocrm_flush_assignments_trigger: not called as a trigger");
+	if (npending > 0 && nocrm_chain_depth() == 0)
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		flush_pending();
+		SPI_finish();
+	}
+	return PointerGetDatum(NULL);
+}
+
+/* Increments of an aborted (sub)transaction never happened. */
+void
+nocrm_assign_subxact_abort(SubTransactionId subid)
+{
+	int			kept = 0;
+
+	for (int i = 0; i < npending; i++)
+		if (pending[i].subid < subid)
+			pending[kept++] = pending[i];
+	npending = kept;
+}
+
+void
+nocrm_assign_subxact_commit(SubTransactionId subid, SubTransactionId parent)
+{
+	for (int i = 0; i < npending; i++)
+		if (pending[i].subid == subid)
+			pending[i].subid = parent;
+}
+
+void
+nocrm_assign_xact_end(void)
+{
+	npending = 0;
 }
 
 static bool
@@ -93,7 +242,7 @@ pick_counted(Rule *rule, RuleAction *action, int64 *user_id)
 		if (balanced
 			? pick(&plan_balanced_try,
 				   "SELECT c.user_id" ACTIVE_MEMBERS
-				   " ORDER BY " OPEN_LEADS ", c.assigned, c.position"
+				   " ORDER BY " OPEN_LEADS ", " COUNT("c") ", c.position"
 				   " FOR UPDATE OF c SKIP LOCKED LIMIT 1",
 				   rule, action, user_id)
 			: pick(&plan_rr_try,
@@ -112,7 +261,7 @@ pick_counted(Rule *rule, RuleAction *action, int64 *user_id)
 		if (balanced
 			? pick(&plan_balanced_wait,
 				   "SELECT c.user_id" ACTIVE_MEMBERS
-				   " ORDER BY " OPEN_LEADS ", c.assigned, c.position"
+				   " ORDER BY " OPEN_LEADS ", " COUNT("c") ", c.position"
 				   " FOR UPDATE OF c LIMIT 1",
 				   rule, action, user_id)
 			: pick(&plan_rr_wait,

@@ -32,13 +32,25 @@ dispatch_xact_callback(XactEvent event, void *arg)
 	{
 		chain_len = 0;
 		nocrm_rules_reset_pins();
+		nocrm_assign_xact_end();
 	}
+}
+
+static void
+dispatch_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						  SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		nocrm_assign_subxact_abort(mySubid);
+	else if (event == SUBXACT_EVENT_COMMIT_SUB)
+		nocrm_assign_subxact_commit(mySubid, parentSubid);
 }
 
 void
 nocrm_dispatch_init(void)
 {
 	RegisterXactCallback(dispatch_xact_callback, NULL);
+	RegisterSubXactCallback(dispatch_subxact_callback, NULL);
 }
 
 int

@@ -194,6 +194,9 @@ extern void nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead,
 							 RaisedEvent *ev);
 
 /* assign.c */
+extern void nocrm_assign_subxact_abort(SubTransactionId subid);
+extern void nocrm_assign_subxact_commit(SubTransactionId subid, SubTransactionId parent);
+extern void nocrm_assign_xact_end(void);
 extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead,
 								 bool *found);
 
