@@ -92,18 +92,9 @@ pick(SPIPlanPtr *slot, const char *sql, Rule *rule, RuleAction *action, int64 *u
 	Oid			types[3] = {INT4OID, INT4OID, INT8ARRAYOID};
 	Datum		args[3] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no),
 	pending_by_position(rule, action)};
-	int			ret;
-	bool		isnull;
 
 	nocrm_plan(slot, sql, 3, types);
-	ret = SPI_execute_plan(*slot, args, NULL, false, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "choosing an assignee failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
-		return false;
-	*user_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-										   1, &isnull));
-	return true;
+	return nocrm_plan_int64(*slot, args, NULL, user_id);
 }
 
 static bool
@@ -280,8 +271,6 @@ pick_random(Rule *rule, RuleAction *action, int64 *user_id)
 	Oid			types[1] = {INT8ARRAYOID};
 	Datum	   *elems = palloc(sizeof(Datum) * action->nusers);
 	Datum		args[1];
-	int			ret;
-	bool		isnull;
 
 	for (int i = 0; i < action->nusers; i++)
 		elems[i] = Int64GetDatum(action->users[i]);
@@ -291,14 +280,7 @@ pick_random(Rule *rule, RuleAction *action, int64 *user_id)
 			   "SELECT id FROM nocrm.users WHERE id = ANY ($1) AND active"
 			   " ORDER BY random() LIMIT 1",
 			   1, types);
-	ret = SPI_execute_plan(plan_random, args, NULL, false, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "choosing an assignee failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
-		return false;
-	*user_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-										   1, &isnull));
-	return true;
+	return nocrm_plan_int64(plan_random, args, NULL, user_id);
 }
 
 int64

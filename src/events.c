@@ -9,7 +9,6 @@
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
-#include "utils/datum.h"
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(nocrm_lead_before_trigger);
@@ -43,20 +42,6 @@ check_trigger(FunctionCallInfo fcinfo, const char *name, bool before)
 	if (!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
 		TRIGGER_FIRED_BEFORE(trigdata->tg_event) != before)
 		elog(ERROR, "%s: must be fired %s, for each row", name, before ? "before" : "after");
-}
-
-static bool
-column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int attno)
-{
-	Form_pg_attribute att = TupleDescAttr(desc, attno - 1);
-	bool		anull,
-				bnull;
-	Datum		ad = heap_getattr(a, attno, desc, &anull);
-	Datum		bd = heap_getattr(b, attno, desc, &bnull);
-
-	if (anull || bnull)
-		return anull == bnull;
-	return datum_image_eq(ad, bd, att->attbyval, att->attlen);
 }
 
 static Datum
@@ -106,12 +91,12 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 		newtup = trigdata->tg_newtuple;
 		for (int i = 1; i <= desc->natts && !changed; i++)
 			if (!TupleDescAttr(desc, i - 1)->attisdropped && i != att_updated &&
-				!column_equal(oldtup, newtup, desc, i))
+				!nocrm_column_equal(oldtup, newtup, desc, i))
 				changed = true;
 		if (!changed)
 			return PointerGetDatum(newtup);
 		nocrm_lead_from_tuple(&oldlead, oldtup, desc);
-		if (column_equal(oldtup, newtup, desc, att_updated))
+		if (nocrm_column_equal(oldtup, newtup, desc, att_updated))
 		{
 			cols[ncols] = att_updated;
 			vals[ncols++] = now;
@@ -165,7 +150,7 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 		bool		set_by_writer;
 
 		(void) heap_getattr(newtup, att_closed, desc, &closed_null);
-		set_by_writer = oldtup ? !column_equal(oldtup, newtup, desc, att_closed) : !closed_null;
+		set_by_writer = oldtup ? !nocrm_column_equal(oldtup, newtup, desc, att_closed) : !closed_null;
 		if (is_closed && ((!was_closed && !set_by_writer) || closed_null))
 		{
 			cols[ncols] = att_closed;
@@ -281,7 +266,7 @@ update_events(HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
 		Form_pg_attribute att = TupleDescAttr(desc, i - 1);
 
 		if (att->attisdropped || i == att_updated || i == att_closed ||
-			column_equal(oldtup, newtup, desc, i))
+			nocrm_column_equal(oldtup, newtup, desc, i))
 			continue;
 		changed[i] = any = true;
 		if (!is_workflow_column(NameStr(att->attname)))
@@ -425,9 +410,9 @@ nocrm_tag_event_trigger(PG_FUNCTION_ARGS)
 	{
 		TupleDesc	desc = trigdata->tg_relation->rd_att;
 
-		if (!column_equal(trigdata->tg_trigtuple, trigdata->tg_newtuple, desc,
+		if (!nocrm_column_equal(trigdata->tg_trigtuple, trigdata->tg_newtuple, desc,
 						  SPI_fnumber(desc, "name")) ||
-			!column_equal(trigdata->tg_trigtuple, trigdata->tg_newtuple, desc,
+			!nocrm_column_equal(trigdata->tg_trigtuple, trigdata->tg_newtuple, desc,
 						  SPI_fnumber(desc, "lead_id")))
 		{
 			child_row_event(trigdata, trigdata->tg_trigtuple, EV_ANY_UPDATE,

@@ -6,54 +6,48 @@
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 
-/* {"key": "value"} (value NULL gives JSON null) */
-Jsonb *
-nocrm_jsonb_pair(const char *key, const char *value)
+/* {"key": value} */
+static Jsonb *
+jsonb_pair(const char *key, JsonbValue *value)
 {
 	JsonbParseState *state = NULL;
-	JsonbValue	k,
-				v;
+	JsonbValue	k;
 
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	k.type = jbvString;
 	k.val.string.val = (char *) key;
 	k.val.string.len = strlen(key);
 	pushJsonbValue(&state, WJB_KEY, &k);
-	if (value == NULL)
-		v.type = jbvNull;
-	else
+	pushJsonbValue(&state, WJB_VALUE, value);
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
+/* {"key": "value"} (value NULL gives JSON null) */
+Jsonb *
+nocrm_jsonb_pair(const char *key, const char *value)
+{
+	JsonbValue	v;
+
+	v.type = value ? jbvString : jbvNull;
+	if (value)
 	{
-		v.type = jbvString;
 		v.val.string.val = (char *) value;
 		v.val.string.len = strlen(value);
 	}
-	pushJsonbValue(&state, WJB_VALUE, &v);
-	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	return jsonb_pair(key, &v);
 }
 
 /* {"key": 123} (or null) */
 Jsonb *
 nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull)
 {
-	JsonbParseState *state = NULL;
-	JsonbValue	k,
-				v;
+	JsonbValue	v;
 
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	pushJsonbValue(&state, WJB_KEY, &k);
-	if (isnull)
-		v.type = jbvNull;
-	else
-	{
-		v.type = jbvNumeric;
+	v.type = isnull ? jbvNull : jbvNumeric;
+	if (!isnull)
 		v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric,
 															Int64GetDatum(value)));
-	}
-	pushJsonbValue(&state, WJB_VALUE, &v);
-	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	return jsonb_pair(key, &v);
 }
 
 /*

@@ -24,16 +24,22 @@ nocrm_status_bit(const char *status)
 	return 0;
 }
 
-static bool
-get_int64(HeapTuple tuple, TupleDesc desc, const char *col, int64 *value)
+static Datum
+get_attr(HeapTuple tuple, TupleDesc desc, const char *col, bool *isnull)
 {
 	int			attno = SPI_fnumber(desc, col);
-	bool		isnull;
-	Datum		d;
 
 	if (attno <= 0)
 		elog(ERROR, "nocrm.leads has no column \"%s\"", col);
-	d = heap_getattr(tuple, attno, desc, &isnull);
+	return heap_getattr(tuple, attno, desc, isnull);
+}
+
+static bool
+get_int64(HeapTuple tuple, TupleDesc desc, const char *col, int64 *value)
+{
+	bool		isnull;
+	Datum		d = get_attr(tuple, desc, col, &isnull);
+
 	*value = isnull ? 0 : DatumGetInt64(d);
 	return !isnull;
 }
@@ -41,13 +47,9 @@ get_int64(HeapTuple tuple, TupleDesc desc, const char *col, int64 *value)
 static const char *
 get_text(HeapTuple tuple, TupleDesc desc, const char *col)
 {
-	int			attno = SPI_fnumber(desc, col);
 	bool		isnull;
-	Datum		d;
+	Datum		d = get_attr(tuple, desc, col, &isnull);
 
-	if (attno <= 0)
-		elog(ERROR, "nocrm.leads has no column \"%s\"", col);
-	d = heap_getattr(tuple, attno, desc, &isnull);
 	return isnull ? NULL : TextDatumGetCString(d);
 }
 

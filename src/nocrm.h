@@ -160,6 +160,8 @@ extern int	nocrm_status_bit(const char *status);
 /* spi_plans.c */
 extern SPIPlanPtr nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);
 extern int64 nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found);
+extern bool nocrm_plan_int64(SPIPlanPtr plan, Datum *args, const char *nulls, int64 *value);
+extern bool nocrm_column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int attno);
 
 /* definition.c: parse and check a rule definition */
 extern Rule *nocrm_compile_rule(int32 id, const char *name, const char *event,

@@ -16,7 +16,6 @@
 #include "fmgr.h"
 #include "access/htup_details.h"
 #include "utils/builtins.h"
-#include "utils/datum.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -338,16 +337,7 @@ trigger_text(HeapTuple tuple, TupleDesc desc, const char *col)
 static bool
 columns_differ(HeapTuple a, HeapTuple b, TupleDesc desc, const char *col)
 {
-	int			attno = SPI_fnumber(desc, col);
-	Form_pg_attribute att = TupleDescAttr(desc, attno - 1);
-	bool		anull,
-				bnull;
-	Datum		ad = heap_getattr(a, attno, desc, &anull);
-	Datum		bd = heap_getattr(b, attno, desc, &bnull);
-
-	if (anull || bnull)
-		return anull != bnull;
-	return !datum_image_eq(ad, bd, att->attbyval, att->attlen);
+	return !nocrm_column_equal(a, b, desc, SPI_fnumber(desc, col));
 }
 
 /*

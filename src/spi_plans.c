@@ -3,6 +3,9 @@
  */
 #include "nocrm.h"
 
+#include "access/htup_details.h"
+#include "utils/datum.h"
+
 /*
  * Returns the plan in *slot, preparing and keeping it on first use.  A kept
  * plan is revalidated by the plan cache when the tables it uses change.
@@ -51,4 +54,40 @@ nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found)
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	*found = !isnull;
 	return isnull ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * Runs a kept plan that returns at most one row and takes its first column
+ * as a bigint.  False when there is no row (or the value is NULL).
+ */
+bool
+nocrm_plan_int64(SPIPlanPtr plan, Datum *args, const char *nulls, int64 *value)
+{
+	int			ret = SPI_execute_plan(plan, args, nulls, false, 1);
+	bool		isnull;
+	Datum		d;
+
+	if (ret != SPI_OK_SELECT && ret != SPI_OK_INSERT_RETURNING &&
+		ret != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "automation query failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		return false;
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	*value = isnull ? 0 : DatumGetInt64(d);
+	return !isnull;
+}
+
+/* Does a column hold the same value in both tuples (NULLs equal)? */
+bool
+nocrm_column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int attno)
+{
+	Form_pg_attribute att = TupleDescAttr(desc, attno - 1);
+	bool		anull,
+				bnull;
+	Datum		ad = heap_getattr(a, attno, desc, &anull);
+	Datum		bd = heap_getattr(b, attno, desc, &bnull);
+
+	if (anull || bnull)
+		return anull == bnull;
+	return datum_image_eq(ad, bd, att->attbyval, att->attlen);
 }
