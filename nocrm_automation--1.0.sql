@@ -372,7 +372,7 @@ BEGIN
     END LOOP;
     RETURN NULL;
 END $$;
-CREATE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id ON nocrm.users
+CREATE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id, email ON nocrm.users
     FOR EACH STATEMENT EXECUTE FUNCTION nocrm.check_references();
 CREATE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id, name ON nocrm.pipelines
     FOR EACH STATEMENT EXECUTE FUNCTION nocrm.check_references();
@@ -490,7 +490,8 @@ SELECT h.created_at, h.lead_id, l.title AS lead, a.name AS automation,
   LEFT JOIN nocrm.leads l ON l.id = h.lead_id
   LEFT JOIN nocrm.automations a ON a.id = h.automation_id
  WHERE h.actor_id = (SELECT id FROM nocrm.users WHERE is_butler)
-   AND h.event NOT LIKE 'lead.%';
+   AND h.event NOT LIKE 'lead.%'
+ ORDER BY h.id;
 COMMENT ON VIEW nocrm.butler_activity IS 'Automated actions and loop stops, newest last.';
 
 ------------------------------------------------------------------------

@@ -288,3 +288,12 @@ SELECT f AS function, r.code AS sqlstate, r.message, r.detail, r.hint
        pg_temp.try_sql(stmt) r
  ORDER BY v.n;
 \pset format aligned
+
+-- A notify message must fit a pg_notify payload.
+SELECT code AS sqlstate, message, detail, hint FROM pg_temp.try_automation('lead.creation', NULL, '{}',
+  jsonb_build_array(jsonb_build_object('type', 'notify', 'user', 1, 'message', repeat('x', 4001))));
+-- A user named by email in a rule cannot lose that email.
+SELECT nocrm.create_automation(name => 'by email', event => 'lead.creation',
+  actions => '[{"type": "assign", "user": "giovanni@example.com"}]') > 0 AS created;
+UPDATE nocrm.users SET email = NULL WHERE email = 'giovanni@example.com';
+SELECT email FROM nocrm.users WHERE name = 'Giovanni';

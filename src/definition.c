@@ -58,6 +58,7 @@ static const struct
 };
 
 #define STATUS_LIST "todo, standby, won, lost, cancelled"
+#define MAX_MESSAGE_BYTES 4000
 
 /* Where in the definition we are, for error details. */
 typedef struct DefContext
@@ -619,6 +620,11 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 				m = action_arg(cx, c, no, a->kind, "message");
 				if (m->type != jbvString || blank(m))
 					invalid(cx, "message must be a non-empty string", "Write the notification's text.");
+				/* It travels in a pg_notify payload, which is limited to 8000 bytes. */
+				if (m->val.string.len > MAX_MESSAGE_BYTES)
+					invalid(cx, psprintf("message is %d bytes long, more than %d",
+										 m->val.string.len, MAX_MESSAGE_BYTES),
+							"Shorten the message; link to the lead for details.");
 				a->text = jstring(m);
 				a->channels = CHANNEL_BROWSER;
 				ch = action_arg(cx, c, no, a->kind, "channels");
