@@ -4,19 +4,23 @@ OBJS = \
 	src/actions.o \
 	src/assign.o \
 	src/definition.o \
+	src/delivery.o \
 	src/dispatch.o \
+	src/drain.o \
 	src/events.o \
 	src/guc.o \
 	src/history.o \
 	src/lead.o \
 	src/rules.o \
-	src/spi_plans.o
+	src/spi_plans.o \
+	src/templates.o
 
 EXTENSION = nocrm_automation
 DATA = nocrm_automation--1.0.sql
 PGFILEDESC = "nocrm_automation - CRM automations inside PostgreSQL"
 
 PG_CPPFLAGS = -I$(srcdir)/src
+SHLIB_LINK = -lcurl
 # -Wclobbered fires on PG_TRY/PG_FINALLY's own _do_rethrow variable in PostgreSQL 15 headers.
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare -Wno-clobbered
 

@@ -23,7 +23,10 @@ static SPIPlanPtr plan_assign,
 			plan_comment,
 			plan_notify,
 			plan_notify_payload,
-			plan_enqueue;
+			plan_message_context,
+			plan_enqueue,
+			plan_webhook_payload,
+			plan_automation_exists;
 
 static const char *
 action_event(RuleAction *action)
@@ -292,11 +295,31 @@ payload_json(const char *const *keys, const char *const *values, int n)
 	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
 }
 
+/* The notify message with its {{placeholders}} filled in, as of now. */
+static const char *
+render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev, int64 user_id)
+{
+	Oid			types[4] = {INT8OID, INT8OID, INT4OID, TEXTOID};
+	Datum		args[4] = {Int64GetDatum(lead->id), Int64GetDatum(user_id),
+		Int32GetDatum(rule->id), CStringGetTextDatum(nocrm_event_names[ev->event])};
+	Datum		context;
+	bool		isnull;
+
+	if (strstr(action->text, "{{") == NULL)
+		return action->text;
+	nocrm_plan(&plan_message_context,
+			   "SELECT nocrm.template_context($1, jsonb_build_object('user_id', $2), $3, $4)",
+			   4, types);
+	(void) exec_one(plan_message_context, args, NULL, &context, &isnull);
+	return nocrm_render(action->text, DatumGetJsonbP(context));
+}
+
 static void
 notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 {
 	int64		user_id = action->user_id;
 	LeadState	current;
+	const char *message;
 
 	if (user_id == USER_IS_OWNER)
 	{
@@ -310,11 +333,13 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 		user_id = lead->owner_id;
 	}
 
+	message = render_message(rule, action, lead, ev, user_id);
+
 	if (action->channels & CHANNEL_BROWSER)
 	{
 		Oid			types[4] = {INT8OID, INT8OID, INT4OID, TEXTOID};
 		Datum		args[4] = {Int64GetDatum(user_id), Int64GetDatum(lead->id),
-		Int32GetDatum(rule->id), CStringGetTextDatum(action->text)};
+		Int32GetDatum(rule->id), CStringGetTextDatum(message)};
 		Datum		result;
 		bool		isnull;
 
@@ -334,7 +359,7 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 		const char *channel = ch == CHANNEL_EMAIL ? "email" : "mobile";
 		Oid			types[5] = {INT8OID, TEXTOID, TEXTOID, INT8OID, TEXTOID};
 		Datum		args[5] = {Int64GetDatum(user_id), CStringGetTextDatum(channel),
-			CStringGetTextDatum(action->text), Int64GetDatum(lead->id),
+			CStringGetTextDatum(message), Int64GetDatum(lead->id),
 		CStringGetTextDatum(lead->title)};
 		Datum		payload;
 		bool		isnull;
@@ -381,6 +406,74 @@ send_email(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 	}
 	id = enqueue(rule, action, lead, ev, "email", to, payload_json(keys, values, 2), NULL);
 	action_history(rule, action, lead, NULL, queued_json(id), NULL);
+}
+
+/* Queues a signed POST of the lead and event; the drain sends it. */
+static void
+webhook(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
+{
+	Oid			types[4] = {INT8OID, TEXTOID, INT4OID, TEXTOID};
+	Datum		args[4] = {Int64GetDatum(lead->id),
+		CStringGetTextDatum(nocrm_event_names[ev->event]), Int32GetDatum(rule->id),
+	CStringGetTextDatum(lead->title ? lead->title : "")};
+	Datum		payload;
+	bool		isnull;
+	int64		id;
+
+	/* The lead as it is now, or what is left of it after lead.deleted. */
+	nocrm_plan(&plan_webhook_payload,
+			   "SELECT jsonb_build_object("
+			   "  'event', $2, 'automation_id', $3,"
+			   "  'automation', (SELECT name FROM nocrm.automations WHERE id = $3),"
+			   "  'occurred_at', now(),"
+			   "  'lead', coalesce((SELECT to_jsonb(l) FROM nocrm.leads l WHERE l.id = $1),"
+			   "                   jsonb_build_object('id', $1, 'title', $4, 'deleted', true)),"
+			   "  'tags', coalesce((SELECT jsonb_agg(t.name ORDER BY t.name)"
+			   "                      FROM nocrm.tags t WHERE t.lead_id = $1), '[]'))",
+			   4, types);
+	(void) exec_one(plan_webhook_payload, args, NULL, &payload, &isnull);
+	id = enqueue(rule, action, lead, ev, "webhook", action->url, DatumGetJsonbP(payload), NULL);
+	action_history(rule, action, lead, NULL, queued_json(id), NULL);
+}
+
+/*
+ * Runs an action that was queued with a delay, now that it is due.  Returns
+ * NULL when it ran, or why it was not run (the item is then cancelled).
+ * The action runs as it was queued; the automation's current conditions are
+ * checked again unless the action says "recheck": false.
+ */
+const char *
+nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
+				  const char *event, Jsonb *definition)
+{
+	Rule	   *rule = nocrm_rule_by_id(automation_id);
+	LeadState	lead;
+	RaisedEvent ev;
+	RuleAction *action;
+
+	if (rule == NULL)
+	{
+		Oid			types[1] = {INT4OID};
+		Datum		args[1] = {Int32GetDatum(automation_id)};
+
+		nocrm_plan(&plan_automation_exists,
+				   "SELECT 1 FROM nocrm.automations WHERE id = $1", 1, types);
+		return exec_one(plan_automation_exists, args, NULL, NULL, NULL)
+			? "the automation is disabled" : "the automation was deleted";
+	}
+	if (!nocrm_lead_fetch(lead_id, &lead))
+		return "the lead was deleted";
+	action = nocrm_compile_action(rule->name, rule->event, definition, action_no);
+	action->delayed = false;
+	if (action->recheck && !nocrm_conditions_hold(rule, &lead))
+		return "its conditions no longer hold";
+
+	memset(&ev, 0, sizeof(ev));
+	ev.event = nocrm_event_from_name(event);
+	if (ev.event == EV_COUNT)
+		ev.event = rule->event;
+	nocrm_run_as_automation(rule, action, &lead, &ev);
+	return NULL;
 }
 
 void
@@ -437,6 +530,9 @@ nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *e
 			break;
 		case ACT_SEND_EMAIL:
 			send_email(rule, action, lead, ev);
+			break;
+		case ACT_WEBHOOK:
+			webhook(rule, action, lead, ev);
 			break;
 		case ACT_COUNT:
 			elog(ERROR, "unexpected action kind");

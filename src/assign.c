@@ -196,6 +196,14 @@ nocrm_flush_assignments_trigger(PG_FUNCTION_ARGS)
 	return PointerGetDatum(NULL);
 }
 
+/* Writes pending increments now, outside any chain (for callers with no statement trigger). */
+void
+nocrm_assign_flush(void)
+{
+	if (npending > 0 && nocrm_chain_depth() == 0)
+		flush_pending();
+}
+
 /* Increments of an aborted (sub)transaction never happened. */
 void
 nocrm_assign_subxact_abort(SubTransactionId subid)

@@ -36,6 +36,7 @@ const char *const nocrm_action_names[ACT_COUNT] = {
 	[ACT_COMMENT] = "comment",
 	[ACT_NOTIFY] = "notify",
 	[ACT_SEND_EMAIL] = "send_email",
+	[ACT_WEBHOOK] = "webhook",
 };
 
 /* Arguments each action accepts besides "type" and "delay"; first ones required. */
@@ -55,6 +56,7 @@ static const struct
 	[ACT_COMMENT] = {{"body"}, {NULL}},
 	[ACT_NOTIFY] = {{"user", "message"}, {"channels"}},
 	[ACT_SEND_EMAIL] = {{"template"}, {"to"}},
+	[ACT_WEBHOOK] = {{"url"}, {NULL}},
 };
 
 #define STATUS_LIST "todo, standby, won, lost, cancelled"
@@ -450,7 +452,8 @@ text_array(char **items, int n)
 static bool
 event_changes_lead_forbidden(NocrmEvent event, ActionKind kind)
 {
-	return event == EV_DELETED && kind != ACT_NOTIFY && kind != ACT_SEND_EMAIL;
+	return event == EV_DELETED && kind != ACT_NOTIFY && kind != ACT_SEND_EMAIL &&
+		kind != ACT_WEBHOOK;
 }
 
 /* Points error details at one argument of an action. */
@@ -481,7 +484,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 	type = getKeyJsonValueFromContainer(c, "type", 4, NULL);
 	if (type == NULL)
 		invalid(cx, "the action has no \"type\"",
-				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify and send_email.");
+				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify, send_email and webhook.");
 	if (type->type != jbvString)
 		invalid(cx, psprintf("an action type must be a string, not %s", jtype(type)),
 				"Write e.g. \"type\": \"add_tags\".");
@@ -491,7 +494,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 				kind = i;
 	if (kind < 0)
 		invalid(cx, psprintf("unknown action type %s", jdisplay(type)),
-				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify and send_email.");
+				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify, send_email and webhook.");
 
 	memset(a, 0, sizeof(RuleAction));
 	a->kind = (ActionKind) kind;
@@ -502,7 +505,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 	if (event_changes_lead_forbidden(event, a->kind))
 		invalid(cx, psprintf("action %s cannot run on lead.deleted: the lead is gone",
 							 nocrm_action_names[kind]),
-				"On lead.deleted use notify or send_email.");
+				"On lead.deleted use notify, send_email or webhook.");
 
 	/* Every key must be known: a misspelt argument is an error, not a silent default. */
 	it = JsonbIteratorInit(c);
@@ -513,7 +516,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 		if (tok != WJB_KEY)
 			continue;
 		key = jstring(&k);
-		if (strcmp(key, "type") != 0 && strcmp(key, "delay") != 0 &&
+		if (strcmp(key, "type") != 0 && strcmp(key, "delay") != 0 && strcmp(key, "recheck") != 0 &&
 			!is_key(key, action_args[kind].required, 2) &&
 			!is_key(key, action_args[kind].optional, 2))
 			invalid(cx, psprintf("unknown argument %s for action %s",
@@ -538,10 +541,26 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 	{
 		JsonbValue *delay = action_arg(cx, c, no, a->kind, "delay");
 
+		JsonbValue *recheck;
+
 		if (delay && delay->type != jbvNull)
 		{
 			parse_delay(cx, delay, &a->delay);
 			a->delayed = true;
+			if (event == EV_DELETED)
+				invalid(cx, "a delayed action cannot run on lead.deleted: the lead will be gone",
+						"Run it at once (leave \"delay\" out).");
+		}
+		a->recheck = true;
+		recheck = action_arg(cx, c, no, a->kind, "recheck");
+		if (recheck)
+		{
+			if (recheck->type != jbvBool)
+				invalid(cx, psprintf("recheck must be true or false, not %s", jtype(recheck)), NULL);
+			if (!a->delayed)
+				invalid(cx, "recheck only applies to a delayed action",
+						"Add a \"delay\", or leave \"recheck\" out.");
+			a->recheck = recheck->val.boolean;
 		}
 	}
 
@@ -626,6 +645,16 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 										 m->val.string.len, MAX_MESSAGE_BYTES),
 							"Shorten the message; link to the lead for details.");
 				a->text = jstring(m);
+				{
+					bool		unclosed;
+					char	   *unknown = nocrm_unknown_placeholder(a->text, &unclosed);
+
+					if (unknown)
+						invalid(cx, psprintf("unknown placeholder {{%s}} in message", unknown),
+								"Placeholders are those of email templates, e.g. {{lead.title}} or {{owner.name}}.");
+					if (unclosed)
+						invalid(cx, "unclosed placeholder in message", "Close it, e.g. {{lead.title}}.");
+				}
 				a->channels = CHANNEL_BROWSER;
 				ch = action_arg(cx, c, no, a->kind, "channels");
 				if (ch)
@@ -653,9 +682,41 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 				}
 				break;
 			}
+		case ACT_WEBHOOK:
+			{
+				JsonbValue *url = action_arg(cx, c, no, a->kind, "url");
+
+				if (url->type != jbvString)
+					invalid(cx, psprintf("url must be a string, not %s", jtype(url)), NULL);
+				a->url = jstring(url);
+				if ((strncmp(a->url, "http://", 7) != 0 && strncmp(a->url, "https://", 8) != 0) ||
+					strpbrk(a->url, " \t\r\n") != NULL || strlen(a->url) > 2000)
+					invalid(cx, psprintf("url %s is not an http(s) URL", quote_literal_cstr(a->url)),
+							"Write e.g. \"https://hooks.example.com/crm\".");
+				break;
+			}
 		case ACT_COUNT:
 			break;
 	}
+}
+
+/*
+ * Compiles one action on its own: a delayed action is run from the
+ * definition it was queued with, which may differ from the automation's
+ * current one.
+ */
+RuleAction *
+nocrm_compile_action(const char *automation, NocrmEvent event, Jsonb *definition, int action_no)
+{
+	DefContext	cx = {automation, "action"};
+	RuleAction *a = palloc0(sizeof(RuleAction));
+	JsonbValue	v;
+
+	v.type = jbvBinary;
+	v.val.binary.data = &definition->root;
+	v.val.binary.len = VARSIZE(definition) - VARHDRSZ;
+	compile_action(&cx, event, &v, action_no, a);
+	return a;
 }
 
 static void

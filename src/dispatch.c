@@ -151,6 +151,29 @@ run_rule(Rule *rule, LeadState *lead, RaisedEvent *ev)
 }
 
 /*
+ * Runs one action as the given automation, outside any event: used for
+ * delayed actions when they fall due.  Its changes chain as usual.
+ */
+void
+nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
+{
+	nocrm_rules_pin();
+	chain[chain_len++] = rule->id;
+	PG_TRY();
+	{
+		nocrm_run_action(rule, action, lead, ev);
+	}
+	PG_FINALLY();
+	{
+		chain_len--;
+		nocrm_rules_unpin();
+	}
+	PG_END_TRY();
+	/* No outer statement will write round-robin counts for us. */
+	nocrm_assign_flush();
+}
+
+/*
  * Has an automation already undone or replaced what this event reports?
  * E.g. a lead inserted without owner and assigned by a lead.creation rule is
  * no longer unassigned: its lead.unassigned is dropped, the assignment

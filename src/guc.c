@@ -15,6 +15,31 @@ int			nocrm_history_level = HISTORY_ALL;
 bool		nocrm_automations_enabled = true;
 char	   *nocrm_actor = NULL;
 
+char	   *nocrm_smtp_url = NULL;
+char	   *nocrm_smtp_user = NULL;
+char	   *nocrm_smtp_password = NULL;
+int			nocrm_smtp_tls = SMTP_TLS_TRY;
+char	   *nocrm_mail_from = NULL;
+char	   *nocrm_push_url = NULL;
+char	   *nocrm_webhook_secret = NULL;
+int			nocrm_connect_timeout_ms = 5000;
+int			nocrm_request_timeout_ms = 20000;
+int			nocrm_drain_batch_size = 100;
+int			nocrm_drain_run_seconds = 55;
+int			nocrm_drain_poll_ms = 200;
+int			nocrm_lease_seconds = 300;
+int			nocrm_max_attempts = 8;
+int			nocrm_retry_base_seconds = 30;
+int			nocrm_retry_max_seconds = 3600;
+int			nocrm_queue_retention_seconds = 7 * 24 * 3600;
+
+static const struct config_enum_entry tls_options[] = {
+	{"none", SMTP_TLS_NONE, false},
+	{"try", SMTP_TLS_TRY, false},
+	{"require", SMTP_TLS_REQUIRE, false},
+	{NULL, 0, false}
+};
+
 static const struct config_enum_entry history_options[] = {
 	{"none", HISTORY_NONE, false},
 	{"actions", HISTORY_ACTIONS, false},
@@ -61,6 +86,67 @@ nocrm_define_gucs(void)
 							 PGC_SUSET,
 							 0,
 							 NULL, NULL, NULL);
+
+	/* Delivery.  Credentials are superuser-only and hidden from others. */
+	DefineCustomStringVariable("nocrm.smtp_url",
+							   "SMTP server for outgoing mail, e.g. smtp://mail.example.com:587 or smtps://...:465.",
+							   NULL, &nocrm_smtp_url, "", PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.smtp_user", "SMTP user name.", NULL,
+							   &nocrm_smtp_user, "", PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.smtp_password", "SMTP password.", NULL,
+							   &nocrm_smtp_password, "", PGC_SUSET,
+							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   NULL, NULL, NULL);
+	DefineCustomEnumVariable("nocrm.smtp_tls",
+							 "TLS for SMTP: none, try (STARTTLS when offered) or require.",
+							 NULL, &nocrm_smtp_tls, SMTP_TLS_TRY, tls_options,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.mail_from", "Sender address of automated mail.", NULL,
+							   &nocrm_mail_from, "butler@nocrm.invalid", PGC_SUSET, 0,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.push_url",
+							   "Push gateway URL that notify's mobile channel POSTs JSON to.",
+							   NULL, &nocrm_push_url, "", PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.webhook_secret",
+							   "Key of the HMAC-SHA256 signature of webhook bodies (X-Nocrm-Signature).",
+							   NULL, &nocrm_webhook_secret, "", PGC_SUSET,
+							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.connect_timeout", "Timeout to connect to a mail or HTTP server.",
+							NULL, &nocrm_connect_timeout_ms, 5000, 100, 600000,
+							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.request_timeout", "Timeout of one delivery, connection included.",
+							NULL, &nocrm_request_timeout_ms, 20000, 100, 3600000,
+							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	/* The drain */
+	DefineCustomIntVariable("nocrm.drain_batch_size", "Queue items one drain claims at a time.",
+							NULL, &nocrm_drain_batch_size, 100, 1, 10000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.drain_run_time",
+							"How long one CALL nocrm.drain() keeps polling (pg_cron starts one a minute).",
+							NULL, &nocrm_drain_run_seconds, 55, 0, 3600,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.drain_poll_interval", "Pause of an idle drain between polls.",
+							NULL, &nocrm_drain_poll_ms, 200, 10, 60000,
+							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.lease_time",
+							"How long a claimed item is reserved; after that another drain may take it.",
+							NULL, &nocrm_lease_seconds, 300, 1, 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.max_attempts", "Delivery attempts before an item is dead.",
+							NULL, &nocrm_max_attempts, 8, 1, 1000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.retry_base", "First retry delay; it doubles per attempt, with jitter.",
+							NULL, &nocrm_retry_base_seconds, 30, 0, 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.retry_max", "Longest retry delay.",
+							NULL, &nocrm_retry_max_seconds, 3600, 0, 7 * 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.queue_retention",
+							"How long delivered and cancelled items are kept before pruning.",
+							NULL, &nocrm_queue_retention_seconds, 7 * 24 * 3600, 0, INT_MAX,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("nocrm");
 }

@@ -50,6 +50,7 @@ typedef enum ActionKind
 	ACT_COMMENT,
 	ACT_NOTIFY,
 	ACT_SEND_EMAIL,
+	ACT_WEBHOOK,
 	ACT_COUNT
 } ActionKind;
 
@@ -83,6 +84,8 @@ typedef struct RuleAction
 	int			channels;		/* notify */
 	const char *template_name;	/* send_email */
 	const char *to;				/* send_email recipient, NULL = lead contact */
+	const char *url;			/* webhook */
+	bool		recheck;		/* delayed: check conditions again when due */
 	Jsonb	   *definition;		/* the action as written, for the queue */
 } RuleAction;
 
@@ -148,6 +151,29 @@ extern int	nocrm_history_level;
 extern bool nocrm_automations_enabled;
 extern char *nocrm_actor;
 
+/* delivery settings */
+extern char *nocrm_smtp_url;
+extern char *nocrm_smtp_user;
+extern char *nocrm_smtp_password;
+extern int	nocrm_smtp_tls;
+extern char *nocrm_mail_from;
+extern char *nocrm_push_url;
+extern char *nocrm_webhook_secret;
+extern int	nocrm_connect_timeout_ms;
+extern int	nocrm_request_timeout_ms;
+extern int	nocrm_drain_batch_size;
+extern int	nocrm_drain_run_seconds;
+extern int	nocrm_drain_poll_ms;
+extern int	nocrm_lease_seconds;
+extern int	nocrm_max_attempts;
+extern int	nocrm_retry_base_seconds;
+extern int	nocrm_retry_max_seconds;
+extern int	nocrm_queue_retention_seconds;
+
+#define SMTP_TLS_NONE		0
+#define SMTP_TLS_TRY		1
+#define SMTP_TLS_REQUIRE	2
+
 #define HISTORY_NONE		0
 #define HISTORY_ACTIONS		1
 #define HISTORY_ALL			2
@@ -167,6 +193,8 @@ extern bool nocrm_column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int att
 extern Rule *nocrm_compile_rule(int32 id, const char *name, const char *event,
 								const char *target, Jsonb *conditions, Jsonb *actions);
 extern NocrmEvent nocrm_event_from_name(const char *name);
+extern RuleAction *nocrm_compile_action(const char *automation, NocrmEvent event, Jsonb *definition,
+										int action_no);
 
 /* rules.c: the per-backend rule cache */
 extern void nocrm_rules_init(void);
@@ -177,6 +205,8 @@ extern void nocrm_rules_reset_pins(void);
 extern Oid	nocrm_automations_relid(void);
 extern uint64 nocrm_rules_generation(void);
 extern bool nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev);
+extern bool nocrm_conditions_hold(Rule *rule, LeadState *lead);
+extern Rule *nocrm_rule_by_id(int32 id);
 
 /* dispatch.c: run the rules for raised events */
 extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
@@ -184,6 +214,8 @@ extern int64 nocrm_current_actor(void);
 extern int	nocrm_chain_depth(void);
 extern int32 nocrm_chain_automation(void);
 extern void nocrm_dispatch_init(void);
+extern void nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead,
+									RaisedEvent *ev);
 
 /* history.c */
 extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,
@@ -199,8 +231,44 @@ extern void nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead,
 extern void nocrm_assign_subxact_abort(SubTransactionId subid);
 extern void nocrm_assign_subxact_commit(SubTransactionId subid, SubTransactionId parent);
 extern void nocrm_assign_xact_end(void);
+extern void nocrm_assign_flush(void);
 extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead,
 								 bool *found);
+
+/* templates.c */
+extern char *nocrm_render(const char *text, Jsonb *context);
+extern char *nocrm_unknown_placeholder(const char *text, bool *unclosed);
+
+/* delivery.c */
+typedef struct DeliveryHandles
+{
+	void	   *smtp;			/* CURL *, kept for a batch */
+	void	   *http;
+} DeliveryHandles;
+
+typedef struct DeliveryResult
+{
+	bool		ok;
+	bool		permanent;		/* retrying cannot help */
+	long		status;			/* SMTP or HTTP response code */
+	char	   *error;
+} DeliveryResult;
+
+extern void nocrm_delivery_begin(DeliveryHandles *h);
+extern void nocrm_delivery_end(DeliveryHandles *h);
+extern bool nocrm_valid_address(const char *addr);
+extern char *nocrm_build_message(const char *from, const char *to, const char *subject,
+								 const char *body, const char *idempotency_key);
+extern void nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message,
+							DeliveryResult *r);
+extern void nocrm_post_json(DeliveryHandles *h, const char *url, const char *body,
+							const char *idempotency_key, const char *event,
+							const char *signature_secret, DeliveryResult *r);
+extern char *nocrm_hmac_sha256_hex(const char *key, const char *data);
+
+/* delayed actions (actions.c) */
+extern const char *nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
+									 const char *event, Jsonb *definition);
 
 /* lead.c: reading lead rows */
 extern void nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc);

@@ -235,6 +235,22 @@ load_rules(void)
 	}
 }
 
+/* An enabled rule by id, or NULL.  Needs an SPI connection. */
+Rule *
+nocrm_rule_by_id(int32 id)
+{
+	for (int e = 0; e < EV_COUNT; e++)
+	{
+		int			n;
+		Rule	  **rules = nocrm_rules_for_event((NocrmEvent) e, &n);
+
+		for (int i = 0; i < n; i++)
+			if (rules[i]->id == id)
+				return rules[i];
+	}
+	return NULL;
+}
+
 /* The enabled rules for an event, in id order.  Needs an SPI connection. */
 Rule	  **
 nocrm_rules_for_event(NocrmEvent event, int *nrules)
@@ -303,6 +319,13 @@ nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev)
 	if (rule->event == EV_STEP_CHANGED &&
 		!int64_in(ev->to_step, rule->target_steps, rule->ntarget_steps))
 		return false;
+	return nocrm_conditions_hold(rule, lead);
+}
+
+/* The rule's conditions on the lead, cheap checks first, tags last. */
+bool
+nocrm_conditions_hold(Rule *rule, LeadState *lead)
+{
 	if (rule->status_mask && !(lead->status & rule->status_mask))
 		return false;
 	if (rule->unassigned_only && lead->has_owner)

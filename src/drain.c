@@ -1,0 +1,457 @@
+/*
+ * drain.c — CALL nocrm.drain(): delivers due queue items.
+ *
+ * pg_cron starts one run a minute; a run keeps going until its run time is
+ * up, so mail leaves within a poll interval of the commit that queued it.
+ * Each round: claim a batch (FOR UPDATE SKIP LOCKED, with a lease) and
+ * commit; run delayed actions in one transaction; send emails and POSTs
+ * with no transaction work in flight; record the outcomes and commit.  A
+ * drain that dies leaves its claimed items to the next run once the lease
+ * ends; every item keeps one idempotency key across attempts.
+ */
+#include "nocrm.h"
+
+#include "access/xact.h"
+#include "common/pg_prng.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "pgstat.h"
+#include "storage/latch.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+PG_FUNCTION_INFO_V1(nocrm_drain);
+
+typedef enum ItemKind
+{
+	ITEM_EMAIL,
+	ITEM_MOBILE,
+	ITEM_WEBHOOK,
+	ITEM_ACTION
+} ItemKind;
+
+typedef struct QueueItem
+{
+	int64		id;
+	ItemKind	kind;
+	char	   *recipient;
+	char	   *idempotency_key;
+	int			attempts;
+	char	   *event;
+	int32		automation_id;
+	int			action_no;
+	int64		lead_id;
+	Jsonb	   *payload;
+	char	   *subject;		/* rendered, for emails */
+	char	   *body;			/* rendered email body, or the JSON to POST */
+	/* outcome */
+	const char *state;
+	char	   *error;
+	bool		retry;
+} QueueItem;
+
+static SPIPlanPtr plan_claim,
+			plan_record,
+			plan_prune;
+
+static ItemKind
+kind_from_text(const char *kind)
+{
+	if (strcmp(kind, "email") == 0)
+		return ITEM_EMAIL;
+	if (strcmp(kind, "mobile") == 0)
+		return ITEM_MOBILE;
+	if (strcmp(kind, "webhook") == 0)
+		return ITEM_WEBHOOK;
+	return ITEM_ACTION;
+}
+
+static char *
+text_col(HeapTuple tuple, TupleDesc desc, int col)
+{
+	return SPI_getvalue(tuple, desc, col);
+}
+
+/* The mobile push body: what the gateway needs to reach the user. */
+static char *
+push_body(QueueItem *item)
+{
+	JsonbValue *v;
+	JsonbParseState *state = NULL;
+	JsonbValue	k,
+				key;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	{
+		JsonbIterator *it = JsonbIteratorInit(&item->payload->root);
+		JsonbIteratorToken tok;
+		JsonbValue	jv;
+
+		while ((tok = JsonbIteratorNext(&it, &jv, true)) != WJB_DONE)
+			if (tok == WJB_KEY || tok == WJB_VALUE)
+				pushJsonbValue(&state, tok, &jv);
+	}
+	k.type = jbvString;
+	k.val.string.val = "idempotency_key";
+	k.val.string.len = strlen(k.val.string.val);
+	key.type = jbvString;
+	key.val.string.val = item->idempotency_key;
+	key.val.string.len = strlen(item->idempotency_key);
+	pushJsonbValue(&state, WJB_KEY, &k);
+	v = pushJsonbValue(&state, WJB_VALUE, &key);
+	v = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	return JsonbToCString(NULL, &JsonbValueToJsonb(v)->root, 0);
+}
+
+/*
+ * Claims up to batch_size due items (and items whose lease ran out) and
+ * renders them, all into memory that survives the commit.
+ */
+static int
+claim(QueueItem **items, const char *token, MemoryContext keep)
+{
+	Oid			types[3] = {INT4OID, INT4OID, UUIDOID};
+	Datum		args[3];
+	int			ret;
+	int			n;
+	MemoryContext old;
+
+	nocrm_plan(&plan_claim,
+			   "WITH claimed AS ("
+			   "  UPDATE nocrm.queue q"
+			   "     SET state = 'processing', attempts = q.attempts + 1,"
+			   "         lease_until = now() + make_interval(secs => $2),"
+			   "         claim_token = $3, last_attempt_at = now()"
+			   "   WHERE q.id IN (SELECT id FROM nocrm.queue"
+			   "                   WHERE (state = 'pending' AND run_at <= now())"
+			   "                      OR (state = 'processing' AND lease_until < now())"
+			   "                   ORDER BY run_at, id LIMIT $1"
+			   "                   FOR UPDATE SKIP LOCKED)"
+			   "  RETURNING q.*)"
+			   " SELECT c.id, c.kind, c.recipient, c.idempotency_key, c.attempts, c.event,"
+			   "        c.automation_id, c.action_no, c.lead_id, c.payload, t.subject, t.body,"
+			   "        nocrm.template_context(c.lead_id, c.payload, c.automation_id, c.event)"
+			   "   FROM claimed c"
+			   "   LEFT JOIN nocrm.email_templates t ON c.kind = 'email'"
+			   "        AND t.name = coalesce(c.payload ->> 'template', 'notification')"
+			   "  ORDER BY c.run_at, c.id",
+			   3, types);
+	args[0] = Int32GetDatum(nocrm_drain_batch_size);
+	args[1] = Int32GetDatum(nocrm_lease_seconds);
+	args[2] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
+	ret = SPI_execute_plan(plan_claim, args, NULL, false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "claiming queue items failed: %s", SPI_result_code_string(ret));
+
+	n = (int) SPI_processed;
+	old = MemoryContextSwitchTo(keep);
+	*items = palloc0(sizeof(QueueItem) * (n + 1));
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		QueueItem  *item = &(*items)[i];
+		bool		isnull;
+		Datum		d;
+		char	   *subject = text_col(tup, desc, 11);
+		char	   *body = text_col(tup, desc, 12);
+		Jsonb	   *context;
+
+		item->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		item->kind = kind_from_text(text_col(tup, desc, 2));
+		item->recipient = text_col(tup, desc, 3);
+		item->idempotency_key = text_col(tup, desc, 4);
+		item->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		item->event = text_col(tup, desc, 6);
+		d = SPI_getbinval(tup, desc, 7, &isnull);
+		item->automation_id = isnull ? 0 : DatumGetInt32(d);
+		d = SPI_getbinval(tup, desc, 8, &isnull);
+		item->action_no = isnull ? 0 : DatumGetInt32(d);
+		d = SPI_getbinval(tup, desc, 9, &isnull);
+		item->lead_id = isnull ? 0 : DatumGetInt64(d);
+		item->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 10, &isnull));
+		context = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 13, &isnull));
+
+		switch (item->kind)
+		{
+			case ITEM_EMAIL:
+				if (subject == NULL)
+				{
+					item->state = "dead";
+					item->error = psprintf("email template \"%s\" does not exist",
+										   text_col(tup, desc, 10));
+					break;
+				}
+				item->subject = nocrm_render(subject, context);
+				item->body = nocrm_render(body, context);
+				break;
+			case ITEM_MOBILE:
+				item->body = push_body(item);
+				break;
+			case ITEM_WEBHOOK:
+				item->body = JsonbToCString(NULL, &item->payload->root, 0);
+				break;
+			case ITEM_ACTION:
+				break;
+		}
+	}
+	MemoryContextSwitchTo(old);
+	return n;
+}
+
+/* Exponential backoff with jitter: base * 2^(attempt-1) * [0.5, 1.5), capped. */
+static double
+backoff_seconds(int attempts)
+{
+	double		delay = nocrm_retry_base_seconds;
+
+	for (int i = 1; i < attempts && delay < nocrm_retry_max_seconds; i++)
+		delay *= 2;
+	delay = Min(delay, (double) nocrm_retry_max_seconds);
+	return delay * (0.5 + pg_prng_double(&pg_global_prng_state));
+}
+
+static void
+outcome(QueueItem *item, DeliveryResult *r)
+{
+	if (r->ok)
+		item->state = "done";
+	else if (r->permanent || item->attempts >= nocrm_max_attempts)
+	{
+		item->state = "dead";
+		item->error = r->error;
+	}
+	else
+	{
+		item->state = "pending";
+		item->retry = true;
+		item->error = r->error;
+	}
+}
+
+static void
+deliver(DeliveryHandles *h, QueueItem *item)
+{
+	DeliveryResult r;
+
+	switch (item->kind)
+	{
+		case ITEM_EMAIL:
+			nocrm_send_mail(h, item->recipient,
+							nocrm_build_message(nocrm_mail_from, item->recipient, item->subject,
+												item->body, item->idempotency_key),
+							&r);
+			break;
+		case ITEM_MOBILE:
+			nocrm_post_json(h, nocrm_push_url, item->body, item->idempotency_key,
+							item->event, NULL, &r);
+			break;
+		case ITEM_WEBHOOK:
+			nocrm_post_json(h, item->recipient, item->body, item->idempotency_key,
+							item->event, nocrm_webhook_secret, &r);
+			break;
+		case ITEM_ACTION:
+			return;
+	}
+	outcome(item, &r);
+}
+
+/* Runs each due delayed action in its own subtransaction. */
+static void
+run_actions(QueueItem *items, int n, MemoryContext keep)
+{
+	for (int i = 0; i < n; i++)
+	{
+		QueueItem  *item = &items[i];
+		MemoryContext oldcontext = CurrentMemoryContext;
+		ResourceOwner oldowner = CurrentResourceOwner;
+
+		if (item->kind != ITEM_ACTION || item->state != NULL)
+			continue;
+		BeginInternalSubTransaction(NULL);
+		PG_TRY();
+		{
+			const char *why = nocrm_run_delayed(item->automation_id, item->action_no,
+												item->lead_id, item->event, item->payload);
+
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcontext);
+			CurrentResourceOwner = oldowner;
+			item->state = why ? "cancelled" : "done";
+			item->error = why ? MemoryContextStrdup(keep, why) : NULL;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+			DeliveryResult r;
+
+			MemoryContextSwitchTo(keep);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcontext);
+			CurrentResourceOwner = oldowner;
+			memset(&r, 0, sizeof(r));
+			r.error = edata->message;
+			outcome(item, &r);
+		}
+		PG_END_TRY();
+	}
+}
+
+static void
+record(QueueItem *items, int n, const char *token)
+{
+	Oid			types[5] = {INT8OID, TEXTOID, TEXTOID, FLOAT8OID, UUIDOID};
+
+	nocrm_plan(&plan_record,
+			   "UPDATE nocrm.queue"
+			   "   SET state = $2, last_error = coalesce($3, last_error),"
+			   "       run_at = CASE WHEN $4 IS NULL THEN run_at"
+			   "                     ELSE now() + make_interval(secs => $4) END,"
+			   "       delivered_at = CASE WHEN $2 = 'done' THEN clock_timestamp() END,"
+			   "       lease_until = NULL, claim_token = NULL"
+			   " WHERE id = $1 AND claim_token = $5",
+			   5, types);
+	for (int i = 0; i < n; i++)
+	{
+		QueueItem  *item = &items[i];
+		Datum		args[5];
+		char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+		int			ret;
+
+		args[0] = Int64GetDatum(item->id);
+		args[1] = CStringGetTextDatum(item->state ? item->state : "pending");
+		args[2] = item->error ? CStringGetTextDatum(item->error) : (Datum) 0;
+		nulls[2] = item->error ? ' ' : 'n';
+		args[3] = Float8GetDatum(item->retry ? backoff_seconds(item->attempts) : 0);
+		nulls[3] = item->retry ? ' ' : 'n';
+		args[4] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
+		/* A row re-claimed by another drain after our lease ran out is theirs now. */
+		ret = SPI_execute_plan(plan_record, args, nulls, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "recording a delivery failed: %s", SPI_result_code_string(ret));
+	}
+}
+
+static void
+prune(void)
+{
+	Oid			types[1] = {INT4OID};
+	Datum		args[1] = {Int32GetDatum(nocrm_queue_retention_seconds)};
+	int			ret;
+
+	nocrm_plan(&plan_prune,
+			   "DELETE FROM nocrm.queue WHERE id IN ("
+			   "  SELECT id FROM nocrm.queue"
+			   "   WHERE state IN ('done', 'cancelled')"
+			   "     AND coalesce(delivered_at, last_attempt_at, created_at)"
+			   "         < now() - make_interval(secs => $1)"
+			   "   LIMIT 1000 FOR UPDATE SKIP LOCKED)",
+			   1, types);
+	ret = SPI_execute_plan(plan_prune, args, NULL, false, 0);
+	if (ret != SPI_OK_DELETE)
+		elog(ERROR, "pruning the queue failed: %s", SPI_result_code_string(ret));
+}
+
+static char *
+new_token(void)
+{
+	char	   *buf = palloc(37);
+	uint8		b[16];
+
+	for (int i = 0; i < 16; i++)
+		b[i] = (uint8) pg_prng_uint32(&pg_global_prng_state);
+	b[6] = (b[6] & 0x0f) | 0x40;
+	b[8] = (b[8] & 0x3f) | 0x80;
+	snprintf(buf, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+			 b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9],
+			 b[10], b[11], b[12], b[13], b[14], b[15]);
+	return buf;
+}
+
+/*
+ * CALL nocrm.drain(run_time => NULL): run_time in seconds, NULL = the
+ * nocrm.drain_run_time setting, 0 = until nothing is due now.
+ */
+Datum
+nocrm_drain(PG_FUNCTION_ARGS)
+{
+	CallContext *call = (CallContext *) fcinfo->context;
+	double		run_time = PG_ARGISNULL(0) ? nocrm_drain_run_seconds : PG_GETARG_FLOAT8(0);
+	TimestampTz deadline;
+	MemoryContext keep;
+	DeliveryHandles handles;
+	int			round = 0;
+
+	if (call == NULL || !IsA(call, CallContext) || call->atomic)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("nocrm.drain() must be run with CALL outside a transaction block"),
+				 errdetail("It commits after each batch and sends mail between transactions."),
+				 errhint("Run CALL nocrm.drain(); on its own, as pg_cron does.")));
+	if (run_time < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("run_time must not be negative"),
+				 errhint("Give seconds, or 0 to stop as soon as nothing is due.")));
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) (run_time * 1000));
+
+	keep = AllocSetContextCreate(TopMemoryContext, "nocrm drain", ALLOCSET_DEFAULT_SIZES);
+	if (SPI_connect_ext(SPI_OPT_NONATOMIC) != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	nocrm_delivery_begin(&handles);
+	PG_TRY();
+	{
+		for (;;)
+		{
+			QueueItem  *items;
+			char	   *token;
+			int			n;
+			MemoryContext old;
+
+			CHECK_FOR_INTERRUPTS();
+			MemoryContextReset(keep);
+			old = MemoryContextSwitchTo(keep);
+			token = new_token();
+			MemoryContextSwitchTo(old);
+
+			if (round++ % 50 == 0)
+			{
+				prune();
+				SPI_commit();
+			}
+			n = claim(&items, token, keep);
+			SPI_commit();
+
+			if (n > 0)
+			{
+				run_actions(items, n, keep);
+				SPI_commit();
+				for (int i = 0; i < n; i++)
+					if (items[i].state == NULL)
+						deliver(&handles, &items[i]);
+				record(items, n, token);
+				SPI_commit();
+				continue;		/* more may be due at once */
+			}
+			if (GetCurrentTimestamp() >= deadline)
+				break;
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 nocrm_drain_poll_ms, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+	}
+	PG_FINALLY();
+	{
+		nocrm_delivery_end(&handles);
+		MemoryContextDelete(keep);
+	}
+	PG_END_TRY();
+	SPI_finish();
+	PG_RETURN_VOID();
+}

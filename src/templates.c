@@ -1,0 +1,253 @@
+/*
+ * templates.c — email templates: {{placeholder}} checking when a template is
+ * saved, and rendering.
+ *
+ * Rendering substitutes text only, in one pass: a value that itself contains
+ * "{{...}}" is copied as it is, never expanded again, and nothing from a
+ * lead is ever evaluated.
+ */
+#include "nocrm.h"
+
+#include "commands/trigger.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "access/htup_details.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+
+PG_FUNCTION_INFO_V1(nocrm_template_validate_trigger);
+PG_FUNCTION_INFO_V1(nocrm_render_template);
+
+static const char *const placeholders[] = {
+	"lead.id", "lead.title", "lead.amount", "lead.status", "lead.probability",
+	"lead.description", "lead.contact_email", "lead.pipeline", "lead.step",
+	"lead.next_action_at", "lead.created_at",
+	"owner.name", "owner.email",
+	"butler.name", "butler.email",
+	"user.name", "user.email",
+	"automation.name", "event", "message",
+	NULL
+};
+
+#define PLACEHOLDER_LIST "lead.id, lead.title, lead.amount, lead.status, lead.probability, " \
+	"lead.description, lead.contact_email, lead.pipeline, lead.step, lead.next_action_at, " \
+	"lead.created_at, owner.name, owner.email, butler.name, butler.email, user.name, " \
+	"user.email, automation.name, event and message"
+
+static bool
+known_placeholder(const char *name, int len)
+{
+	for (int i = 0; placeholders[i]; i++)
+		if (strlen(placeholders[i]) == len && strncmp(placeholders[i], name, len) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * Finds the next "{{ name }}" at or after *pos.  Returns false at the end.
+ * Sets the placeholder's span [start, end) and its trimmed name.
+ */
+static bool
+next_placeholder(const char *text, const char **pos, const char **start,
+				 const char **end, const char **name, int *namelen, bool *unclosed)
+{
+	const char *open = strstr(*pos, "{{");
+	const char *close;
+
+	*unclosed = false;
+	if (open == NULL)
+		return false;
+	close = strstr(open + 2, "}}");
+	if (close == NULL)
+	{
+		*unclosed = true;
+		*start = open;
+		return false;
+	}
+	*start = open;
+	*end = close + 2;
+	*name = open + 2;
+	while (**name == ' ')
+		(*name)++;
+	*namelen = close - *name;
+	while (*namelen > 0 && (*name)[*namelen - 1] == ' ')
+		(*namelen)--;
+	*pos = *end;
+	return true;
+}
+
+/*
+ * The first unknown placeholder in text, or NULL; *unclosed tells of a "{{"
+ * without "}}".  Used for rule messages, which take the same placeholders.
+ */
+char *
+nocrm_unknown_placeholder(const char *text, bool *unclosed)
+{
+	const char *pos = text;
+	const char *start,
+			   *end,
+			   *name;
+	int			namelen;
+
+	while (next_placeholder(text, &pos, &start, &end, &name, &namelen, unclosed))
+		if (!known_placeholder(name, namelen))
+			return pnstrdup(name, namelen);
+	return NULL;
+}
+
+static void
+check_template_text(const char *template_name, const char *field, const char *text)
+{
+	const char *pos = text;
+	const char *start,
+			   *end,
+			   *name;
+	int			namelen;
+	bool		unclosed;
+
+	while (next_placeholder(text, &pos, &start, &end, &name, &namelen, &unclosed))
+		if (!known_placeholder(name, namelen))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown placeholder {{%.*s}} in the %s of template \"%s\"",
+							namelen, name, field, template_name),
+					 errdetail("Placeholders are %s.", PLACEHOLDER_LIST),
+					 errhint("Check the spelling, e.g. {{lead.title}}.")));
+	if (unclosed)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unclosed placeholder in the %s of template \"%s\"", field, template_name),
+				 errdetail("\"{{\" at \"%.20s\" has no matching \"}}\".", start),
+				 errhint("Close it, e.g. {{lead.title}}.")));
+}
+
+/* BEFORE INSERT OR UPDATE ON nocrm.email_templates */
+Datum
+nocrm_template_validate_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	char	   *name,
+			   *subject,
+			   *body;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+		elog(ERROR, "nocrm_template_validate_trigger: must be fired before, for each row");
+	tuple = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event)
+		? trigdata->tg_newtuple : trigdata->tg_trigtuple;
+	desc = trigdata->tg_relation->rd_att;
+	name = SPI_getvalue(tuple, desc, SPI_fnumber(desc, "name"));
+	subject = SPI_getvalue(tuple, desc, SPI_fnumber(desc, "subject"));
+	body = SPI_getvalue(tuple, desc, SPI_fnumber(desc, "body"));
+	if (name == NULL || subject == NULL || body == NULL)
+		return PointerGetDatum(tuple);	/* NOT NULL reports it */
+
+	check_template_text(name, "subject", subject);
+	check_template_text(name, "body", body);
+	if (strpbrk(subject, "\r\n") != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the subject of template \"%s\" contains a line break", name),
+				 errdetail("A subject is one header line."),
+				 errhint("Remove the line break.")));
+	return PointerGetDatum(tuple);
+}
+
+/*
+ * Renders a template against a context object mapping placeholder names to
+ * values ({"lead.title": "ACME", ...}).  Missing or null values render as
+ * empty text.
+ */
+char *
+nocrm_render(const char *text, Jsonb *context)
+{
+	StringInfoData out;
+	const char *pos = text;
+	const char *copied = text;
+	const char *start,
+			   *end,
+			   *name;
+	int			namelen;
+	bool		unclosed;
+
+	initStringInfo(&out);
+	while (next_placeholder(text, &pos, &start, &end, &name, &namelen, &unclosed))
+	{
+		JsonbValue *v;
+
+		appendBinaryStringInfo(&out, copied, start - copied);
+		copied = end;
+		v = context ? getKeyJsonValueFromContainer(&context->root, name, namelen, NULL) : NULL;
+		if (v == NULL || v->type == jbvNull)
+			continue;
+		if (v->type == jbvString)
+			appendBinaryStringInfo(&out, v->val.string.val, v->val.string.len);
+		else if (v->type == jbvNumeric)
+			appendStringInfoString(&out,
+								   DatumGetCString(DirectFunctionCall1(numeric_out,
+																	   NumericGetDatum(v->val.numeric))));
+		else if (v->type == jbvBool)
+			appendStringInfoString(&out, v->val.boolean ? "true" : "false");
+	}
+	appendStringInfoString(&out, copied);
+	return out.data;
+}
+
+/* nocrm.render_template(template, lead_id, message): (subject, body) */
+Datum
+nocrm_render_template(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Datum		values[2];
+	bool		nulls[2] = {false, false};
+	Oid			types[3] = {TEXTOID, INT8OID, TEXTOID};
+	Datum		args[3];
+	char		argnulls[3] = {' ', ' ', ' '};
+	int			ret;
+	bool		isnull;
+	char	   *subject,
+			   *body;
+	Jsonb	   *context;
+	HeapTuple	result;
+	MemoryContext caller = CurrentMemoryContext;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("template name must not be null")));
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "render_template must return a row");
+	desc = BlessTupleDesc(desc);
+
+	args[0] = PG_GETARG_DATUM(0);
+	args[1] = PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1);
+	argnulls[1] = PG_ARGISNULL(1) ? 'n' : ' ';
+	args[2] = PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2);
+	argnulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_with_args("SELECT t.subject, t.body,"
+								"       nocrm.template_context($2, jsonb_build_object('message', $3), NULL, NULL)"
+								"  FROM nocrm.email_templates t WHERE t.name = $1",
+								3, types, args, argnulls, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading template failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("template \"%s\" does not exist", TextDatumGetCString(args[0])),
+				 errhint("See nocrm.email_templates.")));
+	subject = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	body = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	context = DatumGetJsonbP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+	/* The result must outlive SPI_finish. */
+	MemoryContextSwitchTo(caller);
+	values[0] = CStringGetTextDatum(nocrm_render(subject, context));
+	values[1] = CStringGetTextDatum(nocrm_render(body, context));
+	result = heap_form_tuple(desc, values, nulls);
+	SPI_finish();
+	PG_RETURN_DATUM(HeapTupleGetDatum(result));
+}
