@@ -30,6 +30,11 @@ REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=$(srcdir)/test/
 ISOLATION = $(patsubst test/specs/%.spec,%,$(sort $(wildcard test/specs/*.spec)))
 ISOLATION_OPTS = --inputdir=test --temp-instance=./tmp_check_iso --temp-config=$(srcdir)/test/regress.conf
 
+# TAP tests (PostgreSQL::Test::Cluster): crashes, restarts, delivery against
+# the sinks in test/sinks.  They use ./tmp_check, hence the other temp dirs.
+TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)

@@ -238,14 +238,15 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 	long		code = 0;
 
 	memset(r, 0, sizeof(*r));
-	if (nocrm_smtp_url == NULL || nocrm_smtp_url[0] == '\0')
-	{
-		fail(r, false, "%s", "nocrm.smtp_url is not set");
-		return;
-	}
+	/* A bad address is final whatever the server settings; check it first. */
 	if (!nocrm_valid_address(to))
 	{
 		fail(r, true, "invalid recipient address \"%s\"", to);
+		return;
+	}
+	if (nocrm_smtp_url == NULL || nocrm_smtp_url[0] == '\0')
+	{
+		fail(r, false, "%s", "nocrm.smtp_url is not set");
 		return;
 	}
 	if (!nocrm_valid_address(nocrm_mail_from))

@@ -1,0 +1,49 @@
+-- Email templates: placeholders checked when saved, rendered as plain text.
+\i test/fixtures/crm.sql
+
+-- Every placeholder renders.
+INSERT INTO nocrm.email_templates (name, subject, body) VALUES ('everything', '{{ lead.title }} / {{event}}',
+  E'id={{lead.id}} title={{lead.title}} amount={{lead.amount}} status={{lead.status}} probability={{lead.probability}}\n'
+  'description={{lead.description}} contact={{lead.contact_email}} pipeline={{lead.pipeline}} step={{lead.step}}\n'
+  'next={{lead.next_action_at}} owner={{owner.name}} <{{owner.email}}> butler={{butler.name}} <{{butler.email}}>\n'
+  'user={{user.name}} automation={{automation.name}} message={{message}}');
+INSERT INTO nocrm.leads (title, pipeline_id, user_id, amount, probability, description, contact_email, next_action_at)
+VALUES ('Caffè Ü srl', 1, 2, 1234.50, 40, 'Espresso machines', 'bar@caffe.example', '2026-12-01 10:00+00');
+SELECT subject, body FROM nocrm.render_template('everything', 1, 'Hello');
+-- No lead, no message: empty values, never an error.
+SELECT subject, body FROM nocrm.render_template('everything', NULL);
+-- The Butler's new name shows at once.
+SELECT nocrm.set_butler('Alfred', 'alfred@crm.example');
+SELECT body LIKE '%butler=Alfred <alfred@crm.example>%' AS renamed FROM nocrm.render_template('everything', 1);
+
+-- Values are text: a lead whose data looks like a placeholder is not expanded again.
+UPDATE nocrm.leads SET title = '{{owner.email}} {{lead.title}} {{unknown}} {{', description = '{{butler.name}}' WHERE id = 1;
+SELECT subject FROM nocrm.render_template('everything', 1);
+SELECT substring(body from 'description=[^\n]*') AS description FROM nocrm.render_template('everything', 1);
+
+-- Refused when saved: unknown placeholder (subject or body), unclosed braces, a line break in the subject.
+\set VERBOSITY default
+INSERT INTO nocrm.email_templates (name, subject, body) VALUES ('bad1', 'Hi {{lead.name}}', 'x');
+INSERT INTO nocrm.email_templates (name, subject, body) VALUES ('bad2', 'Hi', 'Dear {{owner.nme }}');
+INSERT INTO nocrm.email_templates (name, subject, body) VALUES ('bad3', 'Hi', 'Dear {{owner.name');
+INSERT INTO nocrm.email_templates (name, subject, body) VALUES ('bad4', E'Hi\r\nBcc: x@example.com', 'x');
+UPDATE nocrm.email_templates SET body = '{{lead.secret}}' WHERE name = 'everything';
+SELECT name FROM nocrm.email_templates ORDER BY name;
+SELECT * FROM nocrm.render_template('missing', 1);
+
+-- The notification template used by notify's email channel can be edited.
+UPDATE nocrm.email_templates SET subject = '[CRM] {{message}}' WHERE name = 'notification';
+SELECT subject FROM nocrm.render_template('notification', 1, 'Call back');
+
+-- Notify messages take the same placeholders, rendered when the automation runs.
+UPDATE nocrm.leads SET title = 'Bar Centrale' WHERE id = 1;
+SELECT nocrm.create_automation(name => 'hello owner', event => 'lead.commented',
+  actions => '[{"type": "notify", "user": "owner", "message": "{{owner.name}}, {{lead.title}} ({{lead.step}}) has a comment", "channels": ["browser", "mobile"]}]');
+INSERT INTO nocrm.comments (lead_id, body) VALUES (1, 'ping');
+SELECT user_id, message FROM nocrm.notifications;
+SELECT kind, payload ->> 'message' AS message FROM nocrm.queue;
+-- ... and are checked when the automation is saved.
+SELECT nocrm.create_automation(name => 'bad message', event => 'lead.commented',
+  actions => '[{"type": "notify", "user": 1, "message": "Hi {{lead.owner}}"}]');
+SELECT nocrm.create_automation(name => 'bad message', event => 'lead.commented',
+  actions => '[{"type": "notify", "user": 1, "message": "Hi {{lead.title"}]');
