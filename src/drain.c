@@ -76,35 +76,29 @@ text_col(HeapTuple tuple, TupleDesc desc, int col)
 	return SPI_getvalue(tuple, desc, col);
 }
 
-/* The mobile push body: what the gateway needs to reach the user. */
+/* The mobile push body: the queued payload plus the idempotency key. */
 static char *
 push_body(QueueItem *item)
 {
-	JsonbValue *v;
 	JsonbParseState *state = NULL;
-	JsonbValue	k,
-				key;
+	JsonbIterator *it = JsonbIteratorInit(&item->payload->root);
+	JsonbIteratorToken tok;
+	JsonbValue	v,
+				key,
+				value;
 
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	{
-		JsonbIterator *it = JsonbIteratorInit(&item->payload->root);
-		JsonbIteratorToken tok;
-		JsonbValue	jv;
-
-		while ((tok = JsonbIteratorNext(&it, &jv, true)) != WJB_DONE)
-			if (tok == WJB_KEY || tok == WJB_VALUE)
-				pushJsonbValue(&state, tok, &jv);
-	}
-	k.type = jbvString;
-	k.val.string.val = "idempotency_key";
-	k.val.string.len = strlen(k.val.string.val);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_END_OBJECT)
+		pushJsonbValue(&state, tok, tok == WJB_BEGIN_OBJECT ? NULL : &v);
 	key.type = jbvString;
-	key.val.string.val = item->idempotency_key;
-	key.val.string.len = strlen(item->idempotency_key);
-	pushJsonbValue(&state, WJB_KEY, &k);
-	v = pushJsonbValue(&state, WJB_VALUE, &key);
-	v = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
-	return JsonbToCString(NULL, &JsonbValueToJsonb(v)->root, 0);
+	key.val.string.val = "idempotency_key";
+	key.val.string.len = strlen(key.val.string.val);
+	value.type = jbvString;
+	value.val.string.val = item->idempotency_key;
+	value.val.string.len = strlen(item->idempotency_key);
+	pushJsonbValue(&state, WJB_KEY, &key);
+	pushJsonbValue(&state, WJB_VALUE, &value);
+	return JsonbToCString(NULL,
+						  &JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL))->root, 0);
 }
 
 /*
@@ -375,8 +369,9 @@ new_token(void)
 }
 
 /*
- * CALL nocrm.drain(run_time => NULL): run_time in seconds, NULL = the
- * nocrm.drain_run_time setting, 0 = until nothing is due now.
+ * CALL nocrm.drain(run_time => NULL): run_time in seconds, 0 = until nothing
+ * is due now; NULL = until just before the next whole minute (when pg_cron
+ * starts the next run), at most nocrm.drain_run_time.
  */
 Datum
 nocrm_drain(PG_FUNCTION_ARGS)
@@ -400,6 +395,17 @@ nocrm_drain(PG_FUNCTION_ARGS)
 				 errmsg("run_time must not be negative"),
 				 errhint("Give seconds, or 0 to stop as soon as nothing is due.")));
 	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) (run_time * 1000));
+	if (PG_ARGISNULL(0))
+	{
+		/*
+		 * pg_cron starts a run every whole minute: stop half a second before
+		 * the next one, so runs follow each other without a gap.
+		 */
+		TimestampTz now = GetCurrentTimestamp();
+		TimestampTz next_minute = now - now % (60 * USECS_PER_SEC) + 60 * USECS_PER_SEC;
+
+		deadline = Min(deadline, next_minute - USECS_PER_SEC / 2);
+	}
 
 	keep = AllocSetContextCreate(TopMemoryContext, "nocrm drain", ALLOCSET_DEFAULT_SIZES);
 	if (SPI_connect_ext(SPI_OPT_NONATOMIC) != SPI_OK_CONNECT)

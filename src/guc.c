@@ -25,7 +25,7 @@ char	   *nocrm_webhook_secret = NULL;
 int			nocrm_connect_timeout_ms = 5000;
 int			nocrm_request_timeout_ms = 20000;
 int			nocrm_drain_batch_size = 100;
-int			nocrm_drain_run_seconds = 55;
+int			nocrm_drain_run_seconds = 60;
 int			nocrm_drain_poll_ms = 200;
 int			nocrm_lease_seconds = 300;
 int			nocrm_max_attempts = 8;
@@ -124,8 +124,8 @@ nocrm_define_gucs(void)
 							NULL, &nocrm_drain_batch_size, 100, 1, 10000,
 							PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("nocrm.drain_run_time",
-							"How long one CALL nocrm.drain() keeps polling (pg_cron starts one a minute).",
-							NULL, &nocrm_drain_run_seconds, 55, 0, 3600,
+							"Longest a CALL nocrm.drain() keeps polling; it also stops just before the next whole minute, when pg_cron starts the next run.",
+							NULL, &nocrm_drain_run_seconds, 60, 0, 3600,
 							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomIntVariable("nocrm.drain_poll_interval", "Pause of an idle drain between polls.",
 							NULL, &nocrm_drain_poll_ms, 200, 10, 60000,
