@@ -13,6 +13,7 @@ OBJS = \
 	src/lead.o \
 	src/rules.o \
 	src/spi_plans.o \
+	src/stages.o \
 	src/templates.o
 
 EXTENSION = nocrm_automation

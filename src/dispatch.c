@@ -59,10 +59,35 @@ nocrm_chain_depth(void)
 	return chain_len;
 }
 
+/* Top of the chain: an automation id, or minus a stage trigger id. */
 int32
 nocrm_chain_automation(void)
 {
 	return chain_len > 0 ? chain[chain_len - 1] : 0;
+}
+
+void
+nocrm_chain_push(int32 id)
+{
+	if (chain_len >= MAX_CHAIN)
+		elog(ERROR, "automation chain too deep");
+	chain[chain_len++] = id;
+}
+
+void
+nocrm_chain_pop(void)
+{
+	Assert(chain_len > 0);
+	chain_len--;
+}
+
+bool
+nocrm_chain_contains(int32 id)
+{
+	for (int i = 0; i < chain_len; i++)
+		if (chain[i] == id)
+			return true;
+	return false;
 }
 
 /*
@@ -110,15 +135,6 @@ nocrm_current_actor(void)
 	actor_id = id;
 	actor_generation = nocrm_rules_generation();
 	return id;
-}
-
-static bool
-in_chain(int32 automation_id)
-{
-	for (int i = 0; i < chain_len; i++)
-		if (chain[i] == automation_id)
-			return true;
-	return false;
 }
 
 static void
@@ -197,6 +213,25 @@ superseded(RaisedEvent *ev, LeadState *then, LeadState *now)
 }
 
 /*
+ * Stage triggers go after an event's automations, on the lead as it is
+ * then.  Returns whether the lead must be read again.
+ */
+static bool
+run_stage_triggers(LeadState *lead, LeadState **current, LeadState *changed_lead,
+				   RaisedEvent *ev, bool stale)
+{
+	if (lead->deleted)
+		return false;
+	if (stale)
+	{
+		if (!nocrm_lead_fetch(lead->id, changed_lead))
+			return false;
+		*current = changed_lead;
+	}
+	return nocrm_stage_triggers(*current, ev, NULL);
+}
+
+/*
  * Records each event and runs the rules listening to it.  Events are
  * handled in the order given, rules for one event in id order.  Once a rule
  * has run, the lead is read again, so later rules see its changes.
@@ -235,7 +270,10 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 
 		rules = nocrm_rules_for_event(ev->event, &nrules);
 		if (nrules == 0)
+		{
+			stale = run_stage_triggers(lead, &current, &changed_lead, ev, stale);
 			continue;
+		}
 
 		nocrm_rules_pin();
 		PG_TRY();
@@ -253,7 +291,7 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 				}
 				if (!nocrm_rule_matches(rule, current, ev))
 					continue;
-				if (in_chain(rule->id))
+				if (nocrm_chain_contains(rule->id))
 					log_stop(current, rule, ev, "it already ran in this chain");
 				else if (chain_len >= nocrm_max_chain_depth)
 					log_stop(current, rule, ev,
@@ -271,5 +309,6 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 			nocrm_rules_unpin();
 		}
 		PG_END_TRY();
+		stale = run_stage_triggers(lead, &current, &changed_lead, ev, stale);
 	}
 }

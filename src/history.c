@@ -52,25 +52,27 @@ nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull)
 
 /*
  * Appends one history row.  The actor and chain come from the dispatcher:
- * inside an automation's chain the actor is the Butler.
+ * inside an automation's chain the actor is the Butler.  automation_id is
+ * an automation (> 0), a stage trigger (< 0, minus its id) or none (0).
  */
 void
 nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 			  Jsonb *old_value, Jsonb *new_value, const char *detail)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[8] = {INT8OID, TEXTOID, INT8OID, INT4OID, INT4OID,
-	JSONBOID, JSONBOID, TEXTOID};
-	Datum		args[8];
-	char		nulls[8];
+	Oid			types[9] = {INT8OID, TEXTOID, INT8OID, INT4OID, INT4OID,
+	JSONBOID, JSONBOID, TEXTOID, INT4OID};
+	Datum		args[9];
+	char		nulls[9];
 	int64		actor;
 	int			ret;
 
 	nocrm_plan(&plan,
 			   "INSERT INTO nocrm.lead_history"
-			   " (lead_id, event, actor_id, automation_id, chain_depth, old_value, new_value, detail)"
-			   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-			   8, types);
+			   " (lead_id, event, actor_id, automation_id, chain_depth, old_value, new_value, detail,"
+			   "  stage_trigger_id)"
+			   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+			   9, types);
 
 	memset(nulls, ' ', sizeof(nulls));
 	actor = nocrm_current_actor();
@@ -79,9 +81,13 @@ nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 	args[2] = Int64GetDatum(actor);
 	if (actor < 0)
 		nulls[2] = 'n';
+	/* automation_id < 0 names a stage trigger (the chain's convention). */
 	args[3] = Int32GetDatum(automation_id);
-	if (automation_id == 0)
+	if (automation_id <= 0)
 		nulls[3] = 'n';
+	args[8] = Int32GetDatum(-automation_id);
+	if (automation_id >= 0)
+		nulls[8] = 'n';
 	args[4] = Int32GetDatum(nocrm_chain_depth());
 	args[5] = old_value ? JsonbPGetDatum(old_value) : (Datum) 0;
 	if (old_value == NULL)

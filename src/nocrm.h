@@ -216,6 +216,12 @@ extern int32 nocrm_chain_automation(void);
 extern void nocrm_dispatch_init(void);
 extern void nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead,
 									RaisedEvent *ev);
+extern void nocrm_chain_push(int32 id);
+extern void nocrm_chain_pop(void);
+extern bool nocrm_chain_contains(int32 id);
+
+/* stages.c */
+extern bool nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code);
 
 /* history.c */
 extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,
