@@ -26,7 +26,8 @@ static SPIPlanPtr plan_assign,
 			plan_message_context,
 			plan_enqueue,
 			plan_webhook_payload,
-			plan_automation_exists;
+			plan_automation_exists,
+			plan_owner_working;
 
 static const char *
 action_event(RuleAction *action)
@@ -232,19 +233,22 @@ static int64
 enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 		const char *kind, const char *recipient, Jsonb *payload, Interval *run_after)
 {
-	Oid			types[8] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
-	JSONBOID, INTERVALOID};
-	Datum		args[8];
-	char		nulls[8];
+	Oid			types[9] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
+	JSONBOID, INTERVALOID, INT8OID};
+	Datum		args[9];
+	char		nulls[9];
 	Datum		result;
 	bool		isnull;
 
+	/* $9: the owner whose working hours the item waits for, if it must. */
 	nocrm_plan(&plan_enqueue,
 			   "INSERT INTO nocrm.queue (kind, automation_id, action_no, lead_id, event,"
 			   " recipient, payload, run_at)"
-			   " VALUES ($1, $2, $3, $4, $5, $6, $7, now() + coalesce($8, interval '0'))"
+			   " VALUES ($1, $2, $3, $4, $5, $6, $7,"
+			   "         CASE WHEN $9 IS NULL THEN now() + coalesce($8, interval '0')"
+			   "              ELSE nocrm.next_working_time($9, now() + coalesce($8, interval '0')) END)"
 			   " RETURNING id",
-			   8, types);
+			   9, types);
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = CStringGetTextDatum(kind);
 	args[1] = Int32GetDatum(rule->id);
@@ -256,6 +260,8 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	args[6] = JsonbPGetDatum(payload);
 	args[7] = run_after ? IntervalPGetDatum(run_after) : (Datum) 0;
 	nulls[7] = run_after ? ' ' : 'n';
+	args[8] = Int64GetDatum(lead->owner_id);
+	nulls[8] = action->respect_working_hours && lead->has_owner ? ' ' : 'n';
 	(void) exec_one(plan_enqueue, args, nulls, &result, &isnull);
 	return DatumGetInt64(result);
 }
@@ -476,15 +482,33 @@ nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
 	return NULL;
 }
 
+/* Is the lead's owner (if any) within working hours and not away right now? */
+static bool
+owner_working(LeadState *lead)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(lead->owner_id)};
+	Datum		result;
+	bool		isnull;
+
+	if (!lead->has_owner || lead->deleted)
+		return true;
+	nocrm_plan(&plan_owner_working,
+			   "SELECT nocrm.next_working_time($1, now()) <= now()", 1, types);
+	(void) exec_one(plan_owner_working, args, NULL, &result, &isnull);
+	return isnull || DatumGetBool(result);
+}
+
 void
 nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 {
-	if (action->delayed)
+	if (action->delayed || (action->respect_working_hours && !owner_working(lead)))
 	{
-		int64		id = enqueue(rule, action, lead, ev, "action", NULL,
-								 action->definition, &action->delay);
+		int64		id = enqueue(rule, action, lead, ev, "action", NULL, action->definition,
+								 action->delayed ? &action->delay : NULL);
 
-		action_history(rule, action, lead, NULL, queued_json(id), "delayed");
+		action_history(rule, action, lead, NULL, queued_json(id),
+					   action->delayed ? "delayed" : "waits for the owner's working hours");
 		return;
 	}
 
@@ -503,13 +527,19 @@ nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *e
 		case ACT_ASSIGN_BALANCED:
 			{
 				bool		found;
-				int64		user_id = nocrm_pick_assignee(rule, action, lead, &found);
+				bool		fallback;
+				int64		user_id = nocrm_pick_assignee(rule, action, lead, &found, &fallback);
 
 				if (!found)
 					action_history(rule, action, lead, NULL, NULL,
-								   "skipped: no active user in the group");
+								   "skipped: no available user in the group");
 				else
+				{
+					if (fallback)
+						action_history(rule, action, lead, NULL, NULL,
+									   "nobody available: fallback \"anyone\" applies");
 					assign_to(rule, action, lead, user_id);
+				}
 				break;
 			}
 		case ACT_ADD_TAGS:

@@ -50,21 +50,43 @@ static SPIPlanPtr plan_rr_try,
 
 			plan_random;
 
-#define ACTIVE_MEMBERS \
-	" FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id AND u.active" \
-	" WHERE c.automation_id = $1 AND c.action_no = $2"
-
-/* $3 holds this transaction's unwritten increments, by list position. */
-#define COUNT(c) "(" c ".assigned + coalesce(($3::bigint[])[" c ".position + 1], 0))"
-
-#define LOWEST_COUNT \
-	" AND " COUNT("c") " = (SELECT min" COUNT("c2") " FROM nocrm.assignment_counters c2" \
-	"                   JOIN nocrm.users u2 ON u2.id = c2.user_id AND u2.active" \
-	"                   WHERE c2.automation_id = $1 AND c2.action_no = $2)"
-
-#define OPEN_LEADS \
-	"(SELECT count(*) FROM nocrm.leads l WHERE l.user_id = c.user_id" \
+/*
+ * Parameters of every group query: $1 automation, $2 action, $3 pending
+ * increments by position, $4 ignore availability (fallback "anyone"),
+ * $5 only members within their working hours.
+ *
+ * A member is available when active and, unless $4, not absent now, within
+ * working hours if $5, and under their cap of open leads.
+ */
+#define OPEN_LEADS(c) \
+	"(SELECT count(*) FROM nocrm.leads l WHERE l.user_id = " c ".user_id" \
 	" AND l.status IN ('todo', 'standby'))"
+
+#define AVAILABLE(c, u) \
+	" " u ".active AND ($4 OR (" \
+	"  NOT EXISTS (SELECT 1 FROM nocrm.absences a WHERE a.user_id = " u ".id" \
+	"              AND now() >= a.starts_at AND now() < a.ends_at)" \
+	"  AND (NOT $5" \
+	"       OR NOT EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id)" \
+	"       OR EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id" \
+	"                  AND w.weekday = extract(isodow FROM now() AT TIME ZONE " u ".timezone)" \
+	"                  AND (now() AT TIME ZONE " u ".timezone)::time >= w.starts" \
+	"                  AND (now() AT TIME ZONE " u ".timezone)::time < w.ends))" \
+	"  AND (" c ".cap IS NULL OR " OPEN_LEADS(c) " < " c ".cap)))"
+
+#define MEMBERS(c, u) \
+	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
+	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" AVAILABLE(c, u)
+
+/* Assignments so far, pending ones included, per unit of weight. */
+#define LOAD(c) \
+	"((" c ".assigned + coalesce(($3::bigint[])[" c ".position + 1], 0))::numeric / " c ".weight)"
+
+#define LOWEST_LOAD \
+	" AND " LOAD("c") " = (SELECT min" LOAD("c2") MEMBERS("c2", "u2") ")"
+
+#define BALANCED_ORDER \
+	" ORDER BY " OPEN_LEADS("c") "::numeric / c.weight, " LOAD("c") ", c.position"
 
 /* The pending increments of this group as a bigint[] indexed by position. */
 static Datum
@@ -87,23 +109,26 @@ pending_by_position(Rule *rule, RuleAction *action)
 }
 
 static bool
-pick(SPIPlanPtr *slot, const char *sql, Rule *rule, RuleAction *action, int64 *user_id)
+pick(SPIPlanPtr *slot, const char *sql, Rule *rule, RuleAction *action, bool anyone,
+	 int64 *user_id)
 {
-	Oid			types[3] = {INT4OID, INT4OID, INT8ARRAYOID};
-	Datum		args[3] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no),
-	pending_by_position(rule, action)};
+	Oid			types[5] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID};
+	Datum		args[5] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no),
+		pending_by_position(rule, action), BoolGetDatum(anyone),
+	BoolGetDatum(action->only_working_hours)};
 
-	nocrm_plan(slot, sql, 3, types);
+	nocrm_plan(slot, sql, 5, types);
 	return nocrm_plan_int64(*slot, args, NULL, user_id);
 }
 
 static bool
-any_active_member(Rule *rule, RuleAction *action)
+any_available_member(Rule *rule, RuleAction *action, bool anyone)
 {
 	static SPIPlanPtr plan = NULL;
 	int64		ignored;
 
-	return pick(&plan, "SELECT c.user_id" ACTIVE_MEMBERS " LIMIT 1", rule, action, &ignored);
+	return pick(&plan, "SELECT c.user_id" MEMBERS("c", "u") " LIMIT 1",
+				rule, action, anyone, &ignored);
 }
 
 /* Records an increment, merged with an earlier one of the same subtransaction. */
@@ -231,7 +256,7 @@ nocrm_assign_xact_end(void)
 }
 
 static bool
-pick_counted(Rule *rule, RuleAction *action, int64 *user_id)
+pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
 	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
 
@@ -240,16 +265,15 @@ pick_counted(Rule *rule, RuleAction *action, int64 *user_id)
 		CHECK_FOR_INTERRUPTS();
 		if (balanced
 			? pick(&plan_balanced_try,
-				   "SELECT c.user_id" ACTIVE_MEMBERS
-				   " ORDER BY " OPEN_LEADS ", " COUNT("c") ", c.position"
+				   "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER
 				   " FOR UPDATE OF c SKIP LOCKED LIMIT 1",
-				   rule, action, user_id)
+				   rule, action, anyone, user_id)
 			: pick(&plan_rr_try,
-				   "SELECT c.user_id" ACTIVE_MEMBERS LOWEST_COUNT
+				   "SELECT c.user_id" MEMBERS("c", "u") LOWEST_LOAD
 				   " ORDER BY c.position FOR UPDATE OF c SKIP LOCKED LIMIT 1",
-				   rule, action, user_id))
+				   rule, action, anyone, user_id))
 			break;
-		if (!any_active_member(rule, action))
+		if (!any_available_member(rule, action, anyone))
 			return false;
 
 		/*
@@ -259,45 +283,54 @@ pick_counted(Rule *rule, RuleAction *action, int64 *user_id)
 		 */
 		if (balanced
 			? pick(&plan_balanced_wait,
-				   "SELECT c.user_id" ACTIVE_MEMBERS
-				   " ORDER BY " OPEN_LEADS ", " COUNT("c") ", c.position"
+				   "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER
 				   " FOR UPDATE OF c LIMIT 1",
-				   rule, action, user_id)
+				   rule, action, anyone, user_id)
 			: pick(&plan_rr_wait,
-				   "SELECT c.user_id" ACTIVE_MEMBERS LOWEST_COUNT
+				   "SELECT c.user_id" MEMBERS("c", "u") LOWEST_LOAD
 				   " ORDER BY c.position FOR UPDATE OF c LIMIT 1",
-				   rule, action, user_id))
+				   rule, action, anyone, user_id))
 			break;
 	}
 	bump(rule, action, *user_id);
 	return true;
 }
 
+/* Weighted draw: the smallest -ln(U)/weight wins with probability weight/total. */
 static bool
-pick_random(Rule *rule, RuleAction *action, int64 *user_id)
+pick_random(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
-	Oid			types[1] = {INT8ARRAYOID};
-	Datum	   *elems = palloc(sizeof(Datum) * action->nusers);
-	Datum		args[1];
-
-	for (int i = 0; i < action->nusers; i++)
-		elems[i] = Int64GetDatum(action->users[i]);
-	args[0] = PointerGetDatum(construct_array(elems, action->nusers, INT8OID,
-											  sizeof(int64), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	nocrm_plan(&plan_random,
-			   "SELECT id FROM nocrm.users WHERE id = ANY ($1) AND active"
-			   " ORDER BY random() LIMIT 1",
-			   1, types);
-	return nocrm_plan_int64(plan_random, args, NULL, user_id);
+	return pick(&plan_random,
+				"SELECT c.user_id" MEMBERS("c", "u")
+				" ORDER BY -ln(1.0 - random()) / c.weight LIMIT 1",
+				rule, action, anyone, user_id);
 }
 
+static bool
+pick_once(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
+{
+	return action->kind == ACT_ASSIGN_RANDOM
+		? pick_random(rule, action, anyone, user_id)
+		: pick_counted(rule, action, anyone, user_id);
+}
+
+/*
+ * The member to assign, or *found = false when nobody is available.  With
+ * the fallback "anyone", unavailable (absent, off hours, capped) but active
+ * members are tried next; *fallback tells it happened.
+ */
 int64
-nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead, bool *found)
+nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead, bool *found,
+					bool *fallback)
 {
 	int64		user_id = 0;
 
-	*found = action->kind == ACT_ASSIGN_RANDOM
-		? pick_random(rule, action, &user_id)
-		: pick_counted(rule, action, &user_id);
+	*fallback = false;
+	*found = pick_once(rule, action, false, &user_id);
+	if (!*found && action->assign_anyway)
+	{
+		*found = pick_once(rule, action, true, &user_id);
+		*fallback = *found;
+	}
 	return user_id;
 }

@@ -46,9 +46,9 @@ static const struct
 	const char *optional[2];
 }			action_args[ACT_COUNT] = {
 	[ACT_ASSIGN] = {{"user"}, {NULL}},
-	[ACT_ASSIGN_ROUND_ROBIN] = {{"users"}, {NULL}},
-	[ACT_ASSIGN_RANDOM] = {{"users"}, {NULL}},
-	[ACT_ASSIGN_BALANCED] = {{"users"}, {NULL}},
+	[ACT_ASSIGN_ROUND_ROBIN] = {{"users"}, {"only_working_hours", "fallback"}},
+	[ACT_ASSIGN_RANDOM] = {{"users"}, {"only_working_hours", "fallback"}},
+	[ACT_ASSIGN_BALANCED] = {{"users"}, {"only_working_hours", "fallback"}},
 	[ACT_ADD_TAGS] = {{"tags"}, {NULL}},
 	[ACT_REMOVE_TAGS] = {{"tags"}, {NULL}},
 	[ACT_SET_STATUS] = {{"status"}, {NULL}},
@@ -456,6 +456,90 @@ event_changes_lead_forbidden(NocrmEvent event, ActionKind kind)
 		kind != ACT_WEBHOOK;
 }
 
+static bool
+optional_bool(DefContext *cx, JsonbValue *v, const char *what, bool dflt)
+{
+	if (v == NULL)
+		return dflt;
+	if (v->type != jbvBool)
+		invalid(cx, psprintf("%s must be true or false, not %s", what, jtype(v)), NULL);
+	return v->val.boolean;
+}
+
+/* A whole number in [min, max] written as a JSON number. */
+static int
+json_int(DefContext *cx, JsonbValue *v, const char *what, int min, int max)
+{
+	char	   *text;
+	long		n;
+
+	if (v->type != jbvNumeric)
+		invalid(cx, psprintf("%s must be a number, not %s", what, jtype(v)), NULL);
+	text = jdisplay(v);
+	n = strtol(text, NULL, 10);
+	if (strspn(text, "0123456789") != strlen(text) || strlen(text) > 9 || n < min || n > max)
+		invalid(cx, psprintf("%s %s is not a whole number from %d to %d", what, text, min, max), NULL);
+	return (int) n;
+}
+
+/*
+ * The members of an assignment group: users, or objects
+ * {"user": u, "weight": w, "cap": c} (weight 1..1000, cap = most open leads).
+ * Weights and caps live in nocrm.assignment_counters; here they are checked.
+ */
+static void
+group_members(DefContext *cx, JsonbValue *users, RuleAction *a)
+{
+	JsonbContainer *list = users->val.binary.data;
+	int			n = JsonContainerSize(list);
+
+	if (n == 0)
+		invalid(cx, "an empty list", "Give at least one user.");
+	a->users = palloc(sizeof(int64) * n);
+	a->nusers = n;
+	for (int i = 0; i < n; i++)
+	{
+		JsonbValue *e = getIthJsonbValueFromContainer(list, i);
+		JsonbValue *who = e;
+
+		if (e->type == jbvBinary && !JsonContainerIsArray(e->val.binary.data))
+		{
+			JsonbIterator *it = JsonbIteratorInit(e->val.binary.data);
+			JsonbValue	k,
+						v;
+			JsonbIteratorToken tok;
+
+			who = NULL;
+			while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+			{
+				char	   *key;
+
+				if (tok != WJB_KEY)
+					continue;
+				key = jstring(&k);
+				(void) JsonbIteratorNext(&it, &v, true);
+				if (strcmp(key, "user") == 0)
+					who = getKeyJsonValueFromContainer(e->val.binary.data, "user", 4, NULL);
+				else if (strcmp(key, "weight") == 0)
+					(void) json_int(cx, &v, "weight", 1, 1000);
+				else if (strcmp(key, "cap") == 0)
+					(void) json_int(cx, &v, "cap", 1, 1000000);
+				else
+					invalid(cx, psprintf("unknown member key %s", quote_literal_cstr(key)),
+							"A member is a user, or {\"user\": ..., \"weight\": 2, \"cap\": 20}.");
+			}
+			if (who == NULL)
+				invalid(cx, "a member object needs \"user\"",
+						"Write e.g. {\"user\": \"anna@example.com\", \"weight\": 2}.");
+		}
+		a->users[i] = resolve_user(cx, who);
+		for (int j = 0; j < i; j++)
+			if (a->users[j] == a->users[i])
+				invalid(cx, psprintf("user %s is listed twice", jdisplay(who)),
+						"List each user once.");
+	}
+}
+
 /* Points error details at one argument of an action. */
 static JsonbValue *
 action_arg(DefContext *cx, JsonbContainer *c, int no, ActionKind kind, const char *key)
@@ -517,16 +601,19 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 			continue;
 		key = jstring(&k);
 		if (strcmp(key, "type") != 0 && strcmp(key, "delay") != 0 && strcmp(key, "recheck") != 0 &&
+			strcmp(key, "respect_working_hours") != 0 &&
 			!is_key(key, action_args[kind].required, 2) &&
 			!is_key(key, action_args[kind].optional, 2))
 			invalid(cx, psprintf("unknown argument %s for action %s",
 								 quote_literal_cstr(key), nocrm_action_names[kind]),
-					psprintf("%s takes %s%s%s%s%s.", nocrm_action_names[kind],
+					psprintf("%s takes %s%s%s%s%s%s%s.", nocrm_action_names[kind],
 							 action_args[kind].required[0],
 							 action_args[kind].required[1] ? ", " : "",
 							 action_args[kind].required[1] ? action_args[kind].required[1] : "",
 							 action_args[kind].optional[0] ? " and optionally " : "",
-							 action_args[kind].optional[0] ? action_args[kind].optional[0] : ""));
+							 action_args[kind].optional[0] ? action_args[kind].optional[0] : "",
+							 action_args[kind].optional[1] ? ", " : "",
+							 action_args[kind].optional[1] ? action_args[kind].optional[1] : ""));
 	}
 	for (int i = 0; i < 2; i++)
 	{
@@ -551,6 +638,9 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 				invalid(cx, "a delayed action cannot run on lead.deleted: the lead will be gone",
 						"Run it at once (leave \"delay\" out).");
 		}
+		a->respect_working_hours = optional_bool(cx, action_arg(cx, c, no, a->kind,
+																 "respect_working_hours"),
+												 "respect_working_hours", false);
 		a->recheck = true;
 		recheck = action_arg(cx, c, no, a->kind, "recheck");
 		if (recheck)
@@ -575,10 +665,26 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 			{
 				JsonbValue *users = action_arg(cx, c, no, a->kind, "users");
 
+				JsonbValue *fallback;
+
 				if (!(users->type == jbvBinary && JsonContainerIsArray(users->val.binary.data)))
 					invalid(cx, psprintf("users must be an array of users, not %s", jtype(users)),
 							"Write e.g. \"users\": [\"anna@example.com\", 7].");
-				a->users = resolve_users(cx, users, &a->nusers, false);
+				group_members(cx, users, a);
+				a->only_working_hours =
+					optional_bool(cx, action_arg(cx, c, no, a->kind, "only_working_hours"),
+								  "only_working_hours", false);
+				fallback = action_arg(cx, c, no, a->kind, "fallback");
+				if (fallback)
+				{
+					if (fallback->type == jbvString && fallback->val.string.len == 6 &&
+						strncmp(fallback->val.string.val, "anyone", 6) == 0)
+						a->assign_anyway = true;
+					else if (!(fallback->type == jbvString && fallback->val.string.len == 10 &&
+							   strncmp(fallback->val.string.val, "unassigned", 10) == 0))
+						invalid(cx, psprintf("unknown fallback %s", jdisplay(fallback)),
+								"Fallbacks are \"unassigned\" (leave the lead unassigned and log it) and \"anyone\" (assign among all members anyway).");
+				}
 				break;
 			}
 		case ACT_ADD_TAGS:

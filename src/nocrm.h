@@ -86,6 +86,9 @@ typedef struct RuleAction
 	const char *to;				/* send_email recipient, NULL = lead contact */
 	const char *url;			/* webhook */
 	bool		recheck;		/* delayed: check conditions again when due */
+	bool		respect_working_hours;	/* queued: wait for the owner's working time */
+	bool		only_working_hours; /* groups: skip members outside working hours */
+	bool		assign_anyway;	/* groups: fallback "anyone" */
 	Jsonb	   *definition;		/* the action as written, for the queue */
 } RuleAction;
 
@@ -239,7 +242,7 @@ extern void nocrm_assign_subxact_commit(SubTransactionId subid, SubTransactionId
 extern void nocrm_assign_xact_end(void);
 extern void nocrm_assign_flush(void);
 extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead,
-								 bool *found);
+								 bool *found, bool *fallback);
 
 /* templates.c */
 extern char *nocrm_render(const char *text, Jsonb *context);
