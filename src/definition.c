@@ -462,7 +462,8 @@ optional_bool(DefContext *cx, JsonbValue *v, const char *what, bool dflt)
 	if (v == NULL)
 		return dflt;
 	if (v->type != jbvBool)
-		invalid(cx, psprintf("%s must be true or false, not %s", what, jtype(v)), NULL);
+		invalid(cx, psprintf("%s must be true or false, not %s", what, jtype(v)),
+				psprintf("Write \"%s\": true, or leave it out.", what));
 	return v->val.boolean;
 }
 
@@ -474,11 +475,13 @@ json_int(DefContext *cx, JsonbValue *v, const char *what, int min, int max)
 	long		n;
 
 	if (v->type != jbvNumeric)
-		invalid(cx, psprintf("%s must be a number, not %s", what, jtype(v)), NULL);
+		invalid(cx, psprintf("%s must be a number, not %s", what, jtype(v)),
+				psprintf("Write e.g. \"%s\": %d.", what, Max(min, 2)));
 	text = jdisplay(v);
 	n = strtol(text, NULL, 10);
 	if (strspn(text, "0123456789") != strlen(text) || strlen(text) > 9 || n < min || n > max)
-		invalid(cx, psprintf("%s %s is not a whole number from %d to %d", what, text, min, max), NULL);
+		invalid(cx, psprintf("%s %s is not a whole number from %d to %d", what, text, min, max),
+				psprintf("Write e.g. \"%s\": %d.", what, Max(min, 2)));
 	return (int) n;
 }
 
@@ -646,7 +649,8 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 		if (recheck)
 		{
 			if (recheck->type != jbvBool)
-				invalid(cx, psprintf("recheck must be true or false, not %s", jtype(recheck)), NULL);
+				invalid(cx, psprintf("recheck must be true or false, not %s", jtype(recheck)),
+						"Write \"recheck\": false to run the action whatever the lead looks like then.");
 			if (!a->delayed)
 				invalid(cx, "recheck only applies to a delayed action",
 						"Add a \"delay\", or leave \"recheck\" out.");
