@@ -377,7 +377,8 @@ BEGIN
        AND (pipeline IS NULL OR CASE WHEN pipeline ~ '^[0-9]{1,18}$' THEN p.id = pipeline::bigint
                                      ELSE p.name = pipeline END);
     IF ids IS NULL THEN
-        RAISE EXCEPTION 'unknown step "%"%', step, coalesce(format(' in pipeline "%s"', pipeline), '')
+        RAISE EXCEPTION 'unknown step "%"%', step,
+                        CASE WHEN pipeline IS NULL THEN '' ELSE format(' in pipeline "%s"', pipeline) END
             USING ERRCODE = 'undefined_object', HINT = 'See nocrm.steps.';
     END IF;
     IF cardinality(ids) > 1 THEN
@@ -406,10 +407,11 @@ LANGUAGE sql SET search_path = pg_catalog AS $$
 $$;
 COMMENT ON FUNCTION nocrm.create_stage_trigger(text, text, jsonb, boolean, text, text, boolean) IS 'Places a trigger on a step (id or name, with pipeline when ambiguous); returns its id.';
 
-CREATE FUNCTION nocrm.stage_trigger_must_exist(found boolean, id integer) RETURNS void
+CREATE FUNCTION nocrm.stage_trigger_must_exist(was_found boolean, id integer) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 BEGIN
-    IF NOT found THEN
+    -- (a parameter named "found" would be hidden by PL/pgSQL's FOUND)
+    IF NOT was_found THEN
         RAISE EXCEPTION 'stage trigger % does not exist', id USING ERRCODE = 'no_data_found';
     END IF;
 END $$;
