@@ -39,6 +39,7 @@ static void
 action_history(Rule *rule, RuleAction *action, LeadState *lead,
 			   Jsonb *old_value, Jsonb *new_value, const char *detail)
 {
+	nocrm_runlog_action(action, old_value, new_value, detail);
 	if (nocrm_history_level != HISTORY_NONE)
 		nocrm_history(lead->id, action_event(action), rule->id, old_value, new_value, detail);
 }

@@ -12,12 +12,23 @@
 #include "access/xact.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/memutils.h"
 
 #define MAX_CHAIN 101			/* nocrm.max_chain_depth is at most 100 */
 
 static int32 chain[MAX_CHAIN];
 static int	chain_len = 0;
+
+/* The run being recorded: its actions' outcomes, as a JSON array in the making. */
+static StringInfo run_actions = NULL;
+static int	run_nactions = 0;
+
+/* The person whose change started the current chain. */
+static int64 root_actor = -1;
+
+static SPIPlanPtr plan_record_run,
+			plan_describe;
 
 /* The last nocrm.actor value resolved, so each row need not look it up. */
 static char *actor_text = NULL;
@@ -137,6 +148,110 @@ nocrm_current_actor(void)
 	return id;
 }
 
+/* Adds one action's outcome to the run being recorded. */
+void
+nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value, const char *detail)
+{
+	StringInfoData item;
+
+	if (run_actions == NULL)
+		return;
+	initStringInfo(&item);
+	appendStringInfo(&item, "{\"no\": %d, \"type\": \"%s\"", action->action_no + 1,
+					 nocrm_action_names[action->kind]);
+	if (new_value || old_value)
+		appendStringInfo(&item, ", \"result\": %s",
+						 JsonbToCString(NULL, &(new_value ? new_value : old_value)->root, 0));
+	if (new_value && old_value)
+		appendStringInfo(&item, ", \"before\": %s", JsonbToCString(NULL, &old_value->root, 0));
+	if (detail)
+	{
+		appendStringInfoString(&item, ", \"detail\": ");
+		escape_json(&item, detail);
+	}
+	appendStringInfoChar(&item, '}');
+	appendStringInfoString(run_actions, run_actions->len > 1 ? ", " : "");
+	appendStringInfoString(run_actions, item.data);
+	run_nactions++;
+}
+
+/*
+ * One row of nocrm.automation_runs.  id > 0 is an automation, < 0 a stage
+ * trigger.  Recorded unless nocrm.history is none.
+ */
+void
+nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
+					const char *outcome, const char *actions, int nactions, const char *detail)
+{
+	Oid			types[10] = {INT4OID, TEXTOID, INT8OID, TEXTOID, TEXTOID, JSONBOID,
+		INT8OID, INT4OID, TEXTOID, INT4OID};
+	Datum		args[10];
+	char		nulls[10];
+	int64		actor = chain_len > 0 ? root_actor : nocrm_current_actor();
+	int			ret;
+
+	if (nocrm_history_level == HISTORY_NONE)
+		return;
+	nocrm_plan(&plan_record_run,
+			   "INSERT INTO nocrm.automation_runs (automation_id, stage_trigger_id, lead_id, event,"
+			   "  mode, outcome, change, actor_id, chain_depth, actions, detail, nactions)"
+			   " VALUES (CASE WHEN $1 > 0 THEN $1 END, CASE WHEN $1 < 0 THEN -$1 END, $3, $4,"
+			   "  CASE WHEN $5 = 'test' THEN 'test' ELSE 'live' END, $5, $6, $7, $8,"
+			   "  coalesce($9::jsonb, '[]'), $2, $10)",
+			   10, types);
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = Int32GetDatum(id);
+	args[1] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
+	nulls[1] = detail ? ' ' : 'n';
+	args[2] = Int64GetDatum(lead->id);
+	args[3] = CStringGetTextDatum(event);
+	args[4] = CStringGetTextDatum(outcome);
+	if (ev && (ev->old_value || ev->new_value))
+	{
+		JsonbParseState *state = NULL;
+		JsonbValue	k;
+		JsonbValue	v;
+
+		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+		k.type = jbvString;
+		k.val.string.val = "old";
+		k.val.string.len = 3;
+		pushJsonbValue(&state, WJB_KEY, &k);
+		if (ev->old_value)
+		{
+			v.type = jbvBinary;
+			v.val.binary.data = &ev->old_value->root;
+			v.val.binary.len = VARSIZE(ev->old_value) - VARHDRSZ;
+		}
+		else
+			v.type = jbvNull;
+		pushJsonbValue(&state, WJB_VALUE, &v);
+		k.val.string.val = "new";
+		pushJsonbValue(&state, WJB_KEY, &k);
+		if (ev->new_value)
+		{
+			v.type = jbvBinary;
+			v.val.binary.data = &ev->new_value->root;
+			v.val.binary.len = VARSIZE(ev->new_value) - VARHDRSZ;
+		}
+		else
+			v.type = jbvNull;
+		pushJsonbValue(&state, WJB_VALUE, &v);
+		args[5] = JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL)));
+	}
+	else
+		nulls[5] = 'n';
+	args[6] = Int64GetDatum(actor);
+	nulls[6] = actor < 0 ? 'n' : ' ';
+	args[7] = Int32GetDatum(chain_len + 1);
+	args[8] = actions ? CStringGetTextDatum(actions) : (Datum) 0;
+	nulls[8] = actions ? ' ' : 'n';
+	args[9] = Int32GetDatum(nactions);
+	ret = SPI_execute_plan(plan_record_run, args, nulls, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "recording an automation run failed: %s", SPI_result_code_string(ret));
+}
+
 static void
 log_stop(LeadState *lead, Rule *rule, RaisedEvent *ev, const char *why)
 {
@@ -145,25 +260,78 @@ log_stop(LeadState *lead, Rule *rule, RaisedEvent *ev, const char *why)
 	nocrm_history(lead->id, "automation.stopped", rule->id, NULL, NULL,
 				  psprintf("automation %d \"%s\" not run for %s: %s",
 						   rule->id, rule->name, nocrm_event_names[ev->event], why));
+	nocrm_runlog_record(rule->id, lead, ev, nocrm_event_names[ev->event], "stopped",
+						NULL, 0, why);
 }
 
+/* Test mode: what the actions would do, described, instead of doing it. */
 static void
-run_rule(Rule *rule, LeadState *lead, RaisedEvent *ev)
+describe_instead(Rule *rule, LeadState *lead, RaisedEvent *ev)
 {
+	Oid			types[4] = {INT4OID, JSONBOID, INT8OID, TEXTOID};
+	Datum		args[4] = {Int32GetDatum(rule->id), JsonbPGetDatum(rule->actions_json),
+		Int64GetDatum(lead->id), CStringGetTextDatum(nocrm_event_names[ev->event])};
+	bool		isnull;
+	int			ret;
+
+	nocrm_plan(&plan_describe, "SELECT nocrm.describe_actions($1, $2, $3, $4)::text", 4, types);
+	ret = SPI_execute_plan(plan_describe, args, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "describing actions failed: %s", SPI_result_code_string(ret));
+	nocrm_runlog_record(rule->id, lead, ev, nocrm_event_names[ev->event], "test",
+						TextDatumGetCString(SPI_getbinval(SPI_tuptable->vals[0],
+														  SPI_tuptable->tupdesc, 1, &isnull)),
+						rule->nactions, "test mode: nothing was done");
+}
+
+/*
+ * Runs actions [first, last) of a rule as the Butler, inside the chain, and
+ * records the run with each action's outcome.
+ */
+static void
+run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lead,
+				   RaisedEvent *ev)
+{
+	StringInfoData outcomes;
+	StringInfo	outer_actions = run_actions;
+	int			outer_nactions = run_nactions;
+
+	if (chain_len == 0)
+		root_actor = nocrm_current_actor();
+	initStringInfo(&outcomes);
+	appendStringInfoChar(&outcomes, '[');
+	run_actions = &outcomes;
+	run_nactions = 0;
+	nocrm_rules_pin();
 	chain[chain_len++] = rule->id;
 	PG_TRY();
 	{
-		for (int i = 0; i < rule->nactions; i++)
+		for (int i = 0; i < nactions; i++)
 		{
 			CHECK_FOR_INTERRUPTS();
-			nocrm_run_action(rule, &rule->actions[i], lead, ev);
+			nocrm_run_action(rule, &actions[i], lead, ev);
 		}
 	}
 	PG_FINALLY();
 	{
 		chain_len--;
+		nocrm_rules_unpin();
+		run_actions = outer_actions;
 	}
 	PG_END_TRY();
+	appendStringInfoChar(&outcomes, ']');
+	nocrm_runlog_record(rule->id, lead, ev, nocrm_event_names[ev->event], "fired",
+						outcomes.data, run_nactions, NULL);
+	run_nactions = outer_nactions;
+}
+
+static void
+run_rule(Rule *rule, LeadState *lead, RaisedEvent *ev)
+{
+	if (rule->test_mode)
+		describe_instead(rule, lead, ev);
+	else
+		run_actions_logged(rule, rule->actions, rule->nactions, lead, ev);
 }
 
 /*
@@ -173,18 +341,7 @@ run_rule(Rule *rule, LeadState *lead, RaisedEvent *ev)
 void
 nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 {
-	nocrm_rules_pin();
-	chain[chain_len++] = rule->id;
-	PG_TRY();
-	{
-		nocrm_run_action(rule, action, lead, ev);
-	}
-	PG_FINALLY();
-	{
-		chain_len--;
-		nocrm_rules_unpin();
-	}
-	PG_END_TRY();
+	run_actions_logged(rule, action, 1, lead, ev);
 	/* No outer statement will write round-robin counts for us. */
 	nocrm_assign_flush();
 }

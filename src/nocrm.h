@@ -117,6 +117,8 @@ typedef struct Rule
 	/* actions */
 	int			nactions;
 	RuleAction *actions;
+	Jsonb	   *actions_json;	/* as written, for describing in test mode */
+	bool		test_mode;		/* record what it would do, do nothing */
 } Rule;
 
 /* The lead as the rules see it. */
@@ -209,6 +211,7 @@ extern Oid	nocrm_automations_relid(void);
 extern uint64 nocrm_rules_generation(void);
 extern bool nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev);
 extern bool nocrm_conditions_hold(Rule *rule, LeadState *lead);
+extern Jsonb *nocrm_conditions_report(Rule *rule, LeadState *lead, const char **failed);
 extern Rule *nocrm_rule_by_id(int32 id);
 
 /* dispatch.c: run the rules for raised events */
@@ -220,6 +223,11 @@ extern void nocrm_dispatch_init(void);
 extern void nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead,
 									RaisedEvent *ev);
 extern void nocrm_chain_push(int32 id);
+extern void nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value,
+								const char *detail);
+extern void nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
+								const char *outcome, const char *actions, int nactions,
+								const char *detail);
 extern void nocrm_chain_pop(void);
 extern bool nocrm_chain_contains(int32 id);
 

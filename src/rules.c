@@ -143,6 +143,8 @@ compile_stored(HeapTuple tuple, TupleDesc desc)
 	PG_TRY();
 	{
 		rule = nocrm_compile_rule(id, name, event, target, conditions, actions);
+		rule->actions_json = actions;
+		rule->test_mode = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -198,7 +200,7 @@ load_rules(void)
 	rules_valid = true;
 	nocrm_automations_relid();
 
-	ret = SPI_execute("SELECT id, name, event, target, conditions, actions"
+	ret = SPI_execute("SELECT id, name, event, target, conditions, actions, mode = 'test'"
 					  " FROM nocrm.automations WHERE enabled ORDER BY id",
 					  true, 0);
 	if (ret != SPI_OK_SELECT)
@@ -322,33 +324,168 @@ nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev)
 	return nocrm_conditions_hold(rule, lead);
 }
 
-/* The rule's conditions on the lead, cheap checks first, tags last. */
+/* Condition keys, cheap checks first, tags (a query) last. */
+typedef enum CondKey
+{
+	COND_STATUS,
+	COND_OWNER,
+	COND_PIPELINE,
+	COND_STEP,
+	COND_HAS_TAG,
+	COND_LACKS_TAG,
+	COND_COUNT
+} CondKey;
+
+static const char *const cond_names[COND_COUNT] = {
+	"status", "owner", "pipeline", "step", "has_tag", "lacks_tag"
+};
+
+static bool
+cond_applies(Rule *rule, CondKey key)
+{
+	switch (key)
+	{
+		case COND_STATUS:
+			return rule->status_mask != 0;
+		case COND_OWNER:
+			return rule->unassigned_only || rule->nowners > 0;
+		case COND_PIPELINE:
+			return rule->npipelines > 0;
+		case COND_STEP:
+			return rule->nsteps > 0;
+		case COND_HAS_TAG:
+			return rule->nhas_tags > 0;
+		case COND_LACKS_TAG:
+			return rule->nlacks_tags > 0;
+		case COND_COUNT:
+			break;
+	}
+	return false;
+}
+
+static bool
+cond_holds(Rule *rule, LeadState *lead, CondKey key)
+{
+	switch (key)
+	{
+		case COND_STATUS:
+			return (lead->status & rule->status_mask) != 0;
+		case COND_OWNER:
+			if (rule->unassigned_only)
+				return !lead->has_owner;
+			return lead->has_owner && int64_in(lead->owner_id, rule->owners, rule->nowners);
+		case COND_PIPELINE:
+			return lead->has_pipeline &&
+				int64_in(lead->pipeline_id, rule->pipelines, rule->npipelines);
+		case COND_STEP:
+			return lead->has_step && int64_in(lead->step_id, rule->steps, rule->nsteps);
+		case COND_HAS_TAG:
+			/* a deleted lead has no tags left */
+			return !lead->deleted &&
+				count_tags(lead->id, rule->has_tags, rule->nhas_tags) == rule->nhas_tags;
+		case COND_LACKS_TAG:
+			return lead->deleted ||
+				count_tags(lead->id, rule->lacks_tags, rule->nlacks_tags) == 0;
+		case COND_COUNT:
+			break;
+	}
+	return false;
+}
+
+/* The rule's conditions on the lead, as it is now. */
 bool
 nocrm_conditions_hold(Rule *rule, LeadState *lead)
 {
-	if (rule->status_mask && !(lead->status & rule->status_mask))
-		return false;
-	if (rule->unassigned_only && lead->has_owner)
-		return false;
-	if (rule->nowners &&
-		!(lead->has_owner && int64_in(lead->owner_id, rule->owners, rule->nowners)))
-		return false;
-	if (rule->npipelines &&
-		!(lead->has_pipeline && int64_in(lead->pipeline_id, rule->pipelines, rule->npipelines)))
-		return false;
-	if (rule->nsteps &&
-		!(lead->has_step && int64_in(lead->step_id, rule->steps, rule->nsteps)))
-		return false;
-	if (rule->nhas_tags && !lead->deleted &&
-		count_tags(lead->id, rule->has_tags, rule->nhas_tags) != rule->nhas_tags)
-		return false;
-	if (rule->nlacks_tags && !lead->deleted &&
-		count_tags(lead->id, rule->lacks_tags, rule->nlacks_tags) != 0)
-		return false;
-	/* A deleted lead has no tags left to check. */
-	if (rule->nhas_tags && lead->deleted)
-		return false;
+	for (int k = 0; k < COND_COUNT; k++)
+		if (cond_applies(rule, (CondKey) k) && !cond_holds(rule, lead, (CondKey) k))
+			return false;
 	return true;
+}
+
+static void
+push_key(JsonbParseState **state, const char *key)
+{
+	JsonbValue	k;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	pushJsonbValue(state, WJB_KEY, &k);
+}
+
+static void
+push_value_text(JsonbParseState **state, const char *text)
+{
+	JsonbValue	v;
+
+	v.type = text ? jbvString : jbvNull;
+	if (text)
+	{
+		v.val.string.val = (char *) text;
+		v.val.string.len = strlen(text);
+	}
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
+/*
+ * Every condition of the rule with the lead's value and whether it held:
+ * {"status": {"lead": "todo", "held": false}, ...}.  *failed names the first
+ * that did not hold (the one the engine stops at), or NULL.
+ */
+Jsonb *
+nocrm_conditions_report(Rule *rule, LeadState *lead, const char **failed)
+{
+	JsonbParseState *state = NULL;
+
+	*failed = NULL;
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	for (int k = 0; k < COND_COUNT; k++)
+	{
+		bool		held;
+		JsonbValue	b;
+		char	   *value = NULL;
+
+		if (!cond_applies(rule, (CondKey) k))
+			continue;
+		held = cond_holds(rule, lead, (CondKey) k);
+		if (!held && *failed == NULL)
+			*failed = cond_names[k];
+		switch ((CondKey) k)
+		{
+			case COND_STATUS:
+				value = (char *) lead->status_text;
+				break;
+			case COND_OWNER:
+				value = lead->has_owner ? psprintf("%lld", (long long) lead->owner_id) : NULL;
+				break;
+			case COND_PIPELINE:
+				value = lead->has_pipeline ? psprintf("%lld", (long long) lead->pipeline_id) : NULL;
+				break;
+			case COND_STEP:
+				value = lead->has_step ? psprintf("%lld", (long long) lead->step_id) : NULL;
+				break;
+			case COND_HAS_TAG:
+			case COND_LACKS_TAG:
+				value = psprintf("%d of %d named tags",
+								 k == COND_HAS_TAG
+								 ? (lead->deleted ? 0 : count_tags(lead->id, rule->has_tags, rule->nhas_tags))
+								 : (lead->deleted ? 0 : count_tags(lead->id, rule->lacks_tags, rule->nlacks_tags)),
+								 k == COND_HAS_TAG ? rule->nhas_tags : rule->nlacks_tags);
+				break;
+			case COND_COUNT:
+				break;
+		}
+		push_key(&state, cond_names[k]);
+		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+		push_key(&state, "lead");
+		push_value_text(&state, value);
+		push_key(&state, "held");
+		b.type = jbvBool;
+		b.val.boolean = held;
+		pushJsonbValue(&state, WJB_VALUE, &b);
+		pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	}
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
 }
 
 static char *

@@ -231,6 +231,12 @@ log_trigger(int64 lead_id, const char *event, int32 trigger_id, Jsonb *old_value
 		nocrm_history(lead_id, event, -trigger_id, old_value, new_value, detail);
 }
 
+static const char *
+run_event(RaisedEvent *ev, const char *custom_code)
+{
+	return custom_code ? psprintf("custom:%s", custom_code) : nocrm_event_names[ev->event];
+}
+
 /* What to do about one matching trigger, decided before anything is written. */
 typedef struct Decision
 {
@@ -288,10 +294,14 @@ nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code)
 
 	for (int i = 0; i < n; i++)
 		if (decisions[i].skip)
+		{
 			log_trigger(lead->id, "trigger.skipped", decisions[i].id,
 						nocrm_jsonb_int_pair("step_id", lead->step_id, false),
 						nocrm_jsonb_int_pair("step_id", decisions[i].step_id, false),
 						decisions[i].skip);
+			nocrm_runlog_record(-decisions[i].id, lead, ev, run_event(ev, custom_code),
+								"skipped", NULL, 0, decisions[i].skip);
+		}
 
 	if (winner >= 0)
 	{
@@ -320,6 +330,11 @@ nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code)
 		}
 		PG_END_TRY();
 		moved = true;
+		nocrm_runlog_record(-d->id, lead, ev, run_event(ev, custom_code), "fired",
+							psprintf("[{\"no\": 1, \"type\": \"move\", \"result\": {\"step_id\": %lld},"
+									 " \"before\": {\"step_id\": %lld}}]",
+									 (long long) d->step_id, (long long) lead->step_id),
+							1, NULL);
 	}
 	return moved;
 }

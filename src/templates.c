@@ -17,6 +17,7 @@
 
 PG_FUNCTION_INFO_V1(nocrm_template_validate_trigger);
 PG_FUNCTION_INFO_V1(nocrm_render_template);
+PG_FUNCTION_INFO_V1(nocrm_render_text);
 
 static const char *const placeholders[] = {
 	"lead.id", "lead.title", "lead.amount", "lead.status", "lead.probability",
@@ -250,4 +251,14 @@ nocrm_render_template(PG_FUNCTION_ARGS)
 	result = heap_form_tuple(desc, values, nulls);
 	SPI_finish();
 	PG_RETURN_DATUM(HeapTupleGetDatum(result));
+}
+
+/* nocrm.render(template text, context jsonb) */
+Datum
+nocrm_render_text(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(nocrm_render(text_to_cstring(PG_GETARG_TEXT_PP(0)),
+												  PG_ARGISNULL(1) ? NULL : PG_GETARG_JSONB_P(1))));
 }
