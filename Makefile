@@ -8,6 +8,7 @@ OBJS = \
 	src/dispatch.o \
 	src/drain.o \
 	src/events.o \
+	src/explain.o \
 	src/guc.o \
 	src/history.o \
 	src/lead.o \

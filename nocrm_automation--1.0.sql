@@ -821,6 +821,12 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION nocrm.describe_actions(integer, jsonb, bigint, text) IS 'What the actions would do to the lead now: users picked, tags that would change, rendered messages and subjects, run times. Changes nothing.';
 
+CREATE FUNCTION nocrm.explain(lead_id bigint, event text, target text DEFAULT NULL)
+RETURNS TABLE (kind text, id integer, name text, would_fire boolean, reason text,
+               conditions jsonb, actions jsonb)
+    AS 'MODULE_PATHNAME', 'nocrm_explain' LANGUAGE C;
+COMMENT ON FUNCTION nocrm.explain(bigint, text, text) IS 'For each automation and stage trigger listening to the event: would it fire on this lead now, each condition with the lead''s value and whether it held, the actions with resolved arguments, and why not. target: the status or step of a *.changed.to event, or the changing field of lead.any_update. Changes nothing.';
+
 CREATE PROCEDURE nocrm.drain(run_time double precision DEFAULT NULL)
     AS 'MODULE_PATHNAME', 'nocrm_drain' LANGUAGE C;
 COMMENT ON PROCEDURE nocrm.drain(double precision) IS 'Delivers due queue items, committing after each batch, for run_time seconds (NULL = nocrm.drain_run_time, 0 = until nothing is due). pg_cron runs it every minute after nocrm.start_worker().';

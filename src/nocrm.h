@@ -211,8 +211,10 @@ extern Oid	nocrm_automations_relid(void);
 extern uint64 nocrm_rules_generation(void);
 extern bool nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev);
 extern bool nocrm_conditions_hold(Rule *rule, LeadState *lead);
+extern bool nocrm_rule_matches_target(Rule *rule, RaisedEvent *ev);
 extern Jsonb *nocrm_conditions_report(Rule *rule, LeadState *lead, const char **failed);
 extern Rule *nocrm_rule_by_id(int32 id);
+extern Rule *nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error);
 
 /* dispatch.c: run the rules for raised events */
 extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
@@ -233,6 +235,16 @@ extern bool nocrm_chain_contains(int32 id);
 
 /* stages.c */
 extern bool nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code);
+
+/* What a stage trigger would do, for explain(). */
+typedef struct StageVerdict
+{
+	int32		id;
+	int64		step_id;
+	bool		would_move;
+	const char *reason;
+} StageVerdict;
+extern StageVerdict *nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int *n);
 
 /* history.c */
 extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,

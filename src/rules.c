@@ -118,9 +118,13 @@ nocrm_automations_relid(void)
 	return automations_relid;
 }
 
-/* Compiles one stored rule; a rule that no longer resolves is skipped with a warning. */
-static Rule *
-compile_stored(HeapTuple tuple, TupleDesc desc)
+/*
+ * Compiles one stored rule (columns id, name, event, target, conditions,
+ * actions, test mode).  A rule that no longer resolves gives NULL: with
+ * *error set when error is given, else after a warning.
+ */
+Rule *
+nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error)
 {
 	bool		isnull;
 	int32		id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
@@ -159,7 +163,10 @@ compile_stored(HeapTuple tuple, TupleDesc desc)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
-		ereport(WARNING,
+		if (error)
+			*error = pstrdup(edata->message);
+		else
+			ereport(WARNING,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("automation %d \"%s\" is skipped: %s", id, name, edata->message),
 				 edata->detail ? errdetail("%s", edata->detail) : 0,
@@ -215,7 +222,7 @@ load_rules(void)
 		all = palloc0(sizeof(Rule *) * (n + 1));
 		for (uint64 i = 0; i < n; i++)
 		{
-			all[i] = compile_stored(tuptable->vals[i], tuptable->tupdesc);
+			all[i] = nocrm_compile_stored(tuptable->vals[i], tuptable->tupdesc, NULL);
 			if (all[i])
 				counts[all[i]->event]++;
 		}
@@ -316,12 +323,19 @@ bool
 nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev)
 {
 	/* The target belongs to the event; the conditions to the lead as it is now. */
+	return nocrm_rule_matches_target(rule, ev) && nocrm_conditions_hold(rule, lead);
+}
+
+/* Is the event's change the one the rule's *.changed.to target names? */
+bool
+nocrm_rule_matches_target(Rule *rule, RaisedEvent *ev)
+{
 	if (rule->event == EV_STATUS_CHANGED && !(ev->to_status & rule->target_status))
 		return false;
 	if (rule->event == EV_STEP_CHANGED &&
 		!int64_in(ev->to_step, rule->target_steps, rule->ntarget_steps))
 		return false;
-	return nocrm_conditions_hold(rule, lead);
+	return true;
 }
 
 /* Condition keys, cheap checks first, tags (a query) last. */

@@ -247,23 +247,23 @@ typedef struct Decision
 } Decision;
 
 /*
- * Runs the stage triggers of the lead's pipeline for an event (or, with
- * custom_code, for nocrm.fire_trigger).  Returns whether the lead moved.
+ * The decisions for every matching trigger of the lead's pipeline, and the
+ * winner (index, or -1).  Writes nothing.
  */
-bool
-nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code)
+static Decision *
+decide(LeadState *lead, RaisedEvent *ev, const char *custom_code, int *ndecisions, int *winner)
 {
 	Decision   *decisions;
 	int			n = 0;
 	int			current;
-	int			winner = -1;
-	bool		moved = false;
 
+	*winner = -1;
+	*ndecisions = 0;
 	if (lead->deleted || !lead->has_pipeline || !lead->has_step)
-		return false;
+		return NULL;
 	ensure_loaded();
 	if (ntriggers == 0)
-		return false;
+		return NULL;
 
 	/* Copy what matters first: writing history may reload the cache. */
 	current = position_of(lead->step_id);
@@ -288,9 +288,44 @@ nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code)
 		else if (nocrm_chain_depth() >= nocrm_max_chain_depth)
 			d->skip = psprintf("chain depth limit %d reached (nocrm.max_chain_depth)",
 							   nocrm_max_chain_depth);
-		else if (winner < 0 || d->position > decisions[winner].position)
-			winner = n - 1;
+		else if (*winner < 0 || d->position > decisions[*winner].position)
+			*winner = n - 1;
 	}
+	*ndecisions = n;
+	return decisions;
+}
+
+/* For explain(): each matching trigger, whether it would move the lead, why not. */
+StageVerdict *
+nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int *n)
+{
+	int			winner;
+	Decision   *decisions = decide(lead, ev, NULL, n, &winner);
+	StageVerdict *out = palloc0(sizeof(StageVerdict) * (*n + 1));
+
+	for (int i = 0; i < *n; i++)
+	{
+		out[i].id = decisions[i].id;
+		out[i].step_id = decisions[i].step_id;
+		out[i].would_move = i == winner;
+		out[i].reason = decisions[i].skip ? decisions[i].skip
+			: i == winner ? NULL
+			: psprintf("trigger %d moves the lead further", decisions[winner].id);
+	}
+	return out;
+}
+
+/*
+ * Runs the stage triggers of the lead's pipeline for an event (or, with
+ * custom_code, for nocrm.fire_trigger).  Returns whether the lead moved.
+ */
+bool
+nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code)
+{
+	int			n;
+	int			winner;
+	Decision   *decisions = decide(lead, ev, custom_code, &n, &winner);
+	bool		moved = false;
 
 	for (int i = 0; i < n; i++)
 		if (decisions[i].skip)
