@@ -827,6 +827,61 @@ RETURNS TABLE (kind text, id integer, name text, would_fire boolean, reason text
     AS 'MODULE_PATHNAME', 'nocrm_explain' LANGUAGE C;
 COMMENT ON FUNCTION nocrm.explain(bigint, text, text) IS 'For each automation and stage trigger listening to the event: would it fire on this lead now, each condition with the lead''s value and whether it held, the actions with resolved arguments, and why not. target: the status or step of a *.changed.to event, or the changing field of lead.any_update. Changes nothing.';
 
+-- A lead's story for people at psql: history, test-mode runs, deliveries.
+CREATE FUNCTION nocrm.lead_timeline(lead_id bigint)
+RETURNS TABLE (at timestamp, who text, what text, detail text)
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT t.at, t.who, t.what, t.detail
+      FROM (
+        SELECT h.created_at AS ts, 1 AS src, h.id AS n,
+               coalesce(u.name, CASE WHEN h.actor_id IS NULL THEN '(unknown)' END) AS who,
+               CASE WHEN h.automation_id IS NOT NULL THEN h.event || ' [' || a.name || ']'
+                    WHEN h.stage_trigger_id IS NOT NULL THEN h.event || ' [trigger ' || h.stage_trigger_id || ']'
+                    ELSE h.event END AS what,
+               concat_ws(' ',
+                   CASE WHEN h.old_value IS NOT NULL AND h.new_value IS NOT NULL
+                        THEN h.old_value::text || ' -> ' || h.new_value::text
+                        ELSE coalesce(h.new_value, h.old_value)::text END,
+                   h.detail) AS detail
+          FROM nocrm.lead_history h
+          LEFT JOIN nocrm.users u ON u.id = h.actor_id
+          LEFT JOIN nocrm.automations a ON a.id = h.automation_id
+         WHERE h.lead_id = lead_timeline.lead_id
+        UNION ALL
+        SELECT r.created_at, 2, r.id, '(test mode)', 'would run [' || a.name || ']',
+               r.actions::text
+          FROM nocrm.automation_runs r LEFT JOIN nocrm.automations a ON a.id = r.automation_id
+         WHERE r.lead_id = lead_timeline.lead_id AND r.outcome = 'test'
+        UNION ALL
+        SELECT coalesce(q.delivered_at, q.last_attempt_at), 3, q.id,
+               b.name,
+               CASE q.state WHEN 'done' THEN 'delivered ' WHEN 'dead' THEN 'gave up on '
+                            ELSE 'cancelled ' END || q.kind,
+               concat_ws(' ', q.recipient, q.last_error)
+          FROM nocrm.queue q, nocrm.users b
+         WHERE b.is_butler AND q.lead_id = lead_timeline.lead_id
+           AND q.state IN ('done', 'dead', 'cancelled')
+      ) t0
+      CROSS JOIN LATERAL (SELECT date_trunc('second', t0.ts)::timestamp AS at, t0.who,
+                                 t0.what, left(t0.detail, 90) AS detail) t
+     ORDER BY t0.ts, t0.src, t0.n
+$$;
+COMMENT ON FUNCTION nocrm.lead_timeline(bigint) IS 'Everything that happened to a lead, in order: people''s changes, the Butler''s actions, trigger moves, loop stops, test-mode runs, deliveries and give-ups. Times in the session time zone.';
+
+CREATE VIEW nocrm.automation_stats AS
+SELECT a.id, a.name, a.enabled, a.mode,
+       count(r.id) FILTER (WHERE r.outcome = 'fired') AS fired,
+       count(r.id) FILTER (WHERE r.outcome = 'test') AS test_runs,
+       count(r.id) FILTER (WHERE r.outcome IN ('stopped', 'skipped')) AS skipped,
+       (SELECT count(*) FROM nocrm.queue q WHERE q.automation_id = a.id AND q.state = 'dead') AS failed,
+       date_trunc('second', max(r.created_at) FILTER (WHERE r.outcome = 'fired')) AS last_fired,
+       round(avg(r.nactions) FILTER (WHERE r.outcome = 'fired'), 1) AS avg_actions
+  FROM nocrm.automations a
+  LEFT JOIN nocrm.automation_runs r ON r.automation_id = a.id
+ GROUP BY a.id
+ ORDER BY a.id;
+COMMENT ON VIEW nocrm.automation_stats IS 'Per automation: firings, test-mode runs, loop stops, failed deliveries (dead queue items), last firing, average actions per firing. Counts cover the run log''s retention (nocrm.run_log_retention).';
+
 CREATE PROCEDURE nocrm.drain(run_time double precision DEFAULT NULL)
     AS 'MODULE_PATHNAME', 'nocrm_drain' LANGUAGE C;
 COMMENT ON PROCEDURE nocrm.drain(double precision) IS 'Delivers due queue items, committing after each batch, for run_time seconds (NULL = nocrm.drain_run_time, 0 = until nothing is due). pg_cron runs it every minute after nocrm.start_worker().';

@@ -332,24 +332,31 @@ record(QueueItem *items, int n, const char *token)
 	}
 }
 
+/* Old finished queue items and run log rows go, a small batch each round. */
 static void
 prune(void)
 {
-	Oid			types[1] = {INT4OID};
-	Datum		args[1] = {Int32GetDatum(nocrm_queue_retention_seconds)};
+	Oid			types[2] = {INT4OID, INT4OID};
+	Datum		args[2] = {Int32GetDatum(nocrm_queue_retention_seconds),
+	Int32GetDatum(nocrm_run_log_retention_seconds)};
 	int			ret;
 
 	nocrm_plan(&plan_prune,
-			   "DELETE FROM nocrm.queue WHERE id IN ("
-			   "  SELECT id FROM nocrm.queue"
-			   "   WHERE state IN ('done', 'cancelled')"
-			   "     AND coalesce(delivered_at, last_attempt_at, created_at)"
-			   "         < now() - make_interval(secs => $1)"
-			   "   LIMIT 1000 FOR UPDATE SKIP LOCKED)",
-			   1, types);
+			   "WITH q AS (DELETE FROM nocrm.queue WHERE id IN ("
+			   "    SELECT id FROM nocrm.queue"
+			   "     WHERE state IN ('done', 'cancelled')"
+			   "       AND coalesce(delivered_at, last_attempt_at, created_at)"
+			   "           < now() - make_interval(secs => $1)"
+			   "     LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING 1),"
+			   "     r AS (DELETE FROM nocrm.automation_runs WHERE id IN ("
+			   "    SELECT id FROM nocrm.automation_runs"
+			   "     WHERE created_at < now() - make_interval(secs => $2)"
+			   "     ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING 1)"
+			   " SELECT (SELECT count(*) FROM q) + (SELECT count(*) FROM r)",
+			   2, types);
 	ret = SPI_execute_plan(plan_prune, args, NULL, false, 0);
-	if (ret != SPI_OK_DELETE)
-		elog(ERROR, "pruning the queue failed: %s", SPI_result_code_string(ret));
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "pruning failed: %s", SPI_result_code_string(ret));
 }
 
 static char *

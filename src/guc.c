@@ -32,6 +32,7 @@ int			nocrm_max_attempts = 8;
 int			nocrm_retry_base_seconds = 30;
 int			nocrm_retry_max_seconds = 3600;
 int			nocrm_queue_retention_seconds = 7 * 24 * 3600;
+int			nocrm_run_log_retention_seconds = 30 * 24 * 3600;
 
 static const struct config_enum_entry tls_options[] = {
 	{"none", SMTP_TLS_NONE, false},
@@ -146,6 +147,11 @@ nocrm_define_gucs(void)
 	DefineCustomIntVariable("nocrm.queue_retention",
 							"How long delivered and cancelled items are kept before pruning.",
 							NULL, &nocrm_queue_retention_seconds, 7 * 24 * 3600, 0, INT_MAX,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("nocrm.run_log_retention",
+							"How long nocrm.automation_runs rows are kept; the drain prunes older ones.",
+							NULL, &nocrm_run_log_retention_seconds, 30 * 24 * 3600, 0, INT_MAX,
 							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("nocrm");

@@ -174,6 +174,7 @@ extern int	nocrm_max_attempts;
 extern int	nocrm_retry_base_seconds;
 extern int	nocrm_retry_max_seconds;
 extern int	nocrm_queue_retention_seconds;
+extern int	nocrm_run_log_retention_seconds;
 
 #define SMTP_TLS_NONE		0
 #define SMTP_TLS_TRY		1
