@@ -1120,6 +1120,32 @@ SELECT h.created_at, h.lead_id, l.title AS lead, a.name AS automation,
  ORDER BY h.id;
 COMMENT ON VIEW nocrm.butler_activity IS 'Automated actions and loop stops, newest last.';
 
+
+------------------------------------------------------------------------
+-- Comments on the internal functions (every object is described in psql)
+------------------------------------------------------------------------
+COMMENT ON FUNCTION nocrm.lead_before_trigger() IS 'Trigger: keeps updated_at, closed_at and a lead''s pipeline/step consistent.';
+COMMENT ON FUNCTION nocrm.lead_event_trigger() IS 'Trigger: turns lead inserts, updates and deletes into lead.* events and runs the automations.';
+COMMENT ON FUNCTION nocrm.tag_event_trigger() IS 'Trigger: a tag added, removed or renamed is a lead.any_update.';
+COMMENT ON FUNCTION nocrm.comment_event_trigger() IS 'Trigger: a comment is a lead.commented.';
+COMMENT ON FUNCTION nocrm.email_event_trigger() IS 'Trigger: an inbound email is a lead.email.received.';
+COMMENT ON FUNCTION nocrm.automation_validate_trigger() IS 'Trigger: refuses a bad automation definition with a precise error.';
+COMMENT ON FUNCTION nocrm.rules_changed_trigger() IS 'Trigger: invalidates every backend''s rule cache when rules or what they name change.';
+COMMENT ON FUNCTION nocrm.flush_assignments_trigger() IS 'Trigger: writes the statement''s round-robin counter increments once per member.';
+COMMENT ON FUNCTION nocrm.template_validate_trigger() IS 'Trigger: refuses templates with unknown or unclosed placeholders.';
+COMMENT ON FUNCTION nocrm.stage_trigger_validate() IS 'Trigger: refuses a bad stage trigger (kind, params, status, field, code).';
+COMMENT ON FUNCTION nocrm.sync_assignment_counters() IS 'Trigger: keeps nocrm.assignment_counters in step with the users lists of group actions.';
+COMMENT ON FUNCTION nocrm.cascade_user_email() IS 'Trigger: writes a user''s new email into the rules that name the old one.';
+COMMENT ON FUNCTION nocrm.check_references() IS 'Trigger: refuses deleting or renaming what an automation still names.';
+COMMENT ON FUNCTION nocrm.protect_butler() IS 'Trigger: the Butler can be renamed, never deleted, deactivated or replaced.';
+COMMENT ON FUNCTION nocrm.group_members(jsonb) IS 'The members (user, list position, weight, cap) of an automation''s group assignment actions.';
+COMMENT ON FUNCTION nocrm.is_timezone(text) IS 'Whether a name is a time zone PostgreSQL knows.';
+COMMENT ON FUNCTION nocrm.replace_json_string(jsonb, text, text) IS 'Replaces every JSON string equal (case-insensitively) to old by new.';
+COMMENT ON FUNCTION nocrm.resolve_step(text, text) IS 'A step id from an id or a name (with its pipeline when the name is ambiguous).';
+COMMENT ON FUNCTION nocrm.set_automation_enabled(integer, boolean) IS 'Enables or disables an automation.';
+COMMENT ON FUNCTION nocrm.delete_stage_trigger(integer) IS 'Deletes a stage trigger.';
+COMMENT ON FUNCTION nocrm.stage_trigger_must_exist(boolean, integer) IS 'Raises no_data_found for a missing stage trigger.';
+
 ------------------------------------------------------------------------
 -- Dump support and privileges
 ------------------------------------------------------------------------
