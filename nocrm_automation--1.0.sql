@@ -267,7 +267,9 @@ CREATE TABLE nocrm.queue (
 );
 CREATE INDEX queue_pending_idx ON nocrm.queue (run_at) WHERE state = 'pending';
 CREATE INDEX queue_processing_idx ON nocrm.queue (lease_until) WHERE state = 'processing';
-CREATE INDEX queue_finished_idx ON nocrm.queue (delivered_at) WHERE state IN ('done', 'cancelled');
+-- The expression pruning filters on (drain.c).
+CREATE INDEX queue_finished_idx ON nocrm.queue ((coalesce(delivered_at, last_attempt_at, created_at)))
+    WHERE state IN ('done', 'cancelled');
 COMMENT ON TABLE nocrm.queue IS 'Work for the drain: emails, mobile pushes, webhooks and delayed actions, written in the transaction that caused them. States: pending, processing (claimed, until lease_until), done, dead (gave up; see last_error), cancelled (a delayed action that no longer applies).';
 COMMENT ON COLUMN nocrm.queue.idempotency_key IS 'Stable across attempts: the Message-ID of an email, the Idempotency-Key header of a POST.';
 
@@ -652,7 +654,7 @@ COMMENT ON FUNCTION nocrm.worker_scheduled() IS 'Whether pg_cron runs the drain 
 CREATE FUNCTION nocrm.start_worker() RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
-    job bigint;
+    job_id bigint;
 BEGIN
     IF to_regclass('cron.job') IS NULL THEN
         RAISE EXCEPTION 'pg_cron is not installed in this database'
@@ -661,9 +663,10 @@ BEGIN
     END IF;
     -- cron.schedule replaces a job of the same name, so this also repairs one.
     SELECT cron.schedule('nocrm-drain-' || current_database(), '* * * * *', 'CALL nocrm.drain()')
-      INTO job;
-    UPDATE cron.job SET active = true WHERE jobid = job;
-    RETURN job;
+      INTO job_id;
+    -- (a variable named like the table "job" would be ambiguous here)
+    UPDATE cron.job SET active = true WHERE jobid = job_id;
+    RETURN job_id;
 END $$;
 COMMENT ON FUNCTION nocrm.start_worker() IS 'Schedules (or repairs) the pg_cron job that runs CALL nocrm.drain() every minute; returns its job id.';
 

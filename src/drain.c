@@ -18,6 +18,7 @@
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
 #include "storage/latch.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -115,20 +116,24 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 	MemoryContext old;
 
 	nocrm_plan(&plan_claim,
-			   "WITH claimed AS ("
+			   /* each partial index walked in order, so a claim costs the same with any backlog */
+			   "WITH due AS (SELECT id FROM nocrm.queue"
+			   "              WHERE state = 'pending' AND run_at <= now()"
+			   "              ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED),"
+			   "     expired AS (SELECT id FROM nocrm.queue"
+			   "                  WHERE state = 'processing' AND lease_until < now()"
+			   "                  ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED),"
+			   "     claimed AS ("
 			   "  UPDATE nocrm.queue q"
 			   "     SET state = 'processing', attempts = q.attempts + 1,"
 			   "         lease_until = now() + make_interval(secs => $2),"
 			   "         claim_token = $3, last_attempt_at = now()"
-			   "   WHERE q.id IN (SELECT id FROM nocrm.queue"
-			   "                   WHERE (state = 'pending' AND run_at <= now())"
-			   "                      OR (state = 'processing' AND lease_until < now())"
-			   "                   ORDER BY run_at, id LIMIT $1"
-			   "                   FOR UPDATE SKIP LOCKED)"
+			   "   WHERE q.id IN (SELECT id FROM due UNION ALL SELECT id FROM expired)"
 			   "  RETURNING q.*)"
 			   " SELECT c.id, c.kind, c.recipient, c.idempotency_key, c.attempts, c.event,"
 			   "        c.automation_id, c.action_no, c.lead_id, c.payload, t.subject, t.body,"
-			   "        nocrm.template_context(c.lead_id, c.payload, c.automation_id, c.event)"
+			   "        CASE WHEN c.kind = 'email'"
+			   "             THEN nocrm.template_context(c.lead_id, c.payload, c.automation_id, c.event) END"
 			   "   FROM claimed c"
 			   "   LEFT JOIN nocrm.email_templates t ON c.kind = 'email'"
 			   "        AND t.name = coalesce(c.payload ->> 'template', 'notification')"
@@ -168,7 +173,8 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 		d = SPI_getbinval(tup, desc, 9, &isnull);
 		item->lead_id = isnull ? 0 : DatumGetInt64(d);
 		item->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 10, &isnull));
-		context = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 13, &isnull));
+		d = SPI_getbinval(tup, desc, 13, &isnull);
+		context = isnull ? NULL : DatumGetJsonbPCopy(d);
 
 		switch (item->kind)
 		{
@@ -297,39 +303,56 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 	}
 }
 
+/* Writes a batch's outcomes in one statement. */
 static void
 record(QueueItem *items, int n, const char *token)
 {
-	Oid			types[5] = {INT8OID, TEXTOID, TEXTOID, FLOAT8OID, UUIDOID};
+	Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID, UUIDOID};
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	Datum	   *states = palloc(sizeof(Datum) * n);
+	Datum	   *errors = palloc(sizeof(Datum) * n);
+	bool	   *error_nulls = palloc(sizeof(bool) * n);
+	Datum	   *retries = palloc(sizeof(Datum) * n);
+	bool	   *retry_nulls = palloc(sizeof(bool) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	Datum		args[5];
+	int			ret;
 
-	nocrm_plan(&plan_record,
-			   "UPDATE nocrm.queue"
-			   "   SET state = $2, last_error = coalesce($3, last_error),"
-			   "       run_at = CASE WHEN $4 IS NULL THEN run_at"
-			   "                     ELSE now() + make_interval(secs => $4) END,"
-			   "       delivered_at = CASE WHEN $2 = 'done' THEN clock_timestamp() END,"
-			   "       lease_until = NULL, claim_token = NULL"
-			   " WHERE id = $1 AND claim_token = $5",
-			   5, types);
 	for (int i = 0; i < n; i++)
 	{
 		QueueItem  *item = &items[i];
-		Datum		args[5];
-		char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
-		int			ret;
 
-		args[0] = Int64GetDatum(item->id);
-		args[1] = CStringGetTextDatum(item->state ? item->state : "pending");
-		args[2] = item->error ? CStringGetTextDatum(item->error) : (Datum) 0;
-		nulls[2] = item->error ? ' ' : 'n';
-		args[3] = Float8GetDatum(item->retry ? backoff_seconds(item->attempts) : 0);
-		nulls[3] = item->retry ? ' ' : 'n';
-		args[4] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
-		/* A row re-claimed by another drain after our lease ran out is theirs now. */
-		ret = SPI_execute_plan(plan_record, args, nulls, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "recording a delivery failed: %s", SPI_result_code_string(ret));
+		ids[i] = Int64GetDatum(item->id);
+		states[i] = CStringGetTextDatum(item->state ? item->state : "pending");
+		errors[i] = item->error ? CStringGetTextDatum(item->error) : (Datum) 0;
+		error_nulls[i] = item->error == NULL;
+		retries[i] = Float8GetDatum(item->retry ? backoff_seconds(item->attempts) : 0);
+		retry_nulls[i] = !item->retry;
 	}
+	args[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[1] = PointerGetDatum(construct_array(states, n, TEXTOID, -1, false, TYPALIGN_INT));
+	args[2] = PointerGetDatum(construct_md_array(errors, error_nulls, 1, dims, lbs,
+												 TEXTOID, -1, false, TYPALIGN_INT));
+	args[3] = PointerGetDatum(construct_md_array(retries, retry_nulls, 1, dims, lbs,
+												 FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[4] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
+
+	/* A row re-claimed by another drain after our lease ran out is theirs now. */
+	nocrm_plan(&plan_record,
+			   "UPDATE nocrm.queue q"
+			   "   SET state = o.state, last_error = coalesce(o.error, q.last_error),"
+			   "       run_at = CASE WHEN o.retry IS NULL THEN q.run_at"
+			   "                     ELSE now() + make_interval(secs => o.retry) END,"
+			   "       delivered_at = CASE WHEN o.state = 'done' THEN clock_timestamp() END,"
+			   "       lease_until = NULL, claim_token = NULL"
+			   "  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[])"
+			   "       AS o(id, state, error, retry)"
+			   " WHERE q.id = o.id AND q.claim_token = $5",
+			   5, types);
+	ret = SPI_execute_plan(plan_record, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "recording deliveries failed: %s", SPI_result_code_string(ret));
 }
 
 /* Old finished queue items and run log rows go, a small batch each round. */
@@ -457,6 +480,8 @@ nocrm_drain(PG_FUNCTION_ARGS)
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 nocrm_drain_poll_ms, PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);
+			/* A new transaction, so now() in the next claim is after the wait. */
+			SPI_commit();
 		}
 	}
 	PG_FINALLY();
