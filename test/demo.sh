@@ -90,10 +90,17 @@ for m in mails:
     msg = email.message_from_string(m["data"], policy=email.policy.default)
     print("  to %-36s %s" % (", ".join(m["rcpt_tos"]), msg["Subject"]))
 if mails:
-    msg = email.message_from_string(mails[0]["data"], policy=email.policy.default)
-    print("--- the first one in full: headers, then the body decoded from base64")
-    for name in ("From", "To", "Subject", "Message-ID", "X-Nocrm-Idempotency-Key", "Content-Type"):
-        print("  %s: %s" % (name, msg[name]))
+    data = mails[-1]["data"]
+    msg = email.message_from_string(data, policy=email.policy.default)
+    print("--- the last one as sent (the Date header left out), then its body decoded from base64")
+    head, _, raw_body = data.partition("\r\n\r\n")
+    for line in head.split("\r\n"):
+        if not line.startswith("Date:"):
+            print("  " + line)
+    print("")
+    for line in raw_body.split("\r\n"):
+        if line:
+            print("  " + line)
     for line in msg.get_content().splitlines():
         print("  | " + line)
 
