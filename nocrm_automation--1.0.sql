@@ -694,27 +694,30 @@ INSERT INTO nocrm.email_templates (name, subject, body) VALUES
   ('notification', '{{lead.title}}: {{message}}',
    E'{{message}}\n\nLead: {{lead.title}} ({{lead.status}}, {{lead.pipeline}} / {{lead.step}})\nOwner: {{owner.name}}\n\n-- \n{{butler.name}}');
 
--- The values a template can use, for one queue item.
+-- The values a template can use, for one queue item.  A deleted lead is
+-- read from the snapshot its item carries (payload "lead").
 CREATE FUNCTION nocrm.template_context(lead_id bigint, payload jsonb, automation_id integer, event text)
 RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
     SELECT jsonb_build_object(
-        'lead.id', coalesce(l.id, template_context.lead_id),
-        'lead.title', coalesce(l.title, payload ->> 'lead_title'),
-        'lead.amount', l.amount, 'lead.status', l.status, 'lead.probability', l.probability,
-        'lead.description', l.description, 'lead.contact_email', l.contact_email,
+        'lead.id', coalesce((x.lead ->> 'id')::bigint, template_context.lead_id),
+        'lead.title', coalesce(x.lead ->> 'title', payload ->> 'lead_title'),
+        'lead.amount', x.lead -> 'amount', 'lead.status', x.lead ->> 'status',
+        'lead.probability', x.lead -> 'probability',
+        'lead.description', x.lead ->> 'description', 'lead.contact_email', x.lead ->> 'contact_email',
         'lead.pipeline', p.name, 'lead.step', s.name,
-        'lead.next_action_at', l.next_action_at, 'lead.created_at', l.created_at,
+        'lead.next_action_at', x.lead ->> 'next_action_at', 'lead.created_at', x.lead ->> 'created_at',
         'owner.name', o.name, 'owner.email', o.email,
         'butler.name', b.name, 'butler.email', b.email,
         'user.name', u.name, 'user.email', u.email,
         'automation.name', a.name, 'event', template_context.event,
         'message', payload ->> 'message')
-      FROM (SELECT 1) AS one
-      LEFT JOIN nocrm.leads l ON l.id = template_context.lead_id
-      LEFT JOIN nocrm.pipelines p ON p.id = l.pipeline_id
-      LEFT JOIN nocrm.steps s ON s.id = l.step_id
-      LEFT JOIN nocrm.users o ON o.id = l.user_id
+      FROM (SELECT coalesce((SELECT to_jsonb(l) FROM nocrm.leads l WHERE l.id = template_context.lead_id),
+                            CASE WHEN jsonb_typeof(payload -> 'lead') = 'object' THEN payload -> 'lead' END)
+                   AS lead) AS x
+      LEFT JOIN nocrm.pipelines p ON p.id = (x.lead ->> 'pipeline_id')::bigint
+      LEFT JOIN nocrm.steps s ON s.id = (x.lead ->> 'step_id')::bigint
+      LEFT JOIN nocrm.users o ON o.id = (x.lead ->> 'user_id')::bigint
       LEFT JOIN nocrm.users b ON b.is_butler
       LEFT JOIN nocrm.users u ON u.id = (payload ->> 'user_id')::bigint
       LEFT JOIN nocrm.automations a ON a.id = template_context.automation_id

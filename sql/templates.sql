@@ -47,3 +47,24 @@ SELECT nocrm.create_automation(name => 'bad message', event => 'lead.commented',
   actions => '[{"type": "notify", "user": 1, "message": "Hi {{lead.owner}}"}]');
 SELECT nocrm.create_automation(name => 'bad message', event => 'lead.commented',
   actions => '[{"type": "notify", "user": 1, "message": "Hi {{lead.title"}]');
+
+-- A deleted lead's placeholders still render: the queued item carries a
+-- snapshot of the row, and browser messages are rendered before it is gone.
+TRUNCATE nocrm.queue, nocrm.notifications;
+SELECT nocrm.create_automation(name => 'farewell', event => 'lead.deleted',
+  actions => '[{"type": "notify", "user": 4, "message": "Deleted: {{lead.title}} ({{owner.name}})", "channels": ["browser", "email"]},
+               {"type": "send_email", "template": "quote_followup", "to": "archive@crm.example"}]');
+DELETE FROM nocrm.leads WHERE id = 1;
+SELECT message FROM nocrm.notifications;
+SELECT q.kind, q.payload ->> 'message' AS message, q.payload -> 'lead' ->> 'title' AS snapshot_title,
+       nocrm.render(t.subject, nocrm.template_context(q.lead_id, q.payload, q.automation_id, q.event)) AS subject
+  FROM nocrm.queue q
+  JOIN nocrm.email_templates t ON t.name = coalesce(q.payload ->> 'template', 'notification')
+ ORDER BY q.id;
+
+-- A message made long by lead data is cut to 4000 bytes on a character
+-- boundary instead of failing the change (pg_notify's payload limit).
+SELECT nocrm.create_automation(name => 'long', event => 'lead.creation',
+  actions => '[{"type": "notify", "user": 4, "message": "{{lead.description}}"}]');
+INSERT INTO nocrm.leads (title, description) VALUES ('Long', repeat('è', 5000));
+SELECT octet_length(message) AS bytes, length(message) AS chars FROM nocrm.notifications WHERE message LIKE 'è%';

@@ -8,8 +8,12 @@
  */
 #include "nocrm.h"
 
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
+
+/* A rendered notify message is cut here (pg_notify payloads stop at 8000 bytes). */
+#define MAX_RENDERED_MESSAGE 4000
 
 /* One kept plan per statement an action runs. */
 static SPIPlanPtr plan_assign,
@@ -234,10 +238,10 @@ static int64
 enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 		const char *kind, const char *recipient, Jsonb *payload, Interval *run_after)
 {
-	Oid			types[9] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
-	JSONBOID, INTERVALOID, INT8OID};
-	Datum		args[9];
-	char		nulls[9];
+	Oid			types[10] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
+	JSONBOID, INTERVALOID, INT8OID, JSONBOID};
+	Datum		args[10];
+	char		nulls[10];
 	Datum		result;
 	bool		isnull;
 
@@ -245,11 +249,12 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	nocrm_plan(&plan_enqueue,
 			   "INSERT INTO nocrm.queue (kind, automation_id, action_no, lead_id, event,"
 			   " recipient, payload, run_at)"
-			   " VALUES ($1, $2, $3, $4, $5, $6, $7,"
+			   " VALUES ($1, $2, $3, $4, $5, $6,"
+			   "         CASE WHEN $10 IS NULL THEN $7 ELSE $7 || jsonb_build_object('lead', $10) END,"
 			   "         CASE WHEN $9 IS NULL THEN now() + coalesce($8, interval '0')"
 			   "              ELSE nocrm.next_working_time($9, now() + coalesce($8, interval '0')) END)"
 			   " RETURNING id",
-			   9, types);
+			   10, types);
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = CStringGetTextDatum(kind);
 	args[1] = Int32GetDatum(rule->id);
@@ -263,6 +268,9 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	nulls[7] = run_after ? ' ' : 'n';
 	args[8] = Int64GetDatum(lead->owner_id);
 	nulls[8] = action->respect_working_hours && lead->has_owner ? ' ' : 'n';
+	/* a deleted lead travels with the item, for its placeholders */
+	args[9] = lead->snapshot ? JsonbPGetDatum(lead->snapshot) : (Datum) 0;
+	nulls[9] = lead->snapshot ? ' ' : 'n';
 	(void) exec_one(plan_enqueue, args, nulls, &result, &isnull);
 	return DatumGetInt64(result);
 }
@@ -306,19 +314,28 @@ payload_json(const char *const *keys, const char *const *values, int n)
 static const char *
 render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev, int64 user_id)
 {
-	Oid			types[4] = {INT8OID, INT8OID, INT4OID, TEXTOID};
-	Datum		args[4] = {Int64GetDatum(lead->id), Int64GetDatum(user_id),
-		Int32GetDatum(rule->id), CStringGetTextDatum(nocrm_event_names[ev->event])};
+	Oid			types[5] = {INT8OID, INT8OID, INT4OID, TEXTOID, JSONBOID};
+	Datum		args[5] = {Int64GetDatum(lead->id), Int64GetDatum(user_id),
+		Int32GetDatum(rule->id), CStringGetTextDatum(nocrm_event_names[ev->event]),
+	lead->snapshot ? JsonbPGetDatum(lead->snapshot) : (Datum) 0};
+	char		nulls[5] = {' ', ' ', ' ', ' ', lead->snapshot ? ' ' : 'n'};
 	Datum		context;
 	bool		isnull;
+	char	   *message;
+	int			len;
 
 	if (strstr(action->text, "{{") == NULL)
 		return action->text;
 	nocrm_plan(&plan_message_context,
-			   "SELECT nocrm.template_context($1, jsonb_build_object('user_id', $2), $3, $4)",
-			   4, types);
-	(void) exec_one(plan_message_context, args, NULL, &context, &isnull);
-	return nocrm_render(action->text, DatumGetJsonbP(context));
+			   "SELECT nocrm.template_context($1, jsonb_build_object('user_id', $2, 'lead', $5), $3, $4)",
+			   5, types);
+	(void) exec_one(plan_message_context, args, nulls, &context, &isnull);
+	message = nocrm_render(action->text, DatumGetJsonbP(context));
+	/* Lead data can make it long: keep it within a pg_notify payload, whole characters only. */
+	len = strlen(message);
+	if (len > MAX_RENDERED_MESSAGE)
+		message[pg_mbcliplen(message, len, MAX_RENDERED_MESSAGE)] = '\0';
+	return message;
 }
 
 static void
@@ -419,10 +436,12 @@ send_email(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 static void
 webhook(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 {
-	Oid			types[4] = {INT8OID, TEXTOID, INT4OID, TEXTOID};
-	Datum		args[4] = {Int64GetDatum(lead->id),
+	Oid			types[5] = {INT8OID, TEXTOID, INT4OID, TEXTOID, JSONBOID};
+	Datum		args[5] = {Int64GetDatum(lead->id),
 		CStringGetTextDatum(nocrm_event_names[ev->event]), Int32GetDatum(rule->id),
-	CStringGetTextDatum(lead->title ? lead->title : "")};
+		CStringGetTextDatum(lead->title ? lead->title : ""),
+	lead->snapshot ? JsonbPGetDatum(lead->snapshot) : (Datum) 0};
+	char		nulls[5] = {' ', ' ', ' ', ' ', lead->snapshot ? ' ' : 'n'};
 	Datum		payload;
 	bool		isnull;
 	int64		id;
@@ -434,11 +453,12 @@ webhook(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 			   "  'automation', (SELECT name FROM nocrm.automations WHERE id = $3),"
 			   "  'occurred_at', now(),"
 			   "  'lead', coalesce((SELECT to_jsonb(l) FROM nocrm.leads l WHERE l.id = $1),"
+			   "                   $5 || jsonb_build_object('deleted', true),"
 			   "                   jsonb_build_object('id', $1, 'title', $4, 'deleted', true)),"
 			   "  'tags', coalesce((SELECT jsonb_agg(t.name ORDER BY t.name)"
 			   "                      FROM nocrm.tags t WHERE t.lead_id = $1), '[]'))",
-			   4, types);
-	(void) exec_one(plan_webhook_payload, args, NULL, &payload, &isnull);
+			   5, types);
+	(void) exec_one(plan_webhook_payload, args, nulls, &payload, &isnull);
 	id = enqueue(rule, action, lead, ev, "webhook", action->url, DatumGetJsonbP(payload), NULL);
 	action_history(rule, action, lead, NULL, queued_json(id), NULL);
 }

@@ -50,12 +50,15 @@ discard_body(char *ptr, size_t size, size_t nmemb, void *userdata)
 	return size * nmemb;
 }
 
-/* Lets a query cancel or shutdown stop a slow transfer. */
+/*
+ * Lets a cancel or shutdown stop a slow transfer.  Not InterruptPending:
+ * routine timers (statistics flushes) set it too.
+ */
 static int
 check_interrupts(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 				 curl_off_t ultotal, curl_off_t ulnow)
 {
-	return (InterruptPending || ProcDiePending) ? 1 : 0;
+	return (QueryCancelPending || ProcDiePending) ? 1 : 0;
 }
 
 static void
@@ -287,9 +290,13 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 		r->ok = true;
 		return;
 	}
-	/* SMTP 5xx is final; 4xx and network trouble are worth another try. */
+	/*
+	 * SMTP 5xx about this message is final; 4xx, network trouble and a
+	 * refused login (530/535: our settings, not the message) are retried.
+	 */
 	r->ok = false;
-	r->permanent = code >= 500 && code < 600;
+	r->permanent = code >= 500 && code < 600 && code != 530 && code != 535 &&
+		res != CURLE_LOGIN_DENIED;
 	r->error = psprintf("SMTP %s%s%s (response %ld)", curl_easy_strerror(res),
 						errbuf[0] ? ": " : "", errbuf, code);
 }

@@ -53,6 +53,8 @@ typedef struct QueueItem
 	const char *state;
 	char	   *error;
 	bool		retry;
+	bool		released;		/* not tried: handed back without using an attempt */
+	bool		recorded;
 } QueueItem;
 
 static SPIPlanPtr plan_claim,
@@ -183,7 +185,7 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 				{
 					item->state = "dead";
 					item->error = psprintf("email template \"%s\" does not exist",
-										   text_col(tup, desc, 10));
+										   text_col(tup, desc, 11) ? text_col(tup, desc, 11) : "?");
 					break;
 				}
 				item->subject = nocrm_render(subject, context);
@@ -203,7 +205,7 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 	return n;
 }
 
-/* Exponential backoff with jitter: base * 2^(attempt-1) * [0.5, 1.5), capped. */
+/* Exponential backoff with jitter: base * 2^(attempt-1) * [0.5, 1.5), then capped. */
 static double
 backoff_seconds(int attempts)
 {
@@ -211,8 +213,8 @@ backoff_seconds(int attempts)
 
 	for (int i = 1; i < attempts && delay < nocrm_retry_max_seconds; i++)
 		delay *= 2;
-	delay = Min(delay, (double) nocrm_retry_max_seconds);
-	return delay * (0.5 + pg_prng_double(&pg_global_prng_state));
+	delay *= 0.5 + pg_prng_double(&pg_global_prng_state);
+	return Min(delay, (double) nocrm_retry_max_seconds);
 }
 
 static void
@@ -303,53 +305,66 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 	}
 }
 
-/* Writes a batch's outcomes in one statement. */
+/* Writes the outcomes of the batch's items not yet recorded, in one statement. */
 static void
 record(QueueItem *items, int n, const char *token)
 {
-	Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID, UUIDOID};
+	Oid			types[6] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
+	BOOLARRAYOID, UUIDOID};
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	Datum	   *states = palloc(sizeof(Datum) * n);
 	Datum	   *errors = palloc(sizeof(Datum) * n);
 	bool	   *error_nulls = palloc(sizeof(bool) * n);
 	Datum	   *retries = palloc(sizeof(Datum) * n);
 	bool	   *retry_nulls = palloc(sizeof(bool) * n);
-	int			dims[1] = {n};
+	Datum	   *released = palloc(sizeof(Datum) * n);
+	int			m = 0;
+	int			dims[1];
 	int			lbs[1] = {1};
-	Datum		args[5];
+	Datum		args[6];
 	int			ret;
 
 	for (int i = 0; i < n; i++)
 	{
 		QueueItem  *item = &items[i];
 
-		ids[i] = Int64GetDatum(item->id);
-		states[i] = CStringGetTextDatum(item->state ? item->state : "pending");
-		errors[i] = item->error ? CStringGetTextDatum(item->error) : (Datum) 0;
-		error_nulls[i] = item->error == NULL;
-		retries[i] = Float8GetDatum(item->retry ? backoff_seconds(item->attempts) : 0);
-		retry_nulls[i] = !item->retry;
+		if (item->recorded)
+			continue;
+		item->recorded = true;
+		ids[m] = Int64GetDatum(item->id);
+		states[m] = CStringGetTextDatum(item->state ? item->state : "pending");
+		errors[m] = item->error ? CStringGetTextDatum(item->error) : (Datum) 0;
+		error_nulls[m] = item->error == NULL;
+		retries[m] = Float8GetDatum(item->retry ? backoff_seconds(item->attempts) : 0);
+		retry_nulls[m] = !item->retry;
+		released[m] = BoolGetDatum(item->released);
+		m++;
 	}
-	args[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	args[1] = PointerGetDatum(construct_array(states, n, TEXTOID, -1, false, TYPALIGN_INT));
+	if (m == 0)
+		return;
+	dims[0] = m;
+	args[0] = PointerGetDatum(construct_array(ids, m, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[1] = PointerGetDatum(construct_array(states, m, TEXTOID, -1, false, TYPALIGN_INT));
 	args[2] = PointerGetDatum(construct_md_array(errors, error_nulls, 1, dims, lbs,
 												 TEXTOID, -1, false, TYPALIGN_INT));
 	args[3] = PointerGetDatum(construct_md_array(retries, retry_nulls, 1, dims, lbs,
 												 FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	args[4] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
+	args[4] = PointerGetDatum(construct_array(released, m, BOOLOID, 1, true, TYPALIGN_CHAR));
+	args[5] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
 
 	/* A row re-claimed by another drain after our lease ran out is theirs now. */
 	nocrm_plan(&plan_record,
 			   "UPDATE nocrm.queue q"
 			   "   SET state = o.state, last_error = coalesce(o.error, q.last_error),"
+			   "       attempts = q.attempts - CASE WHEN o.released THEN 1 ELSE 0 END,"
 			   "       run_at = CASE WHEN o.retry IS NULL THEN q.run_at"
 			   "                     ELSE now() + make_interval(secs => o.retry) END,"
 			   "       delivered_at = CASE WHEN o.state = 'done' THEN clock_timestamp() END,"
 			   "       lease_until = NULL, claim_token = NULL"
-			   "  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[])"
-			   "       AS o(id, state, error, retry)"
-			   " WHERE q.id = o.id AND q.claim_token = $5",
-			   5, types);
+			   "  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[], $5::boolean[])"
+			   "       AS o(id, state, error, retry, released)"
+			   " WHERE q.id = o.id AND q.claim_token = $6",
+			   6, types);
 	ret = SPI_execute_plan(plan_record, args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "recording deliveries failed: %s", SPI_result_code_string(ret));
@@ -466,14 +481,44 @@ nocrm_drain(PG_FUNCTION_ARGS)
 
 			if (n > 0)
 			{
+				TimestampTz hand_back = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+																	(int64) nocrm_lease_seconds * 500);
+
+				/*
+				 * Delayed actions and their outcomes commit together, so a
+				 * crash cannot run one twice.
+				 */
 				run_actions(items, n, keep);
-				SPI_commit();
 				for (int i = 0; i < n; i++)
-					if (items[i].state == NULL)
-						deliver(&handles, &items[i]);
+					items[i].recorded = items[i].kind != ITEM_ACTION;
 				record(items, n, token);
 				SPI_commit();
-				continue;		/* more may be due at once */
+				for (int i = 0; i < n; i++)
+					items[i].recorded = items[i].kind == ITEM_ACTION;
+
+				/*
+				 * Deliveries, with no transaction work in flight.  Items not
+				 * reached by half the lease are handed back unattempted, so
+				 * a slow batch never outlives its claim.
+				 */
+				for (int i = 0; i < n; i++)
+				{
+					if (items[i].state != NULL)
+						continue;
+					if (GetCurrentTimestamp() >= hand_back)
+					{
+						items[i].state = "pending";
+						items[i].released = true;
+						continue;
+					}
+					deliver(&handles, &items[i]);
+				}
+				record(items, n, token);
+				SPI_commit();
+				/* More may be due at once; a run with a time limit keeps to it. */
+				if (run_time > 0 && GetCurrentTimestamp() >= deadline)
+					break;
+				continue;
 			}
 			if (GetCurrentTimestamp() >= deadline)
 				break;

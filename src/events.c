@@ -303,6 +303,20 @@ update_events(HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
 	return n;
 }
 
+/* The row as to_jsonb() makes it: what placeholders read once the lead is gone. */
+static Jsonb *
+row_json(HeapTuple tuple, TupleDesc desc)
+{
+	Oid			type = desc->tdtypeid;
+	Datum		row = heap_copy_tuple_as_datum(tuple, desc);
+	bool		isnull;
+	int			ret = SPI_execute_with_args("SELECT to_jsonb($1)", 1, &type, &row, NULL, true, 1);
+
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "snapshot of a deleted lead failed: %s", SPI_result_code_string(ret));
+	return DatumGetJsonbP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
 /* AFTER INSERT OR UPDATE OR DELETE ON nocrm.leads, for each row. */
 Datum
 nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
@@ -332,6 +346,7 @@ nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
 	{
 		nocrm_lead_from_tuple(&lead, trigdata->tg_trigtuple, desc);
 		lead.deleted = true;
+		lead.snapshot = row_json(trigdata->tg_trigtuple, desc);
 		add_event(events, &nevents, EV_DELETED,
 				  nocrm_jsonb_pair("title", lead.title), NULL);
 	}

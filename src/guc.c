@@ -48,6 +48,16 @@ static const struct config_enum_entry history_options[] = {
 	{NULL, 0, false}
 };
 
+static bool
+check_smtp_url(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0' ||
+		pg_strncasecmp(*newval, "smtp://", 7) == 0 || pg_strncasecmp(*newval, "smtps://", 8) == 0)
+		return true;
+	GUC_check_errdetail("nocrm.smtp_url must start with smtp:// or smtps://.");
+	return false;
+}
+
 void
 nocrm_define_gucs(void)
 {
@@ -91,7 +101,7 @@ nocrm_define_gucs(void)
 	/* Delivery.  Credentials are superuser-only and hidden from others. */
 	DefineCustomStringVariable("nocrm.smtp_url",
 							   "SMTP server for outgoing mail, e.g. smtp://mail.example.com:587 or smtps://...:465.",
-							   NULL, &nocrm_smtp_url, "", PGC_SUSET, 0, NULL, NULL, NULL);
+							   NULL, &nocrm_smtp_url, "", PGC_SUSET, 0, check_smtp_url, NULL, NULL);
 	DefineCustomStringVariable("nocrm.smtp_user", "SMTP user name.", NULL,
 							   &nocrm_smtp_user, "", PGC_SUSET, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);

@@ -136,6 +136,7 @@ typedef struct LeadState
 	int64		step_id;
 	const char *contact_email;
 	bool		deleted;
+	Jsonb	   *snapshot;		/* the row as JSON, for a deleted lead's placeholders */
 } LeadState;
 
 /* A raised event with what changed, for history and matching. */
