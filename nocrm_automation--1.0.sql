@@ -259,6 +259,7 @@ CREATE TABLE nocrm.queue (
     attempts         integer NOT NULL DEFAULT 0,
     last_error       text,
     idempotency_key  uuid NOT NULL DEFAULT gen_random_uuid() UNIQUE,
+    actor_id         bigint,
     claim_token      uuid,
     lease_until      timestamptz,
     last_attempt_at  timestamptz,
@@ -271,6 +272,7 @@ CREATE INDEX queue_processing_idx ON nocrm.queue (lease_until) WHERE state = 'pr
 CREATE INDEX queue_finished_idx ON nocrm.queue ((coalesce(delivered_at, last_attempt_at, created_at)))
     WHERE state IN ('done', 'cancelled');
 COMMENT ON TABLE nocrm.queue IS 'Work for the drain: emails, mobile pushes, webhooks and delayed actions, written in the transaction that caused them. States: pending, processing (claimed, until lease_until), done, dead (gave up; see last_error), cancelled (a delayed action that no longer applies).';
+COMMENT ON COLUMN nocrm.queue.actor_id IS 'The person whose change queued the item (nocrm.actor), for the run log of delayed actions.';
 COMMENT ON COLUMN nocrm.queue.idempotency_key IS 'Stable across attempts: the Message-ID of an email, the Idempotency-Key header of a POST.';
 
 CREATE TABLE nocrm.lead_history (

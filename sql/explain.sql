@@ -262,7 +262,10 @@ SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(1, 'lead.step.change
 SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(1, 'lead.step.changed.to', '999')$$);
 SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(2, 'lead.step.changed.to', 'Preventivo')$$);
 SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(1, 'lead.creation', 'amount')$$);
-SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(1, 'lead.assigned', 'anna@example.com')$$);
+SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(1, 'lead.commented', 'anna@example.com')$$);
+-- lead.assigned takes the new owner as target; an unknown one is refused.
+SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(1, 'lead.assigned', 'nobody@example.com')$$);
+SELECT kind, id, would_fire FROM nocrm.explain(1, 'lead.assigned', 'anna@example.com') ORDER BY kind, id;
 SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(NULL, 'lead.creation')$$);
 SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(1, NULL)$$);
 SELECT * FROM pg_temp.try_sql($$SELECT * FROM nocrm.explain(1, 'lead.status.changed.to', NULL)$$);
@@ -522,3 +525,23 @@ RESET nocrm.run_log_retention;
 -- The stats cover the run log's retention: only dead queue items are left.
 SELECT id, name, fired, test_runs, skipped, failed, avg_actions, last_fired
   FROM nocrm.automation_stats WHERE id IN (16, 27, 28, 31, 32);
+
+-- Later fixes, on a fresh CRM: explain judges conditions on the lead as it
+-- will be after the change (as the engine does), shows owner_changed stage
+-- triggers for owner events, and knows when automations are switched off.
+\i test/fixtures/crm.sql
+SELECT nocrm.create_automation(name => 'won and won', event => 'lead.status.changed.to', target => 'won',
+  conditions => '{"status": "won"}', actions => '[{"type": "add_tags", "tags": "w"}]');
+SELECT nocrm.create_automation(name => 'to Anna', event => 'lead.assigned',
+  conditions => '{"owner": "anna@example.com"}', actions => '[{"type": "add_tags", "tags": "a"}]');
+SELECT nocrm.create_stage_trigger(pipeline => 'Vendite', step => 'Qualificato', kind => 'owner_changed', name => 'owner moves');
+INSERT INTO nocrm.leads (title, pipeline_id, user_id) VALUES ('After', 1, 2);
+SELECT kind, id, name, would_fire, reason FROM nocrm.explain(1, 'lead.status.changed.to', 'won');
+SELECT kind, id, name, would_fire, reason FROM nocrm.explain(1, 'lead.assigned', 'anna@example.com') ORDER BY kind, id;
+SELECT kind, id, name, would_fire, reason FROM nocrm.explain(1, 'lead.assigned', 'matteo@example.com') ORDER BY kind, id;
+UPDATE nocrm.leads SET status = 'won' WHERE id = 1;
+UPDATE nocrm.leads SET user_id = 1 WHERE id = 1;
+SELECT automation_id, stage_trigger_id, event, outcome FROM nocrm.automation_runs ORDER BY id;
+SET nocrm.automations_enabled = off;
+SELECT kind, id, would_fire, reason FROM nocrm.explain(1, 'lead.status.changed.to', 'won');
+RESET nocrm.automations_enabled;

@@ -238,23 +238,25 @@ static int64
 enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 		const char *kind, const char *recipient, Jsonb *payload, Interval *run_after)
 {
-	Oid			types[10] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
-	JSONBOID, INTERVALOID, INT8OID, JSONBOID};
-	Datum		args[10];
-	char		nulls[10];
+	Oid			types[11] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
+	JSONBOID, INTERVALOID, INT8OID, JSONBOID, INT8OID};
+	Datum		args[11];
+	char		nulls[11];
+	int64		actor = nocrm_root_actor();
 	Datum		result;
 	bool		isnull;
 
 	/* $9: the owner whose working hours the item waits for, if it must. */
 	nocrm_plan(&plan_enqueue,
 			   "INSERT INTO nocrm.queue (kind, automation_id, action_no, lead_id, event,"
-			   " recipient, payload, run_at)"
+			   " recipient, payload, run_at, actor_id)"
 			   " VALUES ($1, $2, $3, $4, $5, $6,"
 			   "         CASE WHEN $10 IS NULL THEN $7 ELSE $7 || jsonb_build_object('lead', $10) END,"
 			   "         CASE WHEN $9 IS NULL THEN now() + coalesce($8, interval '0')"
-			   "              ELSE nocrm.next_working_time($9, now() + coalesce($8, interval '0')) END)"
+			   "              ELSE nocrm.next_working_time($9, now() + coalesce($8, interval '0')) END,"
+			   "         $11)"
 			   " RETURNING id",
-			   10, types);
+			   11, types);
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = CStringGetTextDatum(kind);
 	args[1] = Int32GetDatum(rule->id);
@@ -271,6 +273,8 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	/* a deleted lead travels with the item, for its placeholders */
 	args[9] = lead->snapshot ? JsonbPGetDatum(lead->snapshot) : (Datum) 0;
 	nulls[9] = lead->snapshot ? ' ' : 'n';
+	args[10] = Int64GetDatum(actor);
+	nulls[10] = actor < 0 ? 'n' : ' ';
 	(void) exec_one(plan_enqueue, args, nulls, &result, &isnull);
 	return DatumGetInt64(result);
 }
@@ -471,7 +475,7 @@ webhook(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
  */
 const char *
 nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
-				  const char *event, Jsonb *definition)
+				  const char *event, Jsonb *definition, int64 actor)
 {
 	Rule	   *rule = nocrm_rule_by_id(automation_id);
 	LeadState	lead;
@@ -499,6 +503,7 @@ nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
 	ev.event = nocrm_event_from_name(event);
 	if (ev.event == EV_COUNT)
 		ev.event = rule->event;
+	nocrm_set_root_actor(actor);
 	nocrm_run_as_automation(rule, action, &lead, &ev);
 	return NULL;
 }

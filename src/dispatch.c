@@ -26,6 +26,8 @@ static int	run_nactions = 0;
 
 /* The person whose change started the current chain. */
 static int64 root_actor = -1;
+static bool root_actor_given = false;
+static int64 given_root_actor = -1;
 
 static SPIPlanPtr plan_record_run,
 			plan_describe;
@@ -83,6 +85,36 @@ nocrm_chain_push(int32 id)
 	if (chain_len >= MAX_CHAIN)
 		elog(ERROR, "automation chain too deep");
 	chain[chain_len++] = id;
+}
+
+/*
+ * Enters the chain as automation id (or stage trigger -id); the first to
+ * enter notes whose change started it, for the run log.
+ */
+void
+nocrm_chain_enter(int32 id)
+{
+	if (chain_len == 0)
+	{
+		root_actor = root_actor_given ? given_root_actor : nocrm_current_actor();
+		root_actor_given = false;
+	}
+	nocrm_chain_push(id);
+}
+
+/* For a delayed action: the person whose change queued it (-1: unknown). */
+void
+nocrm_set_root_actor(int64 actor)
+{
+	root_actor_given = true;
+	given_root_actor = actor;
+}
+
+/* The person whose change started the current chain, or the current actor. */
+int64
+nocrm_root_actor(void)
+{
+	return chain_len > 0 ? root_actor : nocrm_current_actor();
 }
 
 void
@@ -187,7 +219,7 @@ nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *even
 		INT8OID, INT4OID, TEXTOID, INT4OID};
 	Datum		args[10];
 	char		nulls[10];
-	int64		actor = chain_len > 0 ? root_actor : nocrm_current_actor();
+	int64		actor = nocrm_root_actor();
 	int			ret;
 
 	if (nocrm_history_level == HISTORY_NONE)
@@ -296,14 +328,12 @@ run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lea
 	StringInfo	outer_actions = run_actions;
 	int			outer_nactions = run_nactions;
 
-	if (chain_len == 0)
-		root_actor = nocrm_current_actor();
 	initStringInfo(&outcomes);
 	appendStringInfoChar(&outcomes, '[');
 	run_actions = &outcomes;
 	run_nactions = 0;
 	nocrm_rules_pin();
-	chain[chain_len++] = rule->id;
+	nocrm_chain_enter(rule->id);
 	PG_TRY();
 	{
 		for (int i = 0; i < nactions; i++)

@@ -46,6 +46,7 @@ typedef struct QueueItem
 	int32		automation_id;
 	int			action_no;
 	int64		lead_id;
+	int64		actor_id;		/* whose change queued it, -1 if unknown */
 	Jsonb	   *payload;
 	char	   *subject;		/* rendered, for emails */
 	char	   *body;			/* rendered email body, or the JSON to POST */
@@ -135,7 +136,8 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 			   " SELECT c.id, c.kind, c.recipient, c.idempotency_key, c.attempts, c.event,"
 			   "        c.automation_id, c.action_no, c.lead_id, c.payload, t.subject, t.body,"
 			   "        CASE WHEN c.kind = 'email'"
-			   "             THEN nocrm.template_context(c.lead_id, c.payload, c.automation_id, c.event) END"
+			   "             THEN nocrm.template_context(c.lead_id, c.payload, c.automation_id, c.event) END,"
+			   "        c.actor_id"
 			   "   FROM claimed c"
 			   "   LEFT JOIN nocrm.email_templates t ON c.kind = 'email'"
 			   "        AND t.name = coalesce(c.payload ->> 'template', 'notification')"
@@ -177,6 +179,8 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 		item->payload = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 10, &isnull));
 		d = SPI_getbinval(tup, desc, 13, &isnull);
 		context = isnull ? NULL : DatumGetJsonbPCopy(d);
+		d = SPI_getbinval(tup, desc, 14, &isnull);
+		item->actor_id = isnull ? -1 : DatumGetInt64(d);
 
 		switch (item->kind)
 		{
@@ -278,7 +282,8 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 		PG_TRY();
 		{
 			const char *why = nocrm_run_delayed(item->automation_id, item->action_no,
-												item->lead_id, item->event, item->payload);
+												item->lead_id, item->event, item->payload,
+												item->actor_id);
 
 			ReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(oldcontext);

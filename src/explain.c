@@ -38,7 +38,11 @@ emit(ExplainOut *out, const char *kind, int32 id, const char *name, bool would,
 	tuplestore_putvalues(out->store, out->desc, values, nulls);
 }
 
-/* The event as explain pretends it happened: target resolved like a rule's. */
+/*
+ * The event as explain pretends it happened: target resolved like a rule's,
+ * and the lead changed as the event says, since the engine checks
+ * conditions on the lead after the change.
+ */
 static void
 build_event(RaisedEvent *ev, LeadState *lead, const char *event, const char *target)
 {
@@ -63,6 +67,8 @@ build_event(RaisedEvent *ev, LeadState *lead, const char *event, const char *tar
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("unknown status \"%s\"", target),
 					 errhint("Statuses are todo, standby, won, lost, cancelled.")));
+		lead->status = ev->to_status;
+		lead->status_text = pstrdup(target);
 	}
 	else if (ev->event == EV_STEP_CHANGED)
 	{
@@ -82,10 +88,36 @@ build_event(RaisedEvent *ev, LeadState *lead, const char *event, const char *tar
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
 					 errmsg("lead %lld's pipeline has no step \"%s\"", (long long) lead->id, target),
 					 errhint("Give a step of the lead's pipeline, by name or id.")));
+		lead->step_id = ev->to_step;
+		lead->has_step = true;
+	}
+	else if (ev->event == EV_ASSIGNED || ev->event == EV_UNASSIGNED)
+	{
+		/* an owner change (stage triggers tell it from a creation by the old value) */
+		ev->old_value = nocrm_jsonb_int_pair("user_id", lead->owner_id, !lead->has_owner);
+		if (ev->event == EV_UNASSIGNED)
+			lead->has_owner = false;
+		else if (target != NULL)
+		{
+			bool		found;
+
+			lead->owner_id = strspn(target, "0123456789") == strlen(target) && strlen(target) <= 18
+				? nocrm_lookup_id("SELECT id FROM nocrm.users WHERE id = $1",
+								  Int64GetDatum(strtoll(target, NULL, 10)), INT8OID, &found)
+				: nocrm_lookup_id("SELECT id FROM nocrm.users WHERE lower(email) = lower($1)",
+								  CStringGetTextDatum(target), TEXTOID, &found);
+			if (!found)
+				ereport(ERROR,
+						(errcode(ERRCODE_UNDEFINED_OBJECT),
+						 errmsg("unknown user \"%s\"", target),
+						 errhint("Give the new owner's id or email.")));
+			lead->has_owner = true;
+		}
 	}
 	else if (target != NULL && (ev->event == EV_ANY_UPDATE || ev->event == EV_CONTENT_CHANGED))
 		ev->new_value = nocrm_jsonb_pair(target, NULL);	/* the field that changes */
-	else if (target != NULL)
+	if (target != NULL && ev->event != EV_STATUS_CHANGED && ev->event != EV_STEP_CHANGED &&
+		ev->event != EV_ASSIGNED && ev->event != EV_ANY_UPDATE && ev->event != EV_CONTENT_CHANGED)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("event %s takes no target", event)));
@@ -157,10 +189,15 @@ explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const cha
 			reason = psprintf("its target is %s", SPI_getvalue(tup, rows->tupdesc, 4));
 		else if (failed)
 			reason = psprintf("condition %s does not hold", failed);
+		else if (!nocrm_automations_enabled)
+			reason = "nocrm.automations_enabled is off";
 		else if (test_mode)
 			reason = "test mode: it would only record what it would do";
 		else if (nocrm_chain_contains(id))
 			reason = "loop stop: it already ran in this chain";
+		else if (nocrm_chain_depth() >= nocrm_max_chain_depth)
+			reason = psprintf("loop stop: chain depth limit %d reached (nocrm.max_chain_depth)",
+							  nocrm_max_chain_depth);
 
 		described = describe(id, actions_json, lead->id, event, &described_null);
 		emit(out, "automation", id, name, reason == NULL, reason, conditions,
@@ -190,7 +227,7 @@ explain_stage_triggers(ExplainOut *out, LeadState *lead, RaisedEvent *ev)
 			pushJsonbValue(&state, WJB_ELEM, &v);
 		}
 		move = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_ARRAY, NULL));
-		emit(out, "stage_trigger", verdicts[i].id, NULL, verdicts[i].would_move,
+		emit(out, "stage_trigger", verdicts[i].id, verdicts[i].name, verdicts[i].would_move,
 			 verdicts[i].reason, NULL, JsonbPGetDatum(move), false);
 	}
 }

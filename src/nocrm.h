@@ -227,6 +227,9 @@ extern void nocrm_dispatch_init(void);
 extern void nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead,
 									RaisedEvent *ev);
 extern void nocrm_chain_push(int32 id);
+extern void nocrm_chain_enter(int32 id);
+extern void nocrm_set_root_actor(int64 actor);
+extern int64 nocrm_root_actor(void);
 extern void nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value,
 								const char *detail);
 extern void nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
@@ -242,6 +245,7 @@ extern bool nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *c
 typedef struct StageVerdict
 {
 	int32		id;
+	const char *name;
 	int64		step_id;
 	bool		would_move;
 	const char *reason;
@@ -299,7 +303,7 @@ extern char *nocrm_hmac_sha256_hex(const char *key, const char *data);
 
 /* delayed actions (actions.c) */
 extern const char *nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
-									 const char *event, Jsonb *definition);
+									 const char *event, Jsonb *definition, int64 actor);
 
 /* lead.c: reading lead rows */
 extern void nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc);

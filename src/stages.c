@@ -45,6 +45,7 @@ typedef struct StageTrigger
 	StageKind	kind;
 	char	   *param;			/* field, status, tag or code; NULL = any */
 	bool		allow_backward;
+	char	   *name;
 } StageTrigger;
 
 typedef struct StepPlace
@@ -92,7 +93,7 @@ load(void)
 	ret = SPI_execute("SELECT t.id, t.step_id, s.pipeline_id, s.position, t.kind,"
 					  "       coalesce(t.params ->> 'field', t.params ->> 'status',"
 					  "                t.params ->> 'tag', t.params ->> 'code'),"
-					  "       t.allow_backward"
+					  "       t.allow_backward, t.name"
 					  "  FROM nocrm.stage_triggers t JOIN nocrm.steps s ON s.id = t.step_id"
 					  " WHERE t.enabled ORDER BY t.id", true, 0);
 	if (ret != SPI_OK_SELECT)
@@ -113,6 +114,7 @@ load(void)
 		triggers[i].kind = kind_from_name(SPI_getvalue(tup, desc, 5));
 		triggers[i].param = SPI_getvalue(tup, desc, 6);
 		triggers[i].allow_backward = DatumGetBool(SPI_getbinval(tup, desc, 7, &isnull));
+		triggers[i].name = SPI_getvalue(tup, desc, 8);
 	}
 	MemoryContextSwitchTo(old);
 
@@ -241,6 +243,7 @@ run_event(RaisedEvent *ev, const char *custom_code)
 typedef struct Decision
 {
 	int32		id;
+	const char *name;
 	int64		step_id;
 	int			position;
 	const char *skip;			/* why not, or NULL */
@@ -278,6 +281,7 @@ decide(LeadState *lead, RaisedEvent *ev, const char *custom_code, int *ndecision
 			continue;
 		d = &decisions[n++];
 		d->id = t->id;
+		d->name = t->name ? pstrdup(t->name) : NULL;
 		d->step_id = t->step_id;
 		d->position = t->position;
 		d->skip = NULL;
@@ -306,6 +310,7 @@ nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int *n)
 	for (int i = 0; i < *n; i++)
 	{
 		out[i].id = decisions[i].id;
+		out[i].name = decisions[i].name;
 		out[i].step_id = decisions[i].step_id;
 		out[i].would_move = i == winner;
 		out[i].reason = decisions[i].skip ? decisions[i].skip
@@ -346,7 +351,7 @@ nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code)
 		int			ret;
 
 		nocrm_plan(&plan_move, "UPDATE nocrm.leads SET step_id = $2 WHERE id = $1", 2, types);
-		nocrm_chain_push(-d->id);
+		nocrm_chain_enter(-d->id);
 		PG_TRY();
 		{
 			/* Logged inside the chain: the Butler moves the lead. */
