@@ -18,7 +18,7 @@ OBJS = \
 	src/templates.o
 
 EXTENSION = nocrm_automation
-DATA = nocrm_automation--1.0.sql
+DATA = nocrm_automation--1.0.sql nocrm_automation--1.0--1.1.sql
 PGFILEDESC = "nocrm_automation - CRM automations inside PostgreSQL"
 
 PG_CPPFLAGS = -I$(srcdir)/src

@@ -12,6 +12,7 @@
 #include "nocrm.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "common/pg_prng.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -439,6 +440,14 @@ nocrm_drain(PG_FUNCTION_ARGS)
 				 errmsg("nocrm.drain() must be run with CALL outside a transaction block"),
 				 errdetail("It commits after each batch and sends mail between transactions."),
 				 errhint("Run CALL nocrm.drain(); on its own, as pg_cron does.")));
+	/* A standby drains nothing; its queue runs once it is promoted. */
+	if (RecoveryInProgress())
+	{
+		ereport(NOTICE,
+				(errmsg("nocrm.drain() does nothing on a standby"),
+				 errdetail("The queue is drained on the primary; after promotion, here.")));
+		PG_RETURN_VOID();
+	}
 	if (run_time < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

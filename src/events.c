@@ -440,10 +440,26 @@ nocrm_tag_event_trigger(PG_FUNCTION_ARGS)
 	return PointerGetDatum(NULL);
 }
 
-/* AFTER INSERT ON nocrm.comments */
+/* AFTER INSERT ON nocrm.comments; only automations write as the Butler. */
 Datum
 nocrm_comment_event_trigger(PG_FUNCTION_ARGS)
 {
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (CALLED_AS_TRIGGER(fcinfo) && nocrm_chain_depth() == 0)
+	{
+		TupleDesc	desc = trigdata->tg_relation->rd_att;
+		bool		isnull;
+		Datum		author = heap_getattr(trigdata->tg_trigtuple, SPI_fnumber(desc, "user_id"),
+										  desc, &isnull);
+
+		if (!isnull && DatumGetInt64(author) == BUTLER_ID)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("only automations comment as The Butler"),
+					 errdetail("Comments by user %d are the Butler's, written by automations.", BUTLER_ID),
+					 errhint("Write the comment as the person making it.")));
+	}
 	return child_trigger(fcinfo, "nocrm_comment_event_trigger", EV_COMMENTED,
 						 "body", "comment", NULL);
 }
