@@ -82,14 +82,15 @@ ALTER FUNCTION nocrm.flush_assignments_trigger() SECURITY DEFINER SET search_pat
 ALTER FUNCTION nocrm.rules_changed_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION nocrm.automation_validate_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION nocrm.template_validate_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION nocrm.sync_assignment_counters() SECURITY DEFINER;
-ALTER FUNCTION nocrm.cascade_user_email() SECURITY DEFINER;
-ALTER FUNCTION nocrm.check_references() SECURITY DEFINER;
-ALTER FUNCTION nocrm.protect_butler() SECURITY DEFINER;
-ALTER FUNCTION nocrm.stage_trigger_validate() SECURITY DEFINER;
+-- pg_temp last: otherwise a caller's temporary table could shadow a catalog one.
+ALTER FUNCTION nocrm.sync_assignment_counters() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION nocrm.cascade_user_email() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION nocrm.check_references() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION nocrm.protect_butler() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION nocrm.stage_trigger_validate() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 -- Agents fire custom triggers and read timelines: both read or write what agents cannot.
 ALTER FUNCTION nocrm.fire_trigger(bigint, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION nocrm.lead_timeline(bigint) SECURITY DEFINER;
+ALTER FUNCTION nocrm.lead_timeline(bigint) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 ------------------------------------------------------------------------
 -- Dump and restore: identity sequences go with their tables' data.
