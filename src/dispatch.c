@@ -405,14 +405,16 @@ superseded(RaisedEvent *ev, LeadState *then, LeadState *now)
  */
 static bool
 run_stage_triggers(LeadState *lead, LeadState **current, LeadState *changed_lead,
-				   RaisedEvent *ev, bool stale)
+				   RaisedEvent *ev, bool stale, bool *locked)
 {
-	if (lead->deleted)
-		return false;
-	if (stale)
+	if (lead->deleted || !nocrm_stage_triggers_exist())
+		return stale;
+	if (stale || !*locked)
 	{
-		if (!nocrm_lead_fetch(lead->id, changed_lead))
+		if (!(*locked ? nocrm_lead_fetch(lead->id, changed_lead)
+			  : nocrm_lead_fetch_locked(lead->id, changed_lead)))
 			return false;
+		*locked = true;
 		*current = changed_lead;
 	}
 	return nocrm_stage_triggers(*current, ev, NULL);
@@ -429,6 +431,7 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 	LeadState	changed_lead;
 	LeadState  *current = lead;
 	bool		stale = false;
+	bool		locked = false;	/* we hold the lead's row lock and read it since */
 
 	for (int e = 0; e < nevents; e++)
 	{
@@ -458,8 +461,22 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 		rules = nocrm_rules_for_event(ev->event, &nrules);
 		if (nrules == 0)
 		{
-			stale = run_stage_triggers(lead, &current, &changed_lead, ev, stale);
+			stale = run_stage_triggers(lead, &current, &changed_lead, ev, stale, &locked);
 			continue;
+		}
+
+		/*
+		 * Judge conditions on the lead's latest committed version, holding
+		 * its row lock, so a concurrent change cannot slip in between the
+		 * check and the actions.
+		 */
+		if (!locked && !lead->deleted)
+		{
+			if (!nocrm_lead_fetch_locked(lead->id, &changed_lead))
+				return;			/* deleted meanwhile */
+			current = &changed_lead;
+			locked = true;
+			stale = false;
 		}
 
 		nocrm_rules_pin();
@@ -496,6 +513,6 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 			nocrm_rules_unpin();
 		}
 		PG_END_TRY();
-		stale = run_stage_triggers(lead, &current, &changed_lead, ev, stale);
+		stale = run_stage_triggers(lead, &current, &changed_lead, ev, stale, &locked);
 	}
 }

@@ -67,24 +67,46 @@ nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc)
 	lead->contact_email = get_text(tuple, desc, "contact_email");
 }
 
-/* Reads the lead as this command sees it; false if it no longer exists. */
-bool
-nocrm_lead_fetch(int64 lead_id, LeadState *lead)
+static bool
+fetch(SPIPlanPtr *slot, const char *sql, int64 lead_id, LeadState *lead)
 {
-	static SPIPlanPtr plan = NULL;
 	Oid			argtypes[1] = {INT8OID};
 	Datum		args[1] = {Int64GetDatum(lead_id)};
 	int			ret;
 
-	nocrm_plan(&plan,
-			   "SELECT id, title, status, user_id, pipeline_id, step_id, contact_email"
-			   " FROM nocrm.leads WHERE id = $1",
-			   1, argtypes);
-	ret = SPI_execute_plan(plan, args, NULL, false, 1);
+	nocrm_plan(slot, sql, 1, argtypes);
+	ret = SPI_execute_plan(*slot, args, NULL, false, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading lead failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
 		return false;
 	nocrm_lead_from_tuple(lead, SPI_tuptable->vals[0], SPI_tuptable->tupdesc);
 	return true;
+}
+
+/* Reads the lead as this command sees it; false if it no longer exists. */
+bool
+nocrm_lead_fetch(int64 lead_id, LeadState *lead)
+{
+	static SPIPlanPtr plan = NULL;
+
+	return fetch(&plan,
+				 "SELECT id, title, status, user_id, pipeline_id, step_id, contact_email"
+				 " FROM nocrm.leads WHERE id = $1",
+				 lead_id, lead);
+}
+
+/*
+ * Locks the lead and reads its latest version: rules are then judged on
+ * what other sessions committed, and their actions cannot be overtaken.
+ */
+bool
+nocrm_lead_fetch_locked(int64 lead_id, LeadState *lead)
+{
+	static SPIPlanPtr plan = NULL;
+
+	return fetch(&plan,
+				 "SELECT id, title, status, user_id, pipeline_id, step_id, contact_email"
+				 " FROM nocrm.leads WHERE id = $1 FOR NO KEY UPDATE",
+				 lead_id, lead);
 }

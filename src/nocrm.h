@@ -240,6 +240,7 @@ extern bool nocrm_chain_contains(int32 id);
 
 /* stages.c */
 extern bool nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code);
+extern bool nocrm_stage_triggers_exist(void);
 
 /* What a stage trigger would do, for explain(). */
 typedef struct StageVerdict
@@ -308,5 +309,6 @@ extern const char *nocrm_run_delayed(int32 automation_id, int action_no, int64 l
 /* lead.c: reading lead rows */
 extern void nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc);
 extern bool nocrm_lead_fetch(int64 lead_id, LeadState *lead);
+extern bool nocrm_lead_fetch_locked(int64 lead_id, LeadState *lead);
 
 #endif							/* NOCRM_H */

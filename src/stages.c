@@ -144,6 +144,14 @@ ensure_loaded(void)
 		load();
 }
 
+/* Are there any enabled stage triggers at all? */
+bool
+nocrm_stage_triggers_exist(void)
+{
+	ensure_loaded();
+	return ntriggers > 0;
+}
+
 static int
 position_of(int64 step_id)
 {
