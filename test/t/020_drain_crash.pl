@@ -87,7 +87,7 @@ is($reqs[0]{headers}{'idempotency-key'},
 	'the key is the item\'s idempotency_key');
 is($reqs[1]{body}, $reqs[0]{body}, 'and the same body');
 
-# --- immediate shutdown with 1,000 emails queued ---------------------------------
+# --- immediate shutdown with 10,000 emails queued ---------------------------------
 
 # Lead 350 is also sent to the slow webhook: the drain sits in the middle of
 # that batch (of 100) for 5 s, so the shutdown surely lands mid-drain.
@@ -95,10 +95,10 @@ $sink->control('reset');
 sql($node,
 	q{INSERT INTO nocrm.leads (title, contact_email, status)
 	  SELECT 'Lead ' || i, 'c' || i || '@client.example', CASE WHEN i = 350 THEN 'standby' ELSE 'todo' END
-	    FROM generate_series(1, 1001) i});
+	    FROM generate_series(1, 10001) i});
 my %all = map { $_ => 1 }
   split /\n/, sql($node, q{SELECT idempotency_key FROM nocrm.queue WHERE kind = 'email'});
-is(scalar keys %all, 1000, '1,000 emails queued (and a slow webhook among them)');
+is(scalar keys %all, 10000, '10,000 emails queued (and a slow webhook among them)');
 $item = sql($node, q{SELECT id FROM nocrm.queue WHERE kind = 'webhook' AND state = 'pending'});
 
 $drain = start_drain($node);
@@ -131,7 +131,7 @@ ok( wait_for(
 	'the leases of the items in flight ran out');
 drain($node);
 is(sql($node, q{SELECT count(*) FROM nocrm.queue WHERE kind = 'email' AND state = 'done'}),
-	1000, 'after restart and a drain all 1,000 are done');
+	10000, 'after restart and a drain all 10,000 are done');
 
 my %count;
 for my $m (@{ $sink->mails })
