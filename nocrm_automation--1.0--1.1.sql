@@ -20,6 +20,8 @@ COMMENT ON ROLE nocrm_admin IS 'nocrm_automation: manages automations, templates
 GRANT nocrm_agent TO nocrm_admin;
 
 GRANT USAGE ON SCHEMA nocrm TO nocrm_agent, nocrm_admin;
+-- (1.0 revoked functions from PUBLIC, but not the drain procedure)
+REVOKE ALL ON PROCEDURE nocrm.drain(double precision) FROM PUBLIC;
 
 -- Agents: the CRM's daily work.  History is readable, never writable.
 GRANT SELECT, INSERT, UPDATE, DELETE ON nocrm.leads, nocrm.tags, nocrm.comments, nocrm.emails

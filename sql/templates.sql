@@ -68,3 +68,7 @@ SELECT nocrm.create_automation(name => 'long', event => 'lead.creation',
   actions => '[{"type": "notify", "user": 4, "message": "{{lead.description}}"}]');
 INSERT INTO nocrm.leads (title, description) VALUES ('Long', repeat('è', 5000));
 SELECT octet_length(message) AS bytes, length(message) AS chars FROM nocrm.notifications WHERE message LIKE 'è%';
+-- Characters that JSON escapes cannot overflow the notification payload:
+-- listeners get the first 1,000 characters and a "truncated" flag.
+INSERT INTO nocrm.leads (title, description) VALUES ('Quotes', repeat('"', 5000));
+SELECT octet_length(message) AS bytes FROM nocrm.notifications WHERE message LIKE '"%';

@@ -243,6 +243,8 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	Datum		args[11];
 	char		nulls[11];
 	int64		actor = nocrm_root_actor();
+	LeadState	current;
+	LeadState  *lead_now = lead;
 	Datum		result;
 	bool		isnull;
 
@@ -251,7 +253,8 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 			   "INSERT INTO nocrm.queue (kind, automation_id, action_no, lead_id, event,"
 			   " recipient, payload, run_at, actor_id)"
 			   " VALUES ($1, $2, $3, $4, $5, $6,"
-			   "         CASE WHEN $10 IS NULL THEN $7 ELSE $7 || jsonb_build_object('lead', $10) END,"
+			   "         CASE WHEN $10 IS NULL OR $7 ? 'lead' THEN $7"
+			   "              ELSE $7 || jsonb_build_object('lead', $10) END,"
 			   "         CASE WHEN $9 IS NULL THEN now() + coalesce($8, interval '0')"
 			   "              ELSE nocrm.next_working_time($9, now() + coalesce($8, interval '0')) END,"
 			   "         $11)"
@@ -268,8 +271,11 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	args[6] = JsonbPGetDatum(payload);
 	args[7] = run_after ? IntervalPGetDatum(run_after) : (Datum) 0;
 	nulls[7] = run_after ? ' ' : 'n';
-	args[8] = Int64GetDatum(lead->owner_id);
-	nulls[8] = action->respect_working_hours && lead->has_owner ? ' ' : 'n';
+	/* the owner as of now: an earlier action of the same rule may have set it */
+	if (action->respect_working_hours && !lead->deleted && nocrm_lead_fetch(lead->id, &current))
+		lead_now = &current;
+	args[8] = Int64GetDatum(lead_now->owner_id);
+	nulls[8] = action->respect_working_hours && lead_now->has_owner ? ' ' : 'n';
 	/* a deleted lead travels with the item, for its placeholders */
 	args[9] = lead->snapshot ? JsonbPGetDatum(lead->snapshot) : (Datum) 0;
 	nulls[9] = lead->snapshot ? ' ' : 'n';
@@ -375,7 +381,12 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 				   "WITH n AS (INSERT INTO nocrm.notifications (user_id, lead_id, automation_id, message)"
 				   "           VALUES ($1, $2, $3, $4)"
 				   "           RETURNING id, user_id, lead_id, automation_id, message)"
-				   " SELECT n.id, pg_notify('nocrm_notifications', row_to_json(n)::text) FROM n",
+				   " SELECT n.id, pg_notify('nocrm_notifications',"
+			   "   json_build_object('id', n.id, 'user_id', n.user_id, 'lead_id', n.lead_id,"
+			   "                     'automation_id', n.automation_id,"
+			   "                     'message', left(n.message, 1000),"
+			   "                     'truncated', length(n.message) > 1000)::text)"
+			   "   FROM n",
 				   4, types);
 		(void) exec_one(plan_notify, args, NULL, &result, &isnull);
 		action_history(rule, action, lead, NULL,
@@ -517,8 +528,12 @@ owner_working(LeadState *lead)
 	Datum		result;
 	bool		isnull;
 
-	if (!lead->has_owner || lead->deleted)
+	LeadState	current;
+
+	/* the owner as of now: an earlier action of the same rule may have set it */
+	if (lead->deleted || !nocrm_lead_fetch(lead->id, &current) || !current.has_owner)
 		return true;
+	args[0] = Int64GetDatum(current.owner_id);
 	nocrm_plan(&plan_owner_working,
 			   "SELECT nocrm.next_working_time($1, now()) <= now()", 1, types);
 	(void) exec_one(plan_owner_working, args, NULL, &result, &isnull);

@@ -180,6 +180,10 @@ nocrm_current_actor(void)
 	return id;
 }
 
+static void record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
+						  const char *outcome, const char *actions, int nactions,
+						  const char *detail, int64 actor);
+
 /* Adds one action's outcome to the run being recorded. */
 void
 nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value, const char *detail)
@@ -215,11 +219,18 @@ void
 nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 					const char *outcome, const char *actions, int nactions, const char *detail)
 {
+	record_run_as(id, lead, ev, event, outcome, actions, nactions, detail, nocrm_root_actor());
+}
+
+static void
+record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
+			  const char *outcome, const char *actions, int nactions, const char *detail,
+			  int64 actor)
+{
 	Oid			types[10] = {INT4OID, TEXTOID, INT8OID, TEXTOID, TEXTOID, JSONBOID,
 		INT8OID, INT4OID, TEXTOID, INT4OID};
 	Datum		args[10];
 	char		nulls[10];
-	int64		actor = nocrm_root_actor();
 	int			ret;
 
 	if (nocrm_history_level == HISTORY_NONE)
@@ -327,6 +338,7 @@ run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lea
 	StringInfoData outcomes;
 	StringInfo	outer_actions = run_actions;
 	int			outer_nactions = run_nactions;
+	int64		actor;
 
 	initStringInfo(&outcomes);
 	appendStringInfoChar(&outcomes, '[');
@@ -334,6 +346,7 @@ run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lea
 	run_nactions = 0;
 	nocrm_rules_pin();
 	nocrm_chain_enter(rule->id);
+	actor = root_actor;			/* still the chain's person once we have left it */
 	PG_TRY();
 	{
 		for (int i = 0; i < nactions; i++)
@@ -350,8 +363,8 @@ run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lea
 	}
 	PG_END_TRY();
 	appendStringInfoChar(&outcomes, ']');
-	nocrm_runlog_record(rule->id, lead, ev, nocrm_event_names[ev->event], "fired",
-						outcomes.data, run_nactions, NULL);
+	record_run_as(rule->id, lead, ev, nocrm_event_names[ev->event], "fired",
+				  outcomes.data, run_nactions, NULL, actor);
 	run_nactions = outer_nactions;
 }
 
