@@ -1,0 +1,146 @@
+
+# A streaming standby and a failover: the standby gets the extension and the
+# queue through WAL; CALL nocrm.drain() there does nothing (a NOTICE, every
+# item left as it was); once the standby is promoted, a drain runs every
+# item the old primary had queued, nothing lost and nothing twice, and new
+# leads fire automations as before.
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $primary = PostgreSQL::Test::Cluster->new('primary');
+$primary->init(allows_streaming => 1, extra => [ '--encoding=UTF8', '--locale=C' ]);
+$primary->start;
+$primary->backup('before_extension');
+
+my $standby = PostgreSQL::Test::Cluster->new('standby');
+$standby->init_from_backup($primary, 'before_extension', has_streaming => 1);
+$standby->start;
+
+# The extension, the CRM and the queue: all made on the primary after the backup.
+$primary->safe_psql('postgres', <<'SQL');
+CREATE EXTENSION nocrm_automation;
+INSERT INTO nocrm.users (name, email) VALUES
+  ('Anna', 'anna@example.com'), ('Matteo', 'matteo@example.com'), ('Giovanni', 'giovanni@example.com');
+INSERT INTO nocrm.pipelines (name) VALUES ('Vendite');
+INSERT INTO nocrm.steps (pipeline_id, name, position) VALUES (1, 'Nuovo', 1), (1, 'Preventivo', 2);
+SELECT nocrm.create_automation(name => 'Vendite', event => 'lead.creation',
+  conditions => '{"pipeline": "Vendite"}',
+  actions => '[{"type": "assign_round_robin", "users": ["anna@example.com", "matteo@example.com", "giovanni@example.com"]},
+               {"type": "comment", "body": "Richiamare il cliente", "delay": "1 second"},
+               {"type": "add_tags", "tags": ["Da richiamare"], "delay": "1 second"},
+               {"type": "comment", "body": "Una settimana dopo", "delay": "7 days"}]');
+INSERT INTO nocrm.leads (title, pipeline_id) SELECT 'Lead ' || i, 1 FROM generate_series(1, 5) i;
+SQL
+
+my $due_items = q{SELECT string_agg(id::text, ',' ORDER BY id) FROM nocrm.queue WHERE payload ->> 'delay' = '1 second'};
+my $due = $primary->safe_psql('postgres', $due_items);
+is(scalar(split /,/, $due), 10, 'primary: 10 delayed actions (a comment and a tag for 5 leads) queued');
+$primary->poll_query_until('postgres',
+	q{SELECT count(*) = 0 FROM nocrm.queue WHERE state = 'pending' AND run_at > now() AND payload ->> 'delay' = '1 second'})
+  or die 'the delayed actions did not fall due';
+$primary->wait_for_catchup($standby, 'replay', $primary->lsn('insert'));
+
+my $queue_state = q{SELECT string_agg(id || ':' || state || ':' || attempts, ' ' ORDER BY id) FROM nocrm.queue};
+my $all_pending = $primary->safe_psql('postgres', $queue_state);
+is( $primary->safe_psql('postgres',
+		q{SELECT string_agg(DISTINCT state || '/' || attempts, ',') FROM nocrm.queue}),
+	'pending/0', 'primary: every item pending, never attempted');
+
+# --- the standby -----------------------------------------------------------------
+
+is($standby->safe_psql('postgres', q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}),
+	'1.1', 'standby: the extension came through WAL');
+is($standby->safe_psql('postgres', $queue_state), $all_pending, 'standby: the same queue as the primary');
+is( $standby->safe_psql('postgres',
+		q{SELECT count(*) FROM nocrm.queue WHERE state = 'pending' AND run_at <= now()}),
+	10, 'standby: 10 items are due');
+
+# A session on the standby that stays connected through the promotion.
+my $session = $standby->background_psql('postgres');
+
+my ($out, $err);
+my $rc = $standby->psql('postgres', 'CALL nocrm.drain(0)', stdout => \$out, stderr => \$err);
+is($rc, 0, 'standby: CALL nocrm.drain(0) succeeds');
+like($err, qr/NOTICE:  nocrm\.drain\(\) does nothing on a standby/, 'with a NOTICE that it does nothing here');
+unlike($err, qr/ERROR/, 'and no error');
+$session->query('CALL nocrm.drain(0)');
+like($session->{stderr}, qr/NOTICE:  nocrm\.drain\(\) does nothing on a standby/,
+	'the long-lived session gets the same NOTICE');
+$session->{stderr} = '';
+is($standby->safe_psql('postgres', $queue_state), $all_pending, 'standby: the queue is untouched');
+is($standby->safe_psql('postgres', 'SELECT count(*) FROM nocrm.comments'), 0, 'standby: no comment written');
+
+is($primary->safe_psql('postgres', $queue_state), $all_pending,
+	'primary: the queue is untouched too (the standby claimed nothing)');
+
+# --- failover ----------------------------------------------------------------------
+
+my $lead_max = $primary->safe_psql('postgres', 'SELECT max(id) FROM nocrm.leads');
+my $queue_max = $primary->safe_psql('postgres', 'SELECT max(id) FROM nocrm.queue');
+my $history_max = $primary->safe_psql('postgres', 'SELECT max(id) FROM nocrm.lead_history');
+$primary->stop('immediate');
+$standby->promote;
+$standby->poll_query_until('postgres', 'SELECT NOT pg_is_in_recovery()')
+  or die 'the standby was not promoted';
+is($standby->safe_psql('postgres', $queue_state), $all_pending, 'promoted: the queue is as the primary left it');
+
+$rc = $standby->psql('postgres', 'CALL nocrm.drain(0)', stdout => \$out, stderr => \$err);
+is($rc, 0, 'promoted: CALL nocrm.drain(0) succeeds');
+is($err, '', 'without the standby NOTICE');
+is( $standby->safe_psql('postgres',
+		"SELECT string_agg(DISTINCT state || '/' || attempts, ',') FROM nocrm.queue WHERE id IN ($due)"),
+	'done/1', 'promoted: all 10 due items are done, in one attempt each');
+is( $standby->safe_psql('postgres',
+		q{SELECT count(*) FROM nocrm.queue WHERE state = 'pending' AND payload ->> 'delay' = '7 days'}),
+	5, 'the 7-day actions are still pending');
+is( $standby->safe_psql('postgres', <<'SQL'),
+SELECT string_agg(l.title || ':' ||
+         (SELECT count(*) FROM nocrm.comments c
+           WHERE c.lead_id = l.id AND c.user_id = 0 AND c.body = 'Richiamare il cliente') || ':' ||
+         (SELECT count(*) FROM nocrm.tags t WHERE t.lead_id = l.id AND t.name = 'Da richiamare'), ' ' ORDER BY l.id)
+  FROM nocrm.leads l
+SQL
+	'Lead 1:1:1 Lead 2:1:1 Lead 3:1:1 Lead 4:1:1 Lead 5:1:1',
+	'every lead has the Butler\'s comment and its tag, once');
+is( $standby->safe_psql('postgres',
+		q{SELECT count(*) FROM nocrm.automation_runs WHERE automation_id = 1 AND outcome = 'fired'}),
+	15, 'run log: 5 creations and the 10 delayed actions');
+
+# --- life goes on on the new primary ---------------------------------------------------
+
+$standby->safe_psql('postgres', q{INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Dopo il failover', 1)});
+my ($id, $owner) = split /\|/, $standby->safe_psql('postgres',
+	q{SELECT l.id, u.name FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id WHERE l.title = 'Dopo il failover'});
+cmp_ok($id, '>', $lead_max, 'a lead inserted after the promotion gets a new id');
+is( $standby->safe_psql('postgres',
+		q{SELECT string_agg(u.name || '=' || c.assigned, ' ' ORDER BY c.position)
+		    FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id}),
+	'Anna=2 Matteo=2 Giovanni=2', 'round robin went on with the counters from before the failover');
+is($owner, 'Giovanni', 'after Anna, Matteo, Giovanni, Anna, Matteo: the new lead is Giovanni\'s');
+is( $standby->safe_psql('postgres',
+		"SELECT count(*) FROM nocrm.queue WHERE lead_id = $id AND state = 'pending' AND id > $queue_max"),
+	3, 'its delayed actions are queued, with new ids');
+cmp_ok($standby->safe_psql('postgres', "SELECT min(id) FROM nocrm.lead_history WHERE lead_id = $id"),
+	'>', $history_max, 'and its history has new ids');
+
+$standby->poll_query_until('postgres',
+	"SELECT count(*) = 0 FROM nocrm.queue WHERE lead_id = $id AND state = 'pending' AND run_at > now()
+	    AND payload ->> 'delay' = '1 second'")
+  or die 'the new delayed actions did not fall due';
+$session->query('CALL nocrm.drain(0)');
+is($session->{stderr}, '', 'the session connected since before the promotion now drains, without a NOTICE');
+is( $standby->safe_psql('postgres',
+		"SELECT (SELECT count(*) FROM nocrm.comments WHERE lead_id = $id AND user_id = 0 AND body = 'Richiamare il cliente')
+		     || ':' || (SELECT count(*) FROM nocrm.tags WHERE lead_id = $id AND name = 'Da richiamare')"),
+	'1:1', 'and runs the new lead\'s delayed actions');
+$session->quit;
+
+$standby->stop;
+done_testing();
