@@ -180,6 +180,28 @@ nocrm_current_actor(void)
 	return id;
 }
 
+/* "key": value (a jsonb, or null) into an object being built */
+static void
+push_field(JsonbParseState **state, const char *key, Jsonb *value)
+{
+	JsonbValue	k,
+				v;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	pushJsonbValue(state, WJB_KEY, &k);
+	if (value)
+	{
+		v.type = jbvBinary;
+		v.val.binary.data = &value->root;
+		v.val.binary.len = VARSIZE(value) - VARHDRSZ;
+	}
+	else
+		v.type = jbvNull;
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
 static void record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 						  const char *outcome, const char *actions, int nactions,
 						  const char *detail, int64 actor);
@@ -252,34 +274,10 @@ record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 	if (ev && (ev->old_value || ev->new_value))
 	{
 		JsonbParseState *state = NULL;
-		JsonbValue	k;
-		JsonbValue	v;
 
 		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-		k.type = jbvString;
-		k.val.string.val = "old";
-		k.val.string.len = 3;
-		pushJsonbValue(&state, WJB_KEY, &k);
-		if (ev->old_value)
-		{
-			v.type = jbvBinary;
-			v.val.binary.data = &ev->old_value->root;
-			v.val.binary.len = VARSIZE(ev->old_value) - VARHDRSZ;
-		}
-		else
-			v.type = jbvNull;
-		pushJsonbValue(&state, WJB_VALUE, &v);
-		k.val.string.val = "new";
-		pushJsonbValue(&state, WJB_KEY, &k);
-		if (ev->new_value)
-		{
-			v.type = jbvBinary;
-			v.val.binary.data = &ev->new_value->root;
-			v.val.binary.len = VARSIZE(ev->new_value) - VARHDRSZ;
-		}
-		else
-			v.type = jbvNull;
-		pushJsonbValue(&state, WJB_VALUE, &v);
+		push_field(&state, "old", ev->old_value);
+		push_field(&state, "new", ev->new_value);
 		args[5] = JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL)));
 	}
 	else
