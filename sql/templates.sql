@@ -72,3 +72,10 @@ SELECT octet_length(message) AS bytes, length(message) AS chars FROM nocrm.notif
 -- listeners get the first 1,000 characters and a "truncated" flag.
 INSERT INTO nocrm.leads (title, description) VALUES ('Quotes', repeat('"', 5000));
 SELECT octet_length(message) AS bytes FROM nocrm.notifications WHERE message LIKE '"%';
+
+-- Found by the fuzzer: a context that is not an object (array, string,
+-- number) renders placeholders empty instead of crashing the backend.
+SELECT nocrm.render('[{{lead.title}}]', '["a", "lead.title"]') AS from_array,
+       nocrm.render('[{{lead.title}}]', '"lead.title"') AS from_string,
+       nocrm.render('[{{lead.title}}]', '5') AS from_number,
+       nocrm.render('[{{lead.title}}]', NULL) AS from_null;

@@ -92,8 +92,12 @@ push_body(QueueItem *item)
 				key,
 				value;
 
-	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_END_OBJECT)
-		pushJsonbValue(&state, tok, tok == WJB_BEGIN_OBJECT ? NULL : &v);
+	/* A payload written by hand may be anything: keep only an object's fields. */
+	if (!JB_ROOT_IS_OBJECT(item->payload) || JB_ROOT_IS_SCALAR(item->payload))
+		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	else
+		while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_END_OBJECT && tok != WJB_DONE)
+			pushJsonbValue(&state, tok, tok == WJB_BEGIN_OBJECT ? NULL : &v);
 	key.type = jbvString;
 	key.val.string.val = "idempotency_key";
 	key.val.string.len = strlen(key.val.string.val);

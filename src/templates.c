@@ -174,6 +174,9 @@ nocrm_render(const char *text, Jsonb *context)
 	bool		unclosed;
 
 	initStringInfo(&out);
+	/* Only an object maps names to values; anything else renders placeholders empty. */
+	if (context && (!JB_ROOT_IS_OBJECT(context) || JB_ROOT_IS_SCALAR(context)))
+		context = NULL;
 	while (next_placeholder(text, &pos, &start, &end, &name, &namelen, &unclosed))
 	{
 		JsonbValue *v;
