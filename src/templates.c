@@ -11,6 +11,7 @@
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "access/htup_details.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
@@ -118,7 +119,9 @@ check_template_text(const char *template_name, const char *field, const char *te
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("unclosed placeholder in the %s of template \"%s\"", field, template_name),
-				 errdetail("\"{{\" at \"%.20s\" has no matching \"}}\".", start),
+				 /* quote at most 20 bytes, whole characters only */
+				 errdetail("\"{{\" at \"%.*s\" has no matching \"}}\".",
+						   pg_mbcliplen(start, strlen(start), 20), start),
 				 errhint("Close it, e.g. {{lead.title}}.")));
 }
 
