@@ -44,12 +44,31 @@ check_trigger(FunctionCallInfo fcinfo, const char *name, bool before)
 		elog(ERROR, "%s: must be fired %s, for each row", name, before ? "before" : "after");
 }
 
-static Datum
-first_step_of(int64 pipeline_id, bool *found)
+/* Kept plans: these run for every lead written with a pipeline but no step. */
+static SPIPlanPtr plan_first_step,
+			plan_step_pipeline;
+
+static bool
+first_step_of(int64 pipeline_id, int64 *step)
 {
-	return Int64GetDatum(nocrm_lookup_id("SELECT id FROM nocrm.steps WHERE pipeline_id = $1"
-										 " ORDER BY position LIMIT 1",
-										 Int64GetDatum(pipeline_id), INT8OID, found));
+	Oid			types[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(pipeline_id)};
+
+	nocrm_plan(&plan_first_step,
+			   "SELECT id FROM nocrm.steps WHERE pipeline_id = $1 ORDER BY position LIMIT 1",
+			   1, types);
+	return nocrm_plan_int64(plan_first_step, args, NULL, step);
+}
+
+static bool
+pipeline_of(int64 step_id, int64 *pipeline)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(step_id)};
+
+	nocrm_plan(&plan_step_pipeline, "SELECT pipeline_id FROM nocrm.steps WHERE id = $1",
+			   1, types);
+	return nocrm_plan_int64(plan_step_pipeline, args, NULL, pipeline);
 }
 
 static bool
@@ -109,16 +128,16 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 
 	nocrm_lead_from_tuple(&newlead, newtup, desc);
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-
 	/* Place the lead: a step implies its pipeline; a pipeline alone, its first step. */
 	if (newlead.has_step && !newlead.has_pipeline)
 	{
+		int64		pipeline;
 		bool		found;
-		int64		pipeline = nocrm_lookup_id("SELECT pipeline_id FROM nocrm.steps WHERE id = $1",
-											   Int64GetDatum(newlead.step_id), INT8OID, &found);
 
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		found = pipeline_of(newlead.step_id, &pipeline);
+		SPI_finish();
 		if (found)
 		{
 			cols[ncols] = SPI_fnumber(desc, "pipeline_id");
@@ -130,14 +149,17 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 			  (oldtup && oldlead.has_pipeline && oldlead.pipeline_id != newlead.pipeline_id &&
 			   oldlead.has_step && newlead.step_id == oldlead.step_id)))
 	{
+		int64		step;
 		bool		found;
-		Datum		step = first_step_of(newlead.pipeline_id, &found);
 
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		found = first_step_of(newlead.pipeline_id, &step);
+		SPI_finish();
 		cols[ncols] = SPI_fnumber(desc, "step_id");
-		vals[ncols] = step;
+		vals[ncols] = Int64GetDatum(step);
 		nulls[ncols++] = !found;
 	}
-	SPI_finish();
 
 	/*
 	 * closed_at is stamped when a lead closes (unless the writer gives one)
