@@ -176,6 +176,12 @@ INSERT INTO cases (label, event, actions) VALUES
   ('action: type null',                  'lead.creation', '[{"type": null}]'),
   ('comment: blank body',                'lead.creation', '[{"type": "comment", "body": "  "}]'),
   ('notify: blank message',              'lead.creation', '[{"type": "notify", "user": 1, "message": "\t"}]');
+INSERT INTO cases (label, event, actions) VALUES
+  ('delay: longer than 10 years (fuzzer)', 'lead.creation', '[{"type": "webhook", "url": "https://h.example/x", "delay": "300000 years"}]'),
+  ('tags: more than 1000 (fuzzer)',        'lead.creation',
+     jsonb_build_array(jsonb_build_object('type', 'add_tags', 'tags', (SELECT jsonb_agg('t' || g) FROM generate_series(1, 1001) g)))),
+  ('users: more than 1000 in a group',     'lead.creation',
+     jsonb_build_array(jsonb_build_object('type', 'assign_random', 'users', (SELECT jsonb_agg(1) FROM generate_series(1, 1001) g))));
 INSERT INTO cases (label, event, conditions) VALUES
   ('pipeline: negative id',              'lead.creation', '{"pipeline": -1}'),
   ('step: fractional id',                'lead.creation', '{"step": 2.5}');

@@ -61,6 +61,8 @@ static const struct
 
 #define STATUS_LIST "todo, standby, won, lost, cancelled"
 #define MAX_MESSAGE_BYTES 4000
+#define MAX_LIST_LENGTH 1000		/* users, tags, statuses... in one list */
+#define MAX_DELAY "10 years"
 
 /* Where in the definition we are, for error details. */
 typedef struct DefContext
@@ -162,6 +164,9 @@ jlist(DefContext *cx, JsonbValue *v, int *n)
 
 		if (size == 0)
 			invalid(cx, "an empty list", "Give at least one value.");
+		if (size > MAX_LIST_LENGTH)
+			invalid(cx, psprintf("a list of %d values, more than %d", size, MAX_LIST_LENGTH),
+					"Split the rule, or use fewer values.");
 		out = palloc(sizeof(JsonbValue) * size);
 		for (int i = 0; i < size; i++)
 		{
@@ -407,6 +412,14 @@ parse_delay(DefContext *cx, JsonbValue *v, Interval *out)
 										  IntervalPGetDatum(&zero))))
 		invalid(cx, psprintf("delay %s is not positive", quote_literal_cstr(str)),
 				"Leave the delay out to run the action at once.");
+	/* now() + delay must stay a timestamp, whatever the lead does later */
+	if (DatumGetBool(DirectFunctionCall2(interval_gt, IntervalPGetDatum(out),
+										 DirectFunctionCall3(interval_in,
+															 CStringGetDatum(MAX_DELAY),
+															 ObjectIdGetDatum(InvalidOid),
+															 Int32GetDatum(-1)))))
+		invalid(cx, psprintf("delay %s is longer than %s", quote_literal_cstr(str), MAX_DELAY),
+				"Use a shorter delay.");
 }
 
 static void
@@ -498,6 +511,9 @@ group_members(DefContext *cx, JsonbValue *users, RuleAction *a)
 
 	if (n == 0)
 		invalid(cx, "an empty list", "Give at least one user.");
+	if (n > MAX_LIST_LENGTH)
+		invalid(cx, psprintf("a group of %d users, more than %d", n, MAX_LIST_LENGTH),
+				"Split the group.");
 	a->users = palloc(sizeof(int64) * n);
 	a->nusers = n;
 	for (int i = 0; i < n; i++)
