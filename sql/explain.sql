@@ -8,23 +8,7 @@
 SET nocrm.smtp_url = '';
 SET nocrm.retry_base = 3600;
 
--- Runs one statement; returns the error it raises, or code 'none' when it
--- succeeds (whatever it did is then rolled back).
-CREATE FUNCTION pg_temp.try_sql(stmt text,
-    OUT code text, OUT message text, OUT detail text, OUT hint text)
-LANGUAGE plpgsql AS $$
-BEGIN
-    BEGIN
-        EXECUTE stmt;
-        RAISE EXCEPTION USING ERRCODE = 'ZZ999', MESSAGE = 'no error';
-    EXCEPTION WHEN OTHERS THEN
-        GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
-                                detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
-        IF code = 'ZZ999' THEN
-            code := 'none';
-        END IF;
-    END;
-END $$;
+\i test/fixtures/try_sql.sql
 
 -- explain() with each action's runs_at shown as the delay from now().
 CREATE FUNCTION pg_temp.ex(lead bigint, ev text, tgt text DEFAULT NULL)

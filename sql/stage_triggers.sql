@@ -23,23 +23,7 @@ SELECT lead_id AS lead, event, actor_id AS actor, automation_id AS auto,
  WHERE event NOT IN ('lead.any_update', 'lead.content_has_changed')
  ORDER BY id;
 
--- Runs one statement; returns the error it raises, or code 'none' when it
--- succeeds (whatever it did is then rolled back).
-CREATE FUNCTION pg_temp.try_sql(stmt text,
-    OUT code text, OUT message text, OUT detail text, OUT hint text)
-LANGUAGE plpgsql AS $$
-BEGIN
-    BEGIN
-        EXECUTE stmt;
-        RAISE EXCEPTION USING ERRCODE = 'ZZ999', MESSAGE = 'no error';
-    EXCEPTION WHEN OTHERS THEN
-        GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
-                                detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
-        IF code = 'ZZ999' THEN
-            code := 'none';
-        END IF;
-    END;
-END $$;
+\i test/fixtures/try_sql.sql
 
 ------------------------------------------------------------------------
 -- 1. owner_changed: a change of owner on UPDATE, not the owner at creation.
