@@ -171,7 +171,6 @@ flush_pending(void)
 	Oid			types[4] = {INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID};
 	Datum	   *cols[4];
 	Datum		args[4];
-	int			ret;
 	int			n = npending;
 
 	for (int c = 0; c < 4; c++)
@@ -195,9 +194,7 @@ flush_pending(void)
 			   "         GROUP BY a, n, u) d"
 			   " WHERE c.automation_id = d.a AND c.action_no = d.n AND c.user_id = d.u",
 			   4, types);
-	ret = SPI_execute_plan(plan, args, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE)
-		elog(ERROR, "updating assignment counters failed: %s", SPI_result_code_string(ret));
+	nocrm_exec_plan(plan, args, NULL, SPI_OK_UPDATE, "updating assignment counters failed");
 	npending = 0;
 }
 

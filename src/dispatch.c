@@ -253,7 +253,6 @@ record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 		INT8OID, INT4OID, TEXTOID, INT4OID};
 	Datum		args[10];
 	char		nulls[10];
-	int			ret;
 
 	if (nocrm_history_level == HISTORY_NONE)
 		return;
@@ -288,9 +287,7 @@ record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 	args[8] = actions ? CStringGetTextDatum(actions) : (Datum) 0;
 	nulls[8] = actions ? ' ' : 'n';
 	args[9] = Int32GetDatum(nactions);
-	ret = SPI_execute_plan(plan_record_run, args, nulls, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "recording an automation run failed: %s", SPI_result_code_string(ret));
+	nocrm_exec_plan(plan_record_run, args, nulls, SPI_OK_INSERT, "recording an automation run failed");
 }
 
 static void

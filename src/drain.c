@@ -119,7 +119,6 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 {
 	Oid			types[3] = {INT4OID, INT4OID, UUIDOID};
 	Datum		args[3];
-	int			ret;
 	int			n;
 	MemoryContext old;
 
@@ -151,9 +150,7 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 	args[0] = Int32GetDatum(nocrm_drain_batch_size);
 	args[1] = Int32GetDatum(nocrm_lease_seconds);
 	args[2] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
-	ret = SPI_execute_plan(plan_claim, args, NULL, false, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "claiming queue items failed: %s", SPI_result_code_string(ret));
+	nocrm_exec_plan(plan_claim, args, NULL, SPI_OK_SELECT, "claiming queue items failed");
 
 	n = (int) SPI_processed;
 	old = MemoryContextSwitchTo(keep);
@@ -332,7 +329,6 @@ record(QueueItem *items, int n, const char *token)
 	int			dims[1];
 	int			lbs[1] = {1};
 	Datum		args[6];
-	int			ret;
 
 	for (int i = 0; i < n; i++)
 	{
@@ -375,9 +371,7 @@ record(QueueItem *items, int n, const char *token)
 			   "       AS o(id, state, error, retry, released)"
 			   " WHERE q.id = o.id AND q.claim_token = $6",
 			   6, types);
-	ret = SPI_execute_plan(plan_record, args, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE)
-		elog(ERROR, "recording deliveries failed: %s", SPI_result_code_string(ret));
+	nocrm_exec_plan(plan_record, args, NULL, SPI_OK_UPDATE, "recording deliveries failed");
 }
 
 /* Old finished queue items and run log rows go, a small batch each round. */
@@ -387,7 +381,6 @@ prune(void)
 	Oid			types[2] = {INT4OID, INT4OID};
 	Datum		args[2] = {Int32GetDatum(nocrm_queue_retention_seconds),
 	Int32GetDatum(nocrm_run_log_retention_seconds)};
-	int			ret;
 
 	nocrm_plan(&plan_prune,
 			   "WITH q AS (DELETE FROM nocrm.queue WHERE id IN ("
@@ -402,9 +395,7 @@ prune(void)
 			   "     ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING 1)"
 			   " SELECT (SELECT count(*) FROM q) + (SELECT count(*) FROM r)",
 			   2, types);
-	ret = SPI_execute_plan(plan_prune, args, NULL, false, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "pruning failed: %s", SPI_result_code_string(ret));
+	nocrm_exec_plan(plan_prune, args, NULL, SPI_OK_SELECT, "pruning failed");
 }
 
 static char *

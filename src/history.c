@@ -65,7 +65,6 @@ nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 	Datum		args[9];
 	char		nulls[9];
 	int64		actor;
-	int			ret;
 
 	nocrm_plan(&plan,
 			   "INSERT INTO nocrm.lead_history"
@@ -99,7 +98,5 @@ nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 	if (detail == NULL)
 		nulls[7] = 'n';
 
-	ret = SPI_execute_plan(plan, args, nulls, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "writing lead history failed: %s", SPI_result_code_string(ret));
+	nocrm_exec_plan(plan, args, nulls, SPI_OK_INSERT, "writing lead history failed");
 }

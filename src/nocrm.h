@@ -194,6 +194,8 @@ extern int	nocrm_status_bit(const char *status);
 extern SPIPlanPtr nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);
 extern int64 nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found);
 extern bool nocrm_plan_int64(SPIPlanPtr plan, Datum *args, const char *nulls, int64 *value);
+extern void nocrm_exec_plan(SPIPlanPtr plan, Datum *args, const char *nulls, int expected,
+							const char *what);
 extern bool nocrm_column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int attno);
 
 /* definition.c: parse and check a rule definition */

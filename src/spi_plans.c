@@ -91,3 +91,13 @@ nocrm_column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int attno)
 		return anull == bnull;
 	return datum_image_eq(ad, bd, att->attbyval, att->attlen);
 }
+
+/* Runs a kept plan that must succeed with the given SPI result code. */
+void
+nocrm_exec_plan(SPIPlanPtr plan, Datum *args, const char *nulls, int expected, const char *what)
+{
+	int			ret = SPI_execute_plan(plan, args, nulls, false, 0);
+
+	if (ret != expected)
+		elog(ERROR, "%s: %s", what, SPI_result_code_string(ret));
+}
