@@ -104,3 +104,17 @@ SELECT kind, state FROM nocrm.queue ORDER BY id;
 
 -- Settings: credentials are for superusers only.
 SELECT name, context, unit FROM pg_settings WHERE name LIKE 'nocrm.%' ORDER BY name;
+
+-- Bad settings are refused when set, and the old value stays.
+\set VERBOSITY terse
+SET nocrm.smtp_url = 'http://mail.example.com';
+SET nocrm.smtp_tls = 'sometimes';
+SET nocrm.history = 'everything';
+SET nocrm.max_chain_depth = 101;
+SET nocrm.drain_batch_size = 0;
+SET nocrm.lease_time = '0s';
+SET nocrm.max_attempts = -1;
+SET nocrm.request_timeout = 'soon';
+\set VERBOSITY default
+SHOW nocrm.smtp_url;
+SHOW nocrm.max_chain_depth;
