@@ -26,6 +26,7 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 
 PG_FUNCTION_INFO_V1(nocrm_flush_assignments_trigger);
 
@@ -119,16 +120,6 @@ pick(SPIPlanPtr *slot, const char *sql, Rule *rule, RuleAction *action, bool any
 
 	nocrm_plan(slot, sql, 5, types);
 	return nocrm_plan_int64(*slot, args, NULL, user_id);
-}
-
-static bool
-any_available_member(Rule *rule, RuleAction *action, bool anyone)
-{
-	static SPIPlanPtr plan = NULL;
-	int64		ignored;
-
-	return pick(&plan, "SELECT c.user_id" MEMBERS("c", "u") " LIMIT 1",
-				rule, action, anyone, &ignored);
 }
 
 /* Records an increment, merged with an earlier one of the same subtransaction. */
@@ -252,15 +243,64 @@ nocrm_assign_xact_end(void)
 	npending = 0;
 }
 
-static bool
-pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
+/*
+ * Waits until another transaction lets go of a member's counter row, without
+ * keeping the lock: the lock is taken in a subtransaction that is then
+ * rolled back.  A waiter that kept rows it locked while looking could hold
+ * what another waiter needs (a deadlock seen under 8 concurrent clients).
+ */
+static void
+wait_for_member(Rule *rule, RuleAction *action, int64 user_id)
 {
-	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
+	static SPIPlanPtr plan = NULL;
+	Oid			types[3] = {INT4OID, INT4OID, INT8OID};
+	Datum		args[3] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no),
+	Int64GetDatum(user_id)};
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
 
-	for (;;)
+	nocrm_plan(&plan,
+			   "SELECT 1 FROM nocrm.assignment_counters"
+			   " WHERE automation_id = $1 AND action_no = $2 AND user_id = $3 FOR UPDATE",
+			   3, types);
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
 	{
-		CHECK_FOR_INTERRUPTS();
-		if (balanced
+		nocrm_exec_plan(plan, args, NULL, SPI_OK_SELECT, "waiting for an assignment counter");
+	}
+	PG_CATCH();
+	{
+		/* errors (cancel, deadlock) go up; the subtransaction goes with them */
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(oldcontext);
+	CurrentResourceOwner = oldowner;
+}
+
+/*
+ * One attempt to lock a free lowest member.  Rows the attempt locked and
+ * then rejected (their count moved under us) would stay locked; when it
+ * finds nobody its subtransaction is rolled back, so a transaction that
+ * goes on to wait holds no counter row.
+ */
+static bool
+try_pick(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	bool		found = false;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		found = action->kind == ACT_ASSIGN_BALANCED
 			? pick(&plan_balanced_try,
 				   "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER
 				   " FOR UPDATE OF c SKIP LOCKED LIMIT 1",
@@ -268,26 +308,53 @@ pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 			: pick(&plan_rr_try,
 				   "SELECT c.user_id" MEMBERS("c", "u") LOWEST_LOAD
 				   " ORDER BY c.position FOR UPDATE OF c SKIP LOCKED LIMIT 1",
-				   rule, action, anyone, user_id))
+				   rule, action, anyone, user_id);
+	}
+	PG_CATCH();
+	{
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	if (found)
+		ReleaseCurrentSubTransaction();
+	else
+		RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(oldcontext);
+	CurrentResourceOwner = oldowner;
+	return found;
+}
+
+static bool
+pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
+{
+	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
+
+	for (;;)
+	{
+		int64		busy;
+
+		CHECK_FOR_INTERRUPTS();
+		if (try_pick(rule, action, anyone, user_id))
 			break;
-		if (!any_available_member(rule, action, anyone))
-			return false;
 
 		/*
-		 * Every candidate is in another transaction's hands: wait for one.
-		 * After the wait the row may no longer be lowest; then look again
-		 * with a new snapshot.
+		 * Every candidate is in another transaction's hands: wait for the
+		 * first of them to commit or roll back, then look again with a new
+		 * snapshot (it may no longer be the lowest).
 		 */
-		if (balanced
-			? pick(&plan_balanced_wait,
-				   "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER
-				   " FOR UPDATE OF c LIMIT 1",
-				   rule, action, anyone, user_id)
-			: pick(&plan_rr_wait,
-				   "SELECT c.user_id" MEMBERS("c", "u") LOWEST_LOAD
-				   " ORDER BY c.position FOR UPDATE OF c LIMIT 1",
-				   rule, action, anyone, user_id))
-			break;
+		if (!(balanced
+			  ? pick(&plan_balanced_wait,
+					 "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER " LIMIT 1",
+					 rule, action, anyone, &busy)
+			  : pick(&plan_rr_wait,
+					 "SELECT c.user_id" MEMBERS("c", "u") LOWEST_LOAD
+					 " ORDER BY c.position LIMIT 1",
+					 rule, action, anyone, &busy)))
+			return false;		/* nobody available */
+		wait_for_member(rule, action, busy);
 	}
 	bump(rule, action, *user_id);
 	return true;
