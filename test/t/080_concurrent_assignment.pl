@@ -1,4 +1,5 @@
-# Round robin under 8 concurrent clients: no deadlocks, no failed
+# Round robin, balanced and random assignment under 8 concurrent clients:
+# no deadlocks, no failed
 # transaction, and the counts among committed leads stay within one.
 # (A waiter used to keep rows its re-checks had locked; two waiters could
 # then hold what the other needed.)
@@ -37,6 +38,40 @@ is($node->safe_psql('postgres',
 	$node->safe_psql('postgres',
 	q{SELECT string_agg(n::text, ' ' ORDER BY user_id) FROM (SELECT user_id, count(*) n FROM nocrm.leads GROUP BY user_id) c}),
 	'the counters agree with the leads');
+# The same race for balanced and random assignment.  Balanced counts open
+# leads, so the round-robin leads are closed first.
+$node->safe_psql('postgres', q{
+	SELECT nocrm.disable_automation(1);
+	SELECT nocrm.disable_automation(2);
+	UPDATE nocrm.leads SET status = 'won';
+	SELECT nocrm.create_automation(name => 'balanced', event => 'lead.creation',
+	  actions => '[{"type": "assign_balanced", "users": [1, 2, 3]}]');
+});
+$node->pgbench('--no-vacuum --client=8 --jobs=8 --transactions=150', 0,
+	[qr{processed: 1200/1200}, qr{number of failed transactions: 0 \(0\.000%\)}],
+	[qr{^$}], 'balanced: 8 clients x 150 leads, every transaction commits',
+	{ '080_balanced' => q{INSERT INTO nocrm.leads (title) VALUES ('balanced');} });
+my $open = $node->safe_psql('postgres',
+	q{SELECT max(n) - min(n) FROM (SELECT count(*) AS n FROM nocrm.leads WHERE status = 'todo' GROUP BY user_id) c});
+cmp_ok($open, '<=', 1, "balanced: open leads per member within one (spread $open)");
+
+$node->safe_psql('postgres', q{
+	SELECT nocrm.disable_automation(3);
+	SELECT nocrm.create_automation(name => 'random', event => 'lead.creation',
+	  actions => '[{"type": "assign_random", "users": [1, 2, 3]}]');
+});
+$node->pgbench('--no-vacuum --client=8 --jobs=8 --transactions=150', 0,
+	[qr{processed: 1200/1200}, qr{number of failed transactions: 0 \(0\.000%\)}],
+	[qr{^$}], 'random: 8 clients x 150 leads, every transaction commits',
+	{ '080_random' => q{INSERT INTO nocrm.leads (title) VALUES ('random');} });
+is($node->safe_psql('postgres',
+	q{SELECT count(*) FROM nocrm.leads WHERE title = 'random' AND (user_id IS NULL OR user_id NOT IN (1, 2, 3))}),
+	'0', 'random: every lead went to a member');
+# 1,200 draws of 1 in 3: each member well above 300 (mean 400, sd ~16)
+is($node->safe_psql('postgres',
+	q{SELECT bool_and(n > 300) FROM (SELECT count(*) AS n FROM nocrm.leads WHERE title = 'random' GROUP BY user_id) c}),
+	't', 'random: every member drawn a fair share');
+
 my $log = slurp_file($node->logfile);
 unlike($log, qr/deadlock detected/, 'no deadlock in the server log');
 
