@@ -8,6 +8,7 @@ OBJS = \
 	src/dispatch.o \
 	src/drain.o \
 	src/events.o \
+	src/gate.o \
 	src/explain.o \
 	src/guc.o \
 	src/history.o \
@@ -18,7 +19,7 @@ OBJS = \
 	src/templates.o
 
 EXTENSION = nocrm_automation
-DATA = nocrm_automation--1.0.sql nocrm_automation--1.0--1.1.sql
+DATA = nocrm_automation--1.0.sql nocrm_automation--1.0--1.1.sql nocrm_automation--1.1--1.2.sql
 PGFILEDESC = "nocrm_automation - CRM automations inside PostgreSQL"
 
 PG_CPPFLAGS = -I$(srcdir)/src

@@ -180,6 +180,17 @@ nocrm_current_actor(void)
 	return id;
 }
 
+/* Can nocrm_current_actor() answer without SPI? */
+bool
+nocrm_actor_known(void)
+{
+	const char *text = nocrm_actor ? nocrm_actor : "";
+
+	return chain_len > 0 || text[0] == '\0' ||
+		(actor_text != NULL && strcmp(actor_text, text) == 0 &&
+		 actor_generation == nocrm_rules_generation());
+}
+
 /* "key": value (a jsonb, or null) into an object being built */
 static void
 push_field(JsonbParseState **state, const char *key, Jsonb *value)

@@ -44,33 +44,6 @@ check_trigger(FunctionCallInfo fcinfo, const char *name, bool before)
 		elog(ERROR, "%s: must be fired %s, for each row", name, before ? "before" : "after");
 }
 
-/* Kept plans: these run for every lead written with a pipeline but no step. */
-static SPIPlanPtr plan_first_step,
-			plan_step_pipeline;
-
-static bool
-first_step_of(int64 pipeline_id, int64 *step)
-{
-	Oid			types[1] = {INT8OID};
-	Datum		args[1] = {Int64GetDatum(pipeline_id)};
-
-	nocrm_plan(&plan_first_step,
-			   "SELECT id FROM nocrm.steps WHERE pipeline_id = $1 ORDER BY position LIMIT 1",
-			   1, types);
-	return nocrm_plan_int64(plan_first_step, args, NULL, step);
-}
-
-static bool
-pipeline_of(int64 step_id, int64 *pipeline)
-{
-	Oid			types[1] = {INT8OID};
-	Datum		args[1] = {Int64GetDatum(step_id)};
-
-	nocrm_plan(&plan_step_pipeline, "SELECT pipeline_id FROM nocrm.steps WHERE id = $1",
-			   1, types);
-	return nocrm_plan_int64(plan_step_pipeline, args, NULL, pipeline);
-}
-
 static bool
 closed_status(const char *status)
 {
@@ -132,13 +105,9 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 	if (newlead.has_step && !newlead.has_pipeline)
 	{
 		int64		pipeline;
-		bool		found;
 
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		found = pipeline_of(newlead.step_id, &pipeline);
-		SPI_finish();
-		if (found)
+		nocrm_gate_caches_ready(false);
+		if (nocrm_step_pipeline(newlead.step_id, &pipeline))
 		{
 			cols[ncols] = SPI_fnumber(desc, "pipeline_id");
 			vals[ncols++] = Int64GetDatum(pipeline);
@@ -149,13 +118,11 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 			  (oldtup && oldlead.has_pipeline && oldlead.pipeline_id != newlead.pipeline_id &&
 			   oldlead.has_step && newlead.step_id == oldlead.step_id)))
 	{
-		int64		step;
+		int64		step = 0;
 		bool		found;
 
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		found = first_step_of(newlead.pipeline_id, &step);
-		SPI_finish();
+		nocrm_gate_caches_ready(false);
+		found = nocrm_first_step(newlead.pipeline_id, &step);
 		cols[ncols] = SPI_fnumber(desc, "step_id");
 		vals[ncols] = Int64GetDatum(step);
 		nulls[ncols++] = !found;

@@ -198,6 +198,15 @@ extern void nocrm_exec_plan(SPIPlanPtr plan, Datum *args, const char *nulls, int
 							const char *what);
 extern bool nocrm_column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int attno);
 
+typedef struct OwnerContext
+{
+	Oid			saved_userid;
+	int			saved_sec_context;
+	int			guc_nest_level;
+} OwnerContext;
+extern void nocrm_owner_enter(OwnerContext *ctx);
+extern void nocrm_owner_leave(OwnerContext *ctx);
+
 /* definition.c: parse and check a rule definition */
 extern Rule *nocrm_compile_rule(int32 id, const char *name, const char *event,
 								const char *target, Jsonb *conditions, Jsonb *actions);
@@ -212,6 +221,9 @@ extern void nocrm_rules_pin(void);
 extern void nocrm_rules_unpin(void);
 extern void nocrm_rules_reset_pins(void);
 extern Oid	nocrm_automations_relid(void);
+extern Oid	nocrm_extension_owner(void);
+extern bool nocrm_rules_loaded(void);
+extern bool nocrm_columns_may_match(Rule *rule, LeadState *lead);
 extern uint64 nocrm_rules_generation(void);
 extern bool nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev);
 extern bool nocrm_conditions_hold(Rule *rule, LeadState *lead);
@@ -223,6 +235,7 @@ extern Rule *nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error)
 /* dispatch.c: run the rules for raised events */
 extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
 extern int64 nocrm_current_actor(void);
+extern bool nocrm_actor_known(void);
 extern int	nocrm_chain_depth(void);
 extern int32 nocrm_chain_automation(void);
 extern void nocrm_dispatch_init(void);
@@ -243,6 +256,10 @@ extern bool nocrm_chain_contains(int32 id);
 /* stages.c */
 extern bool nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code);
 extern bool nocrm_stage_triggers_exist(void);
+extern bool nocrm_stage_triggers_in_pipeline(int64 pipeline_id);
+extern bool nocrm_places_loaded(void);
+extern bool nocrm_step_pipeline(int64 step_id, int64 *pipeline_id);
+extern bool nocrm_first_step(int64 pipeline_id, int64 *step_id);
 
 /* What a stage trigger would do, for explain(). */
 typedef struct StageVerdict
@@ -254,6 +271,9 @@ typedef struct StageVerdict
 	const char *reason;
 } StageVerdict;
 extern StageVerdict *nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int *n);
+
+/* gate.c: which row changes need the event triggers at all */
+extern void nocrm_gate_caches_ready(bool rules);
 
 /* history.c */
 extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,

@@ -20,6 +20,8 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/syscache.h"
+#include "catalog/pg_class.h"
 
 PG_FUNCTION_INFO_V1(nocrm_automation_validate_trigger);
 PG_FUNCTION_INFO_V1(nocrm_rules_changed_trigger);
@@ -118,6 +120,34 @@ nocrm_automations_relid(void)
 	return automations_relid;
 }
 
+/* The extension's owner: the owner of nocrm.automations. */
+Oid
+nocrm_extension_owner(void)
+{
+	static Oid	owner_of = InvalidOid;
+	static Oid	owner = InvalidOid;
+	Oid			relid = nocrm_automations_relid();
+
+	if (owner_of != relid)
+	{
+		HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for relation %u", relid);
+		owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+		ReleaseSysCache(tup);
+		owner_of = relid;
+	}
+	return owner;
+}
+
+/* Can rules be read without SPI? */
+bool
+nocrm_rules_loaded(void)
+{
+	return rules_valid;
+}
+
 /*
  * Compiles one stored rule (columns id, name, event, target, conditions,
  * actions, test mode).  A rule that no longer resolves gives NULL: with
@@ -178,6 +208,79 @@ nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error)
 	return rule;
 }
 
+static const char *
+copy_string(const char *s)
+{
+	return s ? pstrdup(s) : NULL;
+}
+
+static void *
+copy_array(const void *src, Size size)
+{
+	void	   *dst;
+
+	if (src == NULL)
+		return NULL;
+	dst = palloc(size > 0 ? size : 1);
+	memcpy(dst, src, size);
+	return dst;
+}
+
+static Jsonb *
+copy_jsonb(Jsonb *j)
+{
+	return j ? (Jsonb *) copy_array(j, VARSIZE(j)) : NULL;
+}
+
+static const char **
+copy_strings(const char **strings, int n)
+{
+	const char **dst;
+
+	if (strings == NULL)
+		return NULL;
+	dst = palloc(sizeof(char *) * (n + 1));
+	for (int i = 0; i < n; i++)
+		dst[i] = pstrdup(strings[i]);
+	dst[n] = NULL;
+	return dst;
+}
+
+/* A compiled rule copied into the current context, without compile garbage. */
+static Rule *
+rule_copy(Rule *src)
+{
+	Rule	   *r = copy_array(src, sizeof(Rule));
+
+	r->name = copy_string(src->name);
+	r->target_steps = copy_array(src->target_steps, sizeof(int64) * src->ntarget_steps);
+	r->has_tags = copy_strings(src->has_tags, src->nhas_tags);
+	r->lacks_tags = copy_strings(src->lacks_tags, src->nlacks_tags);
+	r->owners = copy_array(src->owners, sizeof(int64) * src->nowners);
+	r->pipelines = copy_array(src->pipelines, sizeof(int64) * src->npipelines);
+	r->steps = copy_array(src->steps, sizeof(int64) * src->nsteps);
+	r->actions_json = copy_jsonb(src->actions_json);
+	r->actions = copy_array(src->actions, sizeof(RuleAction) * src->nactions);
+	for (int i = 0; i < src->nactions; i++)
+	{
+		RuleAction *a = &r->actions[i];
+		RuleAction *from = &src->actions[i];
+
+		a->users = copy_array(from->users, sizeof(int64) * from->nusers);
+		if (from->tags != (Datum) 0)
+			a->tags = PointerGetDatum(copy_array(DatumGetPointer(from->tags),
+												 VARSIZE(DatumGetPointer(from->tags))));
+		a->status = copy_string(from->status);
+		a->step_name = copy_string(from->step_name);
+		a->text = copy_string(from->text);
+		a->template_name = copy_string(from->template_name);
+		a->to = copy_string(from->to);
+		a->url = copy_string(from->url);
+		a->definition = copy_jsonb(from->definition);
+	}
+	return r;
+}
+
 static void
 load_rules(void)
 {
@@ -217,15 +320,27 @@ load_rules(void)
 		SPITupleTable *tuptable = SPI_tuptable;
 		MemoryContext oldcontext;
 
+		MemoryContext scratch = AllocSetContextCreate(CurrentMemoryContext,
+													  "nocrm rule compile",
+													  ALLOCSET_DEFAULT_SIZES);
+
 		n = SPI_processed;
 		oldcontext = MemoryContextSwitchTo(rules_context);
 		all = palloc0(sizeof(Rule *) * (n + 1));
 		for (uint64 i = 0; i < n; i++)
 		{
-			all[i] = nocrm_compile_stored(tuptable->vals[i], tuptable->tupdesc, NULL);
+			Rule	   *compiled;
+
+			/* Compiling leaves garbage; only the compact copy is kept. */
+			MemoryContextSwitchTo(scratch);
+			compiled = nocrm_compile_stored(tuptable->vals[i], tuptable->tupdesc, NULL);
+			MemoryContextSwitchTo(rules_context);
+			all[i] = compiled ? rule_copy(compiled) : NULL;
+			MemoryContextReset(scratch);
 			if (all[i])
 				counts[all[i]->event]++;
 		}
+		MemoryContextDelete(scratch);
 		for (int e = 0; e < EV_COUNT; e++)
 		{
 			by_event[e].rules = palloc(sizeof(Rule *) * (counts[e] + 1));
@@ -404,6 +519,19 @@ cond_holds(Rule *rule, LeadState *lead, CondKey key)
 			break;
 	}
 	return false;
+}
+
+/*
+ * Could the rule's conditions hold on this lead?  Judges the lead's own
+ * columns only; tag conditions count as "maybe".  Needs no SPI.
+ */
+bool
+nocrm_columns_may_match(Rule *rule, LeadState *lead)
+{
+	for (int k = COND_STATUS; k <= COND_STEP; k++)
+		if (cond_applies(rule, (CondKey) k) && !cond_holds(rule, lead, (CondKey) k))
+			return false;
+	return true;
 }
 
 /* The rule's conditions on the lead, as it is now. */

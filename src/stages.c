@@ -51,14 +51,24 @@ typedef struct StageTrigger
 typedef struct StepPlace
 {
 	int64		step_id;
+	int64		pipeline_id;
 	int			position;
 } StepPlace;
+
+/* A pipeline's first step: where a lead given only a pipeline starts. */
+typedef struct PipelineStart
+{
+	int64		pipeline_id;
+	int64		step_id;
+} PipelineStart;
 
 static MemoryContext stage_context = NULL;
 static StageTrigger *triggers = NULL;
 static int	ntriggers = 0;
 static StepPlace *places = NULL;
-static int	nplaces = 0;
+static int	nplaces = 0;			/* sorted by step_id */
+static PipelineStart *starts = NULL;
+static int	nstarts = 0;			/* sorted by pipeline_id */
 static uint64 loaded_generation = 0;
 static bool loaded = false;
 
@@ -86,7 +96,8 @@ load(void)
 	MemoryContextReset(stage_context);
 	triggers = NULL;
 	places = NULL;
-	ntriggers = nplaces = 0;
+	starts = NULL;
+	ntriggers = nplaces = nstarts = 0;
 	loaded = false;
 	loaded_generation = nocrm_rules_generation();
 
@@ -118,7 +129,7 @@ load(void)
 	}
 	MemoryContextSwitchTo(old);
 
-	ret = SPI_execute("SELECT id, position FROM nocrm.steps", true, 0);
+	ret = SPI_execute("SELECT id, position, pipeline_id FROM nocrm.steps ORDER BY id", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading steps failed: %s", SPI_result_code_string(ret));
 	old = MemoryContextSwitchTo(stage_context);
@@ -132,6 +143,26 @@ load(void)
 														SPI_tuptable->tupdesc, 1, &isnull));
 		places[i].position = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
 														 SPI_tuptable->tupdesc, 2, &isnull));
+		places[i].pipeline_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+															SPI_tuptable->tupdesc, 3, &isnull));
+	}
+	MemoryContextSwitchTo(old);
+
+	ret = SPI_execute("SELECT DISTINCT ON (pipeline_id) pipeline_id, id FROM nocrm.steps"
+					  " ORDER BY pipeline_id, position, id", true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading first steps failed: %s", SPI_result_code_string(ret));
+	old = MemoryContextSwitchTo(stage_context);
+	nstarts = (int) SPI_processed;
+	starts = palloc0(sizeof(PipelineStart) * (nstarts + 1));
+	for (int i = 0; i < nstarts; i++)
+	{
+		bool		isnull;
+
+		starts[i].pipeline_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+															SPI_tuptable->tupdesc, 1, &isnull));
+		starts[i].step_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+														SPI_tuptable->tupdesc, 2, &isnull));
 	}
 	MemoryContextSwitchTo(old);
 	loaded = true;
@@ -142,6 +173,82 @@ ensure_loaded(void)
 {
 	if (!loaded || loaded_generation != nocrm_rules_generation())
 		load();
+}
+
+/* Can steps and triggers be read without SPI? */
+bool
+nocrm_places_loaded(void)
+{
+	return loaded && loaded_generation == nocrm_rules_generation();
+}
+
+static StepPlace *
+place_of(int64 step_id)
+{
+	int			lo = 0,
+				hi = nplaces - 1;
+
+	ensure_loaded();
+	while (lo <= hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+
+		if (places[mid].step_id == step_id)
+			return &places[mid];
+		if (places[mid].step_id < step_id)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return NULL;
+}
+
+/* The pipeline of a step; false for an unknown step. */
+bool
+nocrm_step_pipeline(int64 step_id, int64 *pipeline_id)
+{
+	StepPlace  *p = place_of(step_id);
+
+	if (p)
+		*pipeline_id = p->pipeline_id;
+	return p != NULL;
+}
+
+/* The first step (lowest position) of a pipeline; false if it has none. */
+bool
+nocrm_first_step(int64 pipeline_id, int64 *step_id)
+{
+	int			lo = 0,
+				hi;
+
+	ensure_loaded();
+	hi = nstarts - 1;
+	while (lo <= hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+
+		if (starts[mid].pipeline_id == pipeline_id)
+		{
+			*step_id = starts[mid].step_id;
+			return true;
+		}
+		if (starts[mid].pipeline_id < pipeline_id)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return false;
+}
+
+/* Does any enabled stage trigger sit on a step of this pipeline? */
+bool
+nocrm_stage_triggers_in_pipeline(int64 pipeline_id)
+{
+	ensure_loaded();
+	for (int i = 0; i < ntriggers; i++)
+		if (triggers[i].pipeline_id == pipeline_id)
+			return true;
+	return false;
 }
 
 /* Are there any enabled stage triggers at all? */
@@ -155,10 +262,9 @@ nocrm_stage_triggers_exist(void)
 static int
 position_of(int64 step_id)
 {
-	for (int i = 0; i < nplaces; i++)
-		if (places[i].step_id == step_id)
-			return places[i].position;
-	return -1;
+	StepPlace  *p = place_of(step_id);
+
+	return p ? p->position : -1;
 }
 
 static bool

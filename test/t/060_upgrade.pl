@@ -1,9 +1,10 @@
 
-# ALTER EXTENSION nocrm_automation UPDATE from 1.0 to 1.1 on a database in
-# use: the data stays as it was, automations and the drain keep working, the
-# roles and owner-rights triggers of 1.1 are there (an agent gets automations
-# without reading rules or the queue, or writing history), and the result is
-# the same catalog as a fresh CREATE EXTENSION of 1.1.
+# ALTER EXTENSION nocrm_automation UPDATE from 1.0 to 1.1, then to 1.2, on a
+# database in use: the data stays as it was, automations and the drain keep
+# working, the roles and owner-rights triggers of 1.1 are there (an agent
+# gets automations without reading rules or the queue, or writing history),
+# 1.2's gated event triggers work for an agent too, and the result is the
+# same catalog as a fresh CREATE EXTENSION of 1.2.
 use strict;
 use warnings;
 
@@ -250,16 +251,33 @@ like(sql_error('regress_agent', "INSERT INTO nocrm.comments (lead_id, user_id, b
 	qr/^42501: only automations comment as The Butler/, 'nor comment as the Butler (user 0)');
 is(sq("SELECT count(*) FROM nocrm.comments WHERE body = 'I am the Butler'"), 0, 'no such comment was written');
 
+# --- 1.1 -> 1.2: gated event triggers ------------------------------------------------
+
+my $data_1_1 = data_digest();
+sq(q{ALTER EXTENSION nocrm_automation UPDATE TO '1.2'});
+is(sq(q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}), '1.2', 'updated to 1.2');
+is(data_digest(), $data_1_1, 'the update to 1.2 leaves every row and sequence as it was');
+is( sq(q{SELECT string_agg(tgname, ' ' ORDER BY tgname) FROM pg_trigger
+	      WHERE tgrelid = 'nocrm.leads'::regclass AND NOT tgisinternal AND tgqual IS NOT NULL}),
+	'nocrm_lead_events_delete nocrm_lead_events_insert nocrm_lead_events_update',
+	'the lead event triggers have WHEN gates');
+is(sq(q{SELECT prosecdef FROM pg_proc WHERE oid = 'nocrm.lead_before_trigger'::regproc}), 'f',
+	'the BEFORE trigger runs as the caller');
+is( sq(qq{SET nocrm.history = actions;
+	       INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Agent lead 1.2', 1) RETURNING user_id IS NOT NULL},
+		extra_params => [ '-U', 'regress_agent' ]),
+	't', '1.2: an agent\'s new lead passes the gate (loaded as the owner) and is assigned');
+
 # --- a fresh CREATE EXTENSION is the same ---------------------------------------------
 
 sq('CREATE DATABASE fresh');
 sq('CREATE EXTENSION nocrm_automation', db => 'fresh');
-is(sq(q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}, db => 'fresh'), '1.1',
-	'a fresh CREATE EXTENSION installs 1.1');
+is(sq(q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}, db => 'fresh'), '1.2',
+	'a fresh CREATE EXTENSION installs 1.2');
 my @updated = split /\n/, sq($catalog_sql);
 my @fresh = split /\n/, sq($catalog_sql, db => 'fresh');
 cmp_ok(scalar(grep { /^member / } @fresh), '>', 80, 'the fresh install has its members');
-cmp_ok(scalar(grep { /^function .* secdef=t / } @fresh), '>=', 16, 'and its SECURITY DEFINER functions');
+cmp_ok(scalar(grep { /^function .* secdef=t / } @fresh), '>=', 15, 'and its SECURITY DEFINER functions');
 my %in_fresh = map { $_ => 1 } @fresh;
 my %in_updated = map { $_ => 1 } @updated;
 is_deeply([ grep { !$in_fresh{$_} } @updated ], [], 'nothing in the updated catalog that a fresh install lacks');

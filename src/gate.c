@@ -1,0 +1,385 @@
+/*
+ * gate.c — whether a row change can matter at all, decided before anything
+ * is queued.
+ *
+ * The event triggers are created WHEN (nocrm.*_wanted(...)).  A change that
+ * no history row, automation or stage trigger can care about never enters
+ * the after-trigger queue: it costs one call of these functions, with no
+ * SPI.  The answer is conservative: tag conditions, lead.content_has_changed
+ * and lead.any_update count as "maybe", and the event trigger decides for
+ * real.  Answers are memoized per lead shape (status, owner, pipeline, step
+ * before and after), so a bulk statement scans the rules once.
+ */
+#include "nocrm.h"
+
+#include "common/hashfn.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+
+PG_FUNCTION_INFO_V1(nocrm_lead_insert_wanted);
+PG_FUNCTION_INFO_V1(nocrm_lead_update_wanted);
+PG_FUNCTION_INFO_V1(nocrm_lead_delete_wanted);
+PG_FUNCTION_INFO_V1(nocrm_child_event_wanted);
+PG_FUNCTION_INFO_V1(nocrm_gate_counters);
+
+#define NO_VALUE		PG_INT64_MIN	/* a NULL column in a GateKey */
+#define MEMO_SIZE		64
+
+typedef struct GateKey
+{
+	int64		op;				/* 'I', 'U', 'D' */
+	int64		old_status,
+				new_status;
+	int64		old_owner,
+				new_owner;
+	int64		old_pipeline,
+				new_pipeline;
+	int64		old_step,
+				new_step;
+} GateKey;
+
+typedef struct MemoEntry
+{
+	bool		used;
+	bool		wanted;
+	GateKey		key;
+} MemoEntry;
+
+/* Per-backend decisions, for nocrm.gate_counters(). */
+typedef enum GateKind
+{
+	GATE_LEAD_INSERT,
+	GATE_LEAD_UPDATE,
+	GATE_LEAD_DELETE,
+	GATE_CHILD,
+	GATE_COUNT
+} GateKind;
+
+static const char *const gate_names[GATE_COUNT] = {
+	"lead insert", "lead update", "lead delete", "tag, comment or email"
+};
+static int64 passed[GATE_COUNT];
+static int64 skipped[GATE_COUNT];
+
+static bool
+count(GateKind kind, bool wanted)
+{
+	if (wanted)
+		passed[kind]++;
+	else
+		skipped[kind]++;
+	return wanted;
+}
+
+static MemoEntry memo[MEMO_SIZE];
+static uint64 memo_generation = 0;
+static bool memo_primed = false;
+
+/*
+ * Loads what the gate and the BEFORE trigger read (rules when asked, steps
+ * and stage triggers) unless loaded: as the extension owner, since the
+ * caller may be an agent who cannot read the rules.
+ */
+void
+nocrm_gate_caches_ready(bool rules)
+{
+	bool		need_rules = rules && !nocrm_rules_loaded();
+	OwnerContext owner;
+
+	if (!need_rules && nocrm_places_loaded())
+		return;
+	nocrm_owner_enter(&owner);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (need_rules)
+	{
+		int			n;
+
+		(void) nocrm_rules_for_event(EV_CREATION, &n);
+	}
+	(void) nocrm_stage_triggers_exist();
+	SPI_finish();
+	nocrm_owner_leave(&owner);
+}
+
+/* A bad nocrm.actor is an error whether or not anything listens. */
+static void
+check_actor(void)
+{
+	OwnerContext owner;
+
+	if (nocrm_chain_depth() > 0 || nocrm_actor_known())
+		return;
+	nocrm_owner_enter(&owner);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	(void) nocrm_current_actor();
+	SPI_finish();
+	nocrm_owner_leave(&owner);
+}
+
+static int64
+arg_int64(FunctionCallInfo fcinfo, int n)
+{
+	return PG_ARGISNULL(n) ? NO_VALUE : PG_GETARG_INT64(n);
+}
+
+static int64
+arg_status(FunctionCallInfo fcinfo, int n)
+{
+	text	   *t;
+	char		buf[16];
+	int			len;
+
+	if (PG_ARGISNULL(n))
+		return 0;
+	t = PG_GETARG_TEXT_PP(n);
+	len = VARSIZE_ANY_EXHDR(t);
+	if (len >= (int) sizeof(buf))
+		return 0;
+	memcpy(buf, VARDATA_ANY(t), len);
+	buf[len] = '\0';
+	return nocrm_status_bit(buf);
+}
+
+static void
+lead_of(LeadState *lead, int64 status, int64 owner, int64 pipeline, int64 step)
+{
+	memset(lead, 0, sizeof(LeadState));
+	lead->status = (int) status;
+	lead->has_owner = owner != NO_VALUE;
+	lead->owner_id = owner;
+	lead->has_pipeline = pipeline != NO_VALUE;
+	lead->pipeline_id = pipeline;
+	lead->has_step = step != NO_VALUE;
+	lead->step_id = step;
+}
+
+static bool
+event_may_match(NocrmEvent event, LeadState *lead, int to_status, int64 to_step)
+{
+	RaisedEvent ev;
+	Rule	  **rules;
+	int			n;
+
+	memset(&ev, 0, sizeof(ev));
+	ev.event = event;
+	ev.to_status = to_status;
+	ev.to_step = to_step;
+	rules = nocrm_rules_for_event(event, &n);
+	for (int i = 0; i < n; i++)
+		if (nocrm_rule_matches_target(rules[i], &ev) && nocrm_columns_may_match(rules[i], lead))
+			return true;
+	return false;
+}
+
+/* The rule and stage trigger scan behind a memo entry. */
+static bool
+lead_change_matters(GateKey *k)
+{
+	LeadState	lead;
+
+	if (k->op == 'D')
+	{
+		lead_of(&lead, k->old_status, k->old_owner, k->old_pipeline, k->old_step);
+		lead.deleted = true;
+	}
+	else
+		lead_of(&lead, k->new_status, k->new_owner, k->new_pipeline, k->new_step);
+
+	if ((k->new_pipeline != NO_VALUE && nocrm_stage_triggers_in_pipeline(k->new_pipeline)) ||
+		(k->old_pipeline != NO_VALUE && nocrm_stage_triggers_in_pipeline(k->old_pipeline)))
+		return true;
+
+	switch (k->op)
+	{
+		case 'I':
+			return event_may_match(EV_CREATION, &lead, 0, 0) ||
+				event_may_match(lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED, &lead, 0, 0);
+		case 'D':
+			return event_may_match(EV_DELETED, &lead, 0, 0);
+		default:
+			if (k->old_status != k->new_status &&
+				event_may_match(EV_STATUS_CHANGED, &lead, (int) k->new_status, 0))
+				return true;
+			if (k->new_step != NO_VALUE && k->new_step != k->old_step &&
+				event_may_match(EV_STEP_CHANGED, &lead, 0, k->new_step))
+				return true;
+			if (k->new_owner != NO_VALUE && k->new_owner != k->old_owner &&
+				event_may_match(EV_ASSIGNED, &lead, 0, 0))
+				return true;
+			if (k->new_owner == NO_VALUE && k->old_owner != NO_VALUE &&
+				event_may_match(EV_UNASSIGNED, &lead, 0, 0))
+				return true;
+			/* Which other columns changed is the trigger's business. */
+			return event_may_match(EV_CONTENT_CHANGED, &lead, 0, 0) ||
+				event_may_match(EV_ANY_UPDATE, &lead, 0, 0);
+	}
+}
+
+/* Does anything listen before we even look at the rules? */
+static bool
+everything_matters(void)
+{
+	return nocrm_history_level == HISTORY_ALL;
+}
+
+static bool
+lead_wanted(GateKey *k)
+{
+	MemoEntry  *entry;
+	bool		wanted;
+
+	if (everything_matters())
+		return true;
+	if (!nocrm_automations_enabled)
+	{
+		check_actor();
+		return false;
+	}
+	nocrm_gate_caches_ready(true);
+	if (!memo_primed || memo_generation != nocrm_rules_generation())
+	{
+		memset(memo, 0, sizeof(memo));
+		memo_generation = nocrm_rules_generation();
+		memo_primed = true;
+	}
+	entry = &memo[hash_bytes((const unsigned char *) k, sizeof(GateKey)) % MEMO_SIZE];
+	if (entry->used && memcmp(&entry->key, k, sizeof(GateKey)) == 0)
+		wanted = entry->wanted;
+	else
+	{
+		wanted = lead_change_matters(k);
+		entry->used = true;
+		entry->key = *k;
+		entry->wanted = wanted;
+	}
+	if (!wanted)
+		check_actor();
+	return wanted;
+}
+
+/* nocrm.lead_insert_wanted(status, user_id, pipeline_id, step_id) */
+Datum
+nocrm_lead_insert_wanted(PG_FUNCTION_ARGS)
+{
+	GateKey		k;
+
+	memset(&k, 0, sizeof(k));
+	k.op = 'I';
+	k.new_status = arg_status(fcinfo, 0);
+	k.new_owner = arg_int64(fcinfo, 1);
+	k.new_pipeline = arg_int64(fcinfo, 2);
+	k.new_step = arg_int64(fcinfo, 3);
+	k.old_owner = k.old_pipeline = k.old_step = NO_VALUE;
+	PG_RETURN_BOOL(count(GATE_LEAD_INSERT, lead_wanted(&k)));
+}
+
+/* nocrm.lead_delete_wanted(status, user_id, pipeline_id, step_id) of the old row */
+Datum
+nocrm_lead_delete_wanted(PG_FUNCTION_ARGS)
+{
+	GateKey		k;
+
+	memset(&k, 0, sizeof(k));
+	k.op = 'D';
+	k.old_status = arg_status(fcinfo, 0);
+	k.old_owner = arg_int64(fcinfo, 1);
+	k.old_pipeline = arg_int64(fcinfo, 2);
+	k.old_step = arg_int64(fcinfo, 3);
+	k.new_owner = k.new_pipeline = k.new_step = NO_VALUE;
+	PG_RETURN_BOOL(count(GATE_LEAD_DELETE, lead_wanted(&k)));
+}
+
+/*
+ * nocrm.lead_update_wanted(old_status, new_status, old_user_id, new_user_id,
+ * old_pipeline_id, new_pipeline_id, old_step_id, new_step_id)
+ */
+Datum
+nocrm_lead_update_wanted(PG_FUNCTION_ARGS)
+{
+	GateKey		k;
+
+	memset(&k, 0, sizeof(k));
+	k.op = 'U';
+	k.old_status = arg_status(fcinfo, 0);
+	k.new_status = arg_status(fcinfo, 1);
+	k.old_owner = arg_int64(fcinfo, 2);
+	k.new_owner = arg_int64(fcinfo, 3);
+	k.old_pipeline = arg_int64(fcinfo, 4);
+	k.new_pipeline = arg_int64(fcinfo, 5);
+	k.old_step = arg_int64(fcinfo, 6);
+	k.new_step = arg_int64(fcinfo, 7);
+	PG_RETURN_BOOL(count(GATE_LEAD_UPDATE, lead_wanted(&k)));
+}
+
+/*
+ * nocrm.child_event_wanted(event, author): for rows of tags, comments and
+ * emails, whose lead is not at hand.  A comment by the Butler outside an
+ * automation is wanted: the trigger refuses it.
+ */
+static bool
+child_wanted(FunctionCallInfo fcinfo)
+{
+	NocrmEvent	event;
+	int			n;
+
+	if (!PG_ARGISNULL(1) && PG_GETARG_INT64(1) == BUTLER_ID && nocrm_chain_depth() == 0)
+		return true;
+	if (everything_matters())
+		return true;
+	if (!nocrm_automations_enabled)
+	{
+		check_actor();
+		return false;
+	}
+	event = nocrm_event_from_name(text_to_cstring(PG_GETARG_TEXT_PP(0)));
+	if (event == EV_COUNT)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown event \"%s\"", text_to_cstring(PG_GETARG_TEXT_PP(0))),
+				 errhint("The events are listed in the reference, section Events.")));
+	nocrm_gate_caches_ready(true);
+	(void) nocrm_rules_for_event(event, &n);
+	if (n > 0 || nocrm_stage_triggers_exist())
+		return true;
+	check_actor();
+	return false;
+}
+
+Datum
+nocrm_child_event_wanted(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(count(GATE_CHILD, child_wanted(fcinfo)));
+}
+
+/*
+ * nocrm.gate_counters(reset): this backend's gate decisions since it
+ * started (or the last reset): rows passed to the event triggers, and rows
+ * skipped because nothing could care.
+ */
+Datum
+nocrm_gate_counters(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	bool		reset = !PG_ARGISNULL(0) && PG_GETARG_BOOL(0);
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int g = 0; g < GATE_COUNT; g++)
+	{
+		Datum		values[3];
+		bool		nulls[3] = {false, false, false};
+
+		values[0] = CStringGetTextDatum(gate_names[g]);
+		values[1] = Int64GetDatum(passed[g]);
+		values[2] = Int64GetDatum(skipped[g]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	if (reset)
+	{
+		memset(passed, 0, sizeof(passed));
+		memset(skipped, 0, sizeof(skipped));
+	}
+	return (Datum) 0;
+}
