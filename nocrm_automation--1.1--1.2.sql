@@ -74,3 +74,12 @@ CREATE FUNCTION nocrm.gate_counters(reset boolean DEFAULT false,
 RETURNS SETOF record AS 'MODULE_PATHNAME', 'nocrm_gate_counters' LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION nocrm.gate_counters(boolean) IS
 'This session''s gate decisions: rows passed to the event triggers and rows skipped because nothing could care. reset => true zeroes them after reading.';
+
+------------------------------------------------------------------------
+-- template_context in C with a kept plan: as SQL with SET search_path it
+-- was parsed and planned on every notify.
+------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION nocrm.template_context(lead_id bigint, payload jsonb, automation_id integer, event text)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'nocrm_template_context_sql'
+LANGUAGE C STABLE SET search_path = pg_catalog;

@@ -27,7 +27,6 @@ static SPIPlanPtr plan_assign,
 			plan_comment,
 			plan_notify,
 			plan_notify_payload,
-			plan_message_context,
 			plan_enqueue,
 			plan_webhook_payload,
 			plan_automation_exists,
@@ -324,23 +323,41 @@ payload_json(const char *const *keys, const char *const *values, int n)
 static const char *
 render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev, int64 user_id)
 {
-	Oid			types[5] = {INT8OID, INT8OID, INT4OID, TEXTOID, JSONBOID};
-	Datum		args[5] = {Int64GetDatum(lead->id), Int64GetDatum(user_id),
-		Int32GetDatum(rule->id), CStringGetTextDatum(nocrm_event_names[ev->event]),
-	lead->snapshot ? JsonbPGetDatum(lead->snapshot) : (Datum) 0};
-	char		nulls[5] = {' ', ' ', ' ', ' ', lead->snapshot ? ' ' : 'n'};
-	Datum		context;
-	bool		isnull;
+	JsonbParseState *state = NULL;
+	JsonbValue	k,
+				v;
+	Jsonb	   *payload;
+	Jsonb	   *context;
 	char	   *message;
 	int			len;
 
 	if (strstr(action->text, "{{") == NULL)
 		return action->text;
-	nocrm_plan(&plan_message_context,
-			   "SELECT nocrm.template_context($1, jsonb_build_object('user_id', $2, 'lead', $5), $3, $4)",
-			   5, types);
-	(void) exec_one(plan_message_context, args, nulls, &context, &isnull);
-	message = nocrm_render(action->text, DatumGetJsonbP(context));
+	/* payload {"user_id": user, "lead": snapshot of a deleted lead} */
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	k.type = jbvString;
+	k.val.string.val = "user_id";
+	k.val.string.len = 7;
+	pushJsonbValue(&state, WJB_KEY, &k);
+	v.type = jbvNumeric;
+	v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric, Int64GetDatum(user_id)));
+	pushJsonbValue(&state, WJB_VALUE, &v);
+	if (lead->snapshot)
+	{
+		k.val.string.val = "lead";
+		k.val.string.len = 4;
+		pushJsonbValue(&state, WJB_KEY, &k);
+		v.type = jbvBinary;
+		v.val.binary.data = &lead->snapshot->root;
+		v.val.binary.len = VARSIZE(lead->snapshot) - VARHDRSZ;
+		pushJsonbValue(&state, WJB_VALUE, &v);
+	}
+	payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	context = nocrm_template_context(Int64GetDatum(lead->id), false, JsonbPGetDatum(payload), false,
+									 Int32GetDatum(rule->id), false,
+									 CStringGetTextDatum(nocrm_event_names[ev->event]), false,
+									 false);
+	message = nocrm_render(action->text, context);
 	/* Lead data can make it long: keep it within a pg_notify payload, whole characters only. */
 	len = strlen(message);
 	if (len > MAX_RENDERED_MESSAGE)

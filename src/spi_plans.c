@@ -5,6 +5,7 @@
 
 #include "access/htup_details.h"
 #include "miscadmin.h"
+#include "nodes/parsenodes.h"
 #include "utils/datum.h"
 #include "utils/guc.h"
 
@@ -17,7 +18,11 @@ nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
 {
 	if (*slot == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+		/*
+		 * Generic from the start: these statements run once per row, and a
+		 * custom plan per execution costs more than the statement itself.
+		 */
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for \"%s\": %s",

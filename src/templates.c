@@ -19,6 +19,7 @@
 PG_FUNCTION_INFO_V1(nocrm_template_validate_trigger);
 PG_FUNCTION_INFO_V1(nocrm_render_template);
 PG_FUNCTION_INFO_V1(nocrm_render_text);
+PG_FUNCTION_INFO_V1(nocrm_template_context_sql);
 
 static const char *const placeholders[] = {
 	"lead.id", "lead.title", "lead.amount", "lead.status", "lead.probability",
@@ -267,4 +268,78 @@ nocrm_render_text(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(nocrm_render(text_to_cstring(PG_GETARG_TEXT_PP(0)),
 												  PG_ARGISNULL(1) ? NULL : PG_GETARG_JSONB_P(1))));
+}
+
+/*
+ * The values a template can use: the lead as it is now (or the snapshot a
+ * deleted lead's payload carries in "lead"), its pipeline, step and owner,
+ * the Butler, the notified user (payload "user_id"), the automation and the
+ * message.  A kept plan: notify runs this for every lead a rule notifies
+ * about.  Needs an SPI connection; NULL arguments are passed as nulls.
+ * Actions pass read_only = false, to see what earlier actions just wrote.
+ */
+Jsonb *
+nocrm_template_context(Datum lead_id, bool lead_null, Datum payload, bool payload_null,
+					   Datum automation_id, bool automation_null, Datum event, bool event_null,
+					   bool read_only)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[4] = {INT8OID, JSONBOID, INT4OID, TEXTOID};
+	Datum		args[4] = {lead_id, payload, automation_id, event};
+	char		nulls[4] = {lead_null ? 'n' : ' ', payload_null ? 'n' : ' ',
+		automation_null ? 'n' : ' ', event_null ? 'n' : ' '};
+	MemoryContext caller = CurrentMemoryContext;
+	bool		isnull;
+	Jsonb	   *context;
+
+	nocrm_plan(&plan,
+			   "SELECT pg_catalog.jsonb_build_object("
+			   "  'lead.id', coalesce((x.lead ->> 'id')::bigint, $1),"
+			   "  'lead.title', coalesce(x.lead ->> 'title', $2 ->> 'lead_title'),"
+			   "  'lead.amount', x.lead -> 'amount', 'lead.status', x.lead ->> 'status',"
+			   "  'lead.probability', x.lead -> 'probability',"
+			   "  'lead.description', x.lead ->> 'description', 'lead.contact_email', x.lead ->> 'contact_email',"
+			   "  'lead.pipeline', p.name, 'lead.step', s.name,"
+			   "  'lead.next_action_at', x.lead ->> 'next_action_at', 'lead.created_at', x.lead ->> 'created_at',"
+			   "  'owner.name', o.name, 'owner.email', o.email,"
+			   "  'butler.name', b.name, 'butler.email', b.email,"
+			   "  'user.name', u.name, 'user.email', u.email,"
+			   "  'automation.name', a.name, 'event', $4,"
+			   "  'message', $2 ->> 'message')"
+			   " FROM (SELECT coalesce((SELECT pg_catalog.to_jsonb(l) FROM nocrm.leads l WHERE l.id = $1),"
+			   "                       CASE WHEN pg_catalog.jsonb_typeof($2 -> 'lead') = 'object'"
+			   "                            THEN $2 -> 'lead' END) AS lead) AS x"
+			   " LEFT JOIN nocrm.pipelines p ON p.id = (x.lead ->> 'pipeline_id')::bigint"
+			   " LEFT JOIN nocrm.steps s ON s.id = (x.lead ->> 'step_id')::bigint"
+			   " LEFT JOIN nocrm.users o ON o.id = (x.lead ->> 'user_id')::bigint"
+			   " LEFT JOIN nocrm.users b ON b.is_butler"
+			   " LEFT JOIN nocrm.users u ON u.id = ($2 ->> 'user_id')::bigint"
+			   " LEFT JOIN nocrm.automations a ON a.id = $3",
+			   4, types);
+	if (SPI_execute_plan(plan, args, nulls, read_only, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "building the template context failed");
+	MemoryContextSwitchTo(caller);
+	context = DatumGetJsonbPCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+											   &isnull));
+	return context;
+}
+
+/* nocrm.template_context(lead_id, payload, automation_id, event) */
+Datum
+nocrm_template_context_sql(PG_FUNCTION_ARGS)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	Jsonb	   *context;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	context = nocrm_template_context(PG_GETARG_DATUM(0), PG_ARGISNULL(0),
+									 PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1), PG_ARGISNULL(1),
+									 PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2), PG_ARGISNULL(2),
+									 PG_ARGISNULL(3) ? (Datum) 0 : PG_GETARG_DATUM(3), PG_ARGISNULL(3),
+									 true);
+	MemoryContextSwitchTo(caller);
+	context = DatumGetJsonbPCopy(JsonbPGetDatum(context));
+	SPI_finish();
+	PG_RETURN_JSONB_P(context);
 }
