@@ -16,7 +16,8 @@ OBJS = \
 	src/rules.o \
 	src/spi_plans.o \
 	src/stages.o \
-	src/templates.o
+	src/templates.o \
+	src/writebuf.o
 
 EXTENSION = nocrm_automation
 DATA = nocrm_automation--1.0.sql nocrm_automation--1.0--1.1.sql nocrm_automation--1.1--1.2.sql

@@ -428,18 +428,20 @@ SELECT nocrm.create_automation(name => 'Chain: shadow', event => 'lead.commented
 SELECT nocrm.create_stage_trigger('Preventivo', 'tag_added', '{"tag": "qualified"}', pipeline => 'Vendite');  -- 9
 SELECT nocrm.create_stage_trigger('Nuovo', 'tag_added', '{"tag": "contacted"}', pipeline => 'Vendite');       -- 10
 
--- explain() from inside the chain, when the welcome notification is written.
+-- explain() from inside the chain, when the welcome automation moves the
+-- lead to Qualificato (step 2).
 CREATE TABLE public.explained_inside AS
 SELECT ''::text AS event, * FROM nocrm.explain(9, 'lead.commented') WHERE false;
 CREATE FUNCTION public.explain_inside() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO public.explained_inside
     SELECT ev, e.* FROM unnest(ARRAY['lead.commented', 'lead.assigned']) AS ev,
-                        LATERAL nocrm.explain(NEW.lead_id, ev) e;
+                        LATERAL nocrm.explain(NEW.id, ev) e;
     RETURN NULL;
 END $$;
-CREATE TRIGGER explain_inside AFTER INSERT ON nocrm.notifications
-    FOR EACH ROW WHEN (NEW.message LIKE '%is yours') EXECUTE FUNCTION public.explain_inside();
+CREATE TRIGGER explain_inside AFTER UPDATE ON nocrm.leads
+    FOR EACH ROW WHEN (NEW.step_id = 2 AND OLD.step_id IS DISTINCT FROM NEW.step_id)
+    EXECUTE FUNCTION public.explain_inside();
 
 SELECT kind, id, name, fires, reason, conditions FROM pg_temp.ex(9, 'lead.commented')
  WHERE kind = 'stage_trigger' OR id > 27;
@@ -456,7 +458,7 @@ SELECT id, kind, automation_id, action_no, recipient, state FROM nocrm.queue WHE
 -- lead is assigned by then, so "Chain: take" no longer matches.
 SELECT event, kind, id, would_fire, reason FROM public.explained_inside
  WHERE kind = 'stage_trigger' OR id > 27 ORDER BY event, kind, id;
-DROP TRIGGER explain_inside ON nocrm.notifications;
+DROP TRIGGER explain_inside ON nocrm.leads;
 DROP FUNCTION public.explain_inside();
 DROP TABLE public.explained_inside;
 

@@ -8,7 +8,13 @@
  */
 #include "nocrm.h"
 
+#include "catalog/dependency.h"
+#include "catalog/namespace.h"
+#include "commands/async.h"
+#include "commands/sequence.h"
 #include "mb/pg_wchar.h"
+#include "utils/json.h"
+#include "utils/lsyscache.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -25,7 +31,6 @@ static SPIPlanPtr plan_assign,
 			plan_find_step,
 			plan_move_step,
 			plan_comment,
-			plan_notify,
 			plan_notify_payload,
 			plan_enqueue,
 			plan_webhook_payload,
@@ -319,6 +324,63 @@ payload_json(const char *const *keys, const char *const *values, int n)
 	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
 }
 
+static WriteBuffer notifications_buffer = {
+	.what = "writing notifications failed",
+	.sql = "INSERT INTO nocrm.notifications (id, user_id, lead_id, automation_id, message)"
+	" SELECT r.id, r.user_id, r.lead_id, r.automation_id, r.message"
+	"   FROM unnest($1, $2, $3, $4, $5) AS r(id, user_id, lead_id, automation_id, message)"
+	"  ORDER BY r.id",
+	.ncols = 5,
+	.types = {INT8OID, INT8OID, INT8OID, INT4OID, TEXTOID},
+};
+
+/* The sequence of nocrm.notifications.id, looked up again if the extension was re-created. */
+static Oid
+notifications_sequence(void)
+{
+	static Oid	for_automations = InvalidOid;
+	static Oid	seq = InvalidOid;
+
+	if (for_automations != nocrm_automations_relid())
+	{
+		Oid			rel = get_relname_relid("notifications", get_namespace_oid("nocrm", false));
+
+		if (!OidIsValid(rel))
+			elog(ERROR, "table nocrm.notifications is missing");
+		seq = getIdentitySequence(rel, 1, false);
+		for_automations = nocrm_automations_relid();
+	}
+	return seq;
+}
+
+/*
+ * A browser notification: its id now, its row with the next batch of
+ * writes, its NOTIFY at commit (as pg_notify would send it).
+ */
+static int64
+browser_notification(int64 user_id, int64 lead_id, int32 automation_id, const char *message)
+{
+	int64		id = nextval_internal(notifications_sequence(), false);
+	Datum		values[5] = {Int64GetDatum(id), Int64GetDatum(user_id), Int64GetDatum(lead_id),
+	Int32GetDatum(automation_id), CStringGetTextDatum(message)};
+	bool		nulls[5] = {false, false, false, false, false};
+	int			len = strlen(message);
+	bool		truncated = pg_mbstrlen(message) > 1000;
+	StringInfoData payload;
+
+	nocrm_buffer_row(&notifications_buffer, values, nulls);
+
+	initStringInfo(&payload);
+	appendStringInfo(&payload, "{\"id\" : " INT64_FORMAT ", \"user_id\" : " INT64_FORMAT
+					 ", \"lead_id\" : " INT64_FORMAT ", \"automation_id\" : %d, \"message\" : ",
+					 id, user_id, lead_id, automation_id);
+	escape_json(&payload, truncated ? pnstrdup(message, pg_mbcharcliplen(message, len, 1000))
+				: message);
+	appendStringInfo(&payload, ", \"truncated\" : %s}", truncated ? "true" : "false");
+	Async_Notify("nocrm_notifications", payload.data);
+	return id;
+}
+
 /* The notify message with its {{placeholders}} filled in, as of now. */
 static const char *
 render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev, int64 user_id)
@@ -388,27 +450,10 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 
 	if (action->channels & CHANNEL_BROWSER)
 	{
-		Oid			types[4] = {INT8OID, INT8OID, INT4OID, TEXTOID};
-		Datum		args[4] = {Int64GetDatum(user_id), Int64GetDatum(lead->id),
-		Int32GetDatum(rule->id), CStringGetTextDatum(message)};
-		Datum		result;
-		bool		isnull;
+		int64		id = browser_notification(user_id, lead->id, rule->id, message);
 
-		nocrm_plan(&plan_notify,
-				   "WITH n AS (INSERT INTO nocrm.notifications (user_id, lead_id, automation_id, message)"
-				   "           VALUES ($1, $2, $3, $4)"
-				   "           RETURNING id, user_id, lead_id, automation_id, message)"
-				   " SELECT n.id, pg_notify('nocrm_notifications',"
-			   "   json_build_object('id', n.id, 'user_id', n.user_id, 'lead_id', n.lead_id,"
-			   "                     'automation_id', n.automation_id,"
-			   "                     'message', left(n.message, 1000),"
-			   "                     'truncated', length(n.message) > 1000)::text)"
-			   "   FROM n",
-				   4, types);
-		(void) exec_one(plan_notify, args, NULL, &result, &isnull);
 		action_history(rule, action, lead, NULL,
-					   nocrm_jsonb_int_pair("notification_id", DatumGetInt64(result), false),
-					   "browser");
+					   nocrm_jsonb_int_pair("notification_id", id, false), "browser");
 	}
 	for (int ch = CHANNEL_EMAIL; ch <= CHANNEL_MOBILE; ch <<= 1)
 	{
@@ -501,9 +546,23 @@ webhook(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
  * The action runs as it was queued; the automation's current conditions are
  * checked again unless the action says "recheck": false.
  */
+static const char *run_delayed(int32 automation_id, int action_no, int64 lead_id,
+								const char *event, Jsonb *definition, int64 actor);
+
 const char *
 nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
 				  const char *event, Jsonb *definition, int64 actor)
+{
+	const char *why = run_delayed(automation_id, action_no, lead_id, event, definition, actor);
+
+	/* No statement trigger follows a delayed action: write its rows now. */
+	nocrm_flush_writes();
+	return why;
+}
+
+static const char *
+run_delayed(int32 automation_id, int action_no, int64 lead_id,
+			const char *event, Jsonb *definition, int64 actor)
 {
 	Rule	   *rule = nocrm_rule_by_id(automation_id);
 	LeadState	lead;

@@ -199,22 +199,29 @@ nocrm_flush_assignments_trigger(PG_FUNCTION_ARGS)
 {
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		elog(ERROR, "nocrm_flush_assignments_trigger: not called as a trigger");
-	if (npending > 0 && nocrm_chain_depth() == 0)
+	nocrm_flush_writes();
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * Writes what waits for the end of the outermost statement: counter
+ * increments, and the buffered history, run log and notification rows.
+ * Called by the statement trigger, and by fire_trigger() and delayed
+ * actions, which have none.  Inside a chain it waits for the outer end.
+ */
+void
+nocrm_flush_writes(void)
+{
+	if (nocrm_chain_depth() > 0)
+		return;
+	if (npending > 0)
 	{
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
 		flush_pending();
 		SPI_finish();
 	}
-	return PointerGetDatum(NULL);
-}
-
-/* Writes pending increments now, outside any chain (for callers with no statement trigger). */
-void
-nocrm_assign_flush(void)
-{
-	if (npending > 0 && nocrm_chain_depth() == 0)
-		flush_pending();
+	nocrm_buffers_flush();
 }
 
 /* Increments of an aborted (sub)transaction never happened. */

@@ -14,6 +14,9 @@
 #include "utils/builtins.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/fmgrprotos.h"
+#include "utils/timestamp.h"
 
 #define MAX_CHAIN 101			/* nocrm.max_chain_depth is at most 100 */
 
@@ -29,8 +32,7 @@ static int64 root_actor = -1;
 static bool root_actor_given = false;
 static int64 given_root_actor = -1;
 
-static SPIPlanPtr plan_record_run,
-			plan_describe;
+static SPIPlanPtr plan_describe;
 
 /* The last nocrm.actor value resolved, so each row need not look it up. */
 static char *actor_text = NULL;
@@ -40,12 +42,22 @@ static uint64 actor_generation = 0;
 static void
 dispatch_xact_callback(XactEvent event, void *arg)
 {
+	/* A backstop: every path that buffers rows flushes them itself. */
+	if ((event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PRE_PREPARE) &&
+		nocrm_buffered_rows() > 0)
+	{
+		elog(WARNING, "nocrm: %d buffered rows written at commit", nocrm_buffered_rows());
+		PushActiveSnapshot(GetTransactionSnapshot());
+		nocrm_buffers_flush();
+		PopActiveSnapshot();
+	}
 	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_COMMIT ||
 		event == XACT_EVENT_PARALLEL_ABORT || event == XACT_EVENT_PREPARE)
 	{
 		chain_len = 0;
 		nocrm_rules_reset_pins();
 		nocrm_assign_xact_end();
+		nocrm_buffers_xact_end();
 	}
 }
 
@@ -54,7 +66,10 @@ dispatch_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 						  SubTransactionId parentSubid, void *arg)
 {
 	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
 		nocrm_assign_subxact_abort(mySubid);
+		nocrm_buffers_subxact_abort(mySubid);
+	}
 	else if (event == SUBXACT_EVENT_COMMIT_SUB)
 		nocrm_assign_subxact_commit(mySubid, parentSubid);
 }
@@ -255,32 +270,40 @@ nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *even
 	record_run_as(id, lead, ev, event, outcome, actions, nactions, detail, nocrm_root_actor());
 }
 
+static WriteBuffer runs_buffer = {
+	.what = "recording an automation run failed",
+	.sql = "INSERT INTO nocrm.automation_runs (automation_id, stage_trigger_id, lead_id, event,"
+	"  mode, outcome, change, actor_id, chain_depth, actions, detail, nactions, created_at)"
+	" SELECT r.automation_id, r.stage_trigger_id, r.lead_id, r.event, r.mode, r.outcome,"
+	"        r.change, r.actor_id, r.chain_depth, r.actions, r.detail, r.nactions, r.created_at"
+	"   FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) WITH ORDINALITY"
+	"        AS r(automation_id, stage_trigger_id, lead_id, event, mode, outcome, change,"
+	"             actor_id, chain_depth, actions, detail, nactions, created_at, ord)"
+	"  ORDER BY r.ord",
+	.ncols = 13,
+	.types = {INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT8OID, INT4OID,
+	JSONBOID, TEXTOID, INT4OID, TIMESTAMPTZOID},
+};
+
 static void
 record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 			  const char *outcome, const char *actions, int nactions, const char *detail,
 			  int64 actor)
 {
-	Oid			types[10] = {INT4OID, TEXTOID, INT8OID, TEXTOID, TEXTOID, JSONBOID,
-		INT8OID, INT4OID, TEXTOID, INT4OID};
-	Datum		args[10];
-	char		nulls[10];
+	Datum		values[13];
+	bool		nulls[13];
 
 	if (nocrm_history_level == HISTORY_NONE)
 		return;
-	nocrm_plan(&plan_record_run,
-			   "INSERT INTO nocrm.automation_runs (automation_id, stage_trigger_id, lead_id, event,"
-			   "  mode, outcome, change, actor_id, chain_depth, actions, detail, nactions)"
-			   " VALUES (CASE WHEN $1 > 0 THEN $1 END, CASE WHEN $1 < 0 THEN -$1 END, $3, $4,"
-			   "  CASE WHEN $5 = 'test' THEN 'test' ELSE 'live' END, $5, $6, $7, $8,"
-			   "  coalesce($9::jsonb, '[]'), $2, $10)",
-			   10, types);
-	memset(nulls, ' ', sizeof(nulls));
-	args[0] = Int32GetDatum(id);
-	args[1] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
-	nulls[1] = detail ? ' ' : 'n';
-	args[2] = Int64GetDatum(lead->id);
-	args[3] = CStringGetTextDatum(event);
-	args[4] = CStringGetTextDatum(outcome);
+	memset(nulls, false, sizeof(nulls));
+	values[0] = Int32GetDatum(id);
+	nulls[0] = id <= 0;
+	values[1] = Int32GetDatum(-id);
+	nulls[1] = id >= 0;
+	values[2] = Int64GetDatum(lead->id);
+	values[3] = CStringGetTextDatum(event);
+	values[4] = CStringGetTextDatum(strcmp(outcome, "test") == 0 ? "test" : "live");
+	values[5] = CStringGetTextDatum(outcome);
 	if (ev && (ev->old_value || ev->new_value))
 	{
 		JsonbParseState *state = NULL;
@@ -288,17 +311,19 @@ record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 		push_field(&state, "old", ev->old_value);
 		push_field(&state, "new", ev->new_value);
-		args[5] = JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL)));
+		values[6] = JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL)));
 	}
 	else
-		nulls[5] = 'n';
-	args[6] = Int64GetDatum(actor);
-	nulls[6] = actor < 0 ? 'n' : ' ';
-	args[7] = Int32GetDatum(chain_len + 1);
-	args[8] = actions ? CStringGetTextDatum(actions) : (Datum) 0;
-	nulls[8] = actions ? ' ' : 'n';
-	args[9] = Int32GetDatum(nactions);
-	nocrm_exec_plan(plan_record_run, args, nulls, SPI_OK_INSERT, "recording an automation run failed");
+		nulls[6] = true;
+	values[7] = Int64GetDatum(actor);
+	nulls[7] = actor < 0;
+	values[8] = Int32GetDatum(chain_len + 1);
+	values[9] = DirectFunctionCall1(jsonb_in, CStringGetDatum(actions ? actions : "[]"));
+	values[10] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
+	nulls[10] = detail == NULL;
+	values[11] = Int32GetDatum(nactions);
+	values[12] = TimestampTzGetDatum(GetCurrentTimestamp());
+	nocrm_buffer_row(&runs_buffer, values, nulls);
 }
 
 static void
@@ -392,7 +417,7 @@ nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead, RaisedE
 {
 	run_actions_logged(rule, action, 1, lead, ev);
 	/* No outer statement will write round-robin counts for us. */
-	nocrm_assign_flush();
+	nocrm_flush_writes();
 }
 
 /*
@@ -428,7 +453,9 @@ run_stage_triggers(LeadState *lead, LeadState **current, LeadState *changed_lead
 {
 	if (lead->deleted || !nocrm_stage_triggers_exist())
 		return stale;
-	if (stale || !*locked)
+	if (!stale && !*locked && lead->latest_locked)
+		*locked = true;
+	else if (stale || !*locked)
 	{
 		if (!(*locked ? nocrm_lead_fetch(lead->id, changed_lead)
 			  : nocrm_lead_fetch_locked(lead->id, changed_lead)))
@@ -489,7 +516,9 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 		 * its row lock, so a concurrent change cannot slip in between the
 		 * check and the actions.
 		 */
-		if (!locked && !lead->deleted)
+		if (!locked && !lead->deleted && lead->latest_locked && !stale)
+			locked = true;
+		else if (!locked && !lead->deleted)
 		{
 			if (!nocrm_lead_fetch_locked(lead->id, &changed_lead))
 				return;			/* deleted meanwhile */

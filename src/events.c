@@ -347,6 +347,12 @@ nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
 								&oldlead, &lead, events);
 	}
 
+	/*
+	 * An inserted or updated row is its lead's latest version, and this
+	 * transaction holds its row lock: other rows' automations, which fire
+	 * first, only change their own leads.
+	 */
+	lead.latest_locked = !lead.deleted;
 	if (nevents > 0)
 		nocrm_dispatch(&lead, events, nevents);
 	SPI_finish();

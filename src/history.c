@@ -5,6 +5,7 @@
 
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
+#include "utils/timestamp.h"
 
 /* {"key": value} */
 static Jsonb *
@@ -50,53 +51,52 @@ nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull)
 	return jsonb_pair(key, &v);
 }
 
+static WriteBuffer history_buffer = {
+	.what = "writing lead history failed",
+	.sql = "INSERT INTO nocrm.lead_history (lead_id, event, actor_id, automation_id,"
+	"  stage_trigger_id, chain_depth, old_value, new_value, detail, created_at)"
+	" SELECT r.lead_id, r.event, r.actor_id, r.automation_id, r.stage_trigger_id,"
+	"        r.chain_depth, r.old_value, r.new_value, r.detail, r.created_at"
+	"   FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) WITH ORDINALITY"
+	"        AS r(lead_id, event, actor_id, automation_id, stage_trigger_id, chain_depth,"
+	"             old_value, new_value, detail, created_at, ord)"
+	"  ORDER BY r.ord",
+	.ncols = 10,
+	.types = {INT8OID, TEXTOID, INT8OID, INT4OID, INT4OID, INT4OID, JSONBOID, JSONBOID, TEXTOID,
+	TIMESTAMPTZOID},
+};
+
 /*
- * Appends one history row.  The actor and chain come from the dispatcher:
- * inside an automation's chain the actor is the Butler.  automation_id is
- * an automation (> 0), a stage trigger (< 0, minus its id) or none (0).
+ * Appends one history row (written in a batch, see writebuf.c).  The actor
+ * and chain come from the dispatcher: inside an automation's chain the
+ * actor is the Butler.  automation_id is an automation (> 0), a stage
+ * trigger (< 0, minus its id) or none (0).
  */
 void
 nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 			  Jsonb *old_value, Jsonb *new_value, const char *detail)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid			types[9] = {INT8OID, TEXTOID, INT8OID, INT4OID, INT4OID,
-	JSONBOID, JSONBOID, TEXTOID, INT4OID};
-	Datum		args[9];
-	char		nulls[9];
-	int64		actor;
+	Datum		values[10];
+	bool		nulls[10];
+	int64		actor = nocrm_current_actor();
 
-	nocrm_plan(&plan,
-			   "INSERT INTO nocrm.lead_history"
-			   " (lead_id, event, actor_id, automation_id, chain_depth, old_value, new_value, detail,"
-			   "  stage_trigger_id)"
-			   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-			   9, types);
-
-	memset(nulls, ' ', sizeof(nulls));
-	actor = nocrm_current_actor();
-	args[0] = Int64GetDatum(lead_id);
-	args[1] = CStringGetTextDatum(event);
-	args[2] = Int64GetDatum(actor);
-	if (actor < 0)
-		nulls[2] = 'n';
-	/* automation_id < 0 names a stage trigger (the chain's convention). */
-	args[3] = Int32GetDatum(automation_id);
-	if (automation_id <= 0)
-		nulls[3] = 'n';
-	args[8] = Int32GetDatum(-automation_id);
-	if (automation_id >= 0)
-		nulls[8] = 'n';
-	args[4] = Int32GetDatum(nocrm_chain_depth());
-	args[5] = old_value ? JsonbPGetDatum(old_value) : (Datum) 0;
-	if (old_value == NULL)
-		nulls[5] = 'n';
-	args[6] = new_value ? JsonbPGetDatum(new_value) : (Datum) 0;
-	if (new_value == NULL)
-		nulls[6] = 'n';
-	args[7] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
-	if (detail == NULL)
-		nulls[7] = 'n';
-
-	nocrm_exec_plan(plan, args, nulls, SPI_OK_INSERT, "writing lead history failed");
+	memset(nulls, false, sizeof(nulls));
+	values[0] = Int64GetDatum(lead_id);
+	values[1] = CStringGetTextDatum(event);
+	values[2] = Int64GetDatum(actor);
+	nulls[2] = actor < 0;
+	values[3] = Int32GetDatum(automation_id);
+	nulls[3] = automation_id <= 0;
+	values[4] = Int32GetDatum(-automation_id);
+	nulls[4] = automation_id >= 0;
+	values[5] = Int32GetDatum(nocrm_chain_depth());
+	values[6] = JsonbPGetDatum(old_value);
+	nulls[6] = old_value == NULL;
+	values[7] = JsonbPGetDatum(new_value);
+	nulls[7] = new_value == NULL;
+	values[8] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
+	nulls[8] = detail == NULL;
+	/* when it happened, not when the batch is written */
+	values[9] = TimestampTzGetDatum(GetCurrentTimestamp());
+	nocrm_buffer_row(&history_buffer, values, nulls);
 }

@@ -137,6 +137,7 @@ typedef struct LeadState
 	const char *contact_email;
 	bool		deleted;
 	Jsonb	   *snapshot;		/* the row as JSON, for a deleted lead's placeholders */
+	bool		latest_locked;	/* the row this transaction just wrote: latest, locked */
 } LeadState;
 
 /* A raised event with what changed, for history and matching. */
@@ -275,6 +276,32 @@ extern StageVerdict *nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int 
 /* gate.c: which row changes need the event triggers at all */
 extern void nocrm_gate_caches_ready(bool rules);
 
+/* writebuf.c: rows written in batches */
+#define WRITEBUF_MAX_COLS	16
+typedef struct WriteBuffer
+{
+	const char *what;			/* for the error message */
+	const char *sql;			/* INSERT ... FROM unnest($1, $2, ...) */
+	int			ncols;
+	Oid			types[WRITEBUF_MAX_COLS];	/* element types */
+	/* set up on first use */
+	bool		registered;
+	int16		typlen[WRITEBUF_MAX_COLS];
+	bool		typbyval[WRITEBUF_MAX_COLS];
+	char		typalign[WRITEBUF_MAX_COLS];
+	SPIPlanPtr	plan;
+	int			n;
+	int			cap;
+	Datum	   *values;
+	bool	   *nulls;
+	SubTransactionId *subids;
+} WriteBuffer;
+extern void nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls);
+extern void nocrm_buffers_flush(void);
+extern void nocrm_buffers_xact_end(void);
+extern void nocrm_buffers_subxact_abort(SubTransactionId subid);
+extern int	nocrm_buffered_rows(void);
+
 /* history.c */
 extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 						  Jsonb *old_value, Jsonb *new_value, const char *detail);
@@ -289,7 +316,7 @@ extern void nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead,
 extern void nocrm_assign_subxact_abort(SubTransactionId subid);
 extern void nocrm_assign_subxact_commit(SubTransactionId subid, SubTransactionId parent);
 extern void nocrm_assign_xact_end(void);
-extern void nocrm_assign_flush(void);
+extern void nocrm_flush_writes(void);
 extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead,
 								 bool *found, bool *fallback);
 

@@ -519,7 +519,7 @@ nocrm_fire_trigger(PG_FUNCTION_ARGS)
 		nocrm_history(lead_id, "custom_trigger", 0, NULL, nocrm_jsonb_pair("code", code), NULL);
 	if (nocrm_automations_enabled)
 		moved = nocrm_stage_triggers(&lead, NULL, code);
-	nocrm_assign_flush();
+	nocrm_flush_writes();
 	SPI_finish();
 	PG_RETURN_BOOL(moved);
 }

@@ -1,0 +1,182 @@
+/*
+ * writebuf.c — rows of history, the run log and notifications, written in
+ * batches.
+ *
+ * A bulk statement raises thousands of events; one INSERT per history row
+ * costs more than the event.  Rows are kept in memory and written by one
+ * INSERT ... SELECT FROM unnest(...) per table: at the end of each
+ * outermost statement on the event tables (the statement trigger), at the
+ * end of fire_trigger() and of each delayed action, and whenever
+ * BUFFER_LIMIT rows are waiting.  Rows keep the order they were made in.
+ * A rolled-back subtransaction takes its rows with it.
+ */
+#include "nocrm.h"
+
+#include "access/xact.h"
+#include "utils/array.h"
+#include "utils/datum.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+
+#define BUFFER_LIMIT	10000	/* rows across all buffers before a flush */
+
+static MemoryContext buffer_context = NULL;	/* child of TopTransactionContext */
+static WriteBuffer *registered[8];
+static int	nregistered = 0;
+static int	total_rows = 0;
+
+static void
+buffer_reset(WriteBuffer *buf)
+{
+	buf->n = buf->cap = 0;
+	buf->values = NULL;
+	buf->nulls = NULL;
+	buf->subids = NULL;
+}
+
+/* Appends one row; values are copied.  May flush (needs no SPI connection). */
+void
+nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls)
+{
+	MemoryContext old;
+
+	if (buffer_context == NULL)
+	{
+		buffer_context = AllocSetContextCreate(TopTransactionContext, "nocrm write buffers",
+											   ALLOCSET_DEFAULT_SIZES);
+		for (int i = 0; i < nregistered; i++)
+			buffer_reset(registered[i]);
+	}
+	if (!buf->registered)
+	{
+		if (nregistered >= lengthof(registered))
+			elog(ERROR, "too many write buffers");
+		registered[nregistered++] = buf;
+		buf->registered = true;
+		buffer_reset(buf);
+		for (int c = 0; c < buf->ncols; c++)
+			get_typlenbyvalalign(buf->types[c], &buf->typlen[c], &buf->typbyval[c],
+								 &buf->typalign[c]);
+	}
+	old = MemoryContextSwitchTo(buffer_context);
+	if (buf->n == buf->cap)
+	{
+		buf->cap = buf->cap ? buf->cap * 2 : 64;
+		buf->values = buf->values ? repalloc(buf->values, sizeof(Datum) * buf->cap * buf->ncols)
+			: palloc(sizeof(Datum) * buf->cap * buf->ncols);
+		buf->nulls = buf->nulls ? repalloc(buf->nulls, sizeof(bool) * buf->cap * buf->ncols)
+			: palloc(sizeof(bool) * buf->cap * buf->ncols);
+		buf->subids = buf->subids ? repalloc(buf->subids, sizeof(SubTransactionId) * buf->cap)
+			: palloc(sizeof(SubTransactionId) * buf->cap);
+	}
+	for (int c = 0; c < buf->ncols; c++)
+	{
+		int			i = buf->n * buf->ncols + c;
+
+		buf->nulls[i] = nulls[c];
+		buf->values[i] = nulls[c] ? (Datum) 0
+			: datumCopy(values[c], buf->typbyval[c], buf->typlen[c]);
+	}
+	buf->subids[buf->n++] = GetCurrentSubTransactionId();
+	MemoryContextSwitchTo(old);
+	if (++total_rows >= BUFFER_LIMIT)
+		nocrm_buffers_flush();
+}
+
+static void
+flush_one(WriteBuffer *buf)
+{
+	Datum	   *args = palloc(sizeof(Datum) * buf->ncols);
+	Oid		   *argtypes = palloc(sizeof(Oid) * buf->ncols);
+	int			dims[1] = {buf->n};
+	int			lbs[1] = {1};
+
+	for (int c = 0; c < buf->ncols; c++)
+	{
+		Datum	   *col = palloc(sizeof(Datum) * buf->n);
+		bool	   *colnulls = palloc(sizeof(bool) * buf->n);
+
+		for (int r = 0; r < buf->n; r++)
+		{
+			col[r] = buf->values[r * buf->ncols + c];
+			colnulls[r] = buf->nulls[r * buf->ncols + c];
+		}
+		argtypes[c] = get_array_type(buf->types[c]);
+		args[c] = PointerGetDatum(construct_md_array(col, colnulls, 1, dims, lbs, buf->types[c],
+													 buf->typlen[c], buf->typbyval[c],
+													 buf->typalign[c]));
+	}
+	nocrm_plan(&buf->plan, buf->sql, buf->ncols, argtypes);
+	nocrm_exec_plan(buf->plan, args, NULL, SPI_OK_INSERT, buf->what);
+}
+
+/* Writes every waiting row. */
+void
+nocrm_buffers_flush(void)
+{
+	bool		any = false;
+
+	for (int i = 0; i < nregistered; i++)
+		any |= registered[i]->n > 0;
+	if (!any)
+		return;
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	for (int i = 0; i < nregistered; i++)
+	{
+		WriteBuffer *buf = registered[i];
+
+		if (buf->n == 0)
+			continue;
+		flush_one(buf);
+		buffer_reset(buf);
+	}
+	SPI_finish();
+	total_rows = 0;
+	MemoryContextReset(buffer_context);
+}
+
+/* The transaction is over: its memory (and the rows) went with it. */
+void
+nocrm_buffers_xact_end(void)
+{
+	buffer_context = NULL;
+	total_rows = 0;
+	for (int i = 0; i < nregistered; i++)
+		buffer_reset(registered[i]);
+}
+
+/* Drops the rows written since subtransaction subid began. */
+void
+nocrm_buffers_subxact_abort(SubTransactionId subid)
+{
+	for (int i = 0; i < nregistered; i++)
+	{
+		WriteBuffer *buf = registered[i];
+		int			kept = 0;
+
+		for (int r = 0; r < buf->n; r++)
+		{
+			if (buf->subids[r] >= subid)
+				continue;
+			if (kept != r)
+			{
+				memcpy(&buf->values[kept * buf->ncols], &buf->values[r * buf->ncols],
+					   sizeof(Datum) * buf->ncols);
+				memcpy(&buf->nulls[kept * buf->ncols], &buf->nulls[r * buf->ncols],
+					   sizeof(bool) * buf->ncols);
+				buf->subids[kept] = buf->subids[r];
+			}
+			kept++;
+		}
+		total_rows -= buf->n - kept;
+		buf->n = kept;
+	}
+}
+
+/* Rows waiting in all buffers (for tests and the flush trigger). */
+int
+nocrm_buffered_rows(void)
+{
+	return total_rows;
+}

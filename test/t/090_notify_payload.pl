@@ -1,0 +1,44 @@
+# The NOTIFY sent for a browser notification: one per notification, at
+# commit, with the row's id and a JSON payload (message clipped to 1,000
+# characters); none for a rolled-back transaction.  Checked from a psql
+# session that LISTENs (psql prints notifications with the sender's pid,
+# which a pg_regress expected file cannot hold).
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = PostgreSQL::Test::Cluster->new('notify');
+$node->init;
+$node->start;
+$node->safe_psql('postgres', q{
+	CREATE EXTENSION nocrm_automation;
+	INSERT INTO nocrm.users (name, email) VALUES ('Anna', 'anna@example.com');
+	SELECT nocrm.create_automation(name => 'tell Anna', event => 'lead.creation',
+	  actions => '[{"type": "notify", "user": "anna@example.com", "message": "New: {{lead.title}}"}]');
+});
+
+my $out = $node->safe_psql('postgres', q{
+	LISTEN nocrm_notifications;
+	INSERT INTO nocrm.leads (id, title) VALUES (7, 'Quote "A" — ünïcode');
+	BEGIN;
+	INSERT INTO nocrm.leads (id, title) VALUES (8, 'Never');
+	ROLLBACK;
+	INSERT INTO nocrm.leads (id, title) VALUES (9, repeat('é', 1200));
+});
+my @payloads = $out =~ /Asynchronous notification "nocrm_notifications" with payload "(.*)" received/g;
+is(scalar @payloads, 2, 'two notifications: none for the rolled-back lead') or diag $out;
+
+my ($first_id, $second_id) = split /\n/,
+  $node->safe_psql('postgres', 'SELECT id FROM nocrm.notifications ORDER BY id');
+is($payloads[0],
+	qq({"id" : $first_id, "user_id" : 1, "lead_id" : 7, "automation_id" : 1, "message" : "New: Quote \\"A\\" — ünïcode", "truncated" : false}),
+	'the payload names the row, as json_build_object would write it');
+like($payloads[1], qr/^\{"id" : $second_id, "user_id" : 1, "lead_id" : 9, "automation_id" : 1, "message" : "New: (é){995}", "truncated" : true\}$/,
+	'a long message is clipped to 1,000 characters, whole characters, and flagged');
+is($node->safe_psql('postgres', 'SELECT length(message) FROM nocrm.notifications WHERE lead_id = 9'),
+	'1205', 'the row keeps the whole message');
+
+$node->stop;
+done_testing();
