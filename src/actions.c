@@ -13,6 +13,7 @@
 #include "commands/async.h"
 #include "commands/sequence.h"
 #include "mb/pg_wchar.h"
+#include "storage/proc.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "utils/builtins.h"
@@ -324,8 +325,11 @@ payload_json(const char *const *keys, const char *const *values, int n)
 	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
 }
 
+static void notify_in_bulk(WriteBuffer *buf);
+
 static WriteBuffer notifications_buffer = {
 	.what = "writing notifications failed",
+	.before_write = notify_in_bulk,
 	.sql = "INSERT INTO nocrm.notifications (id, user_id, lead_id, automation_id, message)"
 	" SELECT r.id, r.user_id, r.lead_id, r.automation_id, r.message"
 	"   FROM unnest($1, $2, $3, $4, $5) AS r(id, user_id, lead_id, automation_id, message)"
@@ -354,8 +358,66 @@ notifications_sequence(void)
 }
 
 /*
+ * A transaction sends its first NOTIFY_EACH notifications one NOTIFY each;
+ * after that, one NOTIFY per user and batch of writes.  A bulk statement
+ * would otherwise queue a NOTIFY per lead: memory until commit (about
+ * 400 bytes each) and a flood for every listener.
+ */
+#define NOTIFY_EACH		1000
+
+static LocalTransactionId notify_xact = InvalidLocalTransactionId;
+static int	notified_each = 0;
+static int64 bulk_from_id = PG_INT64_MAX;	/* ids from here on go in bulk */
+
+/* {"user_id" : u, "count" : n, "first_id" : a, "last_id" : b, "bulk" : true} per user */
+static void
+notify_in_bulk(WriteBuffer *buf)
+{
+	int			n = 0;
+	int64	   *users = palloc(sizeof(int64) * buf->n);
+
+	if (notify_xact != MyProc->lxid)
+		return;
+	for (int r = 0; r < buf->n; r++)
+	{
+		int64		id = DatumGetInt64(buf->values[r * buf->ncols]);
+		int64		user = DatumGetInt64(buf->values[r * buf->ncols + 1]);
+		bool		seen = false;
+
+		if (id < bulk_from_id)
+			continue;
+		for (int u = 0; u < n && !seen; u++)
+			seen = users[u] == user;
+		if (!seen)
+			users[n++] = user;
+	}
+	for (int u = 0; u < n; u++)
+	{
+		int64		count = 0,
+					first = PG_INT64_MAX,
+					last = 0;
+
+		for (int r = 0; r < buf->n; r++)
+		{
+			int64		id = DatumGetInt64(buf->values[r * buf->ncols]);
+
+			if (id < bulk_from_id || DatumGetInt64(buf->values[r * buf->ncols + 1]) != users[u])
+				continue;
+			count++;
+			first = Min(first, id);
+			last = Max(last, id);
+		}
+		Async_Notify("nocrm_notifications",
+					 psprintf("{\"user_id\" : " INT64_FORMAT ", \"count\" : " INT64_FORMAT
+							  ", \"first_id\" : " INT64_FORMAT ", \"last_id\" : " INT64_FORMAT
+							  ", \"bulk\" : true}", users[u], count, first, last));
+	}
+}
+
+/*
  * A browser notification: its id now, its row with the next batch of
- * writes, its NOTIFY at commit (as pg_notify would send it).
+ * writes, its NOTIFY at commit (as pg_notify would send it; in bulk after
+ * the first NOTIFY_EACH of the transaction).
  */
 static int64
 browser_notification(int64 user_id, int64 lead_id, int32 automation_id, const char *message)
@@ -368,6 +430,19 @@ browser_notification(int64 user_id, int64 lead_id, int32 automation_id, const ch
 	bool		truncated = pg_mbstrlen(message) > 1000;
 	StringInfoData payload;
 
+	if (notify_xact != MyProc->lxid)
+	{
+		notify_xact = MyProc->lxid;
+		notified_each = 0;
+		bulk_from_id = PG_INT64_MAX;
+	}
+	if (notified_each >= NOTIFY_EACH)
+	{
+		bulk_from_id = Min(bulk_from_id, id);
+		nocrm_buffer_row(&notifications_buffer, values, nulls);
+		return id;
+	}
+	notified_each++;
 	nocrm_buffer_row(&notifications_buffer, values, nulls);
 
 	initStringInfo(&payload);

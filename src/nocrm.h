@@ -282,6 +282,7 @@ typedef struct WriteBuffer
 {
 	const char *what;			/* for the error message */
 	const char *sql;			/* INSERT ... FROM unnest($1, $2, ...) */
+	void		(*before_write) (struct WriteBuffer *buf);	/* optional */
 	int			ncols;
 	Oid			types[WRITEBUF_MAX_COLS];	/* element types */
 	/* set up on first use */

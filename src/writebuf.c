@@ -106,6 +106,8 @@ flush_one(WriteBuffer *buf)
 													 buf->typlen[c], buf->typbyval[c],
 													 buf->typalign[c]));
 	}
+	if (buf->before_write)
+		buf->before_write(buf);
 	nocrm_plan(&buf->plan, buf->sql, buf->ncols, argtypes);
 	nocrm_exec_plan(buf->plan, args, NULL, SPI_OK_INSERT, buf->what);
 }
