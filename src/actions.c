@@ -456,44 +456,112 @@ browser_notification(int64 user_id, int64 lead_id, int32 automation_id, const ch
 	return id;
 }
 
-/* The notify message with its {{placeholders}} filled in, as of now. */
-static const char *
-render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev, int64 user_id)
+static void
+push_key(JsonbParseState **state, const char *key)
+{
+	JsonbValue	k;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	pushJsonbValue(state, WJB_KEY, &k);
+}
+
+static void
+push_string(JsonbParseState **state, const char *key, const char *value)
+{
+	JsonbValue	v;
+
+	push_key(state, key);
+	v.type = value ? jbvString : jbvNull;
+	if (value)
+	{
+		v.val.string.val = (char *) value;
+		v.val.string.len = strlen(value);
+	}
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
+static void
+push_int64(JsonbParseState **state, const char *key, int64 value)
+{
+	JsonbValue	v;
+
+	push_key(state, key);
+	v.type = jbvNumeric;
+	v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric, Int64GetDatum(value)));
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
+/* Every placeholder value, from the lead as it is in the table now (one query). */
+static Jsonb *
+full_context(Rule *rule, LeadState *lead, RaisedEvent *ev, int64 user_id)
 {
 	JsonbParseState *state = NULL;
-	JsonbValue	k,
-				v;
 	Jsonb	   *payload;
-	Jsonb	   *context;
-	char	   *message;
-	int			len;
 
-	if (strstr(action->text, "{{") == NULL)
-		return action->text;
 	/* payload {"user_id": user, "lead": snapshot of a deleted lead} */
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	k.type = jbvString;
-	k.val.string.val = "user_id";
-	k.val.string.len = 7;
-	pushJsonbValue(&state, WJB_KEY, &k);
-	v.type = jbvNumeric;
-	v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric, Int64GetDatum(user_id)));
-	pushJsonbValue(&state, WJB_VALUE, &v);
+	push_int64(&state, "user_id", user_id);
 	if (lead->snapshot)
 	{
-		k.val.string.val = "lead";
-		k.val.string.len = 4;
-		pushJsonbValue(&state, WJB_KEY, &k);
+		JsonbValue	v;
+
+		push_key(&state, "lead");
 		v.type = jbvBinary;
 		v.val.binary.data = &lead->snapshot->root;
 		v.val.binary.len = VARSIZE(lead->snapshot) - VARHDRSZ;
 		pushJsonbValue(&state, WJB_VALUE, &v);
 	}
 	payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
-	context = nocrm_template_context(Int64GetDatum(lead->id), false, JsonbPGetDatum(payload), false,
-									 Int32GetDatum(rule->id), false,
-									 CStringGetTextDatum(nocrm_event_names[ev->event]), false,
-									 false);
+	return nocrm_template_context(Int64GetDatum(lead->id), false, JsonbPGetDatum(payload), false,
+								  Int32GetDatum(rule->id), false,
+								  CStringGetTextDatum(nocrm_event_names[ev->event]), false,
+								  false);
+}
+
+/* The placeholders the lead's own columns answer: what most messages use. */
+static Jsonb *
+lead_local_context(Rule *rule, LeadState *lead, RaisedEvent *ev)
+{
+	JsonbParseState *state = NULL;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	push_int64(&state, "lead.id", lead->id);
+	push_string(&state, "lead.title", lead->title);
+	push_string(&state, "lead.status", lead->status_text);
+	push_string(&state, "lead.contact_email", lead->contact_email);
+	push_string(&state, "event", nocrm_event_names[ev->event]);
+	push_string(&state, "automation.name", rule->name);
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
+/*
+ * Is the lead state the dispatcher passed still the lead's row?  Only for
+ * a rule's first action: the dispatcher re-reads the lead between rules,
+ * and any earlier action (even a tag, through a chained automation) may
+ * have changed it since.
+ */
+static bool
+lead_is_current(Rule *rule, RuleAction *action, LeadState *lead)
+{
+	return !lead->deleted && rule->nactions > 0 && action == &rule->actions[0];
+}
+
+/* The notify message with its {{placeholders}} filled in, as of now. */
+static const char *
+render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev, int64 user_id)
+{
+	Jsonb	   *context;
+	char	   *message;
+	int			len;
+
+	if (strstr(action->text, "{{") == NULL)
+		return action->text;
+	if (lead_is_current(rule, action, lead) && nocrm_placeholders_lead_local(action->text))
+		context = lead_local_context(rule, lead, ev);
+	else
+		context = full_context(rule, lead, ev, user_id);
 	message = nocrm_render(action->text, context);
 	/* Lead data can make it long: keep it within a pg_notify payload, whole characters only. */
 	len = strlen(message);

@@ -324,6 +324,7 @@ extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead
 /* templates.c */
 extern char *nocrm_render(const char *text, Jsonb *context);
 extern char *nocrm_unknown_placeholder(const char *text, bool *unclosed);
+extern bool nocrm_placeholders_lead_local(const char *text);
 extern Jsonb *nocrm_template_context(Datum lead_id, bool lead_null, Datum payload, bool payload_null,
 									 Datum automation_id, bool automation_null,
 									 Datum event, bool event_null, bool read_only);

@@ -98,6 +98,35 @@ nocrm_unknown_placeholder(const char *text, bool *unclosed)
 	return NULL;
 }
 
+/* Placeholders the lead's own row and the rule answer, without a query. */
+static const char *const lead_local_placeholders[] = {
+	"lead.id", "lead.title", "lead.status", "lead.contact_email", "event", "automation.name", NULL
+};
+
+/* Does the text use only lead_local_placeholders (or none)? */
+bool
+nocrm_placeholders_lead_local(const char *text)
+{
+	const char *pos = text;
+	const char *start,
+			   *end,
+			   *name;
+	int			namelen;
+	bool		unclosed;
+
+	while (next_placeholder(text, &pos, &start, &end, &name, &namelen, &unclosed))
+	{
+		bool		local = false;
+
+		for (int i = 0; lead_local_placeholders[i] && !local; i++)
+			local = strlen(lead_local_placeholders[i]) == namelen &&
+				strncmp(lead_local_placeholders[i], name, namelen) == 0;
+		if (!local)
+			return false;
+	}
+	return true;
+}
+
 static void
 check_template_text(const char *template_name, const char *field, const char *text)
 {

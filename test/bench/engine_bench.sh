@@ -267,6 +267,11 @@ UPDATE nocrm.leads SET status = 'won';
 SELECT pg_backend_pid() AS bpid \gset
 \setenv BPID :bpid
 SELECT count(*) FROM nocrm.leads;
+-- warm-up, not timed: a long-lived backend has its rule cache, plans and
+-- PL/pgSQL functions loaded; a new connection pays for that once.
+BEGIN;
+INSERT INTO nocrm.leads (title, pipeline_id, contact_email) VALUES ('warm-up', $pipe, 'warm@bench.test');
+ROLLBACK;
 \! bash $WORK/sample_mem.sh \$BPID $RUN $SAMPLE_MS </dev/null >/dev/null 2>>$WORK/sampler.err &
 \! while [ ! -e $RUN/mem.started ]; do sleep 0.01; done
 \! date +%s.%N > $RUN/t0
@@ -378,19 +383,23 @@ pgb as_engine_8    engine  assign insert_only 8
 
 # rule cache size after a forced load (a lead inserted and rolled back)
 set_variant engine
-declare -A CACHE
+declare -A CACHE CLOAD
 CACHE_RULES="10:other10 1000:nomatch1000 10000:other10000"
 for nr in $CACHE_RULES; do
     n=${nr%%:*}
     load_rules "${nr#*:}"
-    CACHE[$n]=$(psql_ <<'EOF' | tail -n1
+    # the first statement of a new backend loads the cache: timed here, apart
+    read -r CACHE[$n] CLOAD[$n] < <(psql_ <<'EOF' | tail -n1
+SELECT clock_timestamp() AS t0 \gset
 BEGIN;
 INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('cache load', 3);
 ROLLBACK;
-SELECT coalesce(sum(total_bytes), 0) FROM pg_backend_memory_contexts WHERE name = 'nocrm rule cache';
+SELECT coalesce(sum(total_bytes), 0) || ' ' ||
+       round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz)::numeric * 1000)
+  FROM pg_backend_memory_contexts WHERE name = 'nocrm rule cache';
 EOF
 )
-    log "rule cache with $n rules: ${CACHE[$n]} bytes"
+    log "rule cache with $n rules: ${CACHE[$n]} bytes, first statement ${CLOAD[$n]} ms"
 done
 
 # ---------------------------------------------------------------- report ---
@@ -476,11 +485,14 @@ B_INS=$(m ins,bare); B_UPD=$(m upd,bare)
     echo
     echo "## Rule cache (pg_backend_memory_contexts, 'nocrm rule cache', after a forced load)"
     echo
-    echo "| enabled rules | bytes |"
-    echo "|---:|---:|"
-    echo "| 10 (other events) | ${CACHE[10]} |"
-    echo "| 1,000 (mixed, as in (c)) | ${CACHE[1000]} |"
-    echo "| 10,000 (other events) | ${CACHE[10000]} |"
+    echo "| enabled rules | bytes | first statement of a new backend (loads the cache) |"
+    echo "|---:|---:|---:|"
+    echo "| 10 (other events) | ${CACHE[10]} | ${CLOAD[10]} ms |"
+    echo "| 1,000 (mixed, as in (c)) | ${CACHE[1000]} | ${CLOAD[1000]} ms |"
+    echo "| 10,000 (other events) | ${CACHE[10000]} | ${CLOAD[10000]} ms |"
+    echo
+    echo "Bulk timings above are taken after a rolled-back warm-up insert in the same session (a pooled"
+    echo "backend has its cache loaded); this table shows what the first statement of a new backend pays."
     echo
     echo "## Goals"
     echo
