@@ -68,6 +68,23 @@ exec_one(SPIPlanPtr plan, Datum *args, const char *nulls, Datum *result, bool *i
 	return true;
 }
 
+static bool lead_is_current(Rule *rule, RuleAction *action, LeadState *lead);
+
+/*
+ * The lead as it is now: the dispatcher's state for a rule's first action,
+ * else read again.  False if it is gone.
+ */
+static bool
+lead_now(Rule *rule, RuleAction *action, LeadState *lead, LeadState *current)
+{
+	if (lead_is_current(rule, action, lead))
+	{
+		*current = *lead;
+		return true;
+	}
+	return nocrm_lead_fetch(lead->id, current);
+}
+
 static bool
 user_is_active(int64 user_id)
 {
@@ -87,7 +104,7 @@ assign_to(Rule *rule, RuleAction *action, LeadState *lead, int64 user_id)
 	Datum		args[2] = {Int64GetDatum(lead->id), Int64GetDatum(user_id)};
 	LeadState	current;
 
-	if (!nocrm_lead_fetch(lead->id, &current))
+	if (!lead_now(rule, action, lead, &current))
 		return;
 	if (current.has_owner && current.owner_id == user_id)
 	{
@@ -157,7 +174,7 @@ set_status(Rule *rule, RuleAction *action, LeadState *lead)
 	Datum		args[2] = {Int64GetDatum(lead->id), CStringGetTextDatum(action->status)};
 	LeadState	current;
 
-	if (!nocrm_lead_fetch(lead->id, &current))
+	if (!lead_now(rule, action, lead, &current))
 		return;
 	if (strcmp(current.status_text, action->status) == 0)
 	{
@@ -183,7 +200,7 @@ set_step(Rule *rule, RuleAction *action, LeadState *lead)
 	Datum		step;
 	bool		isnull;
 
-	if (!nocrm_lead_fetch(lead->id, &current))
+	if (!lead_now(rule, action, lead, &current))
 		return;
 	/* By id: that step, in whatever pipeline.  By name: within the lead's pipeline. */
 	args[0] = Int64GetDatum(current.pipeline_id);

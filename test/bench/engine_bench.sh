@@ -71,6 +71,10 @@ for v in PGB_T REPEATS PGB_ROWS SAMPLE_MS MILLION_ROWS; do
 done
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=server.sh
+. "$HERE/server.sh"
+# shellcheck source=rulesets.sh
+. "$HERE/rulesets.sh"
 ROOT="$(cd "$HERE/../.." && pwd)"
 T_START=$(date +%s)
 die() { echo "engine_bench: $*" >&2; exit 1; }
@@ -97,93 +101,30 @@ psql_() {
 cleanup() {
     local rc=$?
     set +e
-    if [ -f "$PGDATA/postmaster.pid" ]; then
-        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null 2>&1 ||
-            runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null 2>&1
-    fi
+    bench_server_stop
     if [ "${KEEP:-0}" = 1 ]; then echo "engine_bench: kept $WORK" >&2; else rm -rf "$WORK"; fi
     exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log "initdb + start PostgreSQL in $WORK (rows=$ROWS, pgbench ${PGB_T}s, repeats=$REPEATS)"
-runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres -E UTF8 \
-    --locale=C --no-instructions >"$WORK/initdb.log" 2>&1 || { cat "$WORK/initdb.log"; die "initdb failed"; }
-cat >>"$PGDATA/postgresql.conf" <<EOF
-# engine_bench.sh — the same for every variant
-listen_addresses = ''
-unix_socket_directories = '$WORK'
+log "settings (rows=$ROWS, pgbench ${PGB_T}s, repeats=$REPEATS)"
+bench_server_start "engine_bench.sh — the same for every variant" <<EOF
 max_connections = 30
 shared_buffers = 256MB
 max_wal_size = 4GB
 checkpoint_timeout = 30min
 synchronous_commit = on
 EOF
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgres.log" -w start >/dev/null ||
-    { tail -n 30 "$WORK/postgres.log"; die "PostgreSQL did not start"; }
-runuser -u postgres -- "$PGBIN/createdb" -h "$WORK" bench
 
 psql_ >/dev/null <<EOF
 CREATE EXTENSION nocrm_automation;
-INSERT INTO nocrm.users (name, email) VALUES ('Anna','anna@example.com'),('Matteo','matteo@example.com'),
-  ('Giovanni','giovanni@example.com'),('Sara','sara@example.com');
--- pipeline 1 Vendite (steps 1..3, Preventivo = 3), 2 Onboarding (4, 5), 3 Altro (6)
-INSERT INTO nocrm.pipelines (name) VALUES ('Vendite'), ('Onboarding'), ('Altro');
-INSERT INTO nocrm.steps (pipeline_id, name, position) VALUES (1,'Nuovo',1),(1,'Qualificato',2),(1,'Preventivo',3),
-  (2,'Kickoff',1),(2,'Preventivo',2),(3,'Inizio',1);
-INSERT INTO nocrm.email_templates (name, subject, body) VALUES ('quote_followup','Il suo preventivo: {{lead.title}}','Gentile cliente');
+$BENCH_CRM_SQL
 UPDATE pg_catalog.pg_proc SET probin = '$WORK/lib/nocrm_automation.so' WHERE probin = '\$libdir/nocrm_automation';
 EOF
 psql_ -c "SET client_min_messages = warning" -f "$HERE/plpgsql_rules.sql" >/dev/null
 
-# ------------------------------------------------------------ rule sets ---
-RULES_B="
-SELECT nocrm.create_automation(name=>'notify on creation', event=>'lead.creation',
-  actions=>'[{\"type\":\"notify\",\"user\":\"sara@example.com\",\"message\":\"Nuovo lead: {{lead.title}}\"}]');
-SELECT nocrm.create_automation(name=>'notify on deletion', event=>'lead.deleted',
-  actions=>'[{\"type\":\"notify\",\"user\":\"sara@example.com\",\"message\":\"Lead eliminato: {{lead.title}}\"}]');
-SELECT nocrm.create_automation(name=>'round robin', event=>'lead.creation', conditions=>'{\"pipeline\":\"Vendite\",\"owner\":null}',
-  actions=>'[{\"type\":\"assign_round_robin\",\"users\":[\"anna@example.com\",\"matteo@example.com\",\"giovanni@example.com\"]}]');
-SELECT nocrm.create_automation(name=>'balanced', event=>'lead.creation', conditions=>'{\"pipeline\":\"Onboarding\",\"owner\":null}',
-  actions=>'[{\"type\":\"assign_balanced\",\"users\":[\"anna@example.com\",\"matteo@example.com\",\"giovanni@example.com\"]}]');
-SELECT nocrm.create_automation(name=>'Preventivo', event=>'lead.step.changed.to', target=>'Preventivo', conditions=>'{\"pipeline\":\"Vendite\"}',
-  actions=>'[{\"type\":\"send_email\",\"template\":\"quote_followup\"},{\"type\":\"add_tags\",\"tags\":[\"Preventivo inviato\"]}]');
-SELECT nocrm.create_automation(name=>'won upsell', event=>'lead.status.changed.to', target=>'won',
-  actions=>'[{\"type\":\"add_tags\",\"tags\":[\"Upsell Opportunity\"]}]');
-"
-# N rules on other events (comments, emails, status lost), or on lead.creation
-# with a condition that never holds for the benchmark's leads.
-extra_rules() {  # extra_rules N MODE  (MODE: mixed | other)
-    cat <<EOF
-INSERT INTO nocrm.automations (name, event, target, conditions, actions)
-SELECT 'extra ' || g,
-       CASE WHEN '$2' = 'mixed' AND g % 4 = 0 THEN 'lead.creation'
-            WHEN g % 3 = 0 THEN 'lead.commented' WHEN g % 3 = 1 THEN 'lead.email.received'
-            ELSE 'lead.status.changed.to' END,
-       CASE WHEN ('$2' <> 'mixed' OR g % 4 <> 0) AND g % 3 = 2 THEN 'lost' END,
-       CASE WHEN '$2' = 'mixed' AND g % 4 = 0 THEN '{"pipeline": "Onboarding", "status": "lost"}'::jsonb
-            ELSE '{}'::jsonb END,
-       jsonb_build_array(jsonb_build_object('type', 'add_tags', 'tags', jsonb_build_array('extra ' || g)))
-  FROM generate_series(1, $1) g;
-EOF
-}
-load_rules() {  # load_rules none|b|c|nomatch1000|other10|other10000|rr|assign
-    local sql="SET client_min_messages = warning; TRUNCATE nocrm.automations RESTART IDENTITY CASCADE;"
-    case $1 in
-        none) ;;
-        b) sql+="$RULES_B" ;;
-        c) sql+="$RULES_B $(extra_rules 1000 mixed)" ;;
-        nomatch1000) sql+="$(extra_rules 1000 mixed)" ;;
-        other10) sql+="$(extra_rules 10 other)" ;;
-        other10000) sql+="$(extra_rules 10000 other)" ;;
-        rr) sql+="SELECT nocrm.create_automation(name=>'rr', event=>'lead.creation', conditions=>'{\"pipeline\":\"Vendite\",\"owner\":null}',
-              actions=>'[{\"type\":\"assign_round_robin\",\"users\":[\"anna@example.com\",\"matteo@example.com\",\"giovanni@example.com\"]}]');" ;;
-        assign) sql+="SELECT nocrm.create_automation(name=>'assign', event=>'lead.creation', conditions=>'{\"pipeline\":\"Vendite\",\"owner\":null}',
-              actions=>'[{\"type\":\"assign\",\"user\":\"anna@example.com\"}]');" ;;
-    esac
-    psql_ -c "$sql" >/dev/null
-}
+# rule sets: RULES_B, extra_rules, load_rules (rulesets.sh)
 ALL_TABLES="nocrm.leads nocrm.tags nocrm.comments nocrm.emails"
 set_variant() {  # bare | engine | plpgsql
     local sql=""

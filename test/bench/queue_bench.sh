@@ -28,6 +28,8 @@ N_TP=${N_TP:-10000}
 REPEATS=${REPEATS:-3}
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=server.sh
+. "$HERE/server.sh"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PY=/usr/bin/python3
 UTIL="$HERE/bench_util.py"
@@ -90,10 +92,7 @@ cleanup() {
         psql_ -c "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'bench_drain'" >/dev/null 2>&1
         wait "$DRAIN_BG" 2>/dev/null
     fi
-    if [ -f "$PGDATA/postmaster.pid" ]; then
-        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null 2>&1 ||
-            runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null 2>&1
-    fi
+    bench_server_stop
     if [ -f "$SINKDIR/sink.pid" ]; then
         bash "$SINKCTL" stop "$SINKDIR" >/dev/null 2>&1
     fi
@@ -122,22 +121,13 @@ SMTP_URL="smtp://127.0.0.1:$SMTP_PORT"
 HOOK_URL="http://127.0.0.1:$HTTP_PORT/hook"
 MAIL_FROM="bench@nocrm.test"
 
-log "initdb + start PostgreSQL in $WORK"
-runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres -E UTF8 \
-    --locale=C --no-instructions >"$WORK/initdb.log" 2>&1 || { cat "$WORK/initdb.log"; die "initdb failed"; }
-cat >>"$PGDATA/postgresql.conf" <<EOF
-# queue_bench.sh
-listen_addresses = ''
-unix_socket_directories = '$WORK'
+bench_server_start "queue_bench.sh" <<EOF
 max_connections = 20
 shared_buffers = 256MB
 nocrm.smtp_url = '$SMTP_URL'
 nocrm.smtp_tls = none
 nocrm.mail_from = '$MAIL_FROM'
 EOF
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgres.log" -w start >/dev/null ||
-    { tail -n 30 "$WORK/postgres.log"; die "PostgreSQL did not start"; }
-runuser -u postgres -- "$PGBIN/createdb" -h "$WORK" bench
 
 psql_ >/dev/null <<EOF
 CREATE EXTENSION nocrm_automation;

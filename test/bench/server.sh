@@ -1,0 +1,29 @@
+# server.sh — sourced by the benchmarks: a throwaway PostgreSQL 15 in $WORK,
+# run as the postgres user, unix socket only.  The caller sets PGBIN, WORK
+# and PGDATA and defines die() and log().
+
+# bench_server_start NAME: initdb, start, create database "bench".  Extra
+# postgresql.conf lines (the same for every variant of a run) come on stdin.
+bench_server_start() {
+    log "initdb + start PostgreSQL in $WORK"
+    runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres -E UTF8 \
+        --locale=C --no-instructions >"$WORK/initdb.log" 2>&1 || { cat "$WORK/initdb.log"; die "initdb failed"; }
+    {
+        echo "# $1"
+        echo "listen_addresses = ''"
+        echo "unix_socket_directories = '$WORK'"
+        cat
+    } >>"$PGDATA/postgresql.conf"
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgres.log" -w start >/dev/null ||
+        { tail -n 30 "$WORK/postgres.log"; die "PostgreSQL did not start"; }
+    runuser -u postgres -- "$PGBIN/createdb" -h "$WORK" bench
+}
+
+# bench_server_stop: fast shutdown, immediate if that fails; quiet.
+bench_server_stop() {
+    if [ -f "$PGDATA/postmaster.pid" ]; then
+        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null 2>&1 ||
+            runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null 2>&1
+    fi
+    return 0
+}
