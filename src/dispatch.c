@@ -23,9 +23,18 @@
 static int32 chain[MAX_CHAIN];
 static int	chain_len = 0;
 
-/* The run being recorded: its actions' outcomes, as a JSON array in the making. */
-static StringInfo run_actions = NULL;
-static int	run_nactions = 0;
+/*
+ * The run being recorded: its actions' outcomes, as a JSON array in the
+ * making (in run_context, which outlives the actions' SPI calls).
+ */
+typedef struct RunOutcomes
+{
+	JsonbParseState *state;
+	MemoryContext context;
+	int			nactions;
+} RunOutcomes;
+
+static RunOutcomes *run_outcomes = NULL;
 
 /* The person whose change started the current chain. */
 static int64 root_actor = -1;
@@ -206,17 +215,35 @@ nocrm_actor_known(void)
 		 actor_generation == nocrm_rules_generation());
 }
 
-/* "key": value (a jsonb, or null) into an object being built */
 static void
-push_field(JsonbParseState **state, const char *key, Jsonb *value)
+push_key(JsonbParseState **state, const char *key)
 {
-	JsonbValue	k,
-				v;
+	JsonbValue	k;
 
 	k.type = jbvString;
 	k.val.string.val = (char *) key;
 	k.val.string.len = strlen(key);
 	pushJsonbValue(state, WJB_KEY, &k);
+}
+
+static void
+push_string_value(JsonbParseState **state, const char *value)
+{
+	JsonbValue	v;
+
+	v.type = jbvString;
+	v.val.string.val = (char *) value;
+	v.val.string.len = strlen(value);
+	pushJsonbValue(state, WJB_VALUE, &v);
+}
+
+/* "key": value (a jsonb, or null) into an object being built */
+static void
+push_field(JsonbParseState **state, const char *key, Jsonb *value)
+{
+	JsonbValue	v;
+
+	push_key(state, key);
 	if (value)
 	{
 		v.type = jbvBinary;
@@ -229,34 +256,39 @@ push_field(JsonbParseState **state, const char *key, Jsonb *value)
 }
 
 static void record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
-						  const char *outcome, const char *actions, int nactions,
+						  const char *outcome, Jsonb *actions, int nactions,
 						  const char *detail, int64 actor);
 
 /* Adds one action's outcome to the run being recorded. */
 void
 nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value, const char *detail)
 {
-	StringInfoData item;
+	MemoryContext old;
+	JsonbValue	v;
 
-	if (run_actions == NULL)
+	if (run_outcomes == NULL)
 		return;
-	initStringInfo(&item);
-	appendStringInfo(&item, "{\"no\": %d, \"type\": \"%s\"", action->action_no + 1,
-					 nocrm_action_names[action->kind]);
+	old = MemoryContextSwitchTo(run_outcomes->context);
+	pushJsonbValue(&run_outcomes->state, WJB_BEGIN_OBJECT, NULL);
+	push_key(&run_outcomes->state, "no");
+	v.type = jbvNumeric;
+	v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int4_numeric,
+														Int32GetDatum(action->action_no + 1)));
+	pushJsonbValue(&run_outcomes->state, WJB_VALUE, &v);
+	push_key(&run_outcomes->state, "type");
+	push_string_value(&run_outcomes->state, nocrm_action_names[action->kind]);
 	if (new_value || old_value)
-		appendStringInfo(&item, ", \"result\": %s",
-						 JsonbToCString(NULL, &(new_value ? new_value : old_value)->root, 0));
+		push_field(&run_outcomes->state, "result", new_value ? new_value : old_value);
 	if (new_value && old_value)
-		appendStringInfo(&item, ", \"before\": %s", JsonbToCString(NULL, &old_value->root, 0));
+		push_field(&run_outcomes->state, "before", old_value);
 	if (detail)
 	{
-		appendStringInfoString(&item, ", \"detail\": ");
-		escape_json(&item, detail);
+		push_key(&run_outcomes->state, "detail");
+		push_string_value(&run_outcomes->state, detail);
 	}
-	appendStringInfoChar(&item, '}');
-	appendStringInfoString(run_actions, run_actions->len > 1 ? ", " : "");
-	appendStringInfoString(run_actions, item.data);
-	run_nactions++;
+	pushJsonbValue(&run_outcomes->state, WJB_END_OBJECT, NULL);
+	run_outcomes->nactions++;
+	MemoryContextSwitchTo(old);
 }
 
 /*
@@ -267,7 +299,9 @@ void
 nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 					const char *outcome, const char *actions, int nactions, const char *detail)
 {
-	record_run_as(id, lead, ev, event, outcome, actions, nactions, detail, nocrm_root_actor());
+	record_run_as(id, lead, ev, event, outcome,
+				  actions ? DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(actions))) : NULL,
+				  nactions, detail, nocrm_root_actor());
 }
 
 static WriteBuffer runs_buffer = {
@@ -287,7 +321,7 @@ static WriteBuffer runs_buffer = {
 
 static void
 record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
-			  const char *outcome, const char *actions, int nactions, const char *detail,
+			  const char *outcome, Jsonb *actions, int nactions, const char *detail,
 			  int64 actor)
 {
 	Datum		values[13];
@@ -318,7 +352,8 @@ record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 	values[7] = Int64GetDatum(actor);
 	nulls[7] = actor < 0;
 	values[8] = Int32GetDatum(chain_len + 1);
-	values[9] = DirectFunctionCall1(jsonb_in, CStringGetDatum(actions ? actions : "[]"));
+	values[9] = actions ? JsonbPGetDatum(actions)
+		: DirectFunctionCall1(jsonb_in, CStringGetDatum("[]"));
 	values[10] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
 	nulls[10] = detail == NULL;
 	values[11] = Int32GetDatum(nactions);
@@ -366,15 +401,16 @@ static void
 run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lead,
 				   RaisedEvent *ev)
 {
-	StringInfoData outcomes;
-	StringInfo	outer_actions = run_actions;
-	int			outer_nactions = run_nactions;
+	RunOutcomes outcomes;
+	RunOutcomes *outer = run_outcomes;
 	int64		actor;
+	Jsonb	   *recorded;
 
-	initStringInfo(&outcomes);
-	appendStringInfoChar(&outcomes, '[');
-	run_actions = &outcomes;
-	run_nactions = 0;
+	outcomes.state = NULL;
+	outcomes.context = CurrentMemoryContext;
+	outcomes.nactions = 0;
+	pushJsonbValue(&outcomes.state, WJB_BEGIN_ARRAY, NULL);
+	run_outcomes = &outcomes;
 	nocrm_rules_pin();
 	nocrm_chain_enter(rule->id);
 	actor = root_actor;			/* still the chain's person once we have left it */
@@ -390,13 +426,12 @@ run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lea
 	{
 		chain_len--;
 		nocrm_rules_unpin();
-		run_actions = outer_actions;
+		run_outcomes = outer;
 	}
 	PG_END_TRY();
-	appendStringInfoChar(&outcomes, ']');
+	recorded = JsonbValueToJsonb(pushJsonbValue(&outcomes.state, WJB_END_ARRAY, NULL));
 	record_run_as(rule->id, lead, ev, nocrm_event_names[ev->event], "fired",
-				  outcomes.data, run_nactions, NULL, actor);
-	run_nactions = outer_nactions;
+				  recorded, outcomes.nactions, NULL, actor);
 }
 
 static void

@@ -359,6 +359,18 @@ nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
 	return PointerGetDatum(NULL);
 }
 
+/* Will the dispatcher look at more than the lead's id for this event? */
+static bool
+lead_needed(NocrmEvent event)
+{
+	int			n;
+
+	if (!nocrm_automations_enabled)
+		return false;
+	(void) nocrm_rules_for_event(event, &n);
+	return n > 0 || nocrm_stage_triggers_exist();
+}
+
 /*
  * Shared by the tags, comments and emails triggers: raise one event on the
  * lead of the given row, unless the lead itself is being deleted (cascade).
@@ -374,7 +386,19 @@ child_row_event(TriggerData *trigdata, HeapTuple tuple, NocrmEvent event,
 	LeadState	lead;
 	RaisedEvent ev;
 
-	if (isnull || !nocrm_lead_fetch(DatumGetInt64(lead_id), &lead))
+	if (isnull)
+		return;
+	if (!removed && !lead_needed(event))
+	{
+		/*
+		 * Only history listens, and it needs the id: the row's foreign key
+		 * vouches that the lead exists.  (A removal may be the cascade of
+		 * the lead's own deletion: that one is checked.)
+		 */
+		memset(&lead, 0, sizeof(lead));
+		lead.id = DatumGetInt64(lead_id);
+	}
+	else if (!nocrm_lead_fetch(DatumGetInt64(lead_id), &lead))
 		return;
 	memset(&ev, 0, sizeof(ev));
 	ev.event = event;
