@@ -1,45 +1,59 @@
--- nocrm_automation 1.1 -> 1.2: row changes nothing listens to skip the
--- after-trigger queue; the BEFORE trigger runs as the caller.
+-- nocrm_automation 1.1 -> 1.2: lead events handled once per statement,
+-- from transition tables, past a gate; tag, comment and email rows nothing
+-- listens to skip the after-trigger queue; the BEFORE trigger runs as the
+-- caller.
 \echo Use "ALTER EXTENSION nocrm_automation UPDATE TO '1.2'" to load this file. \quit
 
 ------------------------------------------------------------------------
--- Gates: evaluated in the triggers' WHEN clauses, once per row, before
--- the row is queued.  They read only per-backend caches (loaded as the
--- extension owner when stale), so they run as the caller and are cheap.
+-- Gates: can a row change be recorded, run an automation or move a lead?
+-- The lead statement trigger asks for each row; the tag, comment and email
+-- triggers ask in their WHEN clauses, before the row is queued.  They read
+-- only per-backend caches (loaded as the extension owner when stale).
 ------------------------------------------------------------------------
 CREATE FUNCTION nocrm.lead_insert_wanted(status text, user_id bigint, pipeline_id bigint, step_id bigint)
 RETURNS boolean AS 'MODULE_PATHNAME', 'nocrm_lead_insert_wanted' LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION nocrm.lead_insert_wanted(text, bigint, bigint, bigint) IS
-'WHEN clause of the INSERT event trigger on nocrm.leads: can a new lead with these values be recorded, run an automation or be moved by a stage trigger?';
+'The lead gate for an INSERT (what the statement trigger asks for each new row): can a new lead with these values be recorded, run an automation or be moved by a stage trigger?';
 
 CREATE FUNCTION nocrm.lead_update_wanted(old_status text, new_status text, old_user_id bigint, new_user_id bigint,
                                          old_pipeline_id bigint, new_pipeline_id bigint,
                                          old_step_id bigint, new_step_id bigint)
 RETURNS boolean AS 'MODULE_PATHNAME', 'nocrm_lead_update_wanted' LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION nocrm.lead_update_wanted(text, text, bigint, bigint, bigint, bigint, bigint, bigint) IS
-'WHEN clause of the UPDATE event trigger on nocrm.leads: can this change be recorded, run an automation or move the lead?';
+'The lead gate for an UPDATE (what the statement trigger asks for each changed row): can this change be recorded, run an automation or move the lead?';
 
 CREATE FUNCTION nocrm.lead_delete_wanted(status text, user_id bigint, pipeline_id bigint, step_id bigint)
 RETURNS boolean AS 'MODULE_PATHNAME', 'nocrm_lead_delete_wanted' LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION nocrm.lead_delete_wanted(text, bigint, bigint, bigint) IS
-'WHEN clause of the DELETE event trigger on nocrm.leads: is lead.deleted recorded or listened to for this lead?';
+'The lead gate for a DELETE (what the statement trigger asks for each deleted row): is lead.deleted recorded or listened to for this lead?';
 
 CREATE FUNCTION nocrm.child_event_wanted(event text, author bigint DEFAULT NULL)
 RETURNS boolean AS 'MODULE_PATHNAME', 'nocrm_child_event_wanted' LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION nocrm.child_event_wanted(text, bigint) IS
 'WHEN clause of the event triggers on tags, comments and emails: is the event recorded or listened to?';
 
+------------------------------------------------------------------------
+-- Lead events once per statement, from the statement's transition tables:
+-- no after-trigger event per row, and every row's foreign key checks done
+-- before the first automation runs.
+------------------------------------------------------------------------
+CREATE FUNCTION nocrm.lead_statement_trigger() RETURNS trigger
+AS 'MODULE_PATHNAME', 'nocrm_lead_statement_trigger'
+LANGUAGE C SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION nocrm.lead_statement_trigger() IS
+'AFTER INSERT, UPDATE or DELETE ON nocrm.leads, for each statement: raises the CRM events of each row that passes the gate, in the order the statement wrote the rows.';
+
 DROP TRIGGER nocrm_lead_events ON nocrm.leads;
-CREATE TRIGGER nocrm_lead_events_insert AFTER INSERT ON nocrm.leads FOR EACH ROW
-    WHEN (nocrm.lead_insert_wanted(NEW.status, NEW.user_id, NEW.pipeline_id, NEW.step_id))
-    EXECUTE FUNCTION nocrm.lead_event_trigger();
-CREATE TRIGGER nocrm_lead_events_update AFTER UPDATE ON nocrm.leads FOR EACH ROW
-    WHEN (nocrm.lead_update_wanted(OLD.status, NEW.status, OLD.user_id, NEW.user_id,
-                                   OLD.pipeline_id, NEW.pipeline_id, OLD.step_id, NEW.step_id))
-    EXECUTE FUNCTION nocrm.lead_event_trigger();
-CREATE TRIGGER nocrm_lead_events_delete AFTER DELETE ON nocrm.leads FOR EACH ROW
-    WHEN (nocrm.lead_delete_wanted(OLD.status, OLD.user_id, OLD.pipeline_id, OLD.step_id))
-    EXECUTE FUNCTION nocrm.lead_event_trigger();
+DROP FUNCTION nocrm.lead_event_trigger();
+CREATE TRIGGER nocrm_lead_events_insert AFTER INSERT ON nocrm.leads
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.lead_statement_trigger();
+CREATE TRIGGER nocrm_lead_events_update AFTER UPDATE ON nocrm.leads
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.lead_statement_trigger();
+CREATE TRIGGER nocrm_lead_events_delete AFTER DELETE ON nocrm.leads
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.lead_statement_trigger();
 
 DROP TRIGGER nocrm_tag_events ON nocrm.tags;
 CREATE TRIGGER nocrm_tag_events_insert AFTER INSERT ON nocrm.tags FOR EACH ROW

@@ -7,12 +7,18 @@
 #include "access/htup_details.h"
 #include "access/xact.h"
 #include "commands/trigger.h"
+#include "executor/executor.h"
+#include "executor/tuptable.h"
+#include "miscadmin.h"
+#include "utils/memutils.h"
+#include "utils/tuplestore.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(nocrm_lead_before_trigger);
 PG_FUNCTION_INFO_V1(nocrm_lead_event_trigger);
+PG_FUNCTION_INFO_V1(nocrm_lead_statement_trigger);
 PG_FUNCTION_INFO_V1(nocrm_tag_event_trigger);
 PG_FUNCTION_INFO_V1(nocrm_comment_event_trigger);
 PG_FUNCTION_INFO_V1(nocrm_email_event_trigger);
@@ -306,56 +312,173 @@ row_json(HeapTuple tuple, TupleDesc desc)
 	return DatumGetJsonbP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
-/* AFTER INSERT OR UPDATE OR DELETE ON nocrm.leads, for each row. */
-Datum
-nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
+/*
+ * The events of one row change of nocrm.leads ('I', 'U' or 'D'; oldtup for
+ * U and D, newtup for I and U), dispatched.  Needs an SPI connection.
+ */
+static void
+lead_row_events(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc)
 {
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-	TupleDesc	desc;
 	LeadState	lead,
 				oldlead;
 	RaisedEvent events[EV_COUNT];
 	int			nevents = 0;
 
-	check_trigger(fcinfo, "nocrm_lead_event_trigger", false);
-	desc = trigdata->tg_relation->rd_att;
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-
-	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+	if (op == 'I')
 	{
-		nocrm_lead_from_tuple(&lead, trigdata->tg_trigtuple, desc);
+		nocrm_lead_from_tuple(&lead, newtup, desc);
 		add_event(events, &nevents, EV_CREATION, NULL,
 				  nocrm_jsonb_pair("title", lead.title));
 		add_event(events, &nevents, lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED,
 				  NULL, owner_json(&lead));
 	}
-	else if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
+	else if (op == 'D')
 	{
-		nocrm_lead_from_tuple(&lead, trigdata->tg_trigtuple, desc);
+		nocrm_lead_from_tuple(&lead, oldtup, desc);
 		lead.deleted = true;
-		lead.snapshot = row_json(trigdata->tg_trigtuple, desc);
+		lead.snapshot = row_json(oldtup, desc);
 		add_event(events, &nevents, EV_DELETED,
 				  nocrm_jsonb_pair("title", lead.title), NULL);
 	}
 	else
 	{
-		nocrm_lead_from_tuple(&oldlead, trigdata->tg_trigtuple, desc);
-		nocrm_lead_from_tuple(&lead, trigdata->tg_newtuple, desc);
-		nevents = update_events(trigdata->tg_trigtuple, trigdata->tg_newtuple, desc,
-								&oldlead, &lead, events);
+		nocrm_lead_from_tuple(&oldlead, oldtup, desc);
+		nocrm_lead_from_tuple(&lead, newtup, desc);
+		nevents = update_events(oldtup, newtup, desc, &oldlead, &lead, events);
 	}
 
 	/*
 	 * An inserted or updated row is its lead's latest version, and this
-	 * transaction holds its row lock: other rows' automations, which fire
+	 * transaction holds its row lock: other rows' automations, which run
 	 * first, only change their own leads.
 	 */
 	lead.latest_locked = !lead.deleted;
 	if (nevents > 0)
 		nocrm_dispatch(&lead, events, nevents);
+}
+
+static char
+trigger_op(TriggerData *trigdata)
+{
+	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+		return 'I';
+	if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
+		return 'D';
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+		return 'U';
+	elog(ERROR, "nocrm: lead event trigger fired for an unexpected operation");
+	return 0;
+}
+
+/*
+ * AFTER INSERT OR UPDATE OR DELETE ON nocrm.leads, for each row (1.0 and
+ * 1.1; 1.2 uses nocrm_lead_statement_trigger).
+ */
+Datum
+nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	char		op;
+
+	check_trigger(fcinfo, "nocrm_lead_event_trigger", false);
+	op = trigger_op(trigdata);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	lead_row_events(op, op == 'I' ? NULL : trigdata->tg_trigtuple,
+					op == 'I' ? trigdata->tg_trigtuple : op == 'U' ? trigdata->tg_newtuple : NULL,
+					trigdata->tg_relation->rd_att);
 	SPI_finish();
+	return PointerGetDatum(NULL);
+}
+
+/* A reader of a transition table of our own, from its first row. */
+static TupleTableSlot *
+transition_reader(Tuplestorestate *table, TupleDesc desc, int *readptr)
+{
+	if (table == NULL)
+		return NULL;
+	*readptr = tuplestore_alloc_read_pointer(table, EXEC_FLAG_REWIND);
+	tuplestore_select_read_pointer(table, *readptr);
+	tuplestore_rescan(table);
+	return MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
+}
+
+static HeapTuple
+next_row(Tuplestorestate *table, int readptr, TupleTableSlot *slot)
+{
+	if (table == NULL)
+		return NULL;
+	tuplestore_select_read_pointer(table, readptr);
+	if (!tuplestore_gettupleslot(table, true, false, slot))
+		return NULL;
+	return ExecFetchSlotHeapTuple(slot, false, NULL);
+}
+
+/*
+ * AFTER INSERT, UPDATE or DELETE ON nocrm.leads, for each statement, with
+ * its transition tables: each row that passes the gate has its events
+ * dispatched, in the order the statement wrote the rows.
+ *
+ * Once per statement rather than per row: no after-trigger event per row
+ * (a bulk statement's queue would hold one per lead), and the foreign key
+ * checks of all rows have run before any automation runs (interleaved, the
+ * checks' cached plans were re-planned for every row: the trigger pins
+ * another search_path than the session's).
+ */
+Datum
+nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	char		op;
+	int			oldptr = 0,
+				newptr = 0;
+	TupleTableSlot *oldslot,
+			   *newslot;
+	MemoryContext rowcontext,
+				caller = CurrentMemoryContext;
+	LeadColumns cols;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
+		!TRIGGER_FIRED_AFTER(trigdata->tg_event))
+		elog(ERROR, "nocrm_lead_statement_trigger: must be fired after, for each statement");
+	op = trigger_op(trigdata);
+	desc = trigdata->tg_relation->rd_att;
+	nocrm_lead_columns(desc, &cols);
+	oldslot = op == 'I' ? NULL : transition_reader(trigdata->tg_oldtable, desc, &oldptr);
+	newslot = op == 'D' ? NULL : transition_reader(trigdata->tg_newtable, desc, &newptr);
+	if ((op != 'I' && oldslot == NULL) || (op != 'D' && newslot == NULL))
+		elog(ERROR, "nocrm_lead_statement_trigger: the trigger must have its transition tables");
+	rowcontext = AllocSetContextCreate(caller, "nocrm lead row", ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		HeapTuple	oldtup = NULL,
+					newtup = NULL;
+
+		CHECK_FOR_INTERRUPTS();
+		MemoryContextReset(rowcontext);
+		MemoryContextSwitchTo(rowcontext);
+		if (oldslot && (oldtup = next_row(trigdata->tg_oldtable, oldptr, oldslot)) == NULL)
+			break;
+		/* OLD and NEW TABLE of an UPDATE hold each row's versions in the same order */
+		if (newslot && (newtup = next_row(trigdata->tg_newtable, newptr, newslot)) == NULL)
+			break;
+		if (!nocrm_lead_row_wanted(op, oldtup, newtup, desc, &cols))
+			continue;
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		lead_row_events(op, oldtup, newtup, desc);
+		SPI_finish();
+	}
+	MemoryContextSwitchTo(caller);
+	MemoryContextDelete(rowcontext);
+	if (oldslot)
+		ExecDropSingleTupleTableSlot(oldslot);
+	if (newslot)
+		ExecDropSingleTupleTableSlot(newslot);
+	/* the statement's round-robin counts and batched rows */
+	nocrm_flush_writes();
 	return PointerGetDatum(NULL);
 }
 

@@ -13,6 +13,7 @@
 #include "nocrm.h"
 
 #include "common/hashfn.h"
+#include "access/htup_details.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
@@ -258,6 +259,65 @@ lead_wanted(GateKey *k)
 	if (!wanted)
 		check_actor();
 	return wanted;
+}
+
+/* The attribute numbers the gate reads, looked up once per statement. */
+void
+nocrm_lead_columns(TupleDesc desc, LeadColumns *cols)
+{
+	cols->status = SPI_fnumber(desc, "status");
+	cols->user_id = SPI_fnumber(desc, "user_id");
+	cols->pipeline_id = SPI_fnumber(desc, "pipeline_id");
+	cols->step_id = SPI_fnumber(desc, "step_id");
+	if (cols->status <= 0 || cols->user_id <= 0 || cols->pipeline_id <= 0 || cols->step_id <= 0)
+		elog(ERROR, "nocrm.leads lacks a column the gate reads");
+}
+
+static int64
+column_int64(HeapTuple tuple, TupleDesc desc, int attno)
+{
+	bool		isnull;
+	Datum		d = heap_getattr(tuple, attno, desc, &isnull);
+
+	return isnull ? NO_VALUE : DatumGetInt64(d);
+}
+
+static int64
+column_status(HeapTuple tuple, TupleDesc desc, int attno)
+{
+	bool		isnull;
+	Datum		d = heap_getattr(tuple, attno, desc, &isnull);
+
+	return isnull ? 0 : nocrm_status_bit(TextDatumGetCString(d));
+}
+
+/* The lead gate for one row of a statement (the statement trigger's loop). */
+bool
+nocrm_lead_row_wanted(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
+					  LeadColumns *cols)
+{
+	GateKey		k;
+
+	memset(&k, 0, sizeof(k));
+	k.op = op;
+	k.old_owner = k.old_pipeline = k.old_step = NO_VALUE;
+	k.new_owner = k.new_pipeline = k.new_step = NO_VALUE;
+	if (oldtup)
+	{
+		k.old_status = column_status(oldtup, desc, cols->status);
+		k.old_owner = column_int64(oldtup, desc, cols->user_id);
+		k.old_pipeline = column_int64(oldtup, desc, cols->pipeline_id);
+		k.old_step = column_int64(oldtup, desc, cols->step_id);
+	}
+	if (newtup)
+	{
+		k.new_status = column_status(newtup, desc, cols->status);
+		k.new_owner = column_int64(newtup, desc, cols->user_id);
+		k.new_pipeline = column_int64(newtup, desc, cols->pipeline_id);
+		k.new_step = column_int64(newtup, desc, cols->step_id);
+	}
+	return count(op == 'I' ? GATE_LEAD_INSERT : op == 'U' ? GATE_LEAD_UPDATE : GATE_LEAD_DELETE,
+				 lead_wanted(&k));
 }
 
 /* nocrm.lead_insert_wanted(status, user_id, pipeline_id, step_id) */

@@ -274,7 +274,17 @@ typedef struct StageVerdict
 extern StageVerdict *nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int *n);
 
 /* gate.c: which row changes need the event triggers at all */
+typedef struct LeadColumns
+{
+	int			status;
+	int			user_id;
+	int			pipeline_id;
+	int			step_id;
+} LeadColumns;
 extern void nocrm_gate_caches_ready(bool rules);
+extern void nocrm_lead_columns(TupleDesc desc, LeadColumns *cols);
+extern bool nocrm_lead_row_wanted(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
+								  LeadColumns *cols);
 
 /* writebuf.c: rows written in batches */
 #define WRITEBUF_MAX_COLS	16

@@ -257,10 +257,17 @@ my $data_1_1 = data_digest();
 sq(q{ALTER EXTENSION nocrm_automation UPDATE TO '1.2'});
 is(sq(q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}), '1.2', 'updated to 1.2');
 is(data_digest(), $data_1_1, 'the update to 1.2 leaves every row and sequence as it was');
-is( sq(q{SELECT string_agg(tgname, ' ' ORDER BY tgname) FROM pg_trigger
-	      WHERE tgrelid = 'nocrm.leads'::regclass AND NOT tgisinternal AND tgqual IS NOT NULL}),
-	'nocrm_lead_events_delete nocrm_lead_events_insert nocrm_lead_events_update',
-	'the lead event triggers have WHEN gates');
+is( sq(q{SELECT string_agg(tgname || ' ' || coalesce(tgoldtable, '-') || ' ' || coalesce(tgnewtable, '-'), ', ' ORDER BY tgname)
+	       FROM pg_trigger
+	      WHERE tgrelid = 'nocrm.leads'::regclass AND NOT tgisinternal AND tgfoid = 'nocrm.lead_statement_trigger'::regproc
+	        AND tgtype & 1 = 0}),
+	'nocrm_lead_events_delete old_rows -, nocrm_lead_events_insert - new_rows, nocrm_lead_events_update old_rows new_rows',
+	'the lead events come from statement triggers with transition tables');
+is( sq(q{SELECT string_agg(c.relname || '.' || t.tgname, ' ' ORDER BY c.relname, t.tgname) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+	      WHERE c.relnamespace = 'nocrm'::regnamespace AND NOT t.tgisinternal AND t.tgqual IS NOT NULL
+	        AND t.tgname LIKE '%events%'}),
+	'comments.nocrm_comment_events emails.nocrm_email_events tags.nocrm_tag_events_delete tags.nocrm_tag_events_insert tags.nocrm_tag_events_update',
+	'the tag, comment and email event triggers have WHEN gates');
 is(sq(q{SELECT prosecdef FROM pg_proc WHERE oid = 'nocrm.lead_before_trigger'::regproc}), 'f',
 	'the BEFORE trigger runs as the caller');
 # history = actions (set by the superuser for the role): the gate decides, not history.
