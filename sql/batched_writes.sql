@@ -68,6 +68,20 @@ SELECT count(*) AS seen_after_rollback FROM public.seen_notifications;
 DROP TABLE public.seen_notifications;
 DROP FUNCTION public.see_notification() CASCADE;
 
+-- Past work_mem the statement's transition tables are read back from disk:
+-- every row's events still come, old and new versions paired.
+SET work_mem = '64kB';
+TRUNCATE nocrm.lead_history, nocrm.automation_runs, nocrm.notifications;
+INSERT INTO nocrm.leads (title, pipeline_id) SELECT 'Spilled ' || g, 1 FROM generate_series(1, 3000) g;
+UPDATE nocrm.leads SET status = 'standby', title = title || '!' WHERE title LIKE 'Spilled %';
+DELETE FROM nocrm.leads WHERE title LIKE 'Spilled %' AND status = 'standby';
+SELECT event, count(*), count(DISTINCT lead_id) AS leads FROM nocrm.lead_history GROUP BY event ORDER BY event;
+-- each status change paired the right old and new row
+SELECT count(*) FILTER (WHERE (old_value ->> 'title') || '!' = new_value ->> 'title') AS paired,
+       count(*) FILTER (WHERE (old_value ->> 'title') || '!' <> new_value ->> 'title') AS mismatched
+  FROM nocrm.lead_history WHERE event = 'lead.any_update' AND old_value ? 'title';
+RESET work_mem;
+
 -- Backstop: if the statement trigger that writes the batch is disabled,
 -- the rows are written at commit, with a warning.
 -- (On leads the event trigger itself writes the batch at the statement's

@@ -457,6 +457,11 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 					newtup = NULL;
 
 		CHECK_FOR_INTERRUPTS();
+		/* a row read back from a spilled tuplestore lives in rowcontext: free it first */
+		if (oldslot)
+			ExecClearTuple(oldslot);
+		if (newslot)
+			ExecClearTuple(newslot);
 		MemoryContextReset(rowcontext);
 		MemoryContextSwitchTo(rowcontext);
 		if (oldslot && (oldtup = next_row(trigdata->tg_oldtable, oldptr, oldslot)) == NULL)
@@ -472,11 +477,11 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		SPI_finish();
 	}
 	MemoryContextSwitchTo(caller);
-	MemoryContextDelete(rowcontext);
 	if (oldslot)
 		ExecDropSingleTupleTableSlot(oldslot);
 	if (newslot)
 		ExecDropSingleTupleTableSlot(newslot);
+	MemoryContextDelete(rowcontext);
 	/* the statement's round-robin counts and batched rows */
 	nocrm_flush_writes();
 	return PointerGetDatum(NULL);
