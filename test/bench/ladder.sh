@@ -48,7 +48,9 @@ e5a3f62:template_context_in_C_with_a_kept_plan;_generic_kept_plans
 a6346f5:batched_writes_of_history,_run_log_and_notifications;_no_re-read_of_the_lead's_own_row
 0ada76a:bulk_NOTIFY_past_1,000_per_transaction
 17872ef:notify_messages_without_the_context_query
-d202d60:actions_reuse_the_dispatcher's_lead_for_a_rule's_first_action"
+d202d60:actions_reuse_the_dispatcher's_lead_for_a_rule's_first_action
+e4cf595:run_log_outcomes_built_as_jsonb;_tag_events_read_the_lead_only_when_rules_need_it
+1823df7:lead_events_once_per_statement,_from_transition_tables"
 COMMITS=${COMMITS:-$DEFAULT_COMMITS}
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs each build and runs PostgreSQL as postgres)"
