@@ -473,43 +473,6 @@ browser_notification(int64 user_id, int64 lead_id, int32 automation_id, const ch
 	return id;
 }
 
-static void
-push_key(JsonbParseState **state, const char *key)
-{
-	JsonbValue	k;
-
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	pushJsonbValue(state, WJB_KEY, &k);
-}
-
-static void
-push_string(JsonbParseState **state, const char *key, const char *value)
-{
-	JsonbValue	v;
-
-	push_key(state, key);
-	v.type = value ? jbvString : jbvNull;
-	if (value)
-	{
-		v.val.string.val = (char *) value;
-		v.val.string.len = strlen(value);
-	}
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
-static void
-push_int64(JsonbParseState **state, const char *key, int64 value)
-{
-	JsonbValue	v;
-
-	push_key(state, key);
-	v.type = jbvNumeric;
-	v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric, Int64GetDatum(value)));
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
 /* Every placeholder value, from the lead as it is in the table now (one query). */
 static Jsonb *
 full_context(Rule *rule, LeadState *lead, RaisedEvent *ev, int64 user_id)
@@ -519,17 +482,9 @@ full_context(Rule *rule, LeadState *lead, RaisedEvent *ev, int64 user_id)
 
 	/* payload {"user_id": user, "lead": snapshot of a deleted lead} */
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	push_int64(&state, "user_id", user_id);
+	nocrm_jsonb_put_int64(&state, "user_id", user_id);
 	if (lead->snapshot)
-	{
-		JsonbValue	v;
-
-		push_key(&state, "lead");
-		v.type = jbvBinary;
-		v.val.binary.data = &lead->snapshot->root;
-		v.val.binary.len = VARSIZE(lead->snapshot) - VARHDRSZ;
-		pushJsonbValue(&state, WJB_VALUE, &v);
-	}
+		nocrm_jsonb_put_jsonb(&state, "lead", lead->snapshot);
 	payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
 	return nocrm_template_context(Int64GetDatum(lead->id), false, JsonbPGetDatum(payload), false,
 								  Int32GetDatum(rule->id), false,
@@ -544,12 +499,12 @@ lead_local_context(Rule *rule, LeadState *lead, RaisedEvent *ev)
 	JsonbParseState *state = NULL;
 
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	push_int64(&state, "lead.id", lead->id);
-	push_string(&state, "lead.title", lead->title);
-	push_string(&state, "lead.status", lead->status_text);
-	push_string(&state, "lead.contact_email", lead->contact_email);
-	push_string(&state, "event", nocrm_event_names[ev->event]);
-	push_string(&state, "automation.name", rule->name);
+	nocrm_jsonb_put_int64(&state, "lead.id", lead->id);
+	nocrm_jsonb_put_string(&state, "lead.title", lead->title);
+	nocrm_jsonb_put_string(&state, "lead.status", lead->status_text);
+	nocrm_jsonb_put_string(&state, "lead.contact_email", lead->contact_email);
+	nocrm_jsonb_put_string(&state, "event", nocrm_event_names[ev->event]);
+	nocrm_jsonb_put_string(&state, "automation.name", rule->name);
 	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
 }
 

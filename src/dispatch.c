@@ -215,46 +215,7 @@ nocrm_actor_known(void)
 		 actor_generation == nocrm_rules_generation());
 }
 
-static void
-push_key(JsonbParseState **state, const char *key)
-{
-	JsonbValue	k;
-
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	pushJsonbValue(state, WJB_KEY, &k);
-}
-
-static void
-push_string_value(JsonbParseState **state, const char *value)
-{
-	JsonbValue	v;
-
-	v.type = jbvString;
-	v.val.string.val = (char *) value;
-	v.val.string.len = strlen(value);
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
 /* "key": value (a jsonb, or null) into an object being built */
-static void
-push_field(JsonbParseState **state, const char *key, Jsonb *value)
-{
-	JsonbValue	v;
-
-	push_key(state, key);
-	if (value)
-	{
-		v.type = jbvBinary;
-		v.val.binary.data = &value->root;
-		v.val.binary.len = VARSIZE(value) - VARHDRSZ;
-	}
-	else
-		v.type = jbvNull;
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
 static void record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 						  const char *outcome, Jsonb *actions, int nactions,
 						  const char *detail, int64 actor);
@@ -264,28 +225,19 @@ void
 nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value, const char *detail)
 {
 	MemoryContext old;
-	JsonbValue	v;
 
 	if (run_outcomes == NULL)
 		return;
 	old = MemoryContextSwitchTo(run_outcomes->context);
 	pushJsonbValue(&run_outcomes->state, WJB_BEGIN_OBJECT, NULL);
-	push_key(&run_outcomes->state, "no");
-	v.type = jbvNumeric;
-	v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int4_numeric,
-														Int32GetDatum(action->action_no + 1)));
-	pushJsonbValue(&run_outcomes->state, WJB_VALUE, &v);
-	push_key(&run_outcomes->state, "type");
-	push_string_value(&run_outcomes->state, nocrm_action_names[action->kind]);
+	nocrm_jsonb_put_int64(&run_outcomes->state, "no", action->action_no + 1);
+	nocrm_jsonb_put_string(&run_outcomes->state, "type", nocrm_action_names[action->kind]);
 	if (new_value || old_value)
-		push_field(&run_outcomes->state, "result", new_value ? new_value : old_value);
+		nocrm_jsonb_put_jsonb(&run_outcomes->state, "result", new_value ? new_value : old_value);
 	if (new_value && old_value)
-		push_field(&run_outcomes->state, "before", old_value);
+		nocrm_jsonb_put_jsonb(&run_outcomes->state, "before", old_value);
 	if (detail)
-	{
-		push_key(&run_outcomes->state, "detail");
-		push_string_value(&run_outcomes->state, detail);
-	}
+		nocrm_jsonb_put_string(&run_outcomes->state, "detail", detail);
 	pushJsonbValue(&run_outcomes->state, WJB_END_OBJECT, NULL);
 	run_outcomes->nactions++;
 	MemoryContextSwitchTo(old);
@@ -343,8 +295,8 @@ record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 		JsonbParseState *state = NULL;
 
 		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-		push_field(&state, "old", ev->old_value);
-		push_field(&state, "new", ev->new_value);
+		nocrm_jsonb_put_jsonb(&state, "old", ev->old_value);
+		nocrm_jsonb_put_jsonb(&state, "new", ev->new_value);
 		values[6] = JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL)));
 	}
 	else
@@ -539,7 +491,7 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 		if (!nocrm_automations_enabled)
 			continue;
 
-		rules = nocrm_rules_for_event(ev->event, &nrules);
+		rules = nocrm_rules_for_change(ev, &nrules);
 		if (nrules == 0)
 		{
 			stale = run_stage_triggers(lead, &current, &changed_lead, ev, stale, &locked);

@@ -76,12 +76,14 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 				oldlead;
 	int			att_updated,
 				att_closed;
+	const LeadAttnums *attnums;
 	Datum		now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 
 	check_trigger(fcinfo, "nocrm_lead_before_trigger", true);
 	desc = trigdata->tg_relation->rd_att;
-	att_updated = SPI_fnumber(desc, "updated_at");
-	att_closed = SPI_fnumber(desc, "closed_at");
+	attnums = nocrm_lead_attnums(desc);
+	att_updated = attnums->updated_at;
+	att_closed = attnums->closed_at;
 
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
 	{
@@ -115,7 +117,7 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 		nocrm_gate_caches_ready(false);
 		if (nocrm_step_pipeline(newlead.step_id, &pipeline))
 		{
-			cols[ncols] = SPI_fnumber(desc, "pipeline_id");
+			cols[ncols] = attnums->pipeline_id;
 			vals[ncols++] = Int64GetDatum(pipeline);
 		}
 	}
@@ -129,7 +131,7 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 
 		nocrm_gate_caches_ready(false);
 		found = nocrm_first_step(newlead.pipeline_id, &step);
-		cols[ncols] = SPI_fnumber(desc, "step_id");
+		cols[ncols] = attnums->step_id;
 		vals[ncols] = Int64GetDatum(step);
 		nulls[ncols++] = !found;
 	}
@@ -252,8 +254,8 @@ update_events(HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
 	bool		any = false,
 				any_content = false;
 	int			n = 0;
-	int			att_updated = SPI_fnumber(desc, "updated_at");
-	int			att_closed = SPI_fnumber(desc, "closed_at");
+	int			att_updated = nocrm_lead_attnums(desc)->updated_at;
+	int			att_closed = nocrm_lead_attnums(desc)->closed_at;
 
 	/* updated_at and closed_at are bookkeeping the BEFORE trigger maintains, not events. */
 	for (int i = 1; i <= desc->natts; i++)
@@ -403,15 +405,11 @@ transition_reader(Tuplestorestate *table, TupleDesc desc, int *readptr)
 	return MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
 }
 
-static HeapTuple
+static bool
 next_row(Tuplestorestate *table, int readptr, TupleTableSlot *slot)
 {
-	if (table == NULL)
-		return NULL;
 	tuplestore_select_read_pointer(table, readptr);
-	if (!tuplestore_gettupleslot(table, true, false, slot))
-		return NULL;
-	return ExecFetchSlotHeapTuple(slot, false, NULL);
+	return tuplestore_gettupleslot(table, true, false, slot);
 }
 
 /*
@@ -437,14 +435,14 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 			   *newslot;
 	MemoryContext rowcontext,
 				caller = CurrentMemoryContext;
-	LeadColumns cols;
+	const LeadAttnums *cols;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
 		!TRIGGER_FIRED_AFTER(trigdata->tg_event))
 		elog(ERROR, "nocrm_lead_statement_trigger: must be fired after, for each statement");
 	op = trigger_op(trigdata);
 	desc = trigdata->tg_relation->rd_att;
-	nocrm_lead_columns(desc, &cols);
+	cols = nocrm_lead_attnums(desc);
 	oldslot = op == 'I' ? NULL : transition_reader(trigdata->tg_oldtable, desc, &oldptr);
 	newslot = op == 'D' ? NULL : transition_reader(trigdata->tg_newtable, desc, &newptr);
 	if ((op != 'I' && oldslot == NULL) || (op != 'D' && newslot == NULL))
@@ -464,13 +462,17 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 			ExecClearTuple(newslot);
 		MemoryContextReset(rowcontext);
 		MemoryContextSwitchTo(rowcontext);
-		if (oldslot && (oldtup = next_row(trigdata->tg_oldtable, oldptr, oldslot)) == NULL)
+		if (oldslot && !next_row(trigdata->tg_oldtable, oldptr, oldslot))
 			break;
 		/* OLD and NEW TABLE of an UPDATE hold each row's versions in the same order */
-		if (newslot && (newtup = next_row(trigdata->tg_newtable, newptr, newslot)) == NULL)
+		if (newslot && !next_row(trigdata->tg_newtable, newptr, newslot))
 			break;
-		if (!nocrm_lead_row_wanted(op, oldtup, newtup, desc, &cols))
+		if (!nocrm_lead_row_wanted(op, oldslot, newslot, cols))
 			continue;
+		if (oldslot)
+			oldtup = ExecFetchSlotHeapTuple(oldslot, false, NULL);
+		if (newslot)
+			newtup = ExecFetchSlotHeapTuple(newslot, false, NULL);
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
 		lead_row_events(op, oldtup, newtup, desc);

@@ -13,7 +13,7 @@
 #include "nocrm.h"
 
 #include "common/hashfn.h"
-#include "access/htup_details.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
@@ -27,17 +27,20 @@ PG_FUNCTION_INFO_V1(nocrm_gate_counters);
 #define NO_VALUE		PG_INT64_MIN	/* a NULL column in a GateKey */
 #define MEMO_SIZE		64
 
+/* What the gate reads of one version of a lead (NO_VALUE for NULL). */
+typedef struct LeadSide
+{
+	int64		status;			/* status bit, 0 for none */
+	int64		owner;
+	int64		pipeline;
+	int64		step;
+} LeadSide;
+
 typedef struct GateKey
 {
 	int64		op;				/* 'I', 'U', 'D' */
-	int64		old_status,
-				new_status;
-	int64		old_owner,
-				new_owner;
-	int64		old_pipeline,
-				new_pipeline;
-	int64		old_step,
-				new_step;
+	LeadSide	old;
+	LeadSide	new;
 } GateKey;
 
 typedef struct MemoEntry
@@ -145,16 +148,16 @@ arg_status(FunctionCallInfo fcinfo, int n)
 }
 
 static void
-lead_of(LeadState *lead, int64 status, int64 owner, int64 pipeline, int64 step)
+lead_of(LeadState *lead, LeadSide *side)
 {
 	memset(lead, 0, sizeof(LeadState));
-	lead->status = (int) status;
-	lead->has_owner = owner != NO_VALUE;
-	lead->owner_id = owner;
-	lead->has_pipeline = pipeline != NO_VALUE;
-	lead->pipeline_id = pipeline;
-	lead->has_step = step != NO_VALUE;
-	lead->step_id = step;
+	lead->status = (int) side->status;
+	lead->has_owner = side->owner != NO_VALUE;
+	lead->owner_id = side->owner;
+	lead->has_pipeline = side->pipeline != NO_VALUE;
+	lead->pipeline_id = side->pipeline;
+	lead->has_step = side->step != NO_VALUE;
+	lead->step_id = side->step;
 }
 
 static bool
@@ -168,7 +171,7 @@ event_may_match(NocrmEvent event, LeadState *lead, int to_status, int64 to_step)
 	ev.event = event;
 	ev.to_status = to_status;
 	ev.to_step = to_step;
-	rules = nocrm_rules_for_event(event, &n);
+	rules = nocrm_rules_for_change(&ev, &n);
 	for (int i = 0; i < n; i++)
 		if (nocrm_rule_matches_target(rules[i], &ev) && nocrm_columns_may_match(rules[i], lead))
 			return true;
@@ -183,14 +186,14 @@ lead_change_matters(GateKey *k)
 
 	if (k->op == 'D')
 	{
-		lead_of(&lead, k->old_status, k->old_owner, k->old_pipeline, k->old_step);
+		lead_of(&lead, &k->old);
 		lead.deleted = true;
 	}
 	else
-		lead_of(&lead, k->new_status, k->new_owner, k->new_pipeline, k->new_step);
+		lead_of(&lead, &k->new);
 
-	if ((k->new_pipeline != NO_VALUE && nocrm_stage_triggers_in_pipeline(k->new_pipeline)) ||
-		(k->old_pipeline != NO_VALUE && nocrm_stage_triggers_in_pipeline(k->old_pipeline)))
+	if ((k->new.pipeline != NO_VALUE && nocrm_stage_triggers_in_pipeline(k->new.pipeline)) ||
+		(k->old.pipeline != NO_VALUE && nocrm_stage_triggers_in_pipeline(k->old.pipeline)))
 		return true;
 
 	switch (k->op)
@@ -201,16 +204,16 @@ lead_change_matters(GateKey *k)
 		case 'D':
 			return event_may_match(EV_DELETED, &lead, 0, 0);
 		default:
-			if (k->old_status != k->new_status &&
-				event_may_match(EV_STATUS_CHANGED, &lead, (int) k->new_status, 0))
+			if (k->old.status != k->new.status &&
+				event_may_match(EV_STATUS_CHANGED, &lead, (int) k->new.status, 0))
 				return true;
-			if (k->new_step != NO_VALUE && k->new_step != k->old_step &&
-				event_may_match(EV_STEP_CHANGED, &lead, 0, k->new_step))
+			if (k->new.step != NO_VALUE && k->new.step != k->old.step &&
+				event_may_match(EV_STEP_CHANGED, &lead, 0, k->new.step))
 				return true;
-			if (k->new_owner != NO_VALUE && k->new_owner != k->old_owner &&
+			if (k->new.owner != NO_VALUE && k->new.owner != k->old.owner &&
 				event_may_match(EV_ASSIGNED, &lead, 0, 0))
 				return true;
-			if (k->new_owner == NO_VALUE && k->old_owner != NO_VALUE &&
+			if (k->new.owner == NO_VALUE && k->old.owner != NO_VALUE &&
 				event_may_match(EV_UNASSIGNED, &lead, 0, 0))
 				return true;
 			/* Which other columns changed is the trigger's business. */
@@ -261,95 +264,83 @@ lead_wanted(GateKey *k)
 	return wanted;
 }
 
-/* The attribute numbers the gate reads, looked up once per statement. */
-void
-nocrm_lead_columns(TupleDesc desc, LeadColumns *cols)
+static const LeadSide no_lead = {0, NO_VALUE, NO_VALUE, NO_VALUE};
+
+/* Read from the slot in place: most rows go no further than the gate. */
+static void
+side_from_slot(TupleTableSlot *slot, const LeadAttnums *cols, LeadSide *side)
 {
-	cols->status = SPI_fnumber(desc, "status");
-	cols->user_id = SPI_fnumber(desc, "user_id");
-	cols->pipeline_id = SPI_fnumber(desc, "pipeline_id");
-	cols->step_id = SPI_fnumber(desc, "step_id");
-	if (cols->status <= 0 || cols->user_id <= 0 || cols->pipeline_id <= 0 || cols->step_id <= 0)
-		elog(ERROR, "nocrm.leads lacks a column the gate reads");
+	int			attnos[4] = {cols->status, cols->user_id, cols->pipeline_id, cols->step_id};
+	int64	   *fields[4] = {&side->status, &side->owner, &side->pipeline, &side->step};
+
+	for (int i = 0; i < 4; i++)
+	{
+		bool		isnull;
+		Datum		d = slot_getattr(slot, attnos[i], &isnull);
+
+		if (i == 0)
+			*fields[i] = isnull ? 0 : nocrm_status_bit(TextDatumGetCString(d));
+		else
+			*fields[i] = isnull ? NO_VALUE : DatumGetInt64(d);
+	}
 }
 
-static int64
-column_int64(HeapTuple tuple, TupleDesc desc, int attno)
+/* The four values from arguments first, first + stride, first + 2 stride, ... */
+static void
+side_from_args(FunctionCallInfo fcinfo, int first, int stride, LeadSide *side)
 {
-	bool		isnull;
-	Datum		d = heap_getattr(tuple, attno, desc, &isnull);
-
-	return isnull ? NO_VALUE : DatumGetInt64(d);
+	side->status = arg_status(fcinfo, first);
+	side->owner = arg_int64(fcinfo, first + stride);
+	side->pipeline = arg_int64(fcinfo, first + 2 * stride);
+	side->step = arg_int64(fcinfo, first + 3 * stride);
 }
 
-static int64
-column_status(HeapTuple tuple, TupleDesc desc, int attno)
-{
-	bool		isnull;
-	Datum		d = heap_getattr(tuple, attno, desc, &isnull);
-
-	return isnull ? 0 : nocrm_status_bit(TextDatumGetCString(d));
-}
-
-/* The lead gate for one row of a statement (the statement trigger's loop). */
-bool
-nocrm_lead_row_wanted(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
-					  LeadColumns *cols)
+static bool
+gate(char op, const LeadSide *old, const LeadSide *new)
 {
 	GateKey		k;
 
 	memset(&k, 0, sizeof(k));
 	k.op = op;
-	k.old_owner = k.old_pipeline = k.old_step = NO_VALUE;
-	k.new_owner = k.new_pipeline = k.new_step = NO_VALUE;
-	if (oldtup)
-	{
-		k.old_status = column_status(oldtup, desc, cols->status);
-		k.old_owner = column_int64(oldtup, desc, cols->user_id);
-		k.old_pipeline = column_int64(oldtup, desc, cols->pipeline_id);
-		k.old_step = column_int64(oldtup, desc, cols->step_id);
-	}
-	if (newtup)
-	{
-		k.new_status = column_status(newtup, desc, cols->status);
-		k.new_owner = column_int64(newtup, desc, cols->user_id);
-		k.new_pipeline = column_int64(newtup, desc, cols->pipeline_id);
-		k.new_step = column_int64(newtup, desc, cols->step_id);
-	}
+	k.old = *old;
+	k.new = *new;
 	return count(op == 'I' ? GATE_LEAD_INSERT : op == 'U' ? GATE_LEAD_UPDATE : GATE_LEAD_DELETE,
 				 lead_wanted(&k));
+}
+
+/* The lead gate for one row of a statement (the statement trigger's loop). */
+bool
+nocrm_lead_row_wanted(char op, TupleTableSlot *oldslot, TupleTableSlot *newslot,
+					  const LeadAttnums *cols)
+{
+	LeadSide	old = no_lead,
+				new = no_lead;
+
+	if (oldslot)
+		side_from_slot(oldslot, cols, &old);
+	if (newslot)
+		side_from_slot(newslot, cols, &new);
+	return gate(op, &old, &new);
 }
 
 /* nocrm.lead_insert_wanted(status, user_id, pipeline_id, step_id) */
 Datum
 nocrm_lead_insert_wanted(PG_FUNCTION_ARGS)
 {
-	GateKey		k;
+	LeadSide	new;
 
-	memset(&k, 0, sizeof(k));
-	k.op = 'I';
-	k.new_status = arg_status(fcinfo, 0);
-	k.new_owner = arg_int64(fcinfo, 1);
-	k.new_pipeline = arg_int64(fcinfo, 2);
-	k.new_step = arg_int64(fcinfo, 3);
-	k.old_owner = k.old_pipeline = k.old_step = NO_VALUE;
-	PG_RETURN_BOOL(count(GATE_LEAD_INSERT, lead_wanted(&k)));
+	side_from_args(fcinfo, 0, 1, &new);
+	PG_RETURN_BOOL(gate('I', &no_lead, &new));
 }
 
 /* nocrm.lead_delete_wanted(status, user_id, pipeline_id, step_id) of the old row */
 Datum
 nocrm_lead_delete_wanted(PG_FUNCTION_ARGS)
 {
-	GateKey		k;
+	LeadSide	old;
 
-	memset(&k, 0, sizeof(k));
-	k.op = 'D';
-	k.old_status = arg_status(fcinfo, 0);
-	k.old_owner = arg_int64(fcinfo, 1);
-	k.old_pipeline = arg_int64(fcinfo, 2);
-	k.old_step = arg_int64(fcinfo, 3);
-	k.new_owner = k.new_pipeline = k.new_step = NO_VALUE;
-	PG_RETURN_BOOL(count(GATE_LEAD_DELETE, lead_wanted(&k)));
+	side_from_args(fcinfo, 0, 1, &old);
+	PG_RETURN_BOOL(gate('D', &old, &no_lead));
 }
 
 /*
@@ -359,19 +350,12 @@ nocrm_lead_delete_wanted(PG_FUNCTION_ARGS)
 Datum
 nocrm_lead_update_wanted(PG_FUNCTION_ARGS)
 {
-	GateKey		k;
+	LeadSide	old,
+				new;
 
-	memset(&k, 0, sizeof(k));
-	k.op = 'U';
-	k.old_status = arg_status(fcinfo, 0);
-	k.new_status = arg_status(fcinfo, 1);
-	k.old_owner = arg_int64(fcinfo, 2);
-	k.new_owner = arg_int64(fcinfo, 3);
-	k.old_pipeline = arg_int64(fcinfo, 4);
-	k.new_pipeline = arg_int64(fcinfo, 5);
-	k.old_step = arg_int64(fcinfo, 6);
-	k.new_step = arg_int64(fcinfo, 7);
-	PG_RETURN_BOOL(count(GATE_LEAD_UPDATE, lead_wanted(&k)));
+	side_from_args(fcinfo, 0, 2, &old);
+	side_from_args(fcinfo, 1, 2, &new);
+	PG_RETURN_BOOL(gate('U', &old, &new));
 }
 
 /*

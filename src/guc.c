@@ -173,4 +173,5 @@ _PG_init(void)
 	nocrm_define_gucs();
 	nocrm_rules_init();
 	nocrm_dispatch_init();
+	nocrm_lead_init();
 }

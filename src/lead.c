@@ -5,6 +5,8 @@
 
 #include "access/htup_details.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
 
 int
 nocrm_status_bit(const char *status)
@@ -24,31 +26,87 @@ nocrm_status_bit(const char *status)
 	return 0;
 }
 
-static Datum
-get_attr(HeapTuple tuple, TupleDesc desc, const char *col, bool *isnull)
+/*
+ * Attribute numbers of nocrm.leads, looked up by name once: every trigger
+ * call reads a row, and SPI_fnumber compares names column by column.  Kept
+ * for the table's row type until its relcache entry is invalidated (ALTER
+ * TABLE); a query result's descriptor (a RECORD) is looked up each time.
+ */
+static LeadAttnums table_attnums;
+static Oid	table_attnums_relid = InvalidOid;
+
+static void
+lead_attnums_callback(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == table_attnums_relid)
+		table_attnums_relid = InvalidOid;
+}
+
+void
+nocrm_lead_init(void)
+{
+	CacheRegisterRelcacheCallback(lead_attnums_callback, (Datum) 0);
+}
+
+static int
+attnum_of(TupleDesc desc, const char *col, bool required)
 {
 	int			attno = SPI_fnumber(desc, col);
 
-	if (attno <= 0)
+	if (attno <= 0 && required)
 		elog(ERROR, "nocrm.leads has no column \"%s\"", col);
-	return heap_getattr(tuple, attno, desc, isnull);
+	return attno;
+}
+
+static void
+lookup_attnums(TupleDesc desc, LeadAttnums *a, bool table)
+{
+	a->id = attnum_of(desc, "id", true);
+	a->title = attnum_of(desc, "title", true);
+	a->status = attnum_of(desc, "status", true);
+	a->user_id = attnum_of(desc, "user_id", true);
+	a->pipeline_id = attnum_of(desc, "pipeline_id", true);
+	a->step_id = attnum_of(desc, "step_id", true);
+	a->contact_email = attnum_of(desc, "contact_email", true);
+	a->updated_at = attnum_of(desc, "updated_at", table);
+	a->closed_at = attnum_of(desc, "closed_at", table);
+}
+
+const LeadAttnums *
+nocrm_lead_attnums(TupleDesc desc)
+{
+	static LeadAttnums scratch;
+	Oid			relid;
+
+	if (desc->tdtypeid == RECORDOID || !OidIsValid(desc->tdtypeid))
+	{
+		lookup_attnums(desc, &scratch, false);
+		return &scratch;
+	}
+	relid = get_typ_typrelid(desc->tdtypeid);
+	if (!OidIsValid(relid) || relid != table_attnums_relid)
+	{
+		lookup_attnums(desc, &table_attnums, true);
+		table_attnums_relid = relid;
+	}
+	return &table_attnums;
 }
 
 static bool
-get_int64(HeapTuple tuple, TupleDesc desc, const char *col, int64 *value)
+get_int64(HeapTuple tuple, TupleDesc desc, int attno, int64 *value)
 {
 	bool		isnull;
-	Datum		d = get_attr(tuple, desc, col, &isnull);
+	Datum		d = heap_getattr(tuple, attno, desc, &isnull);
 
 	*value = isnull ? 0 : DatumGetInt64(d);
 	return !isnull;
 }
 
 static const char *
-get_text(HeapTuple tuple, TupleDesc desc, const char *col)
+get_text(HeapTuple tuple, TupleDesc desc, int attno)
 {
 	bool		isnull;
-	Datum		d = get_attr(tuple, desc, col, &isnull);
+	Datum		d = heap_getattr(tuple, attno, desc, &isnull);
 
 	return isnull ? NULL : TextDatumGetCString(d);
 }
@@ -56,15 +114,17 @@ get_text(HeapTuple tuple, TupleDesc desc, const char *col)
 void
 nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc)
 {
+	const LeadAttnums *a = nocrm_lead_attnums(desc);
+
 	memset(lead, 0, sizeof(LeadState));
-	get_int64(tuple, desc, "id", &lead->id);
-	lead->title = get_text(tuple, desc, "title");
-	lead->status_text = get_text(tuple, desc, "status");
+	get_int64(tuple, desc, a->id, &lead->id);
+	lead->title = get_text(tuple, desc, a->title);
+	lead->status_text = get_text(tuple, desc, a->status);
 	lead->status = nocrm_status_bit(lead->status_text);
-	lead->has_owner = get_int64(tuple, desc, "user_id", &lead->owner_id);
-	lead->has_pipeline = get_int64(tuple, desc, "pipeline_id", &lead->pipeline_id);
-	lead->has_step = get_int64(tuple, desc, "step_id", &lead->step_id);
-	lead->contact_email = get_text(tuple, desc, "contact_email");
+	lead->has_owner = get_int64(tuple, desc, a->user_id, &lead->owner_id);
+	lead->has_pipeline = get_int64(tuple, desc, a->pipeline_id, &lead->pipeline_id);
+	lead->has_step = get_int64(tuple, desc, a->step_id, &lead->step_id);
+	lead->contact_email = get_text(tuple, desc, a->contact_email);
 }
 
 static bool

@@ -140,6 +140,20 @@ typedef struct LeadState
 	bool		latest_locked;	/* the row this transaction just wrote: latest, locked */
 } LeadState;
 
+/* Where the columns the engine reads are in a lead row (lead.c). */
+typedef struct LeadAttnums
+{
+	int			id,
+				title,
+				status,
+				user_id,
+				pipeline_id,
+				step_id,
+				contact_email,
+				updated_at,		/* 0 in a query's result */
+				closed_at;
+} LeadAttnums;
+
 /* A raised event with what changed, for history and matching. */
 typedef struct RaisedEvent
 {
@@ -218,6 +232,7 @@ extern RuleAction *nocrm_compile_action(const char *automation, NocrmEvent event
 /* rules.c: the per-backend rule cache */
 extern void nocrm_rules_init(void);
 extern Rule **nocrm_rules_for_event(NocrmEvent event, int *nrules);
+extern Rule **nocrm_rules_for_change(RaisedEvent *ev, int *nrules);
 extern void nocrm_rules_pin(void);
 extern void nocrm_rules_unpin(void);
 extern void nocrm_rules_reset_pins(void);
@@ -274,17 +289,10 @@ typedef struct StageVerdict
 extern StageVerdict *nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int *n);
 
 /* gate.c: which row changes need the event triggers at all */
-typedef struct LeadColumns
-{
-	int			status;
-	int			user_id;
-	int			pipeline_id;
-	int			step_id;
-} LeadColumns;
 extern void nocrm_gate_caches_ready(bool rules);
-extern void nocrm_lead_columns(TupleDesc desc, LeadColumns *cols);
-extern bool nocrm_lead_row_wanted(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
-								  LeadColumns *cols);
+extern bool nocrm_lead_row_wanted(char op, struct TupleTableSlot *oldslot,
+								  struct TupleTableSlot *newslot,
+								  const LeadAttnums *cols);
 
 /* writebuf.c: rows written in batches */
 #define WRITEBUF_MAX_COLS	16
@@ -318,6 +326,10 @@ extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 						  Jsonb *old_value, Jsonb *new_value, const char *detail);
 extern Jsonb *nocrm_jsonb_pair(const char *key, const char *value);
 extern Jsonb *nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull);
+extern void nocrm_jsonb_key(JsonbParseState **state, const char *key);
+extern void nocrm_jsonb_put_string(JsonbParseState **state, const char *key, const char *value);
+extern void nocrm_jsonb_put_int64(JsonbParseState **state, const char *key, int64 value);
+extern void nocrm_jsonb_put_jsonb(JsonbParseState **state, const char *key, Jsonb *value);
 
 /* actions.c */
 extern void nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead,
@@ -371,6 +383,8 @@ extern const char *nocrm_run_delayed(int32 automation_id, int action_no, int64 l
 									 const char *event, Jsonb *definition, int64 actor);
 
 /* lead.c: reading lead rows */
+extern void nocrm_lead_init(void);
+extern const LeadAttnums *nocrm_lead_attnums(TupleDesc desc);
 extern void nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc);
 extern bool nocrm_lead_fetch(int64 lead_id, LeadState *lead);
 extern bool nocrm_lead_fetch_locked(int64 lead_id, LeadState *lead);

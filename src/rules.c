@@ -48,6 +48,16 @@ typedef struct EventRules
 
 static EventRules by_event[EV_COUNT];
 
+/*
+ * The *.changed.to rules by target, in id order: a change to one status or
+ * step meets only the rules that name it, however many name others.
+ */
+#define NSTATUS_BITS 5
+static EventRules by_status[NSTATUS_BITS];	/* by status bit number */
+static int64 *by_step_keys = NULL;	/* sorted target steps, a rule per entry */
+static Rule **by_step_rules = NULL;
+static int	nby_step = 0;
+
 static void
 rules_relcache_callback(Datum arg, Oid relid)
 {
@@ -281,6 +291,69 @@ rule_copy(Rule *src)
 	return r;
 }
 
+typedef struct StepEntry
+{
+	int64		step_id;
+	int			order;			/* the rule's place in id order */
+	Rule	   *rule;
+} StepEntry;
+
+static int
+compare_step_entries(const void *a, const void *b)
+{
+	const StepEntry *x = a,
+			   *y = b;
+
+	if (x->step_id != y->step_id)
+		return x->step_id < y->step_id ? -1 : 1;
+	return x->order - y->order;
+}
+
+/* Builds by_status and by_step from by_event, in the current (cache) context. */
+static void
+index_targets(void)
+{
+	EventRules *status_rules = &by_event[EV_STATUS_CHANGED];
+	EventRules *step_rules = &by_event[EV_STEP_CHANGED];
+	StepEntry  *entries;
+	int			n = 0;
+
+	for (int b = 0; b < NSTATUS_BITS; b++)
+	{
+		by_status[b].rules = palloc(sizeof(Rule *) * (status_rules->nrules + 1));
+		by_status[b].nrules = 0;
+		for (int i = 0; i < status_rules->nrules; i++)
+			if (status_rules->rules[i]->target_status & (1 << b))
+				by_status[b].rules[by_status[b].nrules++] = status_rules->rules[i];
+	}
+
+	for (int i = 0; i < step_rules->nrules; i++)
+		n += step_rules->rules[i]->ntarget_steps;
+	entries = palloc(sizeof(StepEntry) * (n + 1));
+	n = 0;
+	for (int i = 0; i < step_rules->nrules; i++)
+		for (int t = 0; t < step_rules->rules[i]->ntarget_steps; t++)
+		{
+			entries[n].step_id = step_rules->rules[i]->target_steps[t];
+			entries[n].order = i;
+			entries[n++].rule = step_rules->rules[i];
+		}
+	qsort(entries, n, sizeof(StepEntry), compare_step_entries);
+	by_step_keys = palloc(sizeof(int64) * (n + 1));
+	by_step_rules = palloc(sizeof(Rule *) * (n + 1));
+	nby_step = 0;
+	for (int i = 0; i < n; i++)
+	{
+		/* a rule naming one step twice appears once */
+		if (i > 0 && entries[i].step_id == entries[i - 1].step_id &&
+			entries[i].rule == entries[i - 1].rule)
+			continue;
+		by_step_keys[nby_step] = entries[i].step_id;
+		by_step_rules[nby_step++] = entries[i].rule;
+	}
+	pfree(entries);
+}
+
 static void
 load_rules(void)
 {
@@ -305,6 +378,10 @@ load_rules(void)
 										  "nocrm rule cache",
 										  ALLOCSET_DEFAULT_SIZES);
 	memset(by_event, 0, sizeof(by_event));
+	memset(by_status, 0, sizeof(by_status));
+	by_step_keys = NULL;
+	by_step_rules = NULL;
+	nby_step = 0;
 
 	/* Invalidations that arrive while we read must not be lost. */
 	rules_valid = true;
@@ -353,6 +430,7 @@ load_rules(void)
 
 				er->rules[er->nrules++] = all[i];
 			}
+		index_targets();
 		MemoryContextSwitchTo(oldcontext);
 		SPI_freetuptable(tuptable);
 		elog(DEBUG1, "nocrm: loaded " UINT64_FORMAT " automations", n);
@@ -394,6 +472,49 @@ nocrm_rules_for_event(NocrmEvent event, int *nrules)
 	}
 	*nrules = by_event[event].nrules;
 	return by_event[event].rules;
+}
+
+/*
+ * The enabled rules that can match this raised event, in id order: for
+ * *.changed.to, only those whose target names the new status or step.
+ * Needs an SPI connection.
+ */
+Rule	  **
+nocrm_rules_for_change(RaisedEvent *ev, int *nrules)
+{
+	Rule	  **rules = nocrm_rules_for_event(ev->event, nrules);
+
+	if (ev->event == EV_STATUS_CHANGED)
+	{
+		for (int b = 0; b < NSTATUS_BITS; b++)
+			if (ev->to_status == (1 << b))
+			{
+				*nrules = by_status[b].nrules;
+				return by_status[b].rules;
+			}
+		*nrules = 0;
+	}
+	else if (ev->event == EV_STEP_CHANGED)
+	{
+		int			lo = 0,
+					hi = nby_step;
+
+		/* the first entry for the step, then its run */
+		while (lo < hi)
+		{
+			int			mid = lo + (hi - lo) / 2;
+
+			if (by_step_keys[mid] < ev->to_step)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		for (hi = lo; hi < nby_step && by_step_keys[hi] == ev->to_step; hi++)
+			;
+		*nrules = hi - lo;
+		return by_step_rules + lo;
+	}
+	return rules;
 }
 
 static bool
@@ -544,31 +665,6 @@ nocrm_conditions_hold(Rule *rule, LeadState *lead)
 	return true;
 }
 
-static void
-push_key(JsonbParseState **state, const char *key)
-{
-	JsonbValue	k;
-
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	pushJsonbValue(state, WJB_KEY, &k);
-}
-
-static void
-push_value_text(JsonbParseState **state, const char *text)
-{
-	JsonbValue	v;
-
-	v.type = text ? jbvString : jbvNull;
-	if (text)
-	{
-		v.val.string.val = (char *) text;
-		v.val.string.len = strlen(text);
-	}
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
 /*
  * Every condition of the rule with the lead's value and whether it held:
  * {"status": {"lead": "todo", "held": false}, ...}.  *failed names the first
@@ -617,11 +713,10 @@ nocrm_conditions_report(Rule *rule, LeadState *lead, const char **failed)
 			case COND_COUNT:
 				break;
 		}
-		push_key(&state, cond_names[k]);
+		nocrm_jsonb_key(&state, cond_names[k]);
 		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-		push_key(&state, "lead");
-		push_value_text(&state, value);
-		push_key(&state, "held");
+		nocrm_jsonb_put_string(&state, "lead", value);
+		nocrm_jsonb_key(&state, "held");
 		b.type = jbvBool;
 		b.val.boolean = held;
 		pushJsonbValue(&state, WJB_VALUE, &b);

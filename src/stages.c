@@ -50,7 +50,7 @@ typedef struct StageTrigger
 
 typedef struct StepPlace
 {
-	int64		step_id;
+	int64		step_id;		/* first: the sort key */
 	int64		pipeline_id;
 	int			position;
 } StepPlace;
@@ -58,7 +58,7 @@ typedef struct StepPlace
 /* A pipeline's first step: where a lead given only a pipeline starts. */
 typedef struct PipelineStart
 {
-	int64		pipeline_id;
+	int64		pipeline_id;	/* first: the sort key */
 	int64		step_id;
 } PipelineStart;
 
@@ -83,12 +83,31 @@ kind_from_name(const char *name)
 	return SK_UNKNOWN;
 }
 
+/* Runs one read-only query of the loader; its rows stay in SPI_tuptable. */
+static uint64
+load_query(const char *sql, const char *what)
+{
+	int			ret = SPI_execute(sql, true, 0);
+
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading %s failed: %s", what, SPI_result_code_string(ret));
+	return SPI_processed;
+}
+
+/* A column of a row of SPI_tuptable, known not null. */
+static Datum
+cell(uint64 row, int col)
+{
+	bool		isnull;
+
+	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, col, &isnull);
+}
+
 /* Loads enabled triggers and step positions; steps and triggers are small. */
 static void
 load(void)
 {
 	MemoryContext old;
-	int			ret;
 
 	if (stage_context == NULL)
 		stage_context = AllocSetContextCreate(CacheMemoryContext, "nocrm stage triggers",
@@ -101,68 +120,49 @@ load(void)
 	loaded = false;
 	loaded_generation = nocrm_rules_generation();
 
-	ret = SPI_execute("SELECT t.id, t.step_id, s.pipeline_id, s.position, t.kind,"
-					  "       coalesce(t.params ->> 'field', t.params ->> 'status',"
-					  "                t.params ->> 'tag', t.params ->> 'code'),"
-					  "       t.allow_backward, t.name"
-					  "  FROM nocrm.stage_triggers t JOIN nocrm.steps s ON s.id = t.step_id"
-					  " WHERE t.enabled ORDER BY t.id", true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "reading stage triggers failed: %s", SPI_result_code_string(ret));
+	ntriggers = (int) load_query("SELECT t.id, t.step_id, s.pipeline_id, s.position, t.kind,"
+								 "       coalesce(t.params ->> 'field', t.params ->> 'status',"
+								 "                t.params ->> 'tag', t.params ->> 'code'),"
+								 "       t.allow_backward, t.name"
+								 "  FROM nocrm.stage_triggers t JOIN nocrm.steps s ON s.id = t.step_id"
+								 " WHERE t.enabled ORDER BY t.id", "stage triggers");
 	old = MemoryContextSwitchTo(stage_context);
-	ntriggers = (int) SPI_processed;
 	triggers = palloc0(sizeof(StageTrigger) * (ntriggers + 1));
 	for (int i = 0; i < ntriggers; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		bool		isnull;
 
-		triggers[i].id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
-		triggers[i].step_id = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
-		triggers[i].pipeline_id = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
-		triggers[i].position = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+		triggers[i].id = DatumGetInt32(cell(i, 1));
+		triggers[i].step_id = DatumGetInt64(cell(i, 2));
+		triggers[i].pipeline_id = DatumGetInt64(cell(i, 3));
+		triggers[i].position = DatumGetInt32(cell(i, 4));
 		triggers[i].kind = kind_from_name(SPI_getvalue(tup, desc, 5));
 		triggers[i].param = SPI_getvalue(tup, desc, 6);
-		triggers[i].allow_backward = DatumGetBool(SPI_getbinval(tup, desc, 7, &isnull));
+		triggers[i].allow_backward = DatumGetBool(cell(i, 7));
 		triggers[i].name = SPI_getvalue(tup, desc, 8);
 	}
 	MemoryContextSwitchTo(old);
 
-	ret = SPI_execute("SELECT id, position, pipeline_id FROM nocrm.steps ORDER BY id", true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "reading steps failed: %s", SPI_result_code_string(ret));
+	nplaces = (int) load_query("SELECT id, position, pipeline_id FROM nocrm.steps ORDER BY id", "steps");
 	old = MemoryContextSwitchTo(stage_context);
-	nplaces = (int) SPI_processed;
 	places = palloc0(sizeof(StepPlace) * (nplaces + 1));
 	for (int i = 0; i < nplaces; i++)
 	{
-		bool		isnull;
-
-		places[i].step_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
-														SPI_tuptable->tupdesc, 1, &isnull));
-		places[i].position = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
-														 SPI_tuptable->tupdesc, 2, &isnull));
-		places[i].pipeline_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
-															SPI_tuptable->tupdesc, 3, &isnull));
+		places[i].step_id = DatumGetInt64(cell(i, 1));
+		places[i].position = DatumGetInt32(cell(i, 2));
+		places[i].pipeline_id = DatumGetInt64(cell(i, 3));
 	}
 	MemoryContextSwitchTo(old);
 
-	ret = SPI_execute("SELECT DISTINCT ON (pipeline_id) pipeline_id, id FROM nocrm.steps"
-					  " ORDER BY pipeline_id, position, id", true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "reading first steps failed: %s", SPI_result_code_string(ret));
+	nstarts = (int) load_query("SELECT DISTINCT ON (pipeline_id) pipeline_id, id FROM nocrm.steps"
+							   " ORDER BY pipeline_id, position, id", "first steps");
 	old = MemoryContextSwitchTo(stage_context);
-	nstarts = (int) SPI_processed;
 	starts = palloc0(sizeof(PipelineStart) * (nstarts + 1));
 	for (int i = 0; i < nstarts; i++)
 	{
-		bool		isnull;
-
-		starts[i].pipeline_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
-															SPI_tuptable->tupdesc, 1, &isnull));
-		starts[i].step_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
-														SPI_tuptable->tupdesc, 2, &isnull));
+		starts[i].pipeline_id = DatumGetInt64(cell(i, 1));
+		starts[i].step_id = DatumGetInt64(cell(i, 2));
 	}
 	MemoryContextSwitchTo(old);
 	loaded = true;
@@ -182,25 +182,21 @@ nocrm_places_loaded(void)
 	return loaded && loaded_generation == nocrm_rules_generation();
 }
 
+/* bsearch on arrays of structs whose first field is their int64 sort key */
+static int
+compare_leading_int64(const void *key, const void *element)
+{
+	int64		a = *(const int64 *) key;
+	int64		b = *(const int64 *) element;
+
+	return a < b ? -1 : a > b ? 1 : 0;
+}
+
 static StepPlace *
 place_of(int64 step_id)
 {
-	int			lo = 0,
-				hi = nplaces - 1;
-
 	ensure_loaded();
-	while (lo <= hi)
-	{
-		int			mid = lo + (hi - lo) / 2;
-
-		if (places[mid].step_id == step_id)
-			return &places[mid];
-		if (places[mid].step_id < step_id)
-			lo = mid + 1;
-		else
-			hi = mid - 1;
-	}
-	return NULL;
+	return bsearch(&step_id, places, nplaces, sizeof(StepPlace), compare_leading_int64);
 }
 
 /* The pipeline of a step; false for an unknown step. */
@@ -218,26 +214,13 @@ nocrm_step_pipeline(int64 step_id, int64 *pipeline_id)
 bool
 nocrm_first_step(int64 pipeline_id, int64 *step_id)
 {
-	int			lo = 0,
-				hi;
+	PipelineStart *start;
 
 	ensure_loaded();
-	hi = nstarts - 1;
-	while (lo <= hi)
-	{
-		int			mid = lo + (hi - lo) / 2;
-
-		if (starts[mid].pipeline_id == pipeline_id)
-		{
-			*step_id = starts[mid].step_id;
-			return true;
-		}
-		if (starts[mid].pipeline_id < pipeline_id)
-			lo = mid + 1;
-		else
-			hi = mid - 1;
-	}
-	return false;
+	start = bsearch(&pipeline_id, starts, nstarts, sizeof(PipelineStart), compare_leading_int64);
+	if (start)
+		*step_id = start->step_id;
+	return start != NULL;
 }
 
 /* Does any enabled stage trigger sit on a step of this pipeline? */
