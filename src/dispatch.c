@@ -67,6 +67,7 @@ dispatch_xact_callback(XactEvent event, void *arg)
 		nocrm_rules_reset_pins();
 		nocrm_assign_xact_end();
 		nocrm_buffers_xact_end();
+		nocrm_plans_xact_end();
 	}
 }
 

@@ -467,6 +467,7 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		/* OLD and NEW TABLE of an UPDATE hold each row's versions in the same order */
 		if (newslot && !next_row(trigdata->tg_newtable, newptr, newslot))
 			break;
+		nocrm_plans_note_row();
 		if (!nocrm_lead_row_wanted(op, oldslot, newslot, cols))
 			continue;
 		if (oldslot)
@@ -562,6 +563,7 @@ nocrm_tag_event_trigger(PG_FUNCTION_ARGS)
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 
 	check_trigger(fcinfo, "nocrm_tag_event_trigger", false);
+	nocrm_plans_note_row();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))

@@ -207,6 +207,8 @@ extern int	nocrm_status_bit(const char *status);
 
 /* spi_plans.c */
 extern SPIPlanPtr nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);
+extern void nocrm_plans_note_row(void);
+extern void nocrm_plans_xact_end(void);
 extern int64 nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found);
 extern bool nocrm_plan_int64(SPIPlanPtr plan, Datum *args, const char *nulls, int64 *value);
 extern void nocrm_exec_plan(SPIPlanPtr plan, Datum *args, const char *nulls, int expected,

@@ -4,18 +4,129 @@
 #include "nocrm.h"
 
 #include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/namespace.h"
+#include "storage/bufmgr.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "utils/datum.h"
 #include "utils/guc.h"
 
 /*
- * Returns the plan in *slot, preparing and keeping it on first use.  A kept
- * plan is revalidated by the plan cache when the tables it uses change.
+ * Kept plans are generic, built with the table sizes of their first run.  A
+ * plan built while nocrm.leads or nocrm.tags was nearly empty (a new CRM, a
+ * fresh import) scans them sequentially; kept, every lookup of a bulk
+ * statement would read the whole table.  So plans belong to an epoch, and
+ * the epoch moves on each time one of those tables has grown fourfold:
+ * the next use of each plan prepares it again.  Replaced plans may still
+ * be running further up the stack; they are freed at transaction end.
+ */
+#define GROWTH_CHECK_ROWS	1024	/* rows between size checks */
+#define GROWTH_FACTOR		4
+#define MIN_TRACKED_BLOCKS	8
+
+typedef struct KeptPlan
+{
+	SPIPlanPtr *slot;
+	uint64		epoch;
+} KeptPlan;
+
+static KeptPlan kept[64];
+static int	nkept = 0;
+static uint64 plan_epoch = 1;
+static List *retired_plans = NIL;	/* in TopMemoryContext */
+static BlockNumber epoch_blocks[2];
+static int	rows_since_check = 0;
+
+static KeptPlan *
+kept_plan(SPIPlanPtr *slot)
+{
+	for (int i = 0; i < nkept; i++)
+		if (kept[i].slot == slot)
+			return &kept[i];
+	if (nkept >= lengthof(kept))
+		elog(ERROR, "too many kept plans");
+	kept[nkept].slot = slot;
+	kept[nkept].epoch = 0;
+	return &kept[nkept++];
+}
+
+/* Frees the plans replaced during the transaction; none can be running now. */
+void
+nocrm_plans_xact_end(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, retired_plans)
+		SPI_freeplan((SPIPlanPtr) lfirst(lc));
+	list_free(retired_plans);
+	retired_plans = NIL;
+}
+
+static BlockNumber
+blocks_of(const char *table)
+{
+	Oid			relid = get_relname_relid(table, get_namespace_oid("nocrm", false));
+	Relation	rel;
+	BlockNumber blocks;
+
+	if (!OidIsValid(relid))
+		return 0;
+	rel = table_open(relid, AccessShareLock);
+	blocks = RelationGetNumberOfBlocks(rel);
+	table_close(rel, AccessShareLock);
+	return blocks;
+}
+
+/*
+ * Called for each row the triggers handle: every GROWTH_CHECK_ROWS rows,
+ * checks whether leads or tags outgrew the sizes the plans were built for.
+ */
+void
+nocrm_plans_note_row(void)
+{
+	const char *tables[2] = {"leads", "tags"};
+
+	if (++rows_since_check < GROWTH_CHECK_ROWS)
+		return;
+	rows_since_check = 0;
+	for (int t = 0; t < 2; t++)
+	{
+		BlockNumber blocks = blocks_of(tables[t]);
+
+		if (blocks >= MIN_TRACKED_BLOCKS &&
+			blocks >= (BlockNumber) GROWTH_FACTOR * Max(epoch_blocks[t], MIN_TRACKED_BLOCKS / GROWTH_FACTOR))
+		{
+			plan_epoch++;
+			epoch_blocks[0] = blocks_of(tables[0]);
+			epoch_blocks[1] = blocks_of(tables[1]);
+			elog(DEBUG1, "nocrm: nocrm.%s has %u blocks, kept plans are prepared again",
+				 tables[t], blocks);
+			return;
+		}
+	}
+}
+
+/*
+ * Returns the plan in *slot, preparing and keeping it on first use (and
+ * again in a new epoch).  A kept plan is revalidated by the plan cache when
+ * the tables it uses change.
  */
 SPIPlanPtr
 nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
 {
+	KeptPlan   *k = kept_plan(slot);
+
+	if (*slot != NULL && k->epoch != plan_epoch)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		retired_plans = lappend(retired_plans, *slot);
+		MemoryContextSwitchTo(old);
+		*slot = NULL;
+	}
 	if (*slot == NULL)
 	{
 		/*
@@ -30,6 +141,7 @@ nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
 		if (SPI_keepplan(plan) != 0)
 			elog(ERROR, "SPI_keepplan failed");
 		*slot = plan;
+		k->epoch = plan_epoch;
 	}
 	return *slot;
 }
