@@ -51,7 +51,8 @@ a6346f5:batched_writes_of_history,_run_log_and_notifications;_no_re-read_of_the_
 d202d60:actions_reuse_the_dispatcher's_lead_for_a_rule's_first_action
 e4cf595:run_log_outcomes_built_as_jsonb;_tag_events_read_the_lead_only_when_rules_need_it
 1823df7:lead_events_once_per_statement,_from_transition_tables
-ca3295a:rules_of_*.changed.to_by_target;_cached_column_positions;_the_gate_reads_rows_in_place"
+ca3295a:rules_of_*.changed.to_by_target;_cached_column_positions;_the_gate_reads_rows_in_place
+7f75649:kept_plans_prepared_again_as_leads_and_tags_grow_(bulk_statements_on_a_fresh_CRM_were_quadratic)"
 COMMITS=${COMMITS:-$DEFAULT_COMMITS}
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs each build and runs PostgreSQL as postgres)"
