@@ -13,6 +13,7 @@ OBJS = \
 	src/guc.o \
 	src/history.o \
 	src/lead.o \
+	src/preassign.o \
 	src/rules.o \
 	src/spi_plans.o \
 	src/stages.o \

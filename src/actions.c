@@ -85,8 +85,8 @@ lead_now(Rule *rule, RuleAction *action, LeadState *lead, LeadState *current)
 	return nocrm_lead_fetch(lead->id, current);
 }
 
-static bool
-user_is_active(int64 user_id)
+bool
+nocrm_user_is_active(int64 user_id)
 {
 	Oid			types[1] = {INT8OID};
 	Datum		args[1] = {Int64GetDatum(user_id)};
@@ -119,6 +119,46 @@ assign_to(Rule *rule, RuleAction *action, LeadState *lead, int64 user_id)
 	nocrm_plan(&plan_assign,
 			   "UPDATE nocrm.leads SET user_id = $2 WHERE id = $1", 2, types);
 	(void) exec_one(plan_assign, args, NULL, NULL, NULL);
+}
+
+/*
+ * An owner written into a new lead's row before the rule ran (preassign.c):
+ * what the action would have recorded had it made the change itself.
+ */
+void
+nocrm_record_assignment(Rule *rule, RuleAction *action, LeadState *lead, int64 user_id,
+						bool fallback)
+{
+	if (fallback)
+		action_history(rule, action, lead, NULL, NULL,
+					   "nobody available: fallback \"anyone\" applies");
+	action_history(rule, action, lead, nocrm_jsonb_int_pair("user_id", 0, true),
+				   nocrm_jsonb_int_pair("user_id", user_id, false), NULL);
+}
+
+/*
+ * Does the action, run now, neither change the lead (or anything that
+ * raises an event) nor read its owner?  Such actions may run before a rule
+ * that assigns the lead without seeing the owner it will get.
+ */
+bool
+nocrm_action_leaves_lead_alone(RuleAction *action)
+{
+	if (action->respect_working_hours)
+		return false;			/* waits for the owner's hours */
+	if (action->delayed)
+		return true;			/* queued; what it does is decided when due */
+	switch (action->kind)
+	{
+		case ACT_NOTIFY:
+			return action->user_id != USER_IS_OWNER &&
+				(strstr(action->text, "{{") == NULL ||
+				 nocrm_placeholders_lead_local(action->text));
+		case ACT_SEND_EMAIL:
+			return true;		/* rendered by the drain, from the lead as it is then */
+		default:
+			return false;
+	}
 }
 
 static void
@@ -747,7 +787,7 @@ nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *e
 	switch (action->kind)
 	{
 		case ACT_ASSIGN:
-			if (!user_is_active(action->user_id))
+			if (!nocrm_user_is_active(action->user_id))
 				action_history(rule, action, lead, NULL, NULL,
 							   psprintf("skipped: user %lld is inactive",
 										(long long) action->user_id));

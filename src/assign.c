@@ -17,6 +17,13 @@
  * a bulk INSERT would otherwise rewrite the same counter row per row and
  * make every later pick walk all those row versions.  Picks add the pending
  * increments to what the table says.
+ *
+ * A statement that assigns many leads in one group (a bulk INSERT) tries,
+ * after a few picks, to lock every available member's row at once (SKIP
+ * LOCKED, never waiting).  Holding them all, no other transaction can move
+ * a count, so the rest of the statement's picks are made in memory with
+ * the same rule (lowest count per weight, ties by position): the same
+ * member the query would have chosen, without a query per lead.
  */
 #include "nocrm.h"
 
@@ -48,8 +55,35 @@ static SPIPlanPtr plan_rr_try,
 			plan_rr_wait,
 			plan_balanced_try,
 			plan_balanced_wait,
+			plan_random,
+			plan_lock_all,
+			plan_count_available;
 
-			plan_random;
+/* Picks a group makes by query in one statement before it tries to lock all members. */
+#define PICKS_BEFORE_LOCK_ALL	8
+#define MAX_GROUP_MEMOS			16
+
+/*
+ * A round-robin group of the current statement: its picks so far and, once
+ * this transaction holds every available member's counter row, the members'
+ * counts (committed + pending), so the next picks need no query.
+ */
+typedef struct GroupMemo
+{
+	int32		automation_id;
+	int32		action_no;
+	int			picks;
+	bool		tried_lock_all;
+	bool		in_memory;
+	int			nmembers;
+	int64	   *user_ids;		/* available members, by position */
+	int32	   *weights;
+	int64	   *counts;
+} GroupMemo;
+
+static GroupMemo group_memos[MAX_GROUP_MEMOS];
+static int	ngroup_memos = 0;
+static MemoryContext memo_context = NULL;
 
 /*
  * Parameters of every group query: $1 automation, $2 action, $3 pending
@@ -124,7 +158,7 @@ pick(SPIPlanPtr *slot, const char *sql, Rule *rule, RuleAction *action, bool any
 
 /* Records an increment, merged with an earlier one of the same subtransaction. */
 static void
-bump(Rule *rule, RuleAction *action, int64 user_id)
+bump(Rule *rule, RuleAction *action, int64 user_id, int64 delta)
 {
 	SubTransactionId subid = GetCurrentSubTransactionId();
 
@@ -135,7 +169,7 @@ bump(Rule *rule, RuleAction *action, int64 user_id)
 		if (p->automation_id == rule->id && p->action_no == action->action_no &&
 			p->user_id == user_id && p->subid == subid)
 		{
-			p->delta++;
+			p->delta += delta;
 			return;
 		}
 	}
@@ -150,8 +184,154 @@ bump(Rule *rule, RuleAction *action, int64 user_id)
 	pending[npending].action_no = action->action_no;
 	pending[npending].user_id = user_id;
 	pending[npending].subid = subid;
-	pending[npending].delta = 1;
+	pending[npending].delta = delta;
 	npending++;
+}
+
+/*
+ * Takes back an increment: a lead whose owner was picked before its row was
+ * written, but whose row never was (INSERT ... ON CONFLICT DO NOTHING, a
+ * later BEFORE trigger that skipped it).
+ */
+void
+nocrm_assign_refund(int32 automation_id, int32 action_no, int64 user_id)
+{
+	RuleAction	action;
+	Rule		rule;
+
+	memset(&rule, 0, sizeof(rule));
+	memset(&action, 0, sizeof(action));
+	rule.id = automation_id;
+	action.action_no = action_no;
+	bump(&rule, &action, user_id, -1);
+}
+
+/* Counts held in memory are good for one statement and its own locks. */
+static void
+forget_group_memos(void)
+{
+	ngroup_memos = 0;
+	if (memo_context)
+		MemoryContextReset(memo_context);
+}
+
+static GroupMemo *
+group_memo(Rule *rule, RuleAction *action)
+{
+	GroupMemo  *m;
+
+	for (int i = 0; i < ngroup_memos; i++)
+		if (group_memos[i].automation_id == rule->id &&
+			group_memos[i].action_no == action->action_no)
+			return &group_memos[i];
+	if (ngroup_memos == MAX_GROUP_MEMOS)
+		return NULL;
+	m = &group_memos[ngroup_memos++];
+	memset(m, 0, sizeof(GroupMemo));
+	m->automation_id = rule->id;
+	m->action_no = action->action_no;
+	return m;
+}
+
+/* The member with the lowest count per weight, ties by position. */
+static int64
+pick_in_memory(GroupMemo *m)
+{
+	int			best = 0;
+
+	for (int i = 1; i < m->nmembers; i++)
+	{
+		/* counts[i] / weights[i] < counts[best] / weights[best], exactly */
+		if ((int128) m->counts[i] * m->weights[best] <
+			(int128) m->counts[best] * m->weights[i])
+			best = i;
+	}
+	m->counts[best]++;
+	return m->user_ids[best];
+}
+
+/*
+ * Locks every available member's counter row if no one else holds one, and
+ * loads their counts.  Never waits: another transaction holding a member
+ * means we go on with one query per pick.  Groups with caps (open leads
+ * change with every assignment) stay on the query.
+ */
+static void
+try_lock_all(Rule *rule, RuleAction *action, GroupMemo *m)
+{
+	Oid			types[5] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID};
+	Datum		args[5] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no),
+		pending_by_position(rule, action), BoolGetDatum(false), BoolGetDatum(false)};
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	bool		complete = false;
+	int64		available = 0;
+
+	m->tried_lock_all = true;
+	nocrm_plan(&plan_lock_all,
+			   "SELECT c.user_id, c.weight,"
+			   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL"
+			   MEMBERS("c", "u") " ORDER BY c.position FOR UPDATE OF c SKIP LOCKED",
+			   5, types);
+	nocrm_plan(&plan_count_available, "SELECT count(*)" MEMBERS("c", "u"), 5, types);
+	if (!nocrm_plan_int64(plan_count_available, args, NULL, &available) || available == 0)
+		return;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		int			ret = SPI_execute_plan(plan_lock_all, args, NULL, false, 0);
+		uint64		n = SPI_processed;
+		bool		capped = false;
+
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "locking a group's counters failed: %s", SPI_result_code_string(ret));
+		for (uint64 r = 0; r < n; r++)
+		{
+			bool		isnull;
+
+			capped |= DatumGetBool(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc,
+												 4, &isnull));
+		}
+		if (n == (uint64) available && !capped)
+		{
+			if (memo_context == NULL)
+				memo_context = AllocSetContextCreate(TopMemoryContext, "nocrm group counts",
+													 ALLOCSET_SMALL_SIZES);
+			m->nmembers = (int) n;
+			m->user_ids = MemoryContextAlloc(memo_context, sizeof(int64) * n);
+			m->weights = MemoryContextAlloc(memo_context, sizeof(int32) * n);
+			m->counts = MemoryContextAlloc(memo_context, sizeof(int64) * n);
+			for (uint64 r = 0; r < n; r++)
+			{
+				HeapTuple	row = SPI_tuptable->vals[r];
+				TupleDesc	desc = SPI_tuptable->tupdesc;
+				bool		isnull;
+
+				m->user_ids[r] = DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull));
+				m->weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
+				m->counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 3, &isnull));
+			}
+			complete = true;
+		}
+	}
+	PG_CATCH();
+	{
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	/* keep the locks only if they are all of them: a partial set would just hold others up */
+	if (complete)
+		ReleaseCurrentSubTransaction();
+	else
+		RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(oldcontext);
+	CurrentResourceOwner = oldowner;
+	m->in_memory = complete;
 }
 
 /* Writes the pending increments to nocrm.assignment_counters. */
@@ -214,6 +394,7 @@ nocrm_flush_writes(void)
 {
 	if (nocrm_chain_depth() > 0)
 		return;
+	forget_group_memos();
 	if (npending > 0)
 	{
 		if (SPI_connect() != SPI_OK_CONNECT)
@@ -234,6 +415,8 @@ nocrm_assign_subxact_abort(SubTransactionId subid)
 		if (pending[i].subid < subid)
 			pending[kept++] = pending[i];
 	npending = kept;
+	/* the aborted subtransaction may have held the member locks the counts rely on */
+	forget_group_memos();
 }
 
 void
@@ -248,6 +431,7 @@ void
 nocrm_assign_xact_end(void)
 {
 	npending = 0;
+	forget_group_memos();
 }
 
 /*
@@ -338,6 +522,19 @@ static bool
 pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
 	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
+	GroupMemo  *memo = NULL;
+
+	if (!balanced && !anyone && !action->only_working_hours)
+		memo = group_memo(rule, action);
+	if (memo && !memo->in_memory && !memo->tried_lock_all &&
+		++memo->picks > PICKS_BEFORE_LOCK_ALL)
+		try_lock_all(rule, action, memo);
+	if (memo && memo->in_memory)
+	{
+		*user_id = pick_in_memory(memo);
+		bump(rule, action, *user_id, 1);
+		return true;
+	}
 
 	for (;;)
 	{
@@ -363,7 +560,7 @@ pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 			return false;		/* nobody available */
 		wait_for_member(rule, action, busy);
 	}
-	bump(rule, action, *user_id);
+	bump(rule, action, *user_id, 1);
 	return true;
 }
 

@@ -66,6 +66,7 @@ dispatch_xact_callback(XactEvent event, void *arg)
 		chain_len = 0;
 		nocrm_rules_reset_pins();
 		nocrm_assign_xact_end();
+		nocrm_preassign_xact_end();
 		nocrm_buffers_xact_end();
 		nocrm_plans_xact_end();
 	}
@@ -78,6 +79,7 @@ dispatch_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 	if (event == SUBXACT_EVENT_ABORT_SUB)
 	{
 		nocrm_assign_subxact_abort(mySubid);
+		nocrm_preassign_subxact_abort(mySubid);
 		nocrm_buffers_subxact_abort(mySubid);
 	}
 	else if (event == SUBXACT_EVENT_COMMIT_SUB)
@@ -347,6 +349,49 @@ describe_instead(Rule *rule, LeadState *lead, RaisedEvent *ev)
 }
 
 /*
+ * The rule's assign action found the lead already given the owner it chose
+ * before the row was written: record it, and raise what the UPDATE would
+ * have raised, inside this rule's chain.
+ */
+static void
+assigned_before_insert(Rule *rule, RuleAction *action, LeadState *lead, int64 user_id,
+					   bool fallback)
+{
+	LeadState	assigned = *lead;
+	RaisedEvent events[2];
+
+	nocrm_record_assignment(rule, action, lead, user_id, fallback);
+	assigned.has_owner = true;
+	assigned.owner_id = user_id;
+	assigned.latest_locked = true;
+	memset(events, 0, sizeof(events));
+	events[0].event = EV_ASSIGNED;
+	events[1].event = EV_ANY_UPDATE;
+	for (int i = 0; i < 2; i++)
+	{
+		events[i].old_value = nocrm_jsonb_int_pair("user_id", 0, true);
+		events[i].new_value = nocrm_jsonb_int_pair("user_id", user_id, false);
+	}
+	nocrm_dispatch(&assigned, events, 2);
+	/* the lead as the rule leaves it, unless something wrote it since */
+	lead->has_owner = true;
+	lead->owner_id = user_id;
+}
+
+static void
+run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
+{
+	int64		user_id;
+	bool		fallback;
+
+	if (action == &rule->actions[0] && nocrm_preassign_any() &&
+		nocrm_preassign_take(lead->id, rule->id, action->action_no, &user_id, &fallback))
+		assigned_before_insert(rule, action, lead, user_id, fallback);
+	else
+		nocrm_run_action(rule, action, lead, ev);
+}
+
+/*
  * Runs actions [first, last) of a rule as the Butler, inside the chain, and
  * records the run with each action's outcome.
  */
@@ -372,7 +417,7 @@ run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lea
 		for (int i = 0; i < nactions; i++)
 		{
 			CHECK_FOR_INTERRUPTS();
-			nocrm_run_action(rule, &actions[i], lead, ev);
+			run_action(rule, &actions[i], lead, ev);
 		}
 	}
 	PG_FINALLY();
@@ -431,6 +476,16 @@ superseded(RaisedEvent *ev, LeadState *then, LeadState *now)
 	}
 }
 
+/* The lead read again, as the rules are to see it (preassign.c). */
+static bool
+refetch(int64 lead_id, LeadState *lead, bool lock)
+{
+	if (!(lock ? nocrm_lead_fetch_locked(lead_id, lead) : nocrm_lead_fetch(lead_id, lead)))
+		return false;
+	nocrm_preassign_hide_owner(lead);
+	return true;
+}
+
 /*
  * Stage triggers go after an event's automations, on the lead as it is
  * then.  Returns whether the lead must be read again.
@@ -445,8 +500,7 @@ run_stage_triggers(LeadState *lead, LeadState **current, LeadState *changed_lead
 		*locked = true;
 	else if (stale || !*locked)
 	{
-		if (!(*locked ? nocrm_lead_fetch(lead->id, changed_lead)
-			  : nocrm_lead_fetch_locked(lead->id, changed_lead)))
+		if (!refetch(lead->id, changed_lead, !*locked))
 			return false;
 		*locked = true;
 		*current = changed_lead;
@@ -475,7 +529,7 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 
 		if (stale)
 		{
-			if (!nocrm_lead_fetch(lead->id, &changed_lead))
+			if (!refetch(lead->id, &changed_lead, false))
 				return;			/* an automation deleted it */
 			current = &changed_lead;
 			stale = false;
@@ -508,7 +562,7 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 			locked = true;
 		else if (!locked && !lead->deleted)
 		{
-			if (!nocrm_lead_fetch_locked(lead->id, &changed_lead))
+			if (!refetch(lead->id, &changed_lead, true))
 				return;			/* deleted meanwhile */
 			current = &changed_lead;
 			locked = true;
@@ -524,7 +578,7 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 
 				if (stale)
 				{
-					if (!nocrm_lead_fetch(lead->id, &changed_lead))
+					if (!refetch(lead->id, &changed_lead, false))
 						break;
 					current = &changed_lead;
 					stale = false;
@@ -539,8 +593,17 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 									  nocrm_max_chain_depth));
 				else
 				{
+					uint64		writes = nocrm_lead_write_count();
+
+					/* the rule's own copy: an assignment made before the insert updates it */
+					if (current == lead)
+					{
+						changed_lead = *lead;
+						current = &changed_lead;
+					}
 					run_rule(rule, current, ev);
-					stale = !lead->deleted;
+					if (nocrm_lead_write_count() != writes)
+						stale = !lead->deleted;
 				}
 			}
 		}

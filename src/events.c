@@ -57,8 +57,34 @@ closed_status(const char *status)
 }
 
 /*
+ * Will the INSERT's event trigger run?  Not when disabled, nor under
+ * session_replication_role = replica: then no rule runs, and none may have
+ * chosen an owner.
+ */
+static bool
+lead_events_trigger_enabled(Relation rel)
+{
+	TriggerDesc *td = rel->trigdesc;
+
+	if (td == NULL)
+		return false;
+	for (int i = 0; i < td->numtriggers; i++)
+	{
+		Trigger    *t = &td->triggers[i];
+
+		if (strcmp(t->tgname, "nocrm_lead_events_insert") != 0)
+			continue;
+		if (SessionReplicationRole == SESSION_REPLICATION_ROLE_REPLICA)
+			return t->tgenabled == TRIGGER_FIRES_ON_REPLICA || t->tgenabled == TRIGGER_FIRES_ALWAYS;
+		return t->tgenabled == TRIGGER_FIRES_ON_ORIGIN || t->tgenabled == TRIGGER_FIRES_ALWAYS;
+	}
+	return false;
+}
+
+/*
  * BEFORE INSERT OR UPDATE ON nocrm.leads: keeps updated_at, closed_at and a
- * lead's place in its pipeline consistent, whoever writes the row.
+ * lead's place in its pipeline consistent, whoever writes the row, and
+ * writes the owner a creation rule chose for a new lead.
  */
 Datum
 nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
@@ -67,9 +93,9 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 	TupleDesc	desc;
 	HeapTuple	newtup,
 				oldtup = NULL;
-	int			cols[4];
-	Datum		vals[4];
-	bool		nulls[4] = {false, false, false, false};
+	int			cols[5];
+	Datum		vals[5];
+	bool		nulls[5] = {false, false, false, false, false};
 	int			ncols = 0;
 	bool		changed = false;
 	LeadState	newlead,
@@ -87,6 +113,7 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
 	{
+		nocrm_lead_note_write();
 		oldtup = trigdata->tg_trigtuple;
 		newtup = trigdata->tg_newtuple;
 		for (int i = 1; i <= desc->natts && !changed; i++)
@@ -119,6 +146,8 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 		{
 			cols[ncols] = attnums->pipeline_id;
 			vals[ncols++] = Int64GetDatum(pipeline);
+			newlead.has_pipeline = true;
+			newlead.pipeline_id = pipeline;
 		}
 	}
 	else if (newlead.has_pipeline &&
@@ -134,6 +163,23 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 		cols[ncols] = attnums->step_id;
 		vals[ncols] = Int64GetDatum(step);
 		nulls[ncols++] = !found;
+		newlead.has_step = found;
+		newlead.step_id = step;
+	}
+
+	/* A new lead's owner, when a creation rule can decide it now (preassign.c). */
+	if (oldtup == NULL && !newlead.has_owner && attnums->id > 0)
+	{
+		int64		owner;
+		bool		id_null;
+
+		(void) heap_getattr(newtup, attnums->id, desc, &id_null);
+		if (!id_null && lead_events_trigger_enabled(trigdata->tg_relation) &&
+			nocrm_preassign_row(&newlead, &owner))
+		{
+			cols[ncols] = attnums->user_id;
+			vals[ncols++] = Int64GetDatum(owner);
+		}
 	}
 
 	/*
@@ -328,7 +374,14 @@ lead_row_events(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc)
 
 	if (op == 'I')
 	{
+		PreAssignment *chosen;
+
 		nocrm_lead_from_tuple(&lead, newtup, desc);
+		/* an owner chosen by a rule that has not run yet: until it runs, the lead has none */
+		chosen = nocrm_preassigned(lead.id);
+		if (chosen && chosen->state == 'p')
+			chosen->state = 's';
+		nocrm_preassign_hide_owner(&lead);
 		add_event(events, &nevents, EV_CREATION, NULL,
 				  nocrm_jsonb_pair("title", lead.title));
 		add_event(events, &nevents, lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED,
@@ -393,6 +446,19 @@ nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
 	return PointerGetDatum(NULL);
 }
 
+/* Was the row's owner chosen by a rule that has yet to run?  Then it is wanted. */
+static bool
+preassigned_row(TupleTableSlot *slot, const LeadAttnums *cols)
+{
+	bool		isnull;
+	Datum		id;
+
+	if (!nocrm_preassign_any())
+		return false;
+	id = slot_getattr(slot, cols->id, &isnull);
+	return !isnull && nocrm_preassigned(DatumGetInt64(id)) != NULL;
+}
+
 /* A reader of a transition table of our own, from its first row. */
 static TupleTableSlot *
 transition_reader(Tuplestorestate *table, TupleDesc desc, int *readptr)
@@ -441,6 +507,8 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		!TRIGGER_FIRED_AFTER(trigdata->tg_event))
 		elog(ERROR, "nocrm_lead_statement_trigger: must be fired after, for each statement");
 	op = trigger_op(trigdata);
+	if (op == 'D')
+		nocrm_lead_note_write();
 	desc = trigdata->tg_relation->rd_att;
 	cols = nocrm_lead_attnums(desc);
 	oldslot = op == 'I' ? NULL : transition_reader(trigdata->tg_oldtable, desc, &oldptr);
@@ -468,7 +536,8 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		if (newslot && !next_row(trigdata->tg_newtable, newptr, newslot))
 			break;
 		nocrm_plans_note_row();
-		if (!nocrm_lead_row_wanted(op, oldslot, newslot, cols))
+		if (!(op == 'I' && preassigned_row(newslot, cols)) &&
+			!nocrm_lead_row_wanted(op, oldslot, newslot, cols))
 			continue;
 		if (oldslot)
 			oldtup = ExecFetchSlotHeapTuple(oldslot, false, NULL);
@@ -485,6 +554,8 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 	if (newslot)
 		ExecDropSingleTupleTableSlot(newslot);
 	MemoryContextDelete(rowcontext);
+	if (op == 'I')
+		nocrm_preassign_statement_end();
 	/* the statement's round-robin counts and batched rows */
 	nocrm_flush_writes();
 	return PointerGetDatum(NULL);

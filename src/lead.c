@@ -170,3 +170,22 @@ nocrm_lead_fetch_locked(int64 lead_id, LeadState *lead)
 				 " FROM nocrm.leads WHERE id = $1 FOR NO KEY UPDATE",
 				 lead_id, lead);
 }
+
+/*
+ * Lead rows written or deleted so far (any source: actions, stage triggers,
+ * users' own triggers).  The dispatcher reads a lead again after a rule only
+ * when this moved: a rule that only notified or queued mail changed nothing.
+ */
+static uint64 lead_writes = 0;
+
+void
+nocrm_lead_note_write(void)
+{
+	lead_writes++;
+}
+
+uint64
+nocrm_lead_write_count(void)
+{
+	return lead_writes;
+}

@@ -336,6 +336,10 @@ extern void nocrm_jsonb_put_jsonb(JsonbParseState **state, const char *key, Json
 /* actions.c */
 extern void nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead,
 							 RaisedEvent *ev);
+extern bool nocrm_action_leaves_lead_alone(RuleAction *action);
+extern void nocrm_record_assignment(Rule *rule, RuleAction *action, LeadState *lead,
+									int64 user_id, bool fallback);
+extern bool nocrm_user_is_active(int64 user_id);
 
 /* assign.c */
 extern void nocrm_assign_subxact_abort(SubTransactionId subid);
@@ -344,6 +348,28 @@ extern void nocrm_assign_xact_end(void);
 extern void nocrm_flush_writes(void);
 extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead,
 								 bool *found, bool *fallback);
+extern void nocrm_assign_refund(int32 automation_id, int32 action_no, int64 user_id);
+
+/* preassign.c: owners decided in the BEFORE ROW trigger of an INSERT */
+typedef struct PreAssignment
+{
+	int64		lead_id;		/* hash key */
+	int32		automation_id;
+	int32		action_no;
+	int64		user_id;
+	bool		fallback;		/* nobody available: fallback "anyone" applied */
+	char		state;			/* 'p'ending, 's'een by the statement, 't'aken by the rule */
+	SubTransactionId subid;
+} PreAssignment;
+extern bool nocrm_preassign_row(LeadState *lead, int64 *user_id);
+extern PreAssignment *nocrm_preassigned(int64 lead_id);
+extern bool nocrm_preassign_any(void);
+extern bool nocrm_preassign_take(int64 lead_id, int32 automation_id, int32 action_no,
+								 int64 *user_id, bool *fallback);
+extern void nocrm_preassign_hide_owner(LeadState *lead);
+extern void nocrm_preassign_statement_end(void);
+extern void nocrm_preassign_subxact_abort(SubTransactionId subid);
+extern void nocrm_preassign_xact_end(void);
 
 /* templates.c */
 extern char *nocrm_render(const char *text, Jsonb *context);
@@ -390,5 +416,7 @@ extern const LeadAttnums *nocrm_lead_attnums(TupleDesc desc);
 extern void nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc);
 extern bool nocrm_lead_fetch(int64 lead_id, LeadState *lead);
 extern bool nocrm_lead_fetch_locked(int64 lead_id, LeadState *lead);
+extern void nocrm_lead_note_write(void);
+extern uint64 nocrm_lead_write_count(void);
 
 #endif							/* NOCRM_H */

@@ -1,0 +1,311 @@
+/*
+ * preassign.c — a new lead's owner, decided before its row is written.
+ *
+ * An assignment made after the INSERT is a second UPDATE of the row just
+ * written: its own foreign key checks, row version, WAL and trigger run.
+ * When the first lead.creation rule that would assign a new lead can be
+ * judged from the new row alone, the BEFORE ROW trigger picks the owner and
+ * writes it into the row.  The choice waits here until the statement's
+ * events run that rule, which then records the assignment and raises
+ * lead.assigned and lead.any_update as the UPDATE would have, with the
+ * Butler as actor (see dispatch.c).  Until then the lead is shown to the
+ * rules as the unassigned lead it was.
+ *
+ * Only when nothing before that rule could tell the difference: every
+ * earlier matching creation rule's actions leave the lead alone and do not
+ * read its owner (nocrm_action_leaves_lead_alone), no condition needs a
+ * query (a new lead has no tags yet), and the rule's assignment runs now.
+ */
+#include "nocrm.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+
+static HTAB *preassigned = NULL;
+static long npreassigned = 0;
+static SubTransactionId max_subid = InvalidSubTransactionId;
+
+static void
+ensure_table(void)
+{
+	HASHCTL		ctl;
+
+	if (preassigned)
+		return;
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(int64);
+	ctl.entrysize = sizeof(PreAssignment);
+	ctl.hcxt = TopMemoryContext;
+	preassigned = hash_create("nocrm pre-assigned leads", 1024, &ctl,
+							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
+/* The rule's conditions on a lead that is being inserted, without a query. */
+static bool
+holds_on_new_row(Rule *rule, LeadState *lead)
+{
+	return rule->nhas_tags == 0 && nocrm_columns_may_match(rule, lead);
+}
+
+static bool
+assigns_now(RuleAction *action)
+{
+	switch (action->kind)
+	{
+		case ACT_ASSIGN:
+		case ACT_ASSIGN_ROUND_ROBIN:
+		case ACT_ASSIGN_RANDOM:
+		case ACT_ASSIGN_BALANCED:
+			return !action->delayed && !action->respect_working_hours;
+		default:
+			return false;
+	}
+}
+
+static bool
+rule_leaves_lead_alone(Rule *rule)
+{
+	if (rule->test_mode)
+		return false;			/* its description reads the lead as it is */
+	for (int i = 0; i < rule->nactions; i++)
+		if (!nocrm_action_leaves_lead_alone(&rule->actions[i]))
+			return false;
+	return true;
+}
+
+/* The owner of an assign action, or false when it would skip. */
+static bool
+choose(Rule *rule, RuleAction *action, LeadState *lead, int64 *user_id, bool *fallback)
+{
+	bool		found;
+
+	*fallback = false;
+	if (action->kind == ACT_ASSIGN)
+	{
+		*user_id = action->user_id;
+		return nocrm_user_is_active(action->user_id);
+	}
+	*user_id = nocrm_pick_assignee(rule, action, lead, &found, fallback);
+	return found;
+}
+
+static bool
+decide(LeadState *lead, int64 *user_id, bool *fallback, Rule **chosen)
+{
+	int			nrules;
+	Rule	  **rules = nocrm_rules_for_event(EV_CREATION, &nrules);
+
+	for (int r = 0; r < nrules; r++)
+	{
+		Rule	   *rule = rules[r];
+
+		if (!holds_on_new_row(rule, lead))
+			continue;
+		if (rule->nactions > 0 && !rule->test_mode && assigns_now(&rule->actions[0]))
+		{
+			*chosen = rule;
+			return choose(rule, &rule->actions[0], lead, user_id, fallback);
+		}
+		if (!rule_leaves_lead_alone(rule))
+			return false;
+	}
+	return false;
+}
+
+/*
+ * Called by the BEFORE ROW trigger of an INSERT with the new row (already
+ * placed in its pipeline): the owner to write into it, if a rule decides it
+ * now.
+ */
+bool
+nocrm_preassign_row(LeadState *lead, int64 *user_id)
+{
+	OwnerContext owner;
+	Rule	   *rule = NULL;
+	bool		fallback = false;
+	bool		found = false;
+	PreAssignment *entry;
+	bool		exists;
+	int			nrules;
+
+	if (!nocrm_automations_enabled || lead->has_owner || nocrm_chain_depth() > 0 ||
+		nocrm_max_chain_depth < 1)
+		return false;
+	nocrm_gate_caches_ready(true);
+	(void) nocrm_rules_for_event(EV_CREATION, &nrules);
+	if (nrules == 0)
+		return false;
+
+	nocrm_owner_enter(&owner);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	nocrm_rules_pin();
+	PG_TRY();
+	{
+		found = decide(lead, user_id, &fallback, &rule);
+		if (found)
+		{
+			ensure_table();
+			entry = hash_search(preassigned, &lead->id, HASH_ENTER, &exists);
+			if (exists && entry->state == 'p')
+				nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
+			if (!exists)
+				npreassigned++;
+			entry->automation_id = rule->id;
+			entry->action_no = rule->actions[0].action_no;
+			entry->user_id = *user_id;
+			entry->fallback = fallback;
+			entry->state = 'p';
+			entry->subid = GetCurrentSubTransactionId();
+			max_subid = Max(max_subid, entry->subid);
+		}
+	}
+	PG_FINALLY();
+	{
+		nocrm_rules_unpin();
+	}
+	PG_END_TRY();
+	SPI_finish();
+	nocrm_owner_leave(&owner);
+	return found;
+}
+
+bool
+nocrm_preassign_any(void)
+{
+	return npreassigned > 0;
+}
+
+PreAssignment *
+nocrm_preassigned(int64 lead_id)
+{
+	if (npreassigned == 0)
+		return NULL;
+	return hash_search(preassigned, &lead_id, HASH_FIND, NULL);
+}
+
+/* Shows a lead whose assigning rule has not run yet as it was inserted: unassigned. */
+void
+nocrm_preassign_hide_owner(LeadState *lead)
+{
+	PreAssignment *entry = nocrm_preassigned(lead->id);
+
+	if (entry && entry->state != 't' && lead->has_owner && lead->owner_id == entry->user_id)
+	{
+		lead->has_owner = false;
+		lead->owner_id = 0;
+	}
+}
+
+/* The rule has come to its assign action: the owner it already has. */
+bool
+nocrm_preassign_take(int64 lead_id, int32 automation_id, int32 action_no,
+					 int64 *user_id, bool *fallback)
+{
+	PreAssignment *entry = nocrm_preassigned(lead_id);
+
+	if (entry == NULL || entry->state == 't' || entry->automation_id != automation_id ||
+		entry->action_no != action_no)
+		return false;
+	entry->state = 't';
+	*user_id = entry->user_id;
+	*fallback = entry->fallback;
+	return true;
+}
+
+/*
+ * End of an INSERT statement's events.  A choice its statement never wrote
+ * (the row was skipped by ON CONFLICT DO NOTHING or another BEFORE trigger)
+ * gives its round-robin turn back.  One whose row exists but was not seen
+ * yet belongs to an outer INSERT still running, and stays.
+ */
+void
+nocrm_preassign_statement_end(void)
+{
+	HASH_SEQ_STATUS seq;
+	PreAssignment *entry;
+	int			nunseen = 0;
+	Datum	   *unseen;
+
+	if (npreassigned == 0)
+		return;
+	unseen = palloc(sizeof(Datum) * npreassigned);
+	hash_seq_init(&seq, preassigned);
+	while ((entry = hash_seq_search(&seq)) != NULL)
+	{
+		if (entry->state == 'p')
+			unseen[nunseen++] = Int64GetDatum(entry->lead_id);
+		else
+		{
+			if (entry->state == 's')
+				elog(DEBUG1, "nocrm: lead " INT64_FORMAT " kept the owner automation %d chose for it",
+					 entry->lead_id, entry->automation_id);
+			(void) hash_search(preassigned, &entry->lead_id, HASH_REMOVE, NULL);
+			npreassigned--;
+		}
+	}
+	if (nunseen > 0)
+	{
+		static SPIPlanPtr plan = NULL;
+		Oid			types[1] = {INT8ARRAYOID};
+		Datum		args[1] = {PointerGetDatum(construct_array(unseen, nunseen, INT8OID, 8,
+															   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE))};
+
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		nocrm_plan(&plan,
+				   "SELECT u.id FROM unnest($1::bigint[]) u(id)"
+				   " WHERE NOT EXISTS (SELECT 1 FROM nocrm.leads l WHERE l.id = u.id)",
+				   1, types);
+		nocrm_exec_plan(plan, args, NULL, SPI_OK_SELECT, "checking pre-assigned leads");
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			bool		isnull;
+			int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
+														 SPI_tuptable->tupdesc, 1, &isnull));
+
+			entry = hash_search(preassigned, &id, HASH_FIND, NULL);
+			nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
+			(void) hash_search(preassigned, &id, HASH_REMOVE, NULL);
+			npreassigned--;
+		}
+		SPI_finish();
+	}
+	pfree(unseen);
+}
+
+/*
+ * Subtransaction ids grow with time, so an aborted subtransaction's choices
+ * (its own and its children's) are those with an id at least its own.
+ */
+void
+nocrm_preassign_subxact_abort(SubTransactionId subid)
+{
+	HASH_SEQ_STATUS seq;
+	PreAssignment *entry;
+
+	if (npreassigned == 0 || max_subid < subid)
+		return;
+	hash_seq_init(&seq, preassigned);
+	while ((entry = hash_seq_search(&seq)) != NULL)
+		if (entry->subid >= subid)
+		{
+			(void) hash_search(preassigned, &entry->lead_id, HASH_REMOVE, NULL);
+			npreassigned--;
+		}
+}
+
+void
+nocrm_preassign_xact_end(void)
+{
+	if (preassigned && npreassigned > 0)
+	{
+		hash_destroy(preassigned);
+		preassigned = NULL;
+	}
+	npreassigned = 0;
+	max_subid = InvalidSubTransactionId;
+}
