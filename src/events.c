@@ -374,13 +374,9 @@ lead_row_events(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc)
 
 	if (op == 'I')
 	{
-		PreAssignment *chosen;
-
 		nocrm_lead_from_tuple(&lead, newtup, desc);
 		/* an owner chosen by a rule that has not run yet: until it runs, the lead has none */
-		chosen = nocrm_preassigned(lead.id);
-		if (chosen && chosen->state == 'p')
-			chosen->state = 's';
+		nocrm_preassign_seen(&lead);
 		nocrm_preassign_hide_owner(&lead);
 		add_event(events, &nevents, EV_CREATION, NULL,
 				  nocrm_jsonb_pair("title", lead.title));

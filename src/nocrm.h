@@ -360,12 +360,14 @@ typedef struct PreAssignment
 	bool		fallback;		/* nobody available: fallback "anyone" applied */
 	char		state;			/* 'p'ending, 's'een by the statement, 't'aken by the rule */
 	SubTransactionId subid;
+	const void *statement;		/* the INSERT's active snapshot, to tell statements apart */
 } PreAssignment;
 extern bool nocrm_preassign_row(LeadState *lead, int64 *user_id);
 extern PreAssignment *nocrm_preassigned(int64 lead_id);
 extern bool nocrm_preassign_any(void);
 extern bool nocrm_preassign_take(int64 lead_id, int32 automation_id, int32 action_no,
 								 int64 *user_id, bool *fallback);
+extern void nocrm_preassign_seen(LeadState *lead);
 extern void nocrm_preassign_hide_owner(LeadState *lead);
 extern void nocrm_preassign_statement_end(void);
 extern void nocrm_preassign_subxact_abort(SubTransactionId subid);

@@ -20,9 +20,9 @@
 
 #include "access/xact.h"
 #include "miscadmin.h"
-#include "utils/array.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 
 static HTAB *preassigned = NULL;
 static long npreassigned = 0;
@@ -160,6 +160,7 @@ nocrm_preassign_row(LeadState *lead, int64 *user_id)
 			entry->fallback = fallback;
 			entry->state = 'p';
 			entry->subid = GetCurrentSubTransactionId();
+			entry->statement = ActiveSnapshotSet() ? (const void *) GetActiveSnapshot() : NULL;
 			max_subid = Max(max_subid, entry->subid);
 		}
 	}
@@ -185,6 +186,28 @@ nocrm_preassigned(int64 lead_id)
 	if (npreassigned == 0)
 		return NULL;
 	return hash_search(preassigned, &lead_id, HASH_FIND, NULL);
+}
+
+/*
+ * The statement's events have reached the inserted row.  If the row does
+ * not carry the chosen owner (a later BEFORE trigger set another), the rule
+ * will not assign it: the turn is given back.
+ */
+void
+nocrm_preassign_seen(LeadState *lead)
+{
+	PreAssignment *entry = nocrm_preassigned(lead->id);
+
+	if (entry == NULL || entry->state != 'p')
+		return;
+	if (lead->has_owner && lead->owner_id == entry->user_id)
+	{
+		entry->state = 's';
+		return;
+	}
+	nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
+	(void) hash_search(preassigned, &lead->id, HASH_REMOVE, NULL);
+	npreassigned--;
 }
 
 /* Shows a lead whose assigning rule has not run yet as it was inserted: unassigned. */
@@ -217,64 +240,36 @@ nocrm_preassign_take(int64 lead_id, int32 automation_id, int32 action_no,
 }
 
 /*
- * End of an INSERT statement's events.  A choice its statement never wrote
- * (the row was skipped by ON CONFLICT DO NOTHING or another BEFORE trigger)
- * gives its round-robin turn back.  One whose row exists but was not seen
- * yet belongs to an outer INSERT still running, and stays.
+ * End of an INSERT statement's events.  A choice for a row its statement
+ * never wrote (skipped by ON CONFLICT, or by another BEFORE trigger) gives
+ * its round-robin turn back.  A statement is told by its active snapshot,
+ * the same for its BEFORE ROW and AFTER STATEMENT triggers and alive until
+ * both have run: a choice made under another one belongs to an outer INSERT
+ * still running (a user's trigger inserting leads), and stays.
  */
 void
 nocrm_preassign_statement_end(void)
 {
 	HASH_SEQ_STATUS seq;
 	PreAssignment *entry;
-	int			nunseen = 0;
-	Datum	   *unseen;
+	const void *statement;
 
 	if (npreassigned == 0)
 		return;
-	unseen = palloc(sizeof(Datum) * npreassigned);
+	statement = ActiveSnapshotSet() ? (const void *) GetActiveSnapshot() : NULL;
 	hash_seq_init(&seq, preassigned);
 	while ((entry = hash_seq_search(&seq)) != NULL)
 	{
+		if (entry->state == 'p' && entry->statement != statement)
+			continue;
 		if (entry->state == 'p')
-			unseen[nunseen++] = Int64GetDatum(entry->lead_id);
-		else
-		{
-			if (entry->state == 's')
-				elog(DEBUG1, "nocrm: lead " INT64_FORMAT " kept the owner automation %d chose for it",
-					 entry->lead_id, entry->automation_id);
-			(void) hash_search(preassigned, &entry->lead_id, HASH_REMOVE, NULL);
-			npreassigned--;
-		}
-	}
-	if (nunseen > 0)
-	{
-		static SPIPlanPtr plan = NULL;
-		Oid			types[1] = {INT8ARRAYOID};
-		Datum		args[1] = {PointerGetDatum(construct_array(unseen, nunseen, INT8OID, 8,
-															   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE))};
-
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		nocrm_plan(&plan,
-				   "SELECT u.id FROM unnest($1::bigint[]) u(id)"
-				   " WHERE NOT EXISTS (SELECT 1 FROM nocrm.leads l WHERE l.id = u.id)",
-				   1, types);
-		nocrm_exec_plan(plan, args, NULL, SPI_OK_SELECT, "checking pre-assigned leads");
-		for (uint64 r = 0; r < SPI_processed; r++)
-		{
-			bool		isnull;
-			int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
-														 SPI_tuptable->tupdesc, 1, &isnull));
-
-			entry = hash_search(preassigned, &id, HASH_FIND, NULL);
 			nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
-			(void) hash_search(preassigned, &id, HASH_REMOVE, NULL);
-			npreassigned--;
-		}
-		SPI_finish();
+		else if (entry->state == 's')
+			elog(DEBUG1, "nocrm: lead " INT64_FORMAT " kept the owner automation %d chose for it",
+				 entry->lead_id, entry->automation_id);
+		(void) hash_search(preassigned, &entry->lead_id, HASH_REMOVE, NULL);
+		npreassigned--;
 	}
-	pfree(unseen);
 }
 
 /*
