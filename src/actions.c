@@ -28,6 +28,8 @@ static SPIPlanPtr plan_assign,
 			plan_tags_to_change,
 			plan_add_tags,
 			plan_remove_tags,
+			plan_add_tags_quietly,
+			plan_remove_tags_quietly,
 			plan_set_status,
 			plan_find_step,
 			plan_move_step,
@@ -161,6 +163,63 @@ nocrm_action_leaves_lead_alone(RuleAction *action)
 	}
 }
 
+/*
+ * Would a tag row written now raise an event anyone records or listens to?
+ * (The tag triggers' WHEN clause, nocrm.child_event_wanted, asks the same.)
+ */
+static bool
+tag_events_listened(void)
+{
+	int			n;
+
+	if (nocrm_history_level == HISTORY_ALL)
+		return true;
+	(void) nocrm_rules_for_event(EV_ANY_UPDATE, &n);
+	return n > 0 || nocrm_stage_triggers_exist();
+}
+
+/* The distinct tags of $2 in their first order, as t(name, ord). */
+#define ACTION_TAGS \
+	"(SELECT DISTINCT ON (name) name, ord" \
+	"   FROM unnest($2::text[]) WITH ORDINALITY AS u(name, ord) ORDER BY name, ord) t"
+
+/*
+ * Tags changed in one statement that tells which of them changed, for when
+ * the change raises no event: then nothing can come between the change and
+ * its log row.
+ */
+static void
+change_tags_quietly(Rule *rule, RuleAction *action, LeadState *lead, bool add)
+{
+	Oid			types[2] = {INT8OID, TEXTARRAYOID};
+	Datum		args[2] = {Int64GetDatum(lead->id), action->tags};
+	Datum		changed;
+	bool		isnull;
+
+	if (add)
+		nocrm_plan(&plan_add_tags_quietly,
+				   "WITH w AS (INSERT INTO nocrm.tags (lead_id, name) SELECT $1, t.name FROM " ACTION_TAGS
+				   "           ORDER BY t.ord ON CONFLICT DO NOTHING RETURNING name)"
+				   " SELECT jsonb_build_object('tags', jsonb_agg(t.name ORDER BY t.ord))"
+				   "   FROM " ACTION_TAGS " WHERE t.name IN (SELECT name FROM w) HAVING count(*) > 0",
+				   2, types);
+	else
+		nocrm_plan(&plan_remove_tags_quietly,
+				   "WITH w AS (DELETE FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2) RETURNING name)"
+				   " SELECT jsonb_build_object('tags', jsonb_agg(t.name ORDER BY t.ord))"
+				   "   FROM " ACTION_TAGS " WHERE t.name IN (SELECT name FROM w) HAVING count(*) > 0",
+				   2, types);
+	if (!exec_one(add ? plan_add_tags_quietly : plan_remove_tags_quietly, args, NULL,
+				  &changed, &isnull))
+	{
+		action_history(rule, action, lead, NULL, NULL,
+					   add ? "the lead already has these tags" : "the lead has none of these tags");
+		return;
+	}
+	action_history(rule, action, lead, add ? NULL : DatumGetJsonbP(changed),
+				   add ? DatumGetJsonbP(changed) : NULL, NULL);
+}
+
 static void
 change_tags(Rule *rule, RuleAction *action, LeadState *lead)
 {
@@ -170,6 +229,12 @@ change_tags(Rule *rule, RuleAction *action, LeadState *lead)
 	Datum		tags,
 				changed;
 	bool		isnull;
+
+	if (!tag_events_listened())
+	{
+		change_tags_quietly(rule, action, lead, add);
+		return;
+	}
 
 	/*
 	 * Work out which tags change first, so the log row precedes the tag
