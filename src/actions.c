@@ -358,6 +358,67 @@ add_comment(Rule *rule, RuleAction *action, LeadState *lead)
 }
 
 /*
+ * The identity sequence of table nocrm.<relname>'s id, looked up again if
+ * the extension was re-created.  *seq and *for_automations are the caller's
+ * cache.
+ */
+static Oid
+id_sequence(const char *relname, Oid *seq, Oid *for_automations)
+{
+	if (*for_automations != nocrm_automations_relid())
+	{
+		Oid			rel = get_relname_relid(relname, get_namespace_oid("nocrm", false));
+
+		if (!OidIsValid(rel))
+			elog(ERROR, "table nocrm.%s is missing", relname);
+		*seq = getIdentitySequence(rel, 1, false);
+		*for_automations = nocrm_automations_relid();
+	}
+	return *seq;
+}
+
+static WriteBuffer queue_buffer = {
+	.what = "queueing work for the drain failed",
+	.sql = "INSERT INTO nocrm.queue (id, kind, automation_id, action_no, lead_id, event,"
+	"  recipient, payload, run_at, actor_id)"
+	" SELECT r.id, r.kind, r.automation_id, r.action_no, r.lead_id, r.event, r.recipient,"
+	"        r.payload, r.run_at, r.actor_id"
+	"   FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+	"        AS r(id, kind, automation_id, action_no, lead_id, event, recipient, payload, run_at, actor_id)"
+	"  ORDER BY r.id",
+	.ncols = 10,
+	.types = {INT8OID, TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID, JSONBOID,
+	TIMESTAMPTZOID, INT8OID},
+};
+
+/*
+ * A queue row whose run_at and payload need no query: its id now, its row
+ * with the statement's other batched writes (the drain only sees committed
+ * rows, so it cannot tell).
+ */
+static int64
+enqueue_batched(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
+				const char *kind, const char *recipient, Jsonb *payload, Interval *run_after,
+				int64 actor)
+{
+	static Oid	for_automations = InvalidOid;
+	static Oid	seq = InvalidOid;
+	int64		id = nextval_internal(id_sequence("queue", &seq, &for_automations), false);
+	Datum		now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	Datum		values[10] = {Int64GetDatum(id), CStringGetTextDatum(kind), Int32GetDatum(rule->id),
+		Int32GetDatum(action->action_no), Int64GetDatum(lead->id),
+		CStringGetTextDatum(nocrm_event_names[ev->event]),
+		recipient ? CStringGetTextDatum(recipient) : (Datum) 0, JsonbPGetDatum(payload),
+		run_after ? DirectFunctionCall2(timestamptz_pl_interval, now, IntervalPGetDatum(run_after)) : now,
+	Int64GetDatum(actor)};
+	bool		nulls[10] = {false, false, false, false, false, false, recipient == NULL, false,
+	false, actor < 0};
+
+	nocrm_buffer_row(&queue_buffer, values, nulls);
+	return id;
+}
+
+/*
  * Writes a queue row for the drain and returns its id.  run_after NULL means
  * now.
  */
@@ -374,6 +435,9 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	LeadState  *lead_now = lead;
 	Datum		result;
 	bool		isnull;
+
+	if (!action->respect_working_hours && lead->snapshot == NULL)
+		return enqueue_batched(rule, action, lead, ev, kind, recipient, payload, run_after, actor);
 
 	/* $9: the owner whose working hours the item waits for, if it must. */
 	nocrm_plan(&plan_enqueue,
@@ -460,23 +524,13 @@ static WriteBuffer notifications_buffer = {
 	.types = {INT8OID, INT8OID, INT8OID, INT4OID, TEXTOID},
 };
 
-/* The sequence of nocrm.notifications.id, looked up again if the extension was re-created. */
 static Oid
 notifications_sequence(void)
 {
 	static Oid	for_automations = InvalidOid;
 	static Oid	seq = InvalidOid;
 
-	if (for_automations != nocrm_automations_relid())
-	{
-		Oid			rel = get_relname_relid("notifications", get_namespace_oid("nocrm", false));
-
-		if (!OidIsValid(rel))
-			elog(ERROR, "table nocrm.notifications is missing");
-		seq = getIdentitySequence(rel, 1, false);
-		for_automations = nocrm_automations_relid();
-	}
-	return seq;
+	return id_sequence("notifications", &seq, &for_automations);
 }
 
 /*
