@@ -3,6 +3,7 @@ MODULE_big = nocrm_automation
 OBJS = \
 	src/actions.o \
 	src/assign.o \
+	src/chain.o \
 	src/definition.o \
 	src/delivery.o \
 	src/dispatch.o \
@@ -12,9 +13,11 @@ OBJS = \
 	src/explain.o \
 	src/guc.o \
 	src/history.o \
+	src/jsonb.o \
 	src/lead.o \
 	src/preassign.o \
 	src/rules.o \
+	src/runlog.o \
 	src/spi_plans.o \
 	src/stages.o \
 	src/templates.o \

@@ -37,7 +37,6 @@ static SPIPlanPtr plan_assign,
 			plan_notify_payload,
 			plan_enqueue,
 			plan_webhook_payload,
-			plan_automation_exists,
 			plan_owner_working;
 
 static const char *
@@ -812,61 +811,6 @@ webhook(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 	(void) exec_one(plan_webhook_payload, args, nulls, &payload, &isnull);
 	id = enqueue(rule, action, lead, ev, "webhook", action->url, DatumGetJsonbP(payload), NULL);
 	action_history(rule, action, lead, NULL, queued_json(id), NULL);
-}
-
-/*
- * Runs an action that was queued with a delay, now that it is due.  Returns
- * NULL when it ran, or why it was not run (the item is then cancelled).
- * The action runs as it was queued; the automation's current conditions are
- * checked again unless the action says "recheck": false.
- */
-static const char *run_delayed(int32 automation_id, int action_no, int64 lead_id,
-								const char *event, Jsonb *definition, int64 actor);
-
-const char *
-nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
-				  const char *event, Jsonb *definition, int64 actor)
-{
-	const char *why = run_delayed(automation_id, action_no, lead_id, event, definition, actor);
-
-	/* No statement trigger follows a delayed action: write its rows now. */
-	nocrm_flush_writes();
-	return why;
-}
-
-static const char *
-run_delayed(int32 automation_id, int action_no, int64 lead_id,
-			const char *event, Jsonb *definition, int64 actor)
-{
-	Rule	   *rule = nocrm_rule_by_id(automation_id);
-	LeadState	lead;
-	RaisedEvent ev;
-	RuleAction *action;
-
-	if (rule == NULL)
-	{
-		Oid			types[1] = {INT4OID};
-		Datum		args[1] = {Int32GetDatum(automation_id)};
-
-		nocrm_plan(&plan_automation_exists,
-				   "SELECT 1 FROM nocrm.automations WHERE id = $1", 1, types);
-		return exec_one(plan_automation_exists, args, NULL, NULL, NULL)
-			? "the automation is disabled" : "the automation was deleted";
-	}
-	if (!nocrm_lead_fetch(lead_id, &lead))
-		return "the lead was deleted";
-	action = nocrm_compile_action(rule->name, rule->event, definition, action_no);
-	action->delayed = false;
-	if (action->recheck && !nocrm_conditions_hold(rule, &lead))
-		return "its conditions no longer hold";
-
-	memset(&ev, 0, sizeof(ev));
-	ev.event = nocrm_event_from_name(event);
-	if (ev.event == EV_COUNT)
-		ev.event = rule->event;
-	nocrm_set_root_actor(actor);
-	nocrm_run_as_automation(rule, action, &lead, &ev);
-	return NULL;
 }
 
 /* Is the lead's owner (if any) within working hours and not away right now? */

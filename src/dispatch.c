@@ -1,11 +1,12 @@
 /*
- * dispatch.c — runs the automations for raised events, as the Butler.
+ * dispatch.c — runs the automations for raised events, as the Butler: for
+ * each event its history row, the matching rules in id order (each inside
+ * the chain, chain.c, with its run recorded, runlog.c), then the event's
+ * stage triggers.  Also runs delayed actions when they fall due, and resets
+ * the per-transaction state of the modules below at transaction end.
  *
  * Actions change leads through ordinary SQL, so their changes raise events
- * of their own and fire the triggers again, nested inside the action.  The
- * chain of automations currently running is kept here: it makes the Butler
- * the actor, bounds the depth, and stops a rule from re-firing on a change
- * its own chain made.
+ * of their own and come back here, nested inside the action.
  */
 #include "nocrm.h"
 
@@ -18,35 +19,7 @@
 #include "utils/fmgrprotos.h"
 #include "utils/timestamp.h"
 
-#define MAX_CHAIN 101			/* nocrm.max_chain_depth is at most 100 */
-
-static int32 chain[MAX_CHAIN];
-static int	chain_len = 0;
-
-/*
- * The run being recorded: its actions' outcomes, as a JSON array in the
- * making (in run_context, which outlives the actions' SPI calls).
- */
-typedef struct RunOutcomes
-{
-	JsonbParseState *state;
-	MemoryContext context;
-	int			nactions;
-} RunOutcomes;
-
-static RunOutcomes *run_outcomes = NULL;
-
-/* The person whose change started the current chain. */
-static int64 root_actor = -1;
-static bool root_actor_given = false;
-static int64 given_root_actor = -1;
-
 static SPIPlanPtr plan_describe;
-
-/* The last nocrm.actor value resolved, so each row need not look it up. */
-static char *actor_text = NULL;
-static int64 actor_id = -1;
-static uint64 actor_generation = 0;
 
 static void
 dispatch_xact_callback(XactEvent event, void *arg)
@@ -63,7 +36,7 @@ dispatch_xact_callback(XactEvent event, void *arg)
 	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_COMMIT ||
 		event == XACT_EVENT_PARALLEL_ABORT || event == XACT_EVENT_PREPARE)
 	{
-		chain_len = 0;
+		nocrm_chain_reset();
 		nocrm_rules_reset_pins();
 		nocrm_assign_xact_end();
 		nocrm_preassign_xact_end();
@@ -91,229 +64,6 @@ nocrm_dispatch_init(void)
 {
 	RegisterXactCallback(dispatch_xact_callback, NULL);
 	RegisterSubXactCallback(dispatch_subxact_callback, NULL);
-}
-
-int
-nocrm_chain_depth(void)
-{
-	return chain_len;
-}
-
-/* Top of the chain: an automation id, or minus a stage trigger id. */
-int32
-nocrm_chain_automation(void)
-{
-	return chain_len > 0 ? chain[chain_len - 1] : 0;
-}
-
-void
-nocrm_chain_push(int32 id)
-{
-	if (chain_len >= MAX_CHAIN)
-		elog(ERROR, "automation chain too deep");
-	chain[chain_len++] = id;
-}
-
-/*
- * Enters the chain as automation id (or stage trigger -id); the first to
- * enter notes whose change started it, for the run log.
- */
-void
-nocrm_chain_enter(int32 id)
-{
-	if (chain_len == 0)
-	{
-		root_actor = root_actor_given ? given_root_actor : nocrm_current_actor();
-		root_actor_given = false;
-	}
-	nocrm_chain_push(id);
-}
-
-/* For a delayed action: the person whose change queued it (-1: unknown). */
-void
-nocrm_set_root_actor(int64 actor)
-{
-	root_actor_given = true;
-	given_root_actor = actor;
-}
-
-/* The person whose change started the current chain, or the current actor. */
-int64
-nocrm_root_actor(void)
-{
-	return chain_len > 0 ? root_actor : nocrm_current_actor();
-}
-
-void
-nocrm_chain_pop(void)
-{
-	Assert(chain_len > 0);
-	chain_len--;
-}
-
-bool
-nocrm_chain_contains(int32 id)
-{
-	for (int i = 0; i < chain_len; i++)
-		if (chain[i] == id)
-			return true;
-	return false;
-}
-
-/*
- * The actor of the current change: the Butler inside an automation's chain,
- * else the user named by nocrm.actor, else -1 (unknown).
- */
-int64
-nocrm_current_actor(void)
-{
-	bool		found;
-	int64		id;
-	const char *text = nocrm_actor ? nocrm_actor : "";
-
-	if (chain_len > 0)
-		return BUTLER_ID;
-	if (text[0] == '\0')
-		return -1;
-	/* Valid until the setting or nocrm.users changes (the rule cache's signal). */
-	if (actor_text != NULL && strcmp(actor_text, text) == 0 &&
-		actor_generation == nocrm_rules_generation())
-		return actor_id;
-
-	if (strspn(text, "0123456789") == strlen(text) && strlen(text) < 19)
-		id = nocrm_lookup_id("SELECT id FROM nocrm.users WHERE id = $1",
-							 Int64GetDatum(strtoll(text, NULL, 10)), INT8OID, &found);
-	else
-		id = nocrm_lookup_id("SELECT id FROM nocrm.users WHERE lower(email) = lower($1)",
-							 CStringGetTextDatum(text), TEXTOID, &found);
-	if (!found)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("nocrm.actor names an unknown user: \"%s\"", text),
-				 errdetail("The setting must be the id or email of a row in nocrm.users."),
-				 errhint("SET nocrm.actor to a user's id or email, or RESET nocrm.actor.")));
-	if (id == BUTLER_ID)
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("nocrm.actor cannot be The Butler"),
-				 errdetail("Only automations act as The Butler, so history can tell people from automations."),
-				 errhint("SET nocrm.actor to the human user making the change.")));
-
-	if (actor_text)
-		pfree(actor_text);
-	actor_text = MemoryContextStrdup(TopMemoryContext, text);
-	actor_id = id;
-	actor_generation = nocrm_rules_generation();
-	return id;
-}
-
-/* Can nocrm_current_actor() answer without SPI? */
-bool
-nocrm_actor_known(void)
-{
-	const char *text = nocrm_actor ? nocrm_actor : "";
-
-	return chain_len > 0 || text[0] == '\0' ||
-		(actor_text != NULL && strcmp(actor_text, text) == 0 &&
-		 actor_generation == nocrm_rules_generation());
-}
-
-/* "key": value (a jsonb, or null) into an object being built */
-static void record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
-						  const char *outcome, Jsonb *actions, int nactions,
-						  const char *detail, int64 actor);
-
-/* Adds one action's outcome to the run being recorded. */
-void
-nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value, const char *detail)
-{
-	MemoryContext old;
-
-	if (run_outcomes == NULL)
-		return;
-	old = MemoryContextSwitchTo(run_outcomes->context);
-	pushJsonbValue(&run_outcomes->state, WJB_BEGIN_OBJECT, NULL);
-	nocrm_jsonb_put_int64(&run_outcomes->state, "no", action->action_no + 1);
-	nocrm_jsonb_put_string(&run_outcomes->state, "type", nocrm_action_names[action->kind]);
-	if (new_value || old_value)
-		nocrm_jsonb_put_jsonb(&run_outcomes->state, "result", new_value ? new_value : old_value);
-	if (new_value && old_value)
-		nocrm_jsonb_put_jsonb(&run_outcomes->state, "before", old_value);
-	if (detail)
-		nocrm_jsonb_put_string(&run_outcomes->state, "detail", detail);
-	pushJsonbValue(&run_outcomes->state, WJB_END_OBJECT, NULL);
-	run_outcomes->nactions++;
-	MemoryContextSwitchTo(old);
-}
-
-/*
- * One row of nocrm.automation_runs.  id > 0 is an automation, < 0 a stage
- * trigger.  Recorded unless nocrm.history is none.
- */
-void
-nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
-					const char *outcome, const char *actions, int nactions, const char *detail)
-{
-	record_run_as(id, lead, ev, event, outcome,
-				  actions ? DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(actions))) : NULL,
-				  nactions, detail, nocrm_root_actor());
-}
-
-static WriteBuffer runs_buffer = {
-	.what = "recording an automation run failed",
-	.sql = "INSERT INTO nocrm.automation_runs (automation_id, stage_trigger_id, lead_id, event,"
-	"  mode, outcome, change, actor_id, chain_depth, actions, detail, nactions, created_at)"
-	" SELECT r.automation_id, r.stage_trigger_id, r.lead_id, r.event, r.mode, r.outcome,"
-	"        r.change, r.actor_id, r.chain_depth, r.actions, r.detail, r.nactions, r.created_at"
-	"   FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) WITH ORDINALITY"
-	"        AS r(automation_id, stage_trigger_id, lead_id, event, mode, outcome, change,"
-	"             actor_id, chain_depth, actions, detail, nactions, created_at, ord)"
-	"  ORDER BY r.ord",
-	.ncols = 13,
-	.types = {INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT8OID, INT4OID,
-	JSONBOID, TEXTOID, INT4OID, TIMESTAMPTZOID},
-};
-
-static void
-record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
-			  const char *outcome, Jsonb *actions, int nactions, const char *detail,
-			  int64 actor)
-{
-	Datum		values[13];
-	bool		nulls[13];
-
-	if (nocrm_history_level == HISTORY_NONE)
-		return;
-	memset(nulls, false, sizeof(nulls));
-	values[0] = Int32GetDatum(id);
-	nulls[0] = id <= 0;
-	values[1] = Int32GetDatum(-id);
-	nulls[1] = id >= 0;
-	values[2] = Int64GetDatum(lead->id);
-	values[3] = CStringGetTextDatum(event);
-	values[4] = CStringGetTextDatum(strcmp(outcome, "test") == 0 ? "test" : "live");
-	values[5] = CStringGetTextDatum(outcome);
-	if (ev && (ev->old_value || ev->new_value))
-	{
-		JsonbParseState *state = NULL;
-
-		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-		nocrm_jsonb_put_jsonb(&state, "old", ev->old_value);
-		nocrm_jsonb_put_jsonb(&state, "new", ev->new_value);
-		values[6] = JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL)));
-	}
-	else
-		nulls[6] = true;
-	values[7] = Int64GetDatum(actor);
-	nulls[7] = actor < 0;
-	values[8] = Int32GetDatum(chain_len + 1);
-	values[9] = actions ? JsonbPGetDatum(actions)
-		: DirectFunctionCall1(jsonb_in, CStringGetDatum("[]"));
-	values[10] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
-	nulls[10] = detail == NULL;
-	values[11] = Int32GetDatum(nactions);
-	values[12] = TimestampTzGetDatum(GetCurrentTimestamp());
-	nocrm_buffer_row(&runs_buffer, values, nulls);
 }
 
 static void
@@ -400,18 +150,12 @@ run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lea
 				   RaisedEvent *ev)
 {
 	RunOutcomes outcomes;
-	RunOutcomes *outer = run_outcomes;
+	RunOutcomes *outer = nocrm_runlog_begin(&outcomes);
 	int64		actor;
-	Jsonb	   *recorded;
 
-	outcomes.state = NULL;
-	outcomes.context = CurrentMemoryContext;
-	outcomes.nactions = 0;
-	pushJsonbValue(&outcomes.state, WJB_BEGIN_ARRAY, NULL);
-	run_outcomes = &outcomes;
 	nocrm_rules_pin();
 	nocrm_chain_enter(rule->id);
-	actor = root_actor;			/* still the chain's person once we have left it */
+	actor = nocrm_root_actor();	/* still the chain's person once we have left it */
 	PG_TRY();
 	{
 		for (int i = 0; i < nactions; i++)
@@ -422,14 +166,12 @@ run_actions_logged(Rule *rule, RuleAction *actions, int nactions, LeadState *lea
 	}
 	PG_FINALLY();
 	{
-		chain_len--;
+		nocrm_chain_pop();
 		nocrm_rules_unpin();
-		run_outcomes = outer;
+		nocrm_runlog_resume(outer);
 	}
 	PG_END_TRY();
-	recorded = JsonbValueToJsonb(pushJsonbValue(&outcomes.state, WJB_END_ARRAY, NULL));
-	record_run_as(rule->id, lead, ev, nocrm_event_names[ev->event], "fired",
-				  recorded, outcomes.nactions, NULL, actor);
+	nocrm_runlog_fired(rule->id, lead, ev, &outcomes, actor);
 }
 
 static void
@@ -442,15 +184,58 @@ run_rule(Rule *rule, LeadState *lead, RaisedEvent *ev)
 }
 
 /*
- * Runs one action as the given automation, outside any event: used for
- * delayed actions when they fall due.  Its changes chain as usual.
+ * Runs an action that was queued with a delay, now that it is due.  Returns
+ * NULL when it ran, or why it was not run (the item is then cancelled).
+ * The action runs as it was queued, as its automation, outside any event;
+ * its changes chain as usual.  The automation's current conditions are
+ * checked again unless the action says "recheck": false.
  */
-void
-nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
+static const char *
+run_delayed(int32 automation_id, int action_no, int64 lead_id,
+			const char *event, Jsonb *definition, int64 actor)
 {
-	run_actions_logged(rule, action, 1, lead, ev);
-	/* No outer statement will write round-robin counts for us. */
+	static SPIPlanPtr plan_automation_exists = NULL;
+	Rule	   *rule = nocrm_rule_by_id(automation_id);
+	LeadState	lead;
+	RaisedEvent ev;
+	RuleAction *action;
+
+	if (rule == NULL)
+	{
+		Oid			types[1] = {INT4OID};
+		Datum		args[1] = {Int32GetDatum(automation_id)};
+		int64		found;
+
+		nocrm_plan(&plan_automation_exists,
+				   "SELECT 1::bigint FROM nocrm.automations WHERE id = $1", 1, types);
+		return nocrm_plan_int64(plan_automation_exists, args, NULL, &found)
+			? "the automation is disabled" : "the automation was deleted";
+	}
+	if (!nocrm_lead_fetch(lead_id, &lead))
+		return "the lead was deleted";
+	action = nocrm_compile_action(rule->name, rule->event, definition, action_no);
+	action->delayed = false;
+	if (action->recheck && !nocrm_conditions_hold(rule, &lead))
+		return "its conditions no longer hold";
+
+	memset(&ev, 0, sizeof(ev));
+	ev.event = nocrm_event_from_name(event);
+	if (ev.event == EV_COUNT)
+		ev.event = rule->event;
+	nocrm_set_root_actor(actor);
+	run_actions_logged(rule, action, 1, &lead, &ev);
+	return NULL;
+}
+
+const char *
+nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
+				  const char *event, Jsonb *definition, int64 actor)
+{
+	const char *why = run_delayed(automation_id, action_no, lead_id, event, definition, actor);
+
+	/* No statement trigger follows a delayed action: write its rows now. */
 	nocrm_flush_writes();
+	return why;
 }
 
 /*
@@ -540,7 +325,7 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 		if (nocrm_history_level == HISTORY_ALL)
 			nocrm_history(lead->id, nocrm_event_names[ev->event], nocrm_chain_automation(),
 						  ev->old_value, ev->new_value, ev->detail);
-		else if (chain_len == 0)
+		else if (nocrm_chain_depth() == 0)
 			(void) nocrm_current_actor();	/* a bad nocrm.actor is an error either way */
 
 		if (!nocrm_automations_enabled)
@@ -587,7 +372,7 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 					continue;
 				if (nocrm_chain_contains(rule->id))
 					log_stop(current, rule, ev, "it already ran in this chain");
-				else if (chain_len >= nocrm_max_chain_depth)
+				else if (nocrm_chain_depth() >= nocrm_max_chain_depth)
 					log_stop(current, rule, ev,
 							 psprintf("chain depth limit %d reached (nocrm.max_chain_depth)",
 									  nocrm_max_chain_depth));

@@ -1,113 +1,11 @@
 /*
- * history.c — writing nocrm.lead_history, and small jsonb builders for it.
+ * history.c — writing nocrm.lead_history.
  */
 #include "nocrm.h"
 
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/timestamp.h"
-
-/* {"key": value} */
-static Jsonb *
-jsonb_pair(const char *key, JsonbValue *value)
-{
-	JsonbParseState *state = NULL;
-	JsonbValue	k;
-
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	pushJsonbValue(&state, WJB_KEY, &k);
-	pushJsonbValue(&state, WJB_VALUE, value);
-	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
-}
-
-/* "key" of an object being built with pushJsonbValue */
-void
-nocrm_jsonb_key(JsonbParseState **state, const char *key)
-{
-	JsonbValue	k;
-
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	pushJsonbValue(state, WJB_KEY, &k);
-}
-
-/* "key": "value" (value NULL gives JSON null) */
-void
-nocrm_jsonb_put_string(JsonbParseState **state, const char *key, const char *value)
-{
-	JsonbValue	v;
-
-	nocrm_jsonb_key(state, key);
-	v.type = value ? jbvString : jbvNull;
-	if (value)
-	{
-		v.val.string.val = (char *) value;
-		v.val.string.len = strlen(value);
-	}
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
-/* "key": 123 */
-void
-nocrm_jsonb_put_int64(JsonbParseState **state, const char *key, int64 value)
-{
-	JsonbValue	v;
-
-	nocrm_jsonb_key(state, key);
-	v.type = jbvNumeric;
-	v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric, Int64GetDatum(value)));
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
-/* "key": value (a jsonb embedded as it is, or null) */
-void
-nocrm_jsonb_put_jsonb(JsonbParseState **state, const char *key, Jsonb *value)
-{
-	JsonbValue	v;
-
-	nocrm_jsonb_key(state, key);
-	if (value)
-	{
-		v.type = jbvBinary;
-		v.val.binary.data = &value->root;
-		v.val.binary.len = VARSIZE(value) - VARHDRSZ;
-	}
-	else
-		v.type = jbvNull;
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
-/* {"key": "value"} (value NULL gives JSON null) */
-Jsonb *
-nocrm_jsonb_pair(const char *key, const char *value)
-{
-	JsonbValue	v;
-
-	v.type = value ? jbvString : jbvNull;
-	if (value)
-	{
-		v.val.string.val = (char *) value;
-		v.val.string.len = strlen(value);
-	}
-	return jsonb_pair(key, &v);
-}
-
-/* {"key": 123} (or null) */
-Jsonb *
-nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull)
-{
-	JsonbValue	v;
-
-	v.type = isnull ? jbvNull : jbvNumeric;
-	if (!isnull)
-		v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric,
-															Int64GetDatum(value)));
-	return jsonb_pair(key, &v);
-}
 
 static WriteBuffer history_buffer = {
 	.what = "writing lead history failed",

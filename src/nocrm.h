@@ -215,14 +215,6 @@ extern void nocrm_exec_plan(SPIPlanPtr plan, Datum *args, const char *nulls, int
 							const char *what);
 extern bool nocrm_column_equal(HeapTuple a, HeapTuple b, TupleDesc desc, int attno);
 
-typedef struct OwnerContext
-{
-	Oid			saved_userid;
-	int			saved_sec_context;
-	int			guc_nest_level;
-} OwnerContext;
-extern void nocrm_owner_enter(OwnerContext *ctx);
-extern void nocrm_owner_leave(OwnerContext *ctx);
 
 /* definition.c: parse and check a rule definition */
 extern Rule *nocrm_compile_rule(int32 id, const char *name, const char *event,
@@ -250,26 +242,50 @@ extern Jsonb *nocrm_conditions_report(Rule *rule, LeadState *lead, const char **
 extern Rule *nocrm_rule_by_id(int32 id);
 extern Rule *nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error);
 
-/* dispatch.c: run the rules for raised events */
-extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
+typedef struct OwnerContext
+{
+	Oid			saved_userid;
+	int			saved_sec_context;
+	int			guc_nest_level;
+} OwnerContext;
+extern void nocrm_owner_enter(OwnerContext *ctx);
+extern void nocrm_owner_leave(OwnerContext *ctx);
+
+/* chain.c: the automations running now, and who acts */
 extern int64 nocrm_current_actor(void);
 extern bool nocrm_actor_known(void);
 extern int	nocrm_chain_depth(void);
 extern int32 nocrm_chain_automation(void);
-extern void nocrm_dispatch_init(void);
-extern void nocrm_run_as_automation(Rule *rule, RuleAction *action, LeadState *lead,
-									RaisedEvent *ev);
 extern void nocrm_chain_push(int32 id);
 extern void nocrm_chain_enter(int32 id);
+extern void nocrm_chain_pop(void);
+extern bool nocrm_chain_contains(int32 id);
+extern void nocrm_chain_reset(void);
 extern void nocrm_set_root_actor(int64 actor);
 extern int64 nocrm_root_actor(void);
+
+/* runlog.c: nocrm.automation_runs */
+typedef struct RunOutcomes
+{
+	JsonbParseState *state;
+	MemoryContext context;
+	int			nactions;
+} RunOutcomes;
+extern RunOutcomes *nocrm_runlog_begin(RunOutcomes *outcomes);
+extern void nocrm_runlog_resume(RunOutcomes *outer);
 extern void nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value,
 								const char *detail);
+extern void nocrm_runlog_fired(int32 id, LeadState *lead, RaisedEvent *ev,
+							   RunOutcomes *outcomes, int64 actor);
 extern void nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 								const char *outcome, const char *actions, int nactions,
 								const char *detail);
-extern void nocrm_chain_pop(void);
-extern bool nocrm_chain_contains(int32 id);
+
+/* dispatch.c: run the rules for raised events */
+extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
+extern void nocrm_dispatch_init(void);
+extern const char *nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
+									 const char *event, Jsonb *definition, int64 actor);
 
 /* stages.c */
 extern bool nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code);
@@ -326,6 +342,8 @@ extern int	nocrm_buffered_rows(void);
 /* history.c */
 extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 						  Jsonb *old_value, Jsonb *new_value, const char *detail);
+
+/* jsonb.c */
 extern Jsonb *nocrm_jsonb_pair(const char *key, const char *value);
 extern Jsonb *nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull);
 extern void nocrm_jsonb_key(JsonbParseState **state, const char *key);
@@ -408,9 +426,6 @@ extern void nocrm_post_json(DeliveryHandles *h, const char *url, const char *bod
 							const char *signature_secret, DeliveryResult *r);
 extern char *nocrm_hmac_sha256_hex(const char *key, const char *data);
 
-/* delayed actions (actions.c) */
-extern const char *nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
-									 const char *event, Jsonb *definition, int64 actor);
 
 /* lead.c: reading lead rows */
 extern void nocrm_lead_init(void);

@@ -15,7 +15,9 @@
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "access/htup_details.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -840,4 +842,28 @@ nocrm_rules_changed_trigger(PG_FUNCTION_ARGS)
 		elog(ERROR, "nocrm_rules_changed_trigger: not called as a trigger");
 	CacheInvalidateRelcacheByRelid(nocrm_automations_relid());
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * The extension owner's rights with a pinned search_path, entered only
+ * around the rare SPI work (a cache reload) of functions that run as the
+ * caller on every row.  SECURITY DEFINER would pay for the switch on every
+ * call.  Errors need no cleanup: (sub)transaction abort restores both.
+ */
+void
+nocrm_owner_enter(OwnerContext *ctx)
+{
+	GetUserIdAndSecContext(&ctx->saved_userid, &ctx->saved_sec_context);
+	SetUserIdAndSecContext(nocrm_extension_owner(),
+						   ctx->saved_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	ctx->guc_nest_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_USERSET,
+							 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+}
+
+void
+nocrm_owner_leave(OwnerContext *ctx)
+{
+	AtEOXact_GUC(true, ctx->guc_nest_level);
+	SetUserIdAndSecContext(ctx->saved_userid, ctx->saved_sec_context);
 }
