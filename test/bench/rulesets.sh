@@ -25,6 +25,28 @@ SELECT nocrm.create_automation(name=>'Preventivo', event=>'lead.step.changed.to'
 SELECT nocrm.create_automation(name=>'won upsell', event=>'lead.status.changed.to', target=>'won',
   actions=>'[{\"type\":\"add_tags\",\"tags\":[\"Upsell Opportunity\"]}]');
 "
+# The anchor's rule sets (core_bench.sh, handwritten_rules.sql): seed5 = (b)
+# without "balanced", so its rules get ids 1..5 (notify on creation, notify
+# on deletion, round robin, Preventivo, won upsell); seed3 = notify on
+# creation, round robin, won upsell (ids 1..3).
+RULE_NOTIFY_CREATION="
+SELECT nocrm.create_automation(name=>'notify on creation', event=>'lead.creation',
+  actions=>'[{\"type\":\"notify\",\"user\":\"sara@example.com\",\"message\":\"Nuovo lead: {{lead.title}}\"}]');"
+RULE_NOTIFY_DELETION="
+SELECT nocrm.create_automation(name=>'notify on deletion', event=>'lead.deleted',
+  actions=>'[{\"type\":\"notify\",\"user\":\"sara@example.com\",\"message\":\"Lead eliminato: {{lead.title}}\"}]');"
+RULE_ROUND_ROBIN="
+SELECT nocrm.create_automation(name=>'round robin', event=>'lead.creation', conditions=>'{\"pipeline\":\"Vendite\",\"owner\":null}',
+  actions=>'[{\"type\":\"assign_round_robin\",\"users\":[\"anna@example.com\",\"matteo@example.com\",\"giovanni@example.com\"]}]');"
+RULE_PREVENTIVO="
+SELECT nocrm.create_automation(name=>'Preventivo', event=>'lead.step.changed.to', target=>'Preventivo', conditions=>'{\"pipeline\":\"Vendite\"}',
+  actions=>'[{\"type\":\"send_email\",\"template\":\"quote_followup\"},{\"type\":\"add_tags\",\"tags\":[\"Preventivo inviato\"]}]');"
+RULE_WON="
+SELECT nocrm.create_automation(name=>'won upsell', event=>'lead.status.changed.to', target=>'won',
+  actions=>'[{\"type\":\"add_tags\",\"tags\":[\"Upsell Opportunity\"]}]');"
+RULES_SEED5="$RULE_NOTIFY_CREATION $RULE_NOTIFY_DELETION $RULE_ROUND_ROBIN $RULE_PREVENTIVO $RULE_WON"
+RULES_SEED3="$RULE_NOTIFY_CREATION $RULE_ROUND_ROBIN $RULE_WON"
+
 # N rules on other events (comments, emails, status lost), or on lead.creation
 # with a condition that never holds for the benchmark's leads.
 extra_rules() {  # extra_rules N MODE  (MODE: mixed | other)
@@ -41,12 +63,14 @@ SELECT 'extra ' || g,
   FROM generate_series(1, $1) g;
 EOF
 }
-load_rules() {  # load_rules none|b|c|nomatch1000|other10|other10000|rr|assign
+load_rules() {  # load_rules none|b|c|seed5|seed3|nomatch1000|other10|other10000|rr|assign
     local sql="SET client_min_messages = warning; TRUNCATE nocrm.automations RESTART IDENTITY CASCADE;"
     case $1 in
         none) ;;
         b) sql+="$RULES_B" ;;
         c) sql+="$RULES_B $(extra_rules 1000 mixed)" ;;
+        seed5) sql+="$RULES_SEED5" ;;
+        seed3) sql+="$RULES_SEED3" ;;
         nomatch1000) sql+="$(extra_rules 1000 mixed)" ;;
         other10) sql+="$(extra_rules 10 other)" ;;
         other10000) sql+="$(extra_rules 10000 other)" ;;
