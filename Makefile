@@ -16,6 +16,7 @@ OBJS = \
 	src/jsonb.o \
 	src/lead.o \
 	src/preassign.o \
+	src/round_robin.o \
 	src/rules.o \
 	src/runlog.o \
 	src/spi_plans.o \

@@ -1,39 +1,31 @@
 /*
  * assign.c — choosing the assignee of round-robin, random and balanced
- * assignment.
+ * assignment, and keeping the group counters.
  *
- * Round robin must stay fair across concurrent sessions without one lock
- * held to commit by every insert.  Each group member has a counter row; a
- * transaction takes the member with the lowest committed count (ties by list
- * position) whose row no one else has locked (SKIP LOCKED), and increments
- * it.  The row lock lasts to commit, so up to one in-flight assignment per
- * lowest member runs at once.  If every lowest member is taken, the
- * transaction waits for one of them rather than pick a member ahead of the
- * rotation: a rollback could otherwise leave counts two apart.  A rollback
- * undoes the increment, so the member it would have used comes up next.
+ * Round robin is picked in round_robin.c.  Balanced takes the member with
+ * the fewest open leads whose counter row no one else has locked (SKIP
+ * LOCKED), and waits for one if all are taken; random draws by weight.
  *
- * Increments are kept in memory and written once per member at the end of
- * the outermost statement (an AFTER STATEMENT trigger), not once per lead:
- * a bulk INSERT would otherwise rewrite the same counter row per row and
- * make every later pick walk all those row versions.  Picks add the pending
- * increments to what the table says.
- *
- * A statement that assigns many leads in one group (a bulk INSERT) tries,
- * after a few picks, to lock every available member's row at once (SKIP
- * LOCKED, never waiting).  Holding them all, no other transaction can move
- * a count, so the rest of the statement's picks are made in memory with
- * the same rule (lowest count per weight, ties by position): the same
- * member the query would have chosen, without a query per lead.
+ * Increments are kept in memory and written once per member, not once per
+ * lead: a bulk INSERT would otherwise rewrite the same counter row per row.
+ * Picks add the pending increments to what the table says.  Balanced
+ * increments are written at the end of the outermost statement (its rows
+ * are locked since the pick anyway); round-robin ones just before commit,
+ * in key order, so their row locks last only for the commit itself.
  */
 #include "nocrm.h"
+#include "groups.h"
 
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/array.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/snapmgr.h"
 
 PG_FUNCTION_INFO_V1(nocrm_flush_assignments_trigger);
 
@@ -45,80 +37,16 @@ typedef struct PendingIncrement
 	int64		user_id;
 	SubTransactionId subid;
 	int64		delta;
+	bool		at_commit;		/* round robin: written just before commit */
 } PendingIncrement;
 
 static PendingIncrement *pending = NULL;
 static int	npending = 0;
 static int	maxpending = 0;
 
-static SPIPlanPtr plan_rr_try,
-			plan_rr_wait,
-			plan_balanced_try,
+static SPIPlanPtr plan_balanced_try,
 			plan_balanced_wait,
-			plan_random,
-			plan_lock_all,
-			plan_count_available;
-
-/* Picks a group makes by query in one statement before it tries to lock all members. */
-#define PICKS_BEFORE_LOCK_ALL	8
-#define MAX_GROUP_MEMOS			16
-
-/*
- * A round-robin group of the current statement: its picks so far and, once
- * this transaction holds every available member's counter row, the members'
- * counts (committed + pending), so the next picks need no query.
- */
-typedef struct GroupMemo
-{
-	int32		automation_id;
-	int32		action_no;
-	int			picks;
-	bool		tried_lock_all;
-	bool		in_memory;
-	int			nmembers;
-	int64	   *user_ids;		/* available members, by position */
-	int32	   *weights;
-	int64	   *counts;
-} GroupMemo;
-
-static GroupMemo group_memos[MAX_GROUP_MEMOS];
-static int	ngroup_memos = 0;
-static MemoryContext memo_context = NULL;
-
-/*
- * Parameters of every group query: $1 automation, $2 action, $3 pending
- * increments by position, $4 ignore availability (fallback "anyone"),
- * $5 only members within their working hours.
- *
- * A member is available when active and, unless $4, not absent now, within
- * working hours if $5, and under their cap of open leads.
- */
-#define OPEN_LEADS(c) \
-	"(SELECT count(*) FROM nocrm.leads l WHERE l.user_id = " c ".user_id" \
-	" AND l.status IN ('todo', 'standby'))"
-
-#define AVAILABLE(c, u) \
-	" " u ".active AND ($4 OR (" \
-	"  NOT EXISTS (SELECT 1 FROM nocrm.absences a WHERE a.user_id = " u ".id" \
-	"              AND now() >= a.starts_at AND now() < a.ends_at)" \
-	"  AND (NOT $5" \
-	"       OR NOT EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id)" \
-	"       OR EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id" \
-	"                  AND w.weekday = extract(isodow FROM now() AT TIME ZONE " u ".timezone)" \
-	"                  AND (now() AT TIME ZONE " u ".timezone)::time >= w.starts" \
-	"                  AND (now() AT TIME ZONE " u ".timezone)::time < w.ends))" \
-	"  AND (" c ".cap IS NULL OR " OPEN_LEADS(c) " < " c ".cap)))"
-
-#define MEMBERS(c, u) \
-	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
-	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" AVAILABLE(c, u)
-
-/* Assignments so far, pending ones included, per unit of weight. */
-#define LOAD(c) \
-	"((" c ".assigned + coalesce(($3::bigint[])[" c ".position + 1], 0))::numeric / " c ".weight)"
-
-#define LOWEST_LOAD \
-	" AND " LOAD("c") " = (SELECT min" LOAD("c2") MEMBERS("c2", "u2") ")"
+			plan_random;
 
 #define BALANCED_ORDER \
 	" ORDER BY " OPEN_LEADS("c") "::numeric / c.weight, " LOAD("c") ", c.position"
@@ -185,6 +113,7 @@ bump(Rule *rule, RuleAction *action, int64 user_id, int64 delta)
 	pending[npending].user_id = user_id;
 	pending[npending].subid = subid;
 	pending[npending].delta = delta;
+	pending[npending].at_commit = action->kind == ACT_ASSIGN_ROUND_ROBIN;
 	npending++;
 }
 
@@ -203,170 +132,69 @@ nocrm_assign_refund(int32 automation_id, int32 action_no, int64 user_id)
 	memset(&action, 0, sizeof(action));
 	rule.id = automation_id;
 	action.action_no = action_no;
+	/* written when the increment it takes back is */
+	for (int i = 0; i < npending; i++)
+		if (pending[i].automation_id == automation_id && pending[i].action_no == action_no &&
+			pending[i].user_id == user_id)
+			action.kind = pending[i].at_commit ? ACT_ASSIGN_ROUND_ROBIN : ACT_ASSIGN_BALANCED;
 	bump(&rule, &action, user_id, -1);
 }
 
-/* Counts held in memory are good for one statement and its own locks. */
-static void
-forget_group_memos(void)
-{
-	ngroup_memos = 0;
-	if (memo_context)
-		MemoryContextReset(memo_context);
-}
-
-static GroupMemo *
-group_memo(Rule *rule, RuleAction *action)
-{
-	GroupMemo  *m;
-
-	for (int i = 0; i < ngroup_memos; i++)
-		if (group_memos[i].automation_id == rule->id &&
-			group_memos[i].action_no == action->action_no)
-			return &group_memos[i];
-	if (ngroup_memos == MAX_GROUP_MEMOS)
-		return NULL;
-	m = &group_memos[ngroup_memos++];
-	memset(m, 0, sizeof(GroupMemo));
-	m->automation_id = rule->id;
-	m->action_no = action->action_no;
-	return m;
-}
-
-/* The member with the lowest count per weight, ties by position. */
-static int64
-pick_in_memory(GroupMemo *m)
-{
-	int			best = 0;
-
-	for (int i = 1; i < m->nmembers; i++)
-	{
-		/* counts[i] / weights[i] < counts[best] / weights[best], exactly */
-		if ((int128) m->counts[i] * m->weights[best] <
-			(int128) m->counts[best] * m->weights[i])
-			best = i;
-	}
-	m->counts[best]++;
-	return m->user_ids[best];
-}
-
 /*
- * Locks every available member's counter row if no one else holds one, and
- * loads their counts.  Never waits: another transaction holding a member
- * means we go on with one query per pick.  Groups with caps (open leads
- * change with every assignment) stay on the query.
+ * Writes the pending increments of one kind (round robin's at commit, or
+ * the others) to nocrm.assignment_counters.  The rows are locked in key
+ * order first: two transactions committing increments of the same members
+ * queue up instead of deadlocking.
  */
 static void
-try_lock_all(Rule *rule, RuleAction *action, GroupMemo *m)
+flush_pending(bool at_commit)
 {
-	Oid			types[5] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID};
-	Datum		args[5] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no),
-		pending_by_position(rule, action), BoolGetDatum(false), BoolGetDatum(false)};
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	bool		complete = false;
-	int64		available = 0;
-
-	m->tried_lock_all = true;
-	nocrm_plan(&plan_lock_all,
-			   "SELECT c.user_id, c.weight,"
-			   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL"
-			   MEMBERS("c", "u") " ORDER BY c.position FOR UPDATE OF c SKIP LOCKED",
-			   5, types);
-	nocrm_plan(&plan_count_available, "SELECT count(*)" MEMBERS("c", "u"), 5, types);
-	if (!nocrm_plan_int64(plan_count_available, args, NULL, &available) || available == 0)
-		return;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		int			ret = SPI_execute_plan(plan_lock_all, args, NULL, false, 0);
-		uint64		n = SPI_processed;
-		bool		capped = false;
-
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "locking a group's counters failed: %s", SPI_result_code_string(ret));
-		for (uint64 r = 0; r < n; r++)
-		{
-			bool		isnull;
-
-			capped |= DatumGetBool(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc,
-												 4, &isnull));
-		}
-		if (n == (uint64) available && !capped)
-		{
-			if (memo_context == NULL)
-				memo_context = AllocSetContextCreate(TopMemoryContext, "nocrm group counts",
-													 ALLOCSET_SMALL_SIZES);
-			m->nmembers = (int) n;
-			m->user_ids = MemoryContextAlloc(memo_context, sizeof(int64) * n);
-			m->weights = MemoryContextAlloc(memo_context, sizeof(int32) * n);
-			m->counts = MemoryContextAlloc(memo_context, sizeof(int64) * n);
-			for (uint64 r = 0; r < n; r++)
-			{
-				HeapTuple	row = SPI_tuptable->vals[r];
-				TupleDesc	desc = SPI_tuptable->tupdesc;
-				bool		isnull;
-
-				m->user_ids[r] = DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull));
-				m->weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
-				m->counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 3, &isnull));
-			}
-			complete = true;
-		}
-	}
-	PG_CATCH();
-	{
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	/* keep the locks only if they are all of them: a partial set would just hold others up */
-	if (complete)
-		ReleaseCurrentSubTransaction();
-	else
-		RollbackAndReleaseCurrentSubTransaction();
-	MemoryContextSwitchTo(oldcontext);
-	CurrentResourceOwner = oldowner;
-	m->in_memory = complete;
-}
-
-/* Writes the pending increments to nocrm.assignment_counters. */
-static void
-flush_pending(void)
-{
-	static SPIPlanPtr plan = NULL;
+	static SPIPlanPtr plan_lock = NULL;
+	static SPIPlanPtr plan_update = NULL;
 	Oid			types[4] = {INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID};
 	Datum	   *cols[4];
 	Datum		args[4];
-	int			n = npending;
+	int			n = 0,
+				kept = 0;
 
 	for (int c = 0; c < 4; c++)
-		cols[c] = palloc(sizeof(Datum) * n);
-	for (int i = 0; i < n; i++)
+		cols[c] = palloc(sizeof(Datum) * npending);
+	for (int i = 0; i < npending; i++)
 	{
-		cols[0][i] = Int32GetDatum(pending[i].automation_id);
-		cols[1][i] = Int32GetDatum(pending[i].action_no);
-		cols[2][i] = Int64GetDatum(pending[i].user_id);
-		cols[3][i] = Int64GetDatum(pending[i].delta);
+		if (pending[i].at_commit != at_commit)
+		{
+			pending[kept++] = pending[i];
+			continue;
+		}
+		cols[0][n] = Int32GetDatum(pending[i].automation_id);
+		cols[1][n] = Int32GetDatum(pending[i].action_no);
+		cols[2][n] = Int64GetDatum(pending[i].user_id);
+		cols[3][n] = Int64GetDatum(pending[i].delta);
+		n++;
 	}
+	npending = kept;
+	if (n == 0)
+		return;
 	args[0] = PointerGetDatum(construct_array(cols[0], n, INT4OID, 4, true, TYPALIGN_INT));
 	args[1] = PointerGetDatum(construct_array(cols[1], n, INT4OID, 4, true, TYPALIGN_INT));
 	args[2] = PointerGetDatum(construct_array(cols[2], n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	args[3] = PointerGetDatum(construct_array(cols[3], n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 
-	nocrm_plan(&plan,
+	nocrm_plan(&plan_lock,
+			   "SELECT 1 FROM nocrm.assignment_counters c"
+			   "  JOIN unnest($1::int[], $2::int[], $3::bigint[]) AS x(a, n, u)"
+			   "    ON c.automation_id = x.a AND c.action_no = x.n AND c.user_id = x.u"
+			   " ORDER BY c.automation_id, c.action_no, c.user_id FOR UPDATE OF c",
+			   3, types);
+	nocrm_exec_plan(plan_lock, args, NULL, SPI_OK_SELECT, "locking assignment counters failed");
+	nocrm_plan(&plan_update,
 			   "UPDATE nocrm.assignment_counters c SET assigned = c.assigned + d.delta"
 			   "  FROM (SELECT a, n, u, sum(d) AS delta"
 			   "          FROM unnest($1::int[], $2::int[], $3::bigint[], $4::bigint[]) AS x(a, n, u, d)"
 			   "         GROUP BY a, n, u) d"
 			   " WHERE c.automation_id = d.a AND c.action_no = d.n AND c.user_id = d.u",
 			   4, types);
-	nocrm_exec_plan(plan, args, NULL, SPI_OK_UPDATE, "updating assignment counters failed");
-	npending = 0;
+	nocrm_exec_plan(plan_update, args, NULL, SPI_OK_UPDATE, "updating assignment counters failed");
 }
 
 /*
@@ -392,17 +220,51 @@ nocrm_flush_assignments_trigger(PG_FUNCTION_ARGS)
 void
 nocrm_flush_writes(void)
 {
+	bool		others = false;
+
 	if (nocrm_chain_depth() > 0)
 		return;
-	forget_group_memos();
-	if (npending > 0)
+	nocrm_rr_statement_end();
+	for (int i = 0; i < npending && !others; i++)
+		others = !pending[i].at_commit;
+	if (others)
 	{
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
-		flush_pending();
+		flush_pending(false);
 		SPI_finish();
 	}
 	nocrm_buffers_flush();
+}
+
+/*
+ * Just before commit (or PREPARE): the round-robin increments, as the
+ * extension owner (the committing user may not write the counters).  A
+ * transaction that dropped the extension has nothing left to count.
+ */
+void
+nocrm_assign_pre_commit(void)
+{
+	OwnerContext owner;
+	Oid			nsp;
+
+	if (npending == 0)
+		return;
+	nsp = get_namespace_oid("nocrm", true);
+	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("assignment_counters", nsp)))
+	{
+		npending = 0;
+		return;
+	}
+	PushActiveSnapshot(GetTransactionSnapshot());
+	nocrm_owner_enter(&owner);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	flush_pending(true);
+	flush_pending(false);		/* a backstop: statement ends write these */
+	SPI_finish();
+	nocrm_owner_leave(&owner);
+	PopActiveSnapshot();
 }
 
 /* Increments of an aborted (sub)transaction never happened. */
@@ -415,8 +277,8 @@ nocrm_assign_subxact_abort(SubTransactionId subid)
 		if (pending[i].subid < subid)
 			pending[kept++] = pending[i];
 	npending = kept;
-	/* the aborted subtransaction may have held the member locks the counts rely on */
-	forget_group_memos();
+	/* counts kept in memory may include the aborted picks */
+	nocrm_rr_subxact_abort();
 }
 
 void
@@ -431,7 +293,7 @@ void
 nocrm_assign_xact_end(void)
 {
 	npending = 0;
-	forget_group_memos();
+	nocrm_rr_xact_end();
 }
 
 /*
@@ -491,15 +353,10 @@ try_pick(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 	MemoryContextSwitchTo(oldcontext);
 	PG_TRY();
 	{
-		found = action->kind == ACT_ASSIGN_BALANCED
-			? pick(&plan_balanced_try,
-				   "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER
-				   " FOR UPDATE OF c SKIP LOCKED LIMIT 1",
-				   rule, action, anyone, user_id)
-			: pick(&plan_rr_try,
-				   "SELECT c.user_id" MEMBERS("c", "u") LOWEST_LOAD
-				   " ORDER BY c.position FOR UPDATE OF c SKIP LOCKED LIMIT 1",
-				   rule, action, anyone, user_id);
+		found = pick(&plan_balanced_try,
+					 "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER
+					 " FOR UPDATE OF c SKIP LOCKED LIMIT 1",
+					 rule, action, anyone, user_id);
 	}
 	PG_CATCH();
 	{
@@ -519,23 +376,8 @@ try_pick(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 }
 
 static bool
-pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
+pick_balanced(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
-	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
-	GroupMemo  *memo = NULL;
-
-	if (!balanced && !anyone && !action->only_working_hours)
-		memo = group_memo(rule, action);
-	if (memo && !memo->in_memory && !memo->tried_lock_all &&
-		++memo->picks > PICKS_BEFORE_LOCK_ALL)
-		try_lock_all(rule, action, memo);
-	if (memo && memo->in_memory)
-	{
-		*user_id = pick_in_memory(memo);
-		bump(rule, action, *user_id, 1);
-		return true;
-	}
-
 	for (;;)
 	{
 		int64		busy;
@@ -549,17 +391,21 @@ pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 		 * first of them to commit or roll back, then look again with a new
 		 * snapshot (it may no longer be the lowest).
 		 */
-		if (!(balanced
-			  ? pick(&plan_balanced_wait,
-					 "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER " LIMIT 1",
-					 rule, action, anyone, &busy)
-			  : pick(&plan_rr_wait,
-					 "SELECT c.user_id" MEMBERS("c", "u") LOWEST_LOAD
-					 " ORDER BY c.position LIMIT 1",
-					 rule, action, anyone, &busy)))
+		if (!pick(&plan_balanced_wait,
+				  "SELECT c.user_id" MEMBERS("c", "u") BALANCED_ORDER " LIMIT 1",
+				  rule, action, anyone, &busy))
 			return false;		/* nobody available */
 		wait_for_member(rule, action, busy);
 	}
+	bump(rule, action, *user_id, 1);
+	return true;
+}
+
+static bool
+pick_round_robin(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
+{
+	if (!nocrm_rr_pick(rule, action, anyone, pending_by_position(rule, action), user_id))
+		return false;
 	bump(rule, action, *user_id, 1);
 	return true;
 }
@@ -577,9 +423,15 @@ pick_random(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 static bool
 pick_once(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
-	return action->kind == ACT_ASSIGN_RANDOM
-		? pick_random(rule, action, anyone, user_id)
-		: pick_counted(rule, action, anyone, user_id);
+	switch (action->kind)
+	{
+		case ACT_ASSIGN_RANDOM:
+			return pick_random(rule, action, anyone, user_id);
+		case ACT_ASSIGN_BALANCED:
+			return pick_balanced(rule, action, anyone, user_id);
+		default:
+			return pick_round_robin(rule, action, anyone, user_id);
+	}
 }
 
 /*

@@ -24,6 +24,8 @@ static SPIPlanPtr plan_describe;
 static void
 dispatch_xact_callback(XactEvent event, void *arg)
 {
+	if (event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PRE_PREPARE)
+		nocrm_assign_pre_commit();
 	/* A backstop: every path that buffers rows flushes them itself. */
 	if ((event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PRE_PREPARE) &&
 		nocrm_buffered_rows() > 0)

@@ -43,6 +43,29 @@ ensure_table(void)
 							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
+/* Keeps a choice until the statement's events reach the row. */
+static void
+remember(int64 lead_id, Rule *rule, int64 user_id, bool fallback)
+{
+	PreAssignment *entry;
+	bool		exists;
+
+	ensure_table();
+	entry = hash_search(preassigned, &lead_id, HASH_ENTER, &exists);
+	if (exists && entry->state == 'p')
+		nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
+	if (!exists)
+		npreassigned++;
+	entry->automation_id = rule->id;
+	entry->action_no = rule->actions[0].action_no;
+	entry->user_id = user_id;
+	entry->fallback = fallback;
+	entry->state = 'p';
+	entry->subid = GetCurrentSubTransactionId();
+	entry->statement = ActiveSnapshotSet() ? (const void *) GetActiveSnapshot() : NULL;
+	max_subid = Max(max_subid, entry->subid);
+}
+
 /* The rule's conditions on a lead that is being inserted, without a query. */
 static bool
 holds_on_new_row(Rule *rule, LeadState *lead)
@@ -92,12 +115,30 @@ choose(Rule *rule, RuleAction *action, LeadState *lead, int64 *user_id, bool *fa
 	return found;
 }
 
+/* Does any creation rule assign with its first action?  Kept per rule set. */
 static bool
-decide(LeadState *lead, int64 *user_id, bool *fallback, Rule **chosen)
+some_rule_assigns(Rule **rules, int nrules)
 {
-	int			nrules;
-	Rule	  **rules = nocrm_rules_for_event(EV_CREATION, &nrules);
+	static uint64 generation = 0;
+	static bool known = false;
+	static bool assigns = false;
 
+	if (!known || generation != nocrm_rules_generation())
+	{
+		assigns = false;
+		for (int r = 0; r < nrules && !assigns; r++)
+			assigns = rules[r]->nactions > 0 && !rules[r]->test_mode &&
+				assigns_now(&rules[r]->actions[0]);
+		generation = nocrm_rules_generation();
+		known = true;
+	}
+	return assigns;
+}
+
+/* The rule that assigns the new lead now, if one may (no query needed). */
+static Rule *
+deciding_rule(Rule **rules, int nrules, LeadState *lead)
+{
 	for (int r = 0; r < nrules; r++)
 	{
 		Rule	   *rule = rules[r];
@@ -105,14 +146,11 @@ decide(LeadState *lead, int64 *user_id, bool *fallback, Rule **chosen)
 		if (!holds_on_new_row(rule, lead))
 			continue;
 		if (rule->nactions > 0 && !rule->test_mode && assigns_now(&rule->actions[0]))
-		{
-			*chosen = rule;
-			return choose(rule, &rule->actions[0], lead, user_id, fallback);
-		}
+			return rule;
 		if (!rule_leaves_lead_alone(rule))
-			return false;
+			return NULL;
 	}
-	return false;
+	return NULL;
 }
 
 /*
@@ -124,19 +162,19 @@ bool
 nocrm_preassign_row(LeadState *lead, int64 *user_id)
 {
 	OwnerContext owner;
-	Rule	   *rule = NULL;
+	Rule	  **rules;
+	Rule	   *rule;
 	bool		fallback = false;
 	bool		found = false;
-	PreAssignment *entry;
-	bool		exists;
 	int			nrules;
 
 	if (!nocrm_automations_enabled || lead->has_owner || nocrm_chain_depth() > 0 ||
 		nocrm_max_chain_depth < 1)
 		return false;
 	nocrm_gate_caches_ready(true);
-	(void) nocrm_rules_for_event(EV_CREATION, &nrules);
-	if (nrules == 0)
+	rules = nocrm_rules_for_event(EV_CREATION, &nrules);
+	if (nrules == 0 || !some_rule_assigns(rules, nrules) ||
+		(rule = deciding_rule(rules, nrules, lead)) == NULL)
 		return false;
 
 	nocrm_owner_enter(&owner);
@@ -145,24 +183,9 @@ nocrm_preassign_row(LeadState *lead, int64 *user_id)
 	nocrm_rules_pin();
 	PG_TRY();
 	{
-		found = decide(lead, user_id, &fallback, &rule);
+		found = choose(rule, &rule->actions[0], lead, user_id, &fallback);
 		if (found)
-		{
-			ensure_table();
-			entry = hash_search(preassigned, &lead->id, HASH_ENTER, &exists);
-			if (exists && entry->state == 'p')
-				nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
-			if (!exists)
-				npreassigned++;
-			entry->automation_id = rule->id;
-			entry->action_no = rule->actions[0].action_no;
-			entry->user_id = *user_id;
-			entry->fallback = fallback;
-			entry->state = 'p';
-			entry->subid = GetCurrentSubTransactionId();
-			entry->statement = ActiveSnapshotSet() ? (const void *) GetActiveSnapshot() : NULL;
-			max_subid = Max(max_subid, entry->subid);
-		}
+			remember(lead->id, rule, *user_id, fallback);
 	}
 	PG_FINALLY();
 	{

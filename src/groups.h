@@ -1,0 +1,40 @@
+/*
+ * groups.h — the SQL shared by the group assignment queries (assign.c,
+ * round_robin.c): a group's available members and their load.
+ */
+#ifndef NOCRM_GROUPS_H
+#define NOCRM_GROUPS_H
+
+/*
+ * Parameters of every group query: $1 automation, $2 action, $3 pending
+ * increments by position, $4 ignore availability (fallback "anyone"),
+ * $5 only members within their working hours.
+ *
+ * A member is available when active and, unless $4, not absent now, within
+ * working hours if $5, and under their cap of open leads.
+ */
+#define OPEN_LEADS(c) \
+	"(SELECT count(*) FROM nocrm.leads l WHERE l.user_id = " c ".user_id" \
+	" AND l.status IN ('todo', 'standby'))"
+
+#define AVAILABLE(c, u) \
+	" " u ".active AND ($4 OR (" \
+	"  NOT EXISTS (SELECT 1 FROM nocrm.absences a WHERE a.user_id = " u ".id" \
+	"              AND now() >= a.starts_at AND now() < a.ends_at)" \
+	"  AND (NOT $5" \
+	"       OR NOT EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id)" \
+	"       OR EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id" \
+	"                  AND w.weekday = extract(isodow FROM now() AT TIME ZONE " u ".timezone)" \
+	"                  AND (now() AT TIME ZONE " u ".timezone)::time >= w.starts" \
+	"                  AND (now() AT TIME ZONE " u ".timezone)::time < w.ends))" \
+	"  AND (" c ".cap IS NULL OR " OPEN_LEADS(c) " < " c ".cap)))"
+
+#define MEMBERS(c, u) \
+	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
+	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" AVAILABLE(c, u)
+
+/* Assignments so far, pending ones included, per unit of weight. */
+#define LOAD(c) \
+	"((" c ".assigned + coalesce(($3::bigint[])[" c ".position + 1], 0))::numeric / " c ".weight)"
+
+#endif							/* NOCRM_GROUPS_H */

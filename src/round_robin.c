@@ -1,0 +1,314 @@
+/*
+ * round_robin.c — round robin across concurrent sessions, without holding
+ * a lock that others wait for until commit.
+ *
+ * A pick is a short critical section per group, under a lock of our own
+ * (an advisory lock of a kind SQL's pg_advisory_* cannot name), held only
+ * while picking: count each member's claims in flight in other
+ * transactions, read the committed counts, take the member with the lowest
+ * (committed + in flight + this transaction's unwritten) per weight, ties
+ * by list position, and claim it.  A claim is a share lock on the member,
+ * held to the end of the transaction; nobody ever waits for one, others
+ * only count them.  A rollback drops the claim with the pick, so the member
+ * comes up next again.  The increments themselves are written at commit
+ * (assign.c).
+ *
+ * Claims are counted before the committed counts are read: a transaction
+ * that commits in between is counted twice (its member is passed over
+ * once), never missed.
+ *
+ * A statement that picks many leads in one group keeps the group's lock
+ * after a few picks, to its end, and picks in memory: no other pick in the
+ * group can happen meanwhile, so the counts it loaded stay exact.
+ */
+#include "nocrm.h"
+#include "groups.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "storage/lock.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+
+/* locktag_field4 of our locks; pg_advisory_* use 1 and 2 */
+#define LOCK_KIND_GROUP		0x4E47
+#define LOCK_KIND_MEMBER	0x4E4D
+
+/* Picks a group makes one by one in a statement before it keeps the group's lock. */
+#define PICKS_BEFORE_HOLDING	8
+#define MAX_HELD_GROUPS			16
+
+static SPIPlanPtr plan_members;
+
+/* A group whose lock this statement holds, with its members' counts. */
+typedef struct HeldGroup
+{
+	int32		automation_id;
+	int32		action_no;
+	int			picks;			/* one by one so far in this statement */
+	bool		held;			/* we hold the group lock, counts below are exact */
+	int			nmembers;
+	int64	   *user_ids;		/* available members, by position */
+	int32	   *positions;
+	int32	   *weights;
+	int64	   *counts;
+} HeldGroup;
+
+static HeldGroup groups[MAX_HELD_GROUPS];
+static int	ngroups = 0;
+static MemoryContext groups_context = NULL;
+
+static void
+group_tag(LOCKTAG *tag, int32 automation_id, int32 action_no)
+{
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) automation_id,
+						 ((uint32) action_no << 16) | 0xFFFF, LOCK_KIND_GROUP);
+}
+
+static void
+member_tag(LOCKTAG *tag, int32 automation_id, int32 action_no, int32 position)
+{
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) automation_id,
+						 ((uint32) action_no << 16) | ((uint32) position & 0xFFFF),
+						 LOCK_KIND_MEMBER);
+}
+
+/*
+ * The group lock belongs to the top transaction, so a subtransaction that
+ * commits or aborts in the middle of a statement holding it does not move
+ * or drop it; it is always released here, or at transaction end.
+ */
+static void
+group_lock(int32 automation_id, int32 action_no, bool acquire)
+{
+	LOCKTAG		tag;
+	ResourceOwner save = CurrentResourceOwner;
+
+	group_tag(&tag, automation_id, action_no);
+	CurrentResourceOwner = TopTransactionResourceOwner;
+	PG_TRY();
+	{
+		if (acquire)
+			(void) LockAcquire(&tag, ExclusiveLock, false, false);
+		else
+			(void) LockRelease(&tag, ExclusiveLock, false);
+	}
+	PG_FINALLY();
+	{
+		CurrentResourceOwner = save;
+	}
+	PG_END_TRY();
+}
+
+/* Claims in flight on a member, in other transactions. */
+static int
+claims_elsewhere(int32 automation_id, int32 action_no, int32 position)
+{
+	LOCKTAG		tag;
+	int			n = 0;
+
+	member_tag(&tag, automation_id, action_no, position);
+	(void) GetLockConflicts(&tag, ExclusiveLock, &n);
+	return n;
+}
+
+/* Our claim on a member, to the end of the (sub)transaction that made it. */
+static void
+claim(int32 automation_id, int32 action_no, int32 position)
+{
+	LOCKTAG		tag;
+
+	member_tag(&tag, automation_id, action_no, position);
+	if (!LockHeldByMe(&tag, ShareLock))
+		(void) LockAcquire(&tag, ShareLock, false, true);
+}
+
+static HeldGroup *
+group_of(Rule *rule, RuleAction *action)
+{
+	HeldGroup  *g;
+
+	for (int i = 0; i < ngroups; i++)
+		if (groups[i].automation_id == rule->id && groups[i].action_no == action->action_no)
+			return &groups[i];
+	if (ngroups == MAX_HELD_GROUPS)
+		return NULL;
+	g = &groups[ngroups++];
+	memset(g, 0, sizeof(HeldGroup));
+	g->automation_id = rule->id;
+	g->action_no = action->action_no;
+	return g;
+}
+
+/* The member with the lowest count per weight, ties by position (the first). */
+static int
+lowest(int n, const int64 *counts, const int32 *weights)
+{
+	int			best = 0;
+
+	for (int i = 1; i < n; i++)
+		if ((int128) counts[i] * weights[best] < (int128) counts[best] * weights[i])
+			best = i;
+	return best;
+}
+
+/*
+ * One pick by query, inside the group's critical section.  Returns the
+ * index of the member taken in the SPI result, or -1 if nobody is
+ * available; fills counts (committed + in flight + unwritten).
+ */
+static int
+pick_by_query(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 *inflight,
+			  bool *capped)
+{
+	Oid			types[5] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID};
+	Datum		args[5] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
+	BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours)};
+	int			ret;
+	uint64		n;
+	int64	   *counts;
+	int32	   *weights;
+
+	nocrm_plan(&plan_members,
+			   "SELECT c.user_id, c.position, c.weight,"
+			   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL"
+			   MEMBERS("c", "u") " ORDER BY c.position",
+			   5, types);
+	ret = SPI_execute_plan(plan_members, args, NULL, false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading a group's members failed: %s", SPI_result_code_string(ret));
+	n = SPI_processed;
+	if (n == 0)
+		return -1;
+	counts = palloc(sizeof(int64) * n);
+	weights = palloc(sizeof(int32) * n);
+	*capped = false;
+	for (uint64 r = 0; r < n; r++)
+	{
+		HeapTuple	row = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int32		position = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
+
+		weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
+		counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) +
+			(position >= 0 && position < action->nusers ? inflight[position] : 0);
+		*capped |= DatumGetBool(SPI_getbinval(row, desc, 5, &isnull));
+	}
+	return lowest((int) n, counts, weights);
+}
+
+/* Keeps the SPI result's members and counts, for picks in memory. */
+static void
+keep_counts(HeldGroup *g, RuleAction *action, int64 *inflight)
+{
+	uint64		n = SPI_processed;
+
+	if (groups_context == NULL)
+		groups_context = AllocSetContextCreate(TopMemoryContext, "nocrm round robin groups",
+											   ALLOCSET_SMALL_SIZES);
+	g->nmembers = (int) n;
+	g->user_ids = MemoryContextAlloc(groups_context, sizeof(int64) * n);
+	g->positions = MemoryContextAlloc(groups_context, sizeof(int32) * n);
+	g->weights = MemoryContextAlloc(groups_context, sizeof(int32) * n);
+	g->counts = MemoryContextAlloc(groups_context, sizeof(int64) * n);
+	for (uint64 r = 0; r < n; r++)
+	{
+		HeapTuple	row = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+
+		g->user_ids[r] = DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull));
+		g->positions[r] = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
+		g->weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
+		g->counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) +
+			(g->positions[r] < action->nusers ? inflight[g->positions[r]] : 0);
+	}
+}
+
+/*
+ * Picks the next member of a round-robin group and claims it; false if
+ * nobody is available.  pending: this transaction's unwritten increments
+ * by position (bigint[]).  The caller records the increment.
+ */
+bool
+nocrm_rr_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 *user_id)
+{
+	HeldGroup  *g = (!anyone && !action->only_working_hours) ? group_of(rule, action) : NULL;
+	int64	   *inflight;
+	int			best = -1;
+	bool		capped = false;
+	bool		keep = false;
+
+	if (g && g->held)
+	{
+		best = lowest(g->nmembers, g->counts, g->weights);
+		g->counts[best]++;
+		claim(rule->id, action->action_no, g->positions[best]);
+		*user_id = g->user_ids[best];
+		return true;
+	}
+
+	group_lock(rule->id, action->action_no, true);
+	PG_TRY();
+	{
+		inflight = palloc0(sizeof(int64) * Max(action->nusers, 1));
+		for (int pos = 0; pos < action->nusers; pos++)
+			inflight[pos] = claims_elsewhere(rule->id, action->action_no, pos);
+		best = pick_by_query(rule, action, anyone, pending, inflight, &capped);
+		if (best >= 0)
+		{
+			HeapTuple	row = SPI_tuptable->vals[best];
+			bool		isnull;
+
+			*user_id = DatumGetInt64(SPI_getbinval(row, SPI_tuptable->tupdesc, 1, &isnull));
+			claim(rule->id, action->action_no,
+				  DatumGetInt32(SPI_getbinval(row, SPI_tuptable->tupdesc, 2, &isnull)));
+			/* caps count open leads, which each assignment changes: no picks in memory */
+			keep = g && !capped && ++g->picks > PICKS_BEFORE_HOLDING;
+			if (keep)
+			{
+				keep_counts(g, action, inflight);
+				g->counts[best]++;
+				g->held = true;
+			}
+		}
+	}
+	PG_CATCH();
+	{
+		group_lock(rule->id, action->action_no, false);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	if (!keep)
+		group_lock(rule->id, action->action_no, false);
+	return best >= 0;
+}
+
+/* End of the outermost statement: let the other sessions pick again. */
+void
+nocrm_rr_statement_end(void)
+{
+	for (int i = 0; i < ngroups; i++)
+		if (groups[i].held)
+			group_lock(groups[i].automation_id, groups[i].action_no, false);
+	ngroups = 0;
+	if (groups_context)
+		MemoryContextReset(groups_context);
+}
+
+/* A subtransaction rolled back: the counts in memory may count its picks. */
+void
+nocrm_rr_subxact_abort(void)
+{
+	nocrm_rr_statement_end();
+}
+
+/* The transaction's end released every lock. */
+void
+nocrm_rr_xact_end(void)
+{
+	ngroups = 0;
+	if (groups_context)
+		MemoryContextReset(groups_context);
+}
