@@ -140,61 +140,68 @@ nocrm_assign_refund(int32 automation_id, int32 action_no, int64 user_id)
 	bump(&rule, &action, user_id, -1);
 }
 
+static int
+increment_order(const void *a, const void *b)
+{
+	const PendingIncrement *x = a,
+			   *y = b;
+
+	if (x->automation_id != y->automation_id)
+		return x->automation_id < y->automation_id ? -1 : 1;
+	if (x->action_no != y->action_no)
+		return x->action_no < y->action_no ? -1 : 1;
+	if (x->user_id != y->user_id)
+		return x->user_id < y->user_id ? -1 : 1;
+	return 0;
+}
+
 /*
  * Writes the pending increments of one kind (round robin's at commit, or
- * the others) to nocrm.assignment_counters.  The rows are locked in key
- * order first: two transactions committing increments of the same members
- * queue up instead of deadlocking.
+ * the others) to nocrm.assignment_counters: one UPDATE per member, in key
+ * order, so two transactions committing increments of the same members
+ * queue up instead of deadlocking.  (A statement of its own per member is
+ * cheaper than one set-based UPDATE: there are a few members, and that
+ * plan's start-up cost is paid by every transaction.)
  */
 static void
 flush_pending(bool at_commit)
 {
-	static SPIPlanPtr plan_lock = NULL;
-	static SPIPlanPtr plan_update = NULL;
-	Oid			types[4] = {INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID};
-	Datum	   *cols[4];
-	Datum		args[4];
+	static SPIPlanPtr plan = NULL;
+	Oid			types[4] = {INT4OID, INT4OID, INT8OID, INT8OID};
+	PendingIncrement *todo = palloc(sizeof(PendingIncrement) * Max(npending, 1));
 	int			n = 0,
 				kept = 0;
 
-	for (int c = 0; c < 4; c++)
-		cols[c] = palloc(sizeof(Datum) * npending);
 	for (int i = 0; i < npending; i++)
 	{
-		if (pending[i].at_commit != at_commit)
-		{
+		if (pending[i].at_commit == at_commit)
+			todo[n++] = pending[i];
+		else
 			pending[kept++] = pending[i];
-			continue;
-		}
-		cols[0][n] = Int32GetDatum(pending[i].automation_id);
-		cols[1][n] = Int32GetDatum(pending[i].action_no);
-		cols[2][n] = Int64GetDatum(pending[i].user_id);
-		cols[3][n] = Int64GetDatum(pending[i].delta);
-		n++;
 	}
 	npending = kept;
 	if (n == 0)
 		return;
-	args[0] = PointerGetDatum(construct_array(cols[0], n, INT4OID, 4, true, TYPALIGN_INT));
-	args[1] = PointerGetDatum(construct_array(cols[1], n, INT4OID, 4, true, TYPALIGN_INT));
-	args[2] = PointerGetDatum(construct_array(cols[2], n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	args[3] = PointerGetDatum(construct_array(cols[3], n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-
-	nocrm_plan(&plan_lock,
-			   "SELECT 1 FROM nocrm.assignment_counters c"
-			   "  JOIN unnest($1::int[], $2::int[], $3::bigint[]) AS x(a, n, u)"
-			   "    ON c.automation_id = x.a AND c.action_no = x.n AND c.user_id = x.u"
-			   " ORDER BY c.automation_id, c.action_no, c.user_id FOR UPDATE OF c",
-			   3, types);
-	nocrm_exec_plan(plan_lock, args, NULL, SPI_OK_SELECT, "locking assignment counters failed");
-	nocrm_plan(&plan_update,
-			   "UPDATE nocrm.assignment_counters c SET assigned = c.assigned + d.delta"
-			   "  FROM (SELECT a, n, u, sum(d) AS delta"
-			   "          FROM unnest($1::int[], $2::int[], $3::bigint[], $4::bigint[]) AS x(a, n, u, d)"
-			   "         GROUP BY a, n, u) d"
-			   " WHERE c.automation_id = d.a AND c.action_no = d.n AND c.user_id = d.u",
+	qsort(todo, n, sizeof(PendingIncrement), increment_order);
+	nocrm_plan(&plan,
+			   "UPDATE nocrm.assignment_counters SET assigned = assigned + $4"
+			   " WHERE automation_id = $1 AND action_no = $2 AND user_id = $3",
 			   4, types);
-	nocrm_exec_plan(plan_update, args, NULL, SPI_OK_UPDATE, "updating assignment counters failed");
+	for (int i = 0; i < n;)
+	{
+		Datum		args[4] = {Int32GetDatum(todo[i].automation_id), Int32GetDatum(todo[i].action_no),
+		Int64GetDatum(todo[i].user_id), 0};
+		int64		delta = 0;
+		int			first = i;
+
+		/* one member's increments of several subtransactions, merged */
+		for (; i < n && increment_order(&todo[first], &todo[i]) == 0; i++)
+			delta += todo[i].delta;
+		if (delta == 0)
+			continue;
+		args[3] = Int64GetDatum(delta);
+		nocrm_exec_plan(plan, args, NULL, SPI_OK_UPDATE, "updating assignment counters failed");
+	}
 }
 
 /*

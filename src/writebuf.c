@@ -1,5 +1,5 @@
 /*
- * writebuf.c — rows of history, the run log and notifications, written in
+ * writebuf.c — rows of history, the run log, notifications and the queue, written in
  * batches.
  *
  * A bulk statement raises thousands of events; one INSERT per history row
@@ -7,8 +7,10 @@
  * INSERT ... SELECT FROM unnest(...) per table: at the end of each
  * outermost statement on the event tables (the statement trigger), at the
  * end of fire_trigger() and of each delayed action, and whenever
- * BUFFER_LIMIT rows are waiting.  Rows keep the order they were made in.
- * A rolled-back subtransaction takes its rows with it.
+ * BUFFER_LIMIT rows are waiting.  Rows keep the order they were made in
+ * (unnest yields them in array order and the INSERT takes them as they
+ * come: no sort, whose start-up a one-row batch would pay).  A rolled-back
+ * subtransaction takes its rows with it.
  */
 #include "nocrm.h"
 
