@@ -10,13 +10,13 @@ OBJS = \
 	src/drain.o \
 	src/events.o \
 	src/gate.o \
+	src/group_pick.o \
 	src/explain.o \
 	src/guc.o \
 	src/history.o \
 	src/jsonb.o \
 	src/lead.o \
 	src/preassign.o \
-	src/round_robin.o \
 	src/rules.o \
 	src/runlog.o \
 	src/spi_plans.o \

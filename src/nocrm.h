@@ -369,12 +369,12 @@ extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead
 extern void nocrm_assign_refund(int32 automation_id, int32 action_no, int64 user_id);
 extern void nocrm_assign_pre_commit(void);
 
-/* round_robin.c */
-extern bool nocrm_rr_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending,
-						  int64 *user_id);
-extern void nocrm_rr_statement_end(void);
-extern void nocrm_rr_subxact_abort(void);
-extern void nocrm_rr_xact_end(void);
+/* group_pick.c */
+extern bool nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending,
+							 int64 *user_id);
+extern void nocrm_group_statement_end(void);
+extern void nocrm_group_subxact_abort(void);
+extern void nocrm_group_xact_end(void);
 
 /* preassign.c: owners decided in the BEFORE ROW trigger of an INSERT */
 typedef struct PreAssignment

@@ -1,13 +1,14 @@
 /*
- * round_robin.c — round robin across concurrent sessions, without holding
- * a lock that others wait for until commit.
+ * group_pick.c — round-robin and balanced picks across concurrent sessions,
+ * without holding a lock that others wait for until commit.
  *
  * A pick is a short critical section per group, under a lock of our own
  * (an advisory lock of a kind SQL's pg_advisory_* cannot name), held only
  * while picking: count each member's claims in flight in other
  * transactions, read the committed counts, take the member with the lowest
  * (committed + in flight + this transaction's unwritten) per weight, ties
- * by list position, and claim it.  A claim is a share lock on the member,
+ * by list position (balanced: the fewest open leads + in flight per weight
+ * first), and claim it.  A claim is a share lock on the member,
  * held to the end of the transaction; nobody ever waits for one, others
  * only count them.  A rollback drops the claim with the pick, so the member
  * comes up next again.  The increments themselves are written at commit
@@ -17,9 +18,10 @@
  * that commits in between is counted twice (its member is passed over
  * once), never missed.
  *
- * A statement that picks many leads in one group keeps the group's lock
- * after a few picks, to its end, and picks in memory: no other pick in the
- * group can happen meanwhile, so the counts it loaded stay exact.
+ * A statement that picks many leads in one round-robin group keeps the
+ * group's lock after a few picks, to its end, and picks in memory: no other
+ * pick in the group can happen meanwhile, so the counts it loaded stay
+ * exact.  (Not balanced: whether a lead stays open is not known here.)
  */
 #include "nocrm.h"
 #include "groups.h"
@@ -140,22 +142,40 @@ group_of(Rule *rule, RuleAction *action)
 	return g;
 }
 
-/* The member with the lowest count per weight, ties by position (the first). */
+/* Is a/wa below b/wb, exactly? */
+static bool
+below(int64 a, int32 wa, int64 b, int32 wb)
+{
+	return (int128) a * wb < (int128) b * wa;
+}
+
+/*
+ * The member with the lowest count per weight, ties by position (the
+ * first); with open (balanced), the fewest open leads per weight first.
+ */
 static int
-lowest(int n, const int64 *counts, const int32 *weights)
+lowest(int n, const int64 *counts, const int64 *open, const int32 *weights)
 {
 	int			best = 0;
 
 	for (int i = 1; i < n; i++)
-		if ((int128) counts[i] * weights[best] < (int128) counts[best] * weights[i])
+	{
+		if (open && open[i] * (int128) weights[best] != open[best] * (int128) weights[i])
+		{
+			if (below(open[i], weights[i], open[best], weights[best]))
+				best = i;
+		}
+		else if (below(counts[i], weights[i], counts[best], weights[best]))
 			best = i;
+	}
 	return best;
 }
 
 /*
  * One pick by query, inside the group's critical section.  Returns the
  * index of the member taken in the SPI result, or -1 if nobody is
- * available; fills counts (committed + in flight + unwritten).
+ * available.  Counts are committed + in flight + unwritten; a claim in
+ * flight is also a lead in flight, so it counts as open too.
  */
 static int
 pick_by_query(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 *inflight,
@@ -164,23 +184,30 @@ pick_by_query(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 
 	Oid			types[5] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID};
 	Datum		args[5] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
 	BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours)};
+	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
 	int			ret;
 	uint64		n;
 	int64	   *counts;
+	int64	   *open;
 	int32	   *weights;
 
 	nocrm_plan(&plan_members,
 			   "SELECT c.user_id, c.position, c.weight,"
-			   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL"
+			   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+			   "       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
 			   MEMBERS("c", "u") " ORDER BY c.position",
-			   5, types);
-	ret = SPI_execute_plan(plan_members, args, NULL, false, 0);
+			   6, (Oid[]) {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID, BOOLOID});
+	(void) types;
+	ret = SPI_execute_plan(plan_members,
+						   (Datum[]) {args[0], args[1], args[2], args[3], args[4], BoolGetDatum(balanced)},
+						   NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading a group's members failed: %s", SPI_result_code_string(ret));
 	n = SPI_processed;
 	if (n == 0)
 		return -1;
 	counts = palloc(sizeof(int64) * n);
+	open = palloc(sizeof(int64) * n);
 	weights = palloc(sizeof(int32) * n);
 	*capped = false;
 	for (uint64 r = 0; r < n; r++)
@@ -189,13 +216,15 @@ pick_by_query(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
 		int32		position = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
+		int64		flying = position >= 0 && position < action->nusers ? inflight[position] : 0;
+		Datum		o = SPI_getbinval(row, desc, 6, &isnull);
 
 		weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
-		counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) +
-			(position >= 0 && position < action->nusers ? inflight[position] : 0);
+		counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) + flying;
+		open[r] = (isnull ? 0 : DatumGetInt64(o)) + flying;
 		*capped |= DatumGetBool(SPI_getbinval(row, desc, 5, &isnull));
 	}
-	return lowest((int) n, counts, weights);
+	return lowest((int) n, counts, balanced ? open : NULL, weights);
 }
 
 /* Keeps the SPI result's members and counts, for picks in memory. */
@@ -205,7 +234,7 @@ keep_counts(HeldGroup *g, RuleAction *action, int64 *inflight)
 	uint64		n = SPI_processed;
 
 	if (groups_context == NULL)
-		groups_context = AllocSetContextCreate(TopMemoryContext, "nocrm round robin groups",
+		groups_context = AllocSetContextCreate(TopMemoryContext, "nocrm group counts",
 											   ALLOCSET_SMALL_SIZES);
 	g->nmembers = (int) n;
 	g->user_ids = MemoryContextAlloc(groups_context, sizeof(int64) * n);
@@ -227,14 +256,15 @@ keep_counts(HeldGroup *g, RuleAction *action, int64 *inflight)
 }
 
 /*
- * Picks the next member of a round-robin group and claims it; false if
- * nobody is available.  pending: this transaction's unwritten increments
+ * Picks the next member of a round-robin or balanced group and claims it;
+ * false if nobody is available.  pending: this transaction's unwritten increments
  * by position (bigint[]).  The caller records the increment.
  */
 bool
-nocrm_rr_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 *user_id)
+nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 *user_id)
 {
-	HeldGroup  *g = (!anyone && !action->only_working_hours) ? group_of(rule, action) : NULL;
+	HeldGroup  *g = (!anyone && !action->only_working_hours &&
+					 action->kind == ACT_ASSIGN_ROUND_ROBIN) ? group_of(rule, action) : NULL;
 	int64	   *inflight;
 	int			best = -1;
 	bool		capped = false;
@@ -242,7 +272,7 @@ nocrm_rr_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 
 
 	if (g && g->held)
 	{
-		best = lowest(g->nmembers, g->counts, g->weights);
+		best = lowest(g->nmembers, g->counts, NULL, g->weights);
 		g->counts[best]++;
 		claim(rule->id, action->action_no, g->positions[best]);
 		*user_id = g->user_ids[best];
@@ -287,7 +317,7 @@ nocrm_rr_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 
 
 /* End of the outermost statement: let the other sessions pick again. */
 void
-nocrm_rr_statement_end(void)
+nocrm_group_statement_end(void)
 {
 	for (int i = 0; i < ngroups; i++)
 		if (groups[i].held)
@@ -299,14 +329,14 @@ nocrm_rr_statement_end(void)
 
 /* A subtransaction rolled back: the counts in memory may count its picks. */
 void
-nocrm_rr_subxact_abort(void)
+nocrm_group_subxact_abort(void)
 {
-	nocrm_rr_statement_end();
+	nocrm_group_statement_end();
 }
 
 /* The transaction's end released every lock. */
 void
-nocrm_rr_xact_end(void)
+nocrm_group_xact_end(void)
 {
 	ngroups = 0;
 	if (groups_context)
