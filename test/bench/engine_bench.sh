@@ -77,15 +77,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/rulesets.sh"
 ROOT="$(cd "$HERE/../.." && pwd)"
 T_START=$(date +%s)
-die() { echo "engine_bench: $*" >&2; exit 1; }
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-[ "$(id -u)" = 0 ] || die "run as root (it starts PostgreSQL as the postgres user with runuser)"
-PGBIN="$(pg_config --bindir)"
-PGVER="$("$PGBIN/postgres" --version)"
-case "$PGVER" in *" 15."*) ;; *) die "needs PostgreSQL 15, found: $PGVER" ;; esac
-[ -f "$(pg_config --sharedir)/extension/nocrm_automation.control" ] || die "nocrm_automation is not installed"
-EXT_SO="$(pg_config --pkglibdir)/nocrm_automation.so"
+bench_preamble engine_bench
 
 WORK="$(mktemp -d /tmp/nocrm_ebench.XXXXXX)"
 chmod 755 "$WORK"

@@ -1,6 +1,21 @@
 # server.sh — sourced by the benchmarks: a throwaway PostgreSQL 15 in $WORK,
 # run as the postgres user, unix socket only.  The caller sets PGBIN, WORK
-# and PGDATA and defines die() and log().
+# and PGDATA and defines die() and log() (bench_preamble does both).
+
+# bench_preamble NAME: die() and log() for the script NAME; checks that it
+# runs as root with PostgreSQL 15 and nocrm_automation installed; sets
+# PGBIN, PGVER and EXT_SO (the installed library).
+bench_preamble() {
+    BENCH_NAME=$1
+    die() { echo "$BENCH_NAME: $*" >&2; exit 1; }
+    log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+    [ "$(id -u)" = 0 ] || die "run as root (it starts PostgreSQL as the postgres user with runuser)"
+    PGBIN="$(pg_config --bindir)"
+    PGVER="$("$PGBIN/postgres" --version)"
+    case "$PGVER" in *" 15."*) ;; *) die "needs PostgreSQL 15, found: $PGVER" ;; esac
+    [ -f "$(pg_config --sharedir)/extension/nocrm_automation.control" ] || die "nocrm_automation is not installed"
+    EXT_SO="$(pg_config --pkglibdir)/nocrm_automation.so"
+}
 
 # bench_server_start NAME: initdb, start, create database "bench".  Extra
 # postgresql.conf lines (the same for every variant of a run) come on stdin.
