@@ -143,29 +143,39 @@ group_of(Rule *rule, RuleAction *action)
 }
 
 /* Is a/wa below b/wb, exactly? */
-static bool
-below(int64 a, int32 wa, int64 b, int32 wb)
+/* a/wa compared with b/wb, exactly: -1, 0 or 1 */
+static int
+compare_load(int64 a, int32 wa, int64 b, int32 wb)
 {
-	return (int128) a * wb < (int128) b * wa;
+	int128		x = (int128) a * wb,
+				y = (int128) b * wa;
+
+	return x < y ? -1 : x > y ? 1 : 0;
 }
 
 /*
- * The member with the lowest count per weight, ties by position (the
- * first); with open (balanced), the fewest open leads per weight first.
+ * The member to pick: the fewest open leads per weight first (balanced,
+ * open != NULL), then the lowest count per weight (committed + in flight +
+ * unwritten), then the lowest count without the claims in flight (a claim
+ * may yet roll back: of two members that look level, the one behind in
+ * fact goes first), then the list position (the first).
  */
 static int
-lowest(int n, const int64 *counts, const int64 *open, const int32 *weights)
+lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
+	   const int32 *weights)
 {
 	int			best = 0;
 
 	for (int i = 1; i < n; i++)
 	{
-		if (open && open[i] * (int128) weights[best] != open[best] * (int128) weights[i])
-		{
-			if (below(open[i], weights[i], open[best], weights[best]))
-				best = i;
-		}
-		else if (below(counts[i], weights[i], counts[best], weights[best]))
+		int			c = open ? compare_load(open[i], weights[i], open[best], weights[best]) : 0;
+
+		if (c == 0)
+			c = compare_load(counts[i], weights[i], counts[best], weights[best]);
+		if (c == 0 && inflight)
+			c = compare_load(counts[i] - inflight[i], weights[i],
+							 counts[best] - inflight[best], weights[best]);
+		if (c < 0)
 			best = i;
 	}
 	return best;
@@ -188,6 +198,7 @@ pick_by_query(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 
 	int			ret;
 	uint64		n;
 	int64	   *counts;
+	int64	   *flying;
 	int64	   *open;
 	int32	   *weights;
 
@@ -207,6 +218,7 @@ pick_by_query(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 
 	if (n == 0)
 		return -1;
 	counts = palloc(sizeof(int64) * n);
+	flying = palloc(sizeof(int64) * n);
 	open = palloc(sizeof(int64) * n);
 	weights = palloc(sizeof(int32) * n);
 	*capped = false;
@@ -216,15 +228,15 @@ pick_by_query(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
 		int32		position = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
-		int64		flying = position >= 0 && position < action->nusers ? inflight[position] : 0;
 		Datum		o = SPI_getbinval(row, desc, 6, &isnull);
 
+		flying[r] = position >= 0 && position < action->nusers ? inflight[position] : 0;
+		open[r] = (isnull ? 0 : DatumGetInt64(o)) + flying[r];
 		weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
-		counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) + flying;
-		open[r] = (isnull ? 0 : DatumGetInt64(o)) + flying;
+		counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) + flying[r];
 		*capped |= DatumGetBool(SPI_getbinval(row, desc, 5, &isnull));
 	}
-	return lowest((int) n, counts, balanced ? open : NULL, weights);
+	return lowest((int) n, counts, flying, balanced ? open : NULL, weights);
 }
 
 /* Keeps the SPI result's members and counts, for picks in memory. */
@@ -272,7 +284,7 @@ nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int
 
 	if (g && g->held)
 	{
-		best = lowest(g->nmembers, g->counts, NULL, g->weights);
+		best = lowest(g->nmembers, g->counts, NULL, NULL, g->weights);
 		g->counts[best]++;
 		claim(rule->id, action->action_no, g->positions[best]);
 		*user_id = g->user_ids[best];

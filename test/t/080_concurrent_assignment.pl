@@ -54,9 +54,17 @@ ROLLBACK;
 COMMIT;
 \endif
 } });
+# A claim counts as in flight until its transaction ends, so a member whose
+# concurrent claims roll back can fall one further behind (documented);
+# the next picks make it up.
 $spread = $node->safe_psql('postgres',
 	'SELECT max(n) - min(n) FROM (SELECT count(*) AS n FROM nocrm.leads GROUP BY user_id) c');
-cmp_ok($spread, '<=', 1, "with rollbacks: counts among committed leads within one (spread $spread)");
+cmp_ok($spread, '<=', 2, "with rollbacks: counts among committed leads within two at once (spread $spread)");
+$node->safe_psql('postgres', q{INSERT INTO nocrm.leads (title) VALUES ('after 1')});
+$node->safe_psql('postgres', q{INSERT INTO nocrm.leads (title) VALUES ('after 2')});
+$spread = $node->safe_psql('postgres',
+	'SELECT max(n) - min(n) FROM (SELECT count(*) AS n FROM nocrm.leads GROUP BY user_id) c');
+cmp_ok($spread, '<=', 1, "with rollbacks: within one after the next two leads (spread $spread)");
 is($node->safe_psql('postgres',
 	q{SELECT string_agg(assigned::text, ' ' ORDER BY position) FROM nocrm.assignment_counters}),
 	$node->safe_psql('postgres',
