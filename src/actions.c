@@ -10,12 +10,14 @@
 
 #include "catalog/dependency.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_collation.h"
 #include "commands/async.h"
 #include "commands/sequence.h"
 #include "mb/pg_wchar.h"
 #include "storage/proc.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -177,46 +179,96 @@ tag_events_listened(void)
 	return n > 0 || nocrm_stage_triggers_exist();
 }
 
-/* The distinct tags of $2 in their first order, as t(name, ord). */
-#define ACTION_TAGS \
-	"(SELECT DISTINCT ON (name) name, ord" \
-	"   FROM unnest($2::text[]) WITH ORDINALITY AS u(name, ord) ORDER BY name, ord) t"
+/* The action's tags without repeats, in their first order. */
+static ArrayType *
+distinct_tags(RuleAction *action, int *n, Datum **names)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			nelems,
+				kept = 0;
+
+	deconstruct_array(DatumGetArrayTypeP(action->tags), TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &nelems);
+	for (int i = 0; i < nelems; i++)
+	{
+		bool		seen = nulls[i];
+
+		for (int j = 0; j < kept && !seen; j++)
+			seen = DatumGetBool(DirectFunctionCall2Coll(texteq, C_COLLATION_OID, elems[j], elems[i]));
+		if (!seen)
+			elems[kept++] = elems[i];
+	}
+	*n = kept;
+	*names = elems;
+	return construct_array(elems, kept, TEXTOID, -1, false, TYPALIGN_INT);
+}
 
 /*
  * Tags changed in one statement that tells which of them changed, for when
  * the change raises no event: then nothing can come between the change and
- * its log row.
+ * its log row.  Repeats are dropped and the order restored here, in C: the
+ * statement is a plain INSERT (or DELETE) ... RETURNING, run once per lead.
  */
 static void
 change_tags_quietly(Rule *rule, RuleAction *action, LeadState *lead, bool add)
 {
 	Oid			types[2] = {INT8OID, TEXTARRAYOID};
-	Datum		args[2] = {Int64GetDatum(lead->id), action->tags};
-	Datum		changed;
-	bool		isnull;
+	Datum		args[2];
+	Datum	   *names;
+	int			n;
+	int			ret;
+	uint64		nchanged;
+	JsonbParseState *state = NULL;
+	Jsonb	   *changed;
 
+	args[0] = Int64GetDatum(lead->id);
+	args[1] = PointerGetDatum(distinct_tags(action, &n, &names));
 	if (add)
 		nocrm_plan(&plan_add_tags_quietly,
-				   "WITH w AS (INSERT INTO nocrm.tags (lead_id, name) SELECT $1, t.name FROM " ACTION_TAGS
-				   "           ORDER BY t.ord ON CONFLICT DO NOTHING RETURNING name)"
-				   " SELECT jsonb_build_object('tags', jsonb_agg(t.name ORDER BY t.ord))"
-				   "   FROM " ACTION_TAGS " WHERE t.name IN (SELECT name FROM w) HAVING count(*) > 0",
+				   "INSERT INTO nocrm.tags (lead_id, name) SELECT $1, unnest($2::text[])"
+				   " ON CONFLICT DO NOTHING RETURNING name",
 				   2, types);
 	else
 		nocrm_plan(&plan_remove_tags_quietly,
-				   "WITH w AS (DELETE FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2) RETURNING name)"
-				   " SELECT jsonb_build_object('tags', jsonb_agg(t.name ORDER BY t.ord))"
-				   "   FROM " ACTION_TAGS " WHERE t.name IN (SELECT name FROM w) HAVING count(*) > 0",
+				   "DELETE FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2) RETURNING name",
 				   2, types);
-	if (!exec_one(add ? plan_add_tags_quietly : plan_remove_tags_quietly, args, NULL,
-				  &changed, &isnull))
+	ret = SPI_execute_plan(add ? plan_add_tags_quietly : plan_remove_tags_quietly, args, NULL,
+						   false, 0);
+	if (ret != (add ? SPI_OK_INSERT_RETURNING : SPI_OK_DELETE_RETURNING))
+		elog(ERROR, "changing tags failed: %s", SPI_result_code_string(ret));
+	nchanged = SPI_processed;
+	if (nchanged == 0)
 	{
 		action_history(rule, action, lead, NULL, NULL,
 					   add ? "the lead already has these tags" : "the lead has none of these tags");
 		return;
 	}
-	action_history(rule, action, lead, add ? NULL : DatumGetJsonbP(changed),
-				   add ? DatumGetJsonbP(changed) : NULL, NULL);
+	/* {"tags": [the changed ones, in the action's order]} */
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	nocrm_jsonb_key(&state, "tags");
+	pushJsonbValue(&state, WJB_BEGIN_ARRAY, NULL);
+	for (int i = 0; i < n; i++)
+		for (uint64 r = 0; r < nchanged; r++)
+		{
+			bool		isnull;
+			Datum		name = SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull);
+
+			if (!isnull && DatumGetBool(DirectFunctionCall2Coll(texteq, C_COLLATION_OID, name, names[i])))
+			{
+				JsonbValue	v;
+				char	   *tag = TextDatumGetCString(names[i]);
+
+				v.type = jbvString;
+				v.val.string.val = tag;
+				v.val.string.len = strlen(tag);
+				pushJsonbValue(&state, WJB_ELEM, &v);
+				break;
+			}
+		}
+	pushJsonbValue(&state, WJB_END_ARRAY, NULL);
+	changed = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	action_history(rule, action, lead, add ? NULL : changed, add ? changed : NULL, NULL);
 }
 
 static void
