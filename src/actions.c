@@ -164,21 +164,6 @@ nocrm_action_leaves_lead_alone(RuleAction *action)
 	}
 }
 
-/*
- * Would a tag row written now raise an event anyone records or listens to?
- * (The tag triggers' WHEN clause, nocrm.child_event_wanted, asks the same.)
- */
-static bool
-tag_events_listened(void)
-{
-	int			n;
-
-	if (nocrm_history_level == HISTORY_ALL)
-		return true;
-	(void) nocrm_rules_for_event(EV_ANY_UPDATE, &n);
-	return n > 0 || nocrm_stage_triggers_exist();
-}
-
 /* The action's tags without repeats, in their first order. */
 static ArrayType *
 distinct_tags(RuleAction *action, int *n, Datum **names)
@@ -281,7 +266,8 @@ change_tags(Rule *rule, RuleAction *action, LeadState *lead)
 				changed;
 	bool		isnull;
 
-	if (!tag_events_listened())
+	/* the tag triggers' WHEN clause (nocrm.child_event_wanted) asks the same */
+	if (!nocrm_event_listened(EV_ANY_UPDATE))
 	{
 		change_tags_quietly(rule, action, lead, add);
 		return;

@@ -20,7 +20,6 @@
 #include "utils/array.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 
 PG_FUNCTION_INFO_V1(nocrm_flush_assignments_trigger);
@@ -76,7 +75,7 @@ pick(SPIPlanPtr *slot, const char *sql, Rule *rule, RuleAction *action, bool any
 
 /* Records an increment, merged with an earlier one of the same subtransaction. */
 static void
-bump(Rule *rule, RuleAction *action, int64 user_id, int64 delta)
+bump(int32 automation_id, int32 action_no, int64 user_id, int64 delta)
 {
 	SubTransactionId subid = GetCurrentSubTransactionId();
 
@@ -84,7 +83,7 @@ bump(Rule *rule, RuleAction *action, int64 user_id, int64 delta)
 	{
 		PendingIncrement *p = &pending[i];
 
-		if (p->automation_id == rule->id && p->action_no == action->action_no &&
+		if (p->automation_id == automation_id && p->action_no == action_no &&
 			p->user_id == user_id && p->subid == subid)
 		{
 			p->delta += delta;
@@ -98,8 +97,8 @@ bump(Rule *rule, RuleAction *action, int64 user_id, int64 delta)
 			? repalloc(pending, sizeof(PendingIncrement) * maxpending)
 			: MemoryContextAlloc(TopMemoryContext, sizeof(PendingIncrement) * maxpending);
 	}
-	pending[npending].automation_id = rule->id;
-	pending[npending].action_no = action->action_no;
+	pending[npending].automation_id = automation_id;
+	pending[npending].action_no = action_no;
 	pending[npending].user_id = user_id;
 	pending[npending].subid = subid;
 	pending[npending].delta = delta;
@@ -114,14 +113,7 @@ bump(Rule *rule, RuleAction *action, int64 user_id, int64 delta)
 void
 nocrm_assign_refund(int32 automation_id, int32 action_no, int64 user_id)
 {
-	RuleAction	action;
-	Rule		rule;
-
-	memset(&rule, 0, sizeof(rule));
-	memset(&action, 0, sizeof(action));
-	rule.id = automation_id;
-	action.action_no = action_no;
-	bump(&rule, &action, user_id, -1);
+	bump(automation_id, action_no, user_id, -1);
 }
 
 static int
@@ -273,7 +265,7 @@ pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
 	if (!nocrm_group_pick(rule, action, anyone, pending_by_position(rule, action), user_id))
 		return false;
-	bump(rule, action, *user_id, 1);
+	bump(rule->id, action->action_no, *user_id, 1);
 	return true;
 }
 

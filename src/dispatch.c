@@ -119,11 +119,8 @@ assigned_before_insert(Rule *rule, RuleAction *action, LeadState *lead, int64 us
 	memset(events, 0, sizeof(events));
 	events[0].event = EV_ASSIGNED;
 	events[1].event = EV_ANY_UPDATE;
-	for (int i = 0; i < 2; i++)
-	{
-		events[i].old_value = nocrm_jsonb_int_pair("user_id", 0, true);
-		events[i].new_value = nocrm_jsonb_int_pair("user_id", user_id, false);
-	}
+	events[0].old_value = events[1].old_value = nocrm_jsonb_int_pair("user_id", 0, true);
+	events[0].new_value = events[1].new_value = nocrm_jsonb_int_pair("user_id", user_id, false);
 	nocrm_dispatch(&assigned, events, 2);
 	/* the lead as the rule leaves it, unless something wrote it since */
 	lead->has_owner = true;
@@ -136,7 +133,7 @@ run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 	int64		user_id;
 	bool		fallback;
 
-	if (action == &rule->actions[0] && nocrm_preassign_any() &&
+	if (action == &rule->actions[0] &&
 		nocrm_preassign_take(lead->id, rule->id, action->action_no, &user_id, &fallback))
 		assigned_before_insert(rule, action, lead, user_id, fallback);
 	else

@@ -57,31 +57,6 @@ closed_status(const char *status)
 }
 
 /*
- * Will the INSERT's event trigger run?  Not when disabled, nor under
- * session_replication_role = replica: then no rule runs, and none may have
- * chosen an owner.
- */
-static bool
-lead_events_trigger_enabled(Relation rel)
-{
-	TriggerDesc *td = rel->trigdesc;
-
-	if (td == NULL)
-		return false;
-	for (int i = 0; i < td->numtriggers; i++)
-	{
-		Trigger    *t = &td->triggers[i];
-
-		if (strcmp(t->tgname, "nocrm_lead_events_insert") != 0)
-			continue;
-		if (SessionReplicationRole == SESSION_REPLICATION_ROLE_REPLICA)
-			return t->tgenabled == TRIGGER_FIRES_ON_REPLICA || t->tgenabled == TRIGGER_FIRES_ALWAYS;
-		return t->tgenabled == TRIGGER_FIRES_ON_ORIGIN || t->tgenabled == TRIGGER_FIRES_ALWAYS;
-	}
-	return false;
-}
-
-/*
  * BEFORE INSERT OR UPDATE ON nocrm.leads: keeps updated_at, closed_at and a
  * lead's place in its pipeline consistent, whoever writes the row, and
  * writes the owner a creation rule chose for a new lead.
@@ -174,8 +149,7 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 		bool		id_null;
 
 		(void) heap_getattr(newtup, attnums->id, desc, &id_null);
-		if (!id_null && lead_events_trigger_enabled(trigdata->tg_relation) &&
-			nocrm_preassign_row(&newlead, &owner))
+		if (!id_null && nocrm_preassign_row(&newlead, trigdata->tg_relation, &owner))
 		{
 			cols[ncols] = attnums->user_id;
 			vals[ncols++] = Int64GetDatum(owner);

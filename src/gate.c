@@ -367,7 +367,6 @@ static bool
 child_wanted(FunctionCallInfo fcinfo)
 {
 	NocrmEvent	event;
-	int			n;
 
 	if (!PG_ARGISNULL(1) && PG_GETARG_INT64(1) == BUTLER_ID && nocrm_chain_depth() == 0)
 		return true;
@@ -385,11 +384,25 @@ child_wanted(FunctionCallInfo fcinfo)
 				 errmsg("unknown event \"%s\"", text_to_cstring(PG_GETARG_TEXT_PP(0))),
 				 errhint("The events are listed in the reference, section Events.")));
 	nocrm_gate_caches_ready(true);
-	(void) nocrm_rules_for_event(event, &n);
-	if (n > 0 || nocrm_stage_triggers_exist())
+	if (nocrm_event_listened(event))
 		return true;
 	check_actor();
 	return false;
+}
+
+/*
+ * Does anything record or listen to the event: full history, a rule on it,
+ * or a stage trigger?  Needs the caches loaded.
+ */
+bool
+nocrm_event_listened(NocrmEvent event)
+{
+	int			n;
+
+	if (everything_matters())
+		return true;
+	(void) nocrm_rules_for_event(event, &n);
+	return n > 0 || nocrm_stage_triggers_exist();
 }
 
 Datum

@@ -42,18 +42,27 @@
 
 static SPIPlanPtr plan_members;
 
+/* A group's available members, by position, as one pick sees them. */
+typedef struct Members
+{
+	int			n;
+	int64	   *user_ids;
+	int32	   *positions;
+	int32	   *weights;
+	int64	   *counts;			/* committed + unwritten + in flight */
+	int64	   *flying;			/* claims in flight elsewhere */
+	int64	   *open;			/* balanced: open leads + in flight; else NULL */
+	bool		capped;			/* some member has a cap */
+} Members;
+
 /* A group whose lock this statement holds, with its members' counts. */
 typedef struct HeldGroup
 {
 	int32		automation_id;
 	int32		action_no;
 	int			picks;			/* one by one so far in this statement */
-	bool		held;			/* we hold the group lock, counts below are exact */
-	int			nmembers;
-	int64	   *user_ids;		/* available members, by position */
-	int32	   *positions;
-	int32	   *weights;
-	int64	   *counts;
+	bool		held;			/* we hold the group lock, members below are exact */
+	Members		members;		/* in groups_context */
 } HeldGroup;
 
 static HeldGroup groups[MAX_HELD_GROUPS];
@@ -182,89 +191,91 @@ lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
 }
 
 /*
- * One pick by query, inside the group's critical section.  Returns the
- * index of the member taken in the SPI result, or -1 if nobody is
- * available.  Counts are committed + in flight + unwritten; a claim in
- * flight is also a lead in flight, so it counts as open too.
+ * The available members with their counts, inside the group's critical
+ * section: committed + unwritten + in flight; a claim in flight is also a
+ * lead in flight, so for balanced it counts as open too.  Allocated in the
+ * current memory context.
  */
-static int
-pick_by_query(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 *inflight,
-			  bool *capped)
+static void
+read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const int64 *inflight,
+			 Members *m)
 {
-	Oid			types[5] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID};
-	Datum		args[5] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
-	BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours)};
 	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
+	Oid			types[6] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID, BOOLOID};
+	Datum		args[6] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
+		BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours),
+	BoolGetDatum(balanced)};
 	int			ret;
-	uint64		n;
-	int64	   *counts;
-	int64	   *flying;
-	int64	   *open;
-	int32	   *weights;
 
 	nocrm_plan(&plan_members,
 			   "SELECT c.user_id, c.position, c.weight,"
 			   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
 			   "       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
 			   MEMBERS("c", "u") " ORDER BY c.position",
-			   6, (Oid[]) {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID, BOOLOID});
-	(void) types;
-	ret = SPI_execute_plan(plan_members,
-						   (Datum[]) {args[0], args[1], args[2], args[3], args[4], BoolGetDatum(balanced)},
-						   NULL, false, 0);
+			   6, types);
+	ret = SPI_execute_plan(plan_members, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading a group's members failed: %s", SPI_result_code_string(ret));
-	n = SPI_processed;
-	if (n == 0)
-		return -1;
-	counts = palloc(sizeof(int64) * n);
-	flying = palloc(sizeof(int64) * n);
-	open = palloc(sizeof(int64) * n);
-	weights = palloc(sizeof(int32) * n);
-	*capped = false;
-	for (uint64 r = 0; r < n; r++)
+	m->n = (int) SPI_processed;
+	m->user_ids = palloc(sizeof(int64) * Max(m->n, 1));
+	m->positions = palloc(sizeof(int32) * Max(m->n, 1));
+	m->weights = palloc(sizeof(int32) * Max(m->n, 1));
+	m->counts = palloc(sizeof(int64) * Max(m->n, 1));
+	m->flying = palloc(sizeof(int64) * Max(m->n, 1));
+	m->open = balanced ? palloc(sizeof(int64) * Max(m->n, 1)) : NULL;
+	m->capped = false;
+	for (int r = 0; r < m->n; r++)
 	{
 		HeapTuple	row = SPI_tuptable->vals[r];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
 		int32		position = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
-		Datum		o = SPI_getbinval(row, desc, 6, &isnull);
 
-		flying[r] = position >= 0 && position < action->nusers ? inflight[position] : 0;
-		open[r] = (isnull ? 0 : DatumGetInt64(o)) + flying[r];
-		weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
-		counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) + flying[r];
-		*capped |= DatumGetBool(SPI_getbinval(row, desc, 5, &isnull));
+		m->user_ids[r] = DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull));
+		m->positions[r] = position;
+		m->weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
+		m->flying[r] = position >= 0 && position < action->nusers ? inflight[position] : 0;
+		m->counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) + m->flying[r];
+		m->capped |= DatumGetBool(SPI_getbinval(row, desc, 5, &isnull));
+		if (m->open)
+		{
+			Datum		o = SPI_getbinval(row, desc, 6, &isnull);
+
+			m->open[r] = (isnull ? 0 : DatumGetInt64(o)) + m->flying[r];
+		}
 	}
-	return lowest((int) n, counts, flying, balanced ? open : NULL, weights);
 }
 
-/* Keeps the SPI result's members and counts, for picks in memory. */
+/* A copy in groups_context, for picks in memory until the statement ends. */
 static void
-keep_counts(HeldGroup *g, RuleAction *action, int64 *inflight)
+keep_members(HeldGroup *g, const Members *m)
 {
-	uint64		n = SPI_processed;
-
 	if (groups_context == NULL)
 		groups_context = AllocSetContextCreate(TopMemoryContext, "nocrm group counts",
 											   ALLOCSET_SMALL_SIZES);
-	g->nmembers = (int) n;
-	g->user_ids = MemoryContextAlloc(groups_context, sizeof(int64) * n);
-	g->positions = MemoryContextAlloc(groups_context, sizeof(int32) * n);
-	g->weights = MemoryContextAlloc(groups_context, sizeof(int32) * n);
-	g->counts = MemoryContextAlloc(groups_context, sizeof(int64) * n);
-	for (uint64 r = 0; r < n; r++)
-	{
-		HeapTuple	row = SPI_tuptable->vals[r];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		bool		isnull;
+	g->members = *m;
+	g->members.user_ids = MemoryContextAlloc(groups_context, sizeof(int64) * m->n);
+	g->members.positions = MemoryContextAlloc(groups_context, sizeof(int32) * m->n);
+	g->members.weights = MemoryContextAlloc(groups_context, sizeof(int32) * m->n);
+	g->members.counts = MemoryContextAlloc(groups_context, sizeof(int64) * m->n);
+	g->members.flying = MemoryContextAlloc(groups_context, sizeof(int64) * m->n);
+	g->members.open = NULL;		/* round robin only */
+	memcpy(g->members.user_ids, m->user_ids, sizeof(int64) * m->n);
+	memcpy(g->members.positions, m->positions, sizeof(int32) * m->n);
+	memcpy(g->members.weights, m->weights, sizeof(int32) * m->n);
+	memcpy(g->members.counts, m->counts, sizeof(int64) * m->n);
+	memcpy(g->members.flying, m->flying, sizeof(int64) * m->n);
+}
 
-		g->user_ids[r] = DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull));
-		g->positions[r] = DatumGetInt32(SPI_getbinval(row, desc, 2, &isnull));
-		g->weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
-		g->counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) +
-			(g->positions[r] < action->nusers ? inflight[g->positions[r]] : 0);
-	}
+/* Takes the lowest member and claims it; returns its index. */
+static int
+take(Rule *rule, RuleAction *action, Members *m)
+{
+	int			best = lowest(m->n, m->counts, m->flying, m->open, m->weights);
+
+	m->counts[best]++;
+	claim(rule->id, action->action_no, m->positions[best]);
+	return best;
 }
 
 /*
@@ -277,41 +288,31 @@ nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int
 {
 	HeldGroup  *g = (!anyone && !action->only_working_hours &&
 					 action->kind == ACT_ASSIGN_ROUND_ROBIN) ? group_of(rule, action) : NULL;
-	int64	   *inflight;
-	int			best = -1;
-	bool		capped = false;
+	Members		m;
 	bool		keep = false;
 
 	if (g && g->held)
 	{
-		best = lowest(g->nmembers, g->counts, NULL, NULL, g->weights);
-		g->counts[best]++;
-		claim(rule->id, action->action_no, g->positions[best]);
-		*user_id = g->user_ids[best];
+		*user_id = g->members.user_ids[take(rule, action, &g->members)];
 		return true;
 	}
 
 	group_lock(rule->id, action->action_no, true);
 	PG_TRY();
 	{
-		inflight = palloc0(sizeof(int64) * Max(action->nusers, 1));
+		int64	   *inflight = palloc0(sizeof(int64) * Max(action->nusers, 1));
+
 		for (int pos = 0; pos < action->nusers; pos++)
 			inflight[pos] = claims_elsewhere(rule->id, action->action_no, pos);
-		best = pick_by_query(rule, action, anyone, pending, inflight, &capped);
-		if (best >= 0)
+		read_members(rule, action, anyone, pending, inflight, &m);
+		if (m.n > 0)
 		{
-			HeapTuple	row = SPI_tuptable->vals[best];
-			bool		isnull;
-
-			*user_id = DatumGetInt64(SPI_getbinval(row, SPI_tuptable->tupdesc, 1, &isnull));
-			claim(rule->id, action->action_no,
-				  DatumGetInt32(SPI_getbinval(row, SPI_tuptable->tupdesc, 2, &isnull)));
+			*user_id = m.user_ids[take(rule, action, &m)];
 			/* caps count open leads, which each assignment changes: no picks in memory */
-			keep = g && !capped && ++g->picks > PICKS_BEFORE_HOLDING;
+			keep = g && !m.capped && ++g->picks > PICKS_BEFORE_HOLDING;
 			if (keep)
 			{
-				keep_counts(g, action, inflight);
-				g->counts[best]++;
+				keep_members(g, &m);
 				g->held = true;
 			}
 		}
@@ -324,7 +325,7 @@ nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int
 	PG_END_TRY();
 	if (!keep)
 		group_lock(rule->id, action->action_no, false);
-	return best >= 0;
+	return m.n > 0;
 }
 
 /* End of the outermost statement: let the other sessions pick again. */

@@ -1,6 +1,6 @@
 /*
  * groups.h — the SQL shared by the group assignment queries (assign.c,
- * round_robin.c): a group's available members and their load.
+ * group_pick.c): a group's available members and their load.
  */
 #ifndef NOCRM_GROUPS_H
 #define NOCRM_GROUPS_H
@@ -32,9 +32,5 @@
 #define MEMBERS(c, u) \
 	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
 	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" AVAILABLE(c, u)
-
-/* Assignments so far, pending ones included, per unit of weight. */
-#define LOAD(c) \
-	"((" c ".assigned + coalesce(($3::bigint[])[" c ".position + 1], 0))::numeric / " c ".weight)"
 
 #endif							/* NOCRM_GROUPS_H */

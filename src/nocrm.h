@@ -10,6 +10,7 @@
 #include "datatype/timestamp.h"
 #include "executor/spi.h"
 #include "utils/jsonb.h"
+#include "utils/relcache.h"
 
 /* Events, in the order one change raises them (see docs/reference.md). */
 typedef enum NocrmEvent
@@ -308,6 +309,7 @@ extern StageVerdict *nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int 
 
 /* gate.c: which row changes need the event triggers at all */
 extern void nocrm_gate_caches_ready(bool rules);
+extern bool nocrm_event_listened(NocrmEvent event);
 extern bool nocrm_lead_row_wanted(char op, struct TupleTableSlot *oldslot,
 								  struct TupleTableSlot *newslot,
 								  const LeadAttnums *cols);
@@ -388,7 +390,7 @@ typedef struct PreAssignment
 	SubTransactionId subid;
 	const void *statement;		/* the INSERT's active snapshot, to tell statements apart */
 } PreAssignment;
-extern bool nocrm_preassign_row(LeadState *lead, int64 *user_id);
+extern bool nocrm_preassign_row(LeadState *lead, Relation rel, int64 *user_id);
 extern PreAssignment *nocrm_preassigned(int64 lead_id);
 extern bool nocrm_preassign_any(void);
 extern bool nocrm_preassign_take(int64 lead_id, int32 automation_id, int32 action_no,

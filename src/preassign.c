@@ -19,6 +19,7 @@
 #include "nocrm.h"
 
 #include "access/xact.h"
+#include "commands/trigger.h"
 #include "miscadmin.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
@@ -154,12 +155,37 @@ deciding_rule(Rule **rules, int nrules, LeadState *lead)
 }
 
 /*
- * Called by the BEFORE ROW trigger of an INSERT with the new row (already
- * placed in its pipeline): the owner to write into it, if a rule decides it
- * now.
+ * Will the INSERT's event trigger run?  Not when disabled, nor under
+ * session_replication_role = replica: then no rule runs, and none may have
+ * chosen an owner.
+ */
+static bool
+lead_events_trigger_enabled(Relation rel)
+{
+	TriggerDesc *td = rel->trigdesc;
+
+	if (td == NULL)
+		return false;
+	for (int i = 0; i < td->numtriggers; i++)
+	{
+		Trigger    *t = &td->triggers[i];
+
+		if (strcmp(t->tgname, "nocrm_lead_events_insert") != 0)
+			continue;
+		if (SessionReplicationRole == SESSION_REPLICATION_ROLE_REPLICA)
+			return t->tgenabled == TRIGGER_FIRES_ON_REPLICA || t->tgenabled == TRIGGER_FIRES_ALWAYS;
+		return t->tgenabled == TRIGGER_FIRES_ON_ORIGIN || t->tgenabled == TRIGGER_FIRES_ALWAYS;
+	}
+	return false;
+}
+
+/*
+ * Called by the BEFORE ROW trigger of an INSERT on rel with the new row
+ * (already placed in its pipeline): the owner to write into it, if a rule
+ * decides it now.
  */
 bool
-nocrm_preassign_row(LeadState *lead, int64 *user_id)
+nocrm_preassign_row(LeadState *lead, Relation rel, int64 *user_id)
 {
 	OwnerContext owner;
 	Rule	  **rules;
@@ -174,7 +200,8 @@ nocrm_preassign_row(LeadState *lead, int64 *user_id)
 	nocrm_gate_caches_ready(true);
 	rules = nocrm_rules_for_event(EV_CREATION, &nrules);
 	if (nrules == 0 || !some_rule_assigns(rules, nrules) ||
-		(rule = deciding_rule(rules, nrules, lead)) == NULL)
+		(rule = deciding_rule(rules, nrules, lead)) == NULL ||
+		!lead_events_trigger_enabled(rel))
 		return false;
 
 	nocrm_owner_enter(&owner);
