@@ -25,7 +25,7 @@ OBJS = \
 	src/writebuf.o
 
 EXTENSION = nocrm_automation
-DATA = nocrm_automation--1.0.sql nocrm_automation--1.0--1.1.sql nocrm_automation--1.1--1.2.sql
+DATA = nocrm_automation--1.0.sql nocrm_automation--1.0--1.1.sql nocrm_automation--1.1--1.2.sql nocrm_automation--1.2--1.3.sql
 PGFILEDESC = "nocrm_automation - CRM automations inside PostgreSQL"
 
 PG_CPPFLAGS = -I$(srcdir)/src

@@ -219,7 +219,7 @@ ok($ok, 'pg_restore --data-only --disable-triggers') or diag $err;
 is($err, '', 'and no errors or warnings');
 
 is(sq('restored', q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}),
-	'1.2', 'restored: the extension is at 1.2');
+	'1.3', 'restored: the extension is at 1.3');
 for my $t (@tables)
 {
 	is(digest('restored', $t), $before{$t}, "restored: nocrm.$t has the same rows");

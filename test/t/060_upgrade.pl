@@ -1,5 +1,5 @@
 
-# ALTER EXTENSION nocrm_automation UPDATE from 1.0 to 1.1, then to 1.2, on a
+# ALTER EXTENSION nocrm_automation UPDATE from 1.0 to 1.1, 1.2 and 1.3, on a
 # database in use: the data stays as it was, automations and the drain keep
 # working, the roles and owner-rights triggers of 1.1 are there (an agent
 # gets automations without reading rules or the queue, or writing history),
@@ -278,12 +278,19 @@ sq(q{ALTER ROLE regress_agent RESET nocrm.history});
 is(sq(q{SELECT user_id IS NOT NULL FROM nocrm.leads WHERE title = 'Agent lead 1.2'}),
 	't', '1.2: an agent\'s new lead passes the gate (loaded as the owner) and is assigned');
 
+# --- 1.2 -> 1.3 ------------------------------------------------------------------------
+
+my $data_1_2 = data_digest();
+sq(q{ALTER EXTENSION nocrm_automation UPDATE TO '1.3'});
+is(sq(q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}), '1.3', 'updated to 1.3');
+is(data_digest(), $data_1_2, 'the update to 1.3 leaves every row and sequence as it was');
+
 # --- a fresh CREATE EXTENSION is the same ---------------------------------------------
 
 sq('CREATE DATABASE fresh');
 sq('CREATE EXTENSION nocrm_automation', db => 'fresh');
-is(sq(q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}, db => 'fresh'), '1.2',
-	'a fresh CREATE EXTENSION installs 1.2');
+is(sq(q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}, db => 'fresh'), '1.3',
+	'a fresh CREATE EXTENSION installs 1.3');
 my @updated = split /\n/, sq($catalog_sql);
 my @fresh = split /\n/, sq($catalog_sql, db => 'fresh');
 cmp_ok(scalar(grep { /^member / } @fresh), '>', 80, 'the fresh install has its members');

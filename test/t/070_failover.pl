@@ -56,7 +56,7 @@ is( $primary->safe_psql('postgres',
 # --- the standby -----------------------------------------------------------------
 
 is($standby->safe_psql('postgres', q{SELECT extversion FROM pg_extension WHERE extname = 'nocrm_automation'}),
-	'1.2', 'standby: the extension came through WAL');
+	'1.3', 'standby: the extension came through WAL');
 is($standby->safe_psql('postgres', $queue_state), $all_pending, 'standby: the same queue as the primary');
 is( $standby->safe_psql('postgres',
 		q{SELECT count(*) FROM nocrm.queue WHERE state = 'pending' AND run_at <= now()}),
