@@ -7,6 +7,7 @@ OBJS = \
 	src/definition.o \
 	src/delivery.o \
 	src/dispatch.o \
+	src/enrollment.o \
 	src/drain.o \
 	src/events.o \
 	src/gate.o \

@@ -1,2 +1,85 @@
 -- nocrm_automation 1.2 -> 1.3
 \echo Use "ALTER EXTENSION nocrm_automation UPDATE TO '1.3'" to load this file. \quit
+
+-- ==== rule order, stop, once per lead ====
+-- Rules for one event run by position, then id; a rule may stop the rules
+-- after it for that event on that lead; a rule may run once per lead, or at
+-- most once per interval per lead (kept in automation_enrollments, whose
+-- primary key makes two transactions agree even when one rolls back).
+ALTER TABLE nocrm.automations
+    ADD COLUMN position integer NOT NULL DEFAULT 0,
+    ADD COLUMN stop_processing boolean NOT NULL DEFAULT false,
+    ADD COLUMN once_per_lead boolean NOT NULL DEFAULT false,
+    ADD COLUMN at_most_every interval;
+COMMENT ON COLUMN nocrm.automations.position IS 'Order among the rules of one event: lower first, ties by id. Default 0.';
+COMMENT ON COLUMN nocrm.automations.stop_processing IS 'After this rule ran for an event on a lead, the rules after it (by position, id) do not run for that event on that lead.';
+COMMENT ON COLUMN nocrm.automations.once_per_lead IS 'Runs at most once for a lead, ever (nocrm.automation_enrollments); later matches are recorded as stopped.';
+COMMENT ON COLUMN nocrm.automations.at_most_every IS 'Runs for a lead at most once in this interval; NULL: no limit (unless once_per_lead).';
+
+CREATE TABLE nocrm.automation_enrollments (
+    automation_id  integer NOT NULL REFERENCES nocrm.automations ON DELETE CASCADE,
+    lead_id        bigint NOT NULL REFERENCES nocrm.leads ON DELETE CASCADE,
+    first_run_at   timestamptz NOT NULL DEFAULT now(),
+    last_run_at    timestamptz NOT NULL DEFAULT now(),
+    runs           integer NOT NULL DEFAULT 1,
+    PRIMARY KEY (automation_id, lead_id)
+);
+CREATE INDEX automation_enrollments_lead_idx ON nocrm.automation_enrollments (lead_id);
+COMMENT ON TABLE nocrm.automation_enrollments IS 'Leads an automation with once_per_lead or at_most_every has run for: when first and last, how often. Delete a row to let the automation run for that lead again.';
+SELECT pg_catalog.pg_extension_config_dump('nocrm.automation_enrollments', '');
+GRANT SELECT, DELETE ON nocrm.automation_enrollments TO nocrm_admin;
+GRANT SELECT ON nocrm.automation_enrollments TO nocrm_agent;
+
+-- Options of an automation; arguments left NULL keep their value.
+CREATE FUNCTION nocrm.set_automation_options(
+    id               integer,
+    "position"       integer DEFAULT NULL,
+    stop_processing  boolean DEFAULT NULL,
+    once_per_lead    boolean DEFAULT NULL,
+    at_most_every    interval DEFAULT NULL,
+    clear_at_most_every boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    UPDATE nocrm.automations a
+       SET position = coalesce(set_automation_options.position, a.position),
+           stop_processing = coalesce(set_automation_options.stop_processing, a.stop_processing),
+           once_per_lead = coalesce(set_automation_options.once_per_lead, a.once_per_lead),
+           at_most_every = CASE WHEN clear_at_most_every THEN NULL
+                                ELSE coalesce(set_automation_options.at_most_every, a.at_most_every) END
+     WHERE a.id = set_automation_options.id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'automation % does not exist', set_automation_options.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+END $$;
+COMMENT ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean) IS 'Sets an automation''s position, stop_processing, once_per_lead and at_most_every; arguments left NULL keep their value.';
+
+-- Positions 10, 20, ... in list order, e.g. all the rules of one event;
+-- automations not listed keep theirs.
+CREATE FUNCTION nocrm.reorder_automations(ids integer[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    missing integer;
+BEGIN
+    IF ids IS NULL OR cardinality(ids) = 0 OR array_position(ids, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'reorder_automations needs a list of automation ids'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('ids: %s', ids);
+    END IF;
+    IF (SELECT count(DISTINCT i) FROM unnest(ids) i) <> cardinality(ids) THEN
+        RAISE EXCEPTION 'reorder_automations: an automation is listed twice'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('ids: %s', ids);
+    END IF;
+    SELECT i INTO missing FROM unnest(ids) i
+     WHERE NOT EXISTS (SELECT 1 FROM nocrm.automations a WHERE a.id = i) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'automation % does not exist', missing USING ERRCODE = 'no_data_found';
+    END IF;
+    UPDATE nocrm.automations a SET position = o.n * 10
+      FROM unnest(ids) WITH ORDINALITY o(id, n)
+     WHERE a.id = o.id AND a.position IS DISTINCT FROM o.n * 10;
+END $$;
+COMMENT ON FUNCTION nocrm.reorder_automations(integer[]) IS 'Gives the listed automations positions 10, 20, ... in list order; the others keep theirs.';
+
+GRANT EXECUTE ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean),
+    nocrm.reorder_automations(integer[]) TO nocrm_admin;

@@ -294,7 +294,8 @@ run_stage_triggers(LeadState *lead, LeadState **current, LeadState *changed_lead
 
 /*
  * Records each event and runs the rules listening to it.  Events are
- * handled in the order given, rules for one event in id order.  Once a rule
+ * handled in the order given, rules for one event by position and id; a
+ * rule that ran with stop_processing ends that event's rules.  Once a rule
  * has run, the lead is read again, so later rules see its changes.
  */
 void
@@ -310,6 +311,8 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 		RaisedEvent *ev = &events[e];
 		Rule	  **rules;
 		int			nrules;
+		Rule	   *stopped_by = NULL;
+		const char *why;
 
 		if (stale)
 		{
@@ -369,12 +372,19 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 				}
 				if (!nocrm_rule_matches(rule, current, ev))
 					continue;
-				if (nocrm_chain_contains(rule->id))
+				if (stopped_by)
+					log_stop(current, rule, ev,
+							 psprintf("automation %d \"%s\" before it stops processing (stop_processing)",
+									  stopped_by->id, stopped_by->name));
+				else if (nocrm_chain_contains(rule->id))
 					log_stop(current, rule, ev, "it already ran in this chain");
 				else if (nocrm_chain_depth() >= nocrm_max_chain_depth)
 					log_stop(current, rule, ev,
 							 psprintf("chain depth limit %d reached (nocrm.max_chain_depth)",
 									  nocrm_max_chain_depth));
+				else if (!lead->deleted &&
+						 !nocrm_enrollment_admits(rule, current->id, !rule->test_mode, &why))
+					log_stop(current, rule, ev, why);
 				else
 				{
 					uint64		writes = nocrm_lead_write_count();
@@ -388,6 +398,9 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 					run_rule(rule, current, ev);
 					if (nocrm_lead_write_count() != writes)
 						stale = !lead->deleted;
+					/* a rule in test mode changes nothing, not even who runs next */
+					if (rule->stop_processing && !rule->test_mode)
+						stopped_by = rule;
 				}
 			}
 		}

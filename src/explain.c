@@ -147,9 +147,11 @@ explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const cha
 	uint64		n;
 	int			ret;
 
-	ret = SPI_execute_with_args("SELECT id, name, event, target, conditions, actions, mode = 'test',"
-								"       enabled"
-								"  FROM nocrm.automations WHERE event = $1 ORDER BY id",
+	Rule	   *stopper = NULL;
+
+	ret = SPI_execute_with_args("SELECT " NOCRM_RULE_COLUMNS ", enabled"
+								"  FROM nocrm.automations WHERE event = $1"
+								" ORDER BY " NOCRM_RULE_ORDER,
 								1, types, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading automations failed: %s", SPI_result_code_string(ret));
@@ -163,7 +165,7 @@ explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const cha
 		char	   *name = SPI_getvalue(tup, rows->tupdesc, 2);
 		Datum		actions_json = SPI_getbinval(tup, rows->tupdesc, 6, &isnull);
 		bool		test_mode = DatumGetBool(SPI_getbinval(tup, rows->tupdesc, 7, &isnull));
-		bool		enabled = DatumGetBool(SPI_getbinval(tup, rows->tupdesc, 8, &isnull));
+		bool		enabled = DatumGetBool(SPI_getbinval(tup, rows->tupdesc, 12, &isnull));
 		char	   *error = NULL;
 		Rule	   *rule = nocrm_compile_stored(tup, rows->tupdesc, &error);
 		Jsonb	   *conditions = NULL;
@@ -191,13 +193,20 @@ explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const cha
 			reason = psprintf("condition %s does not hold", failed);
 		else if (!nocrm_automations_enabled)
 			reason = "nocrm.automations_enabled is off";
-		else if (test_mode)
-			reason = "test mode: it would only record what it would do";
+		else if (stopper)
+			reason = psprintf("automation %d \"%s\" before it stops processing (stop_processing)",
+							  stopper->id, stopper->name);
 		else if (nocrm_chain_contains(id))
 			reason = "loop stop: it already ran in this chain";
 		else if (nocrm_chain_depth() >= nocrm_max_chain_depth)
 			reason = psprintf("loop stop: chain depth limit %d reached (nocrm.max_chain_depth)",
 							  nocrm_max_chain_depth);
+		else if (!lead->deleted && !nocrm_enrollment_admits(rule, lead->id, false, &reason))
+			;
+		else if (test_mode)
+			reason = "test mode: it would only record what it would do";
+		if (reason == NULL && rule->stop_processing)
+			stopper = rule;
 
 		described = describe(id, actions_json, lead->id, event, &described_null);
 		emit(out, "automation", id, name, reason == NULL, reason, conditions,

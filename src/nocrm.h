@@ -120,7 +120,22 @@ typedef struct Rule
 	RuleAction *actions;
 	Jsonb	   *actions_json;	/* as written, for describing in test mode */
 	bool		test_mode;		/* record what it would do, do nothing */
+	/* options */
+	int32		position;		/* rules of an event run by position, then id */
+	bool		stop_processing;	/* once it ran, later rules skip this event */
+	bool		once_per_lead;
+	bool		has_min_interval;	/* at_most_every is set */
+	Interval	at_most_every;
 } Rule;
+
+/*
+ * The automations columns a stored rule compiles from
+ * (nocrm_compile_stored), in this order.
+ */
+#define NOCRM_RULE_COLUMNS \
+	"id, name, event, target, conditions, actions, mode = 'test', position, stop_processing," \
+	" once_per_lead, at_most_every"
+#define NOCRM_RULE_ORDER "position, id"
 
 /* The lead as the rules see it. */
 typedef struct LeadState
@@ -281,6 +296,9 @@ extern void nocrm_runlog_fired(int32 id, LeadState *lead, RaisedEvent *ev,
 extern void nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 								const char *outcome, const char *actions, int nactions,
 								const char *detail);
+
+/* enrollment.c: once_per_lead and at_most_every */
+extern bool nocrm_enrollment_admits(Rule *rule, int64 lead_id, bool record, const char **why);
 
 /* dispatch.c: run the rules for raised events */
 extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);

@@ -94,6 +94,8 @@ rule_leaves_lead_alone(Rule *rule)
 {
 	if (rule->test_mode)
 		return false;			/* its description reads the lead as it is */
+	if (rule->stop_processing)
+		return false;			/* the assigning rule after it would not run */
 	for (int i = 0; i < rule->nactions; i++)
 		if (!nocrm_action_leaves_lead_alone(&rule->actions[i]))
 			return false;

@@ -161,8 +161,7 @@ nocrm_rules_loaded(void)
 }
 
 /*
- * Compiles one stored rule (columns id, name, event, target, conditions,
- * actions, test mode).  A rule that no longer resolves gives NULL: with
+ * Compiles one stored rule (columns NOCRM_RULE_COLUMNS).  A rule that no longer resolves gives NULL: with
  * *error set when error is given, else after a warning.
  */
 Rule *
@@ -191,6 +190,16 @@ nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error)
 		rule = nocrm_compile_rule(id, name, event, target, conditions, actions);
 		rule->actions_json = actions;
 		rule->test_mode = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
+		rule->position = DatumGetInt32(SPI_getbinval(tuple, desc, 8, &isnull));
+		rule->stop_processing = DatumGetBool(SPI_getbinval(tuple, desc, 9, &isnull));
+		rule->once_per_lead = DatumGetBool(SPI_getbinval(tuple, desc, 10, &isnull));
+		{
+			Datum		every = SPI_getbinval(tuple, desc, 11, &isnull);
+
+			rule->has_min_interval = !isnull;
+			if (!isnull)
+				rule->at_most_every = *DatumGetIntervalP(every);
+		}
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -389,8 +398,8 @@ load_rules(void)
 	rules_valid = true;
 	nocrm_automations_relid();
 
-	ret = SPI_execute("SELECT id, name, event, target, conditions, actions, mode = 'test'"
-					  " FROM nocrm.automations WHERE enabled ORDER BY id",
+	ret = SPI_execute("SELECT " NOCRM_RULE_COLUMNS
+					  " FROM nocrm.automations WHERE enabled ORDER BY " NOCRM_RULE_ORDER,
 					  true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading automations failed: %s", SPI_result_code_string(ret));
@@ -455,7 +464,7 @@ nocrm_rule_by_id(int32 id)
 	return NULL;
 }
 
-/* The enabled rules for an event, in id order.  Needs an SPI connection. */
+/* The enabled rules for an event, by position and id.  Needs an SPI connection. */
 Rule	  **
 nocrm_rules_for_event(NocrmEvent event, int *nrules)
 {
@@ -477,7 +486,7 @@ nocrm_rules_for_event(NocrmEvent event, int *nrules)
 }
 
 /*
- * The enabled rules that can match this raised event, in id order: for
+ * The enabled rules that can match this raised event, by position and id: for
  * *.changed.to, only those whose target names the new status or step.
  * Needs an SPI connection.
  */
@@ -739,6 +748,33 @@ columns_differ(HeapTuple a, HeapTuple b, TupleDesc desc, const char *col)
 	return !nocrm_column_equal(a, b, desc, SPI_fnumber(desc, col));
 }
 
+/* once_per_lead and at_most_every: a positive interval, not both. */
+static void
+check_options(HeapTuple tuple, TupleDesc desc, const char *name)
+{
+	bool		isnull;
+	bool		once = DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "once_per_lead"),
+												  &isnull));
+	Datum		every = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "at_most_every"), &isnull);
+	Interval	zero = {0};
+
+	if (isnull)
+		return;
+	if (once)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("automation \"%s\" cannot be both once_per_lead and at_most_every", name),
+				 errdetail("once_per_lead runs it once for a lead, ever; at_most_every %s runs it again after that long.",
+						   DatumGetCString(DirectFunctionCall1(interval_out, every))),
+				 errhint("Set one of them: clear at_most_every or set once_per_lead to false.")));
+	if (DatumGetBool(DirectFunctionCall2(interval_le, every, IntervalPGetDatum(&zero))))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("at_most_every of automation \"%s\" must be a positive interval", name),
+				 errdetail("It is %s.", DatumGetCString(DirectFunctionCall1(interval_out, every))),
+				 errhint("E.g. '7 days'; NULL for no limit.")));
+}
+
 /*
  * BEFORE INSERT OR UPDATE ON nocrm.automations: refuse a bad definition with
  * a precise error, whatever way it is written (function or plain SQL).
@@ -785,6 +821,9 @@ nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
 	actions = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "actions"), &actions_null);
 	name = trigger_text(tuple, desc, "name");
 	event = trigger_text(tuple, desc, "event");
+
+	if (name)
+		check_options(tuple, desc, name);
 
 	/* NULLs are the NOT NULL constraints' to report, after this trigger. */
 	if (check && !conditions_null && !actions_null && name && event)
