@@ -1,7 +1,7 @@
 -- nocrm_automation 1.2 -> 1.3
 \echo Use "ALTER EXTENSION nocrm_automation UPDATE TO '1.3'" to load this file. \quit
 
--- ==== rule order, stop, once per lead ====
+-- ==== rule order, stop, once per lead, on creation ====
 -- Rules for one event run by position, then id; a rule may stop the rules
 -- after it for that event on that lead; a rule may run once per lead, or at
 -- most once per interval per lead (kept in automation_enrollments, whose
@@ -10,11 +10,13 @@ ALTER TABLE nocrm.automations
     ADD COLUMN position integer NOT NULL DEFAULT 0,
     ADD COLUMN stop_processing boolean NOT NULL DEFAULT false,
     ADD COLUMN once_per_lead boolean NOT NULL DEFAULT false,
-    ADD COLUMN at_most_every interval;
+    ADD COLUMN at_most_every interval,
+    ADD COLUMN on_creation boolean NOT NULL DEFAULT false;
 COMMENT ON COLUMN nocrm.automations.position IS 'Order among the rules of one event: lower first, ties by id. Default 0.';
 COMMENT ON COLUMN nocrm.automations.stop_processing IS 'After this rule ran for an event on a lead, the rules after it (by position, id) do not run for that event on that lead.';
 COMMENT ON COLUMN nocrm.automations.once_per_lead IS 'Runs at most once for a lead, ever (nocrm.automation_enrollments); later matches are recorded as stopped.';
 COMMENT ON COLUMN nocrm.automations.at_most_every IS 'Runs for a lead at most once in this interval; NULL: no limit (unless once_per_lead).';
+COMMENT ON COLUMN nocrm.automations.on_creation IS 'lead.status.changed.to / lead.step.changed.to only: also runs for a lead inserted with that status or at that step (imports included).';
 
 CREATE TABLE nocrm.automation_enrollments (
     automation_id  integer NOT NULL REFERENCES nocrm.automations ON DELETE CASCADE,
@@ -37,6 +39,7 @@ CREATE FUNCTION nocrm.set_automation_options(
     stop_processing  boolean DEFAULT NULL,
     once_per_lead    boolean DEFAULT NULL,
     at_most_every    interval DEFAULT NULL,
+    on_creation      boolean DEFAULT NULL,
     clear_at_most_every boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
@@ -46,14 +49,15 @@ BEGIN
            stop_processing = coalesce(set_automation_options.stop_processing, a.stop_processing),
            once_per_lead = coalesce(set_automation_options.once_per_lead, a.once_per_lead),
            at_most_every = CASE WHEN clear_at_most_every THEN NULL
-                                ELSE coalesce(set_automation_options.at_most_every, a.at_most_every) END
+                                ELSE coalesce(set_automation_options.at_most_every, a.at_most_every) END,
+           on_creation = coalesce(set_automation_options.on_creation, a.on_creation)
      WHERE a.id = set_automation_options.id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'automation % does not exist', set_automation_options.id
             USING ERRCODE = 'no_data_found';
     END IF;
 END $$;
-COMMENT ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean) IS 'Sets an automation''s position, stop_processing, once_per_lead and at_most_every; arguments left NULL keep their value.';
+COMMENT ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean, boolean) IS 'Sets an automation''s position, stop_processing, once_per_lead, at_most_every and on_creation; arguments left NULL keep their value.';
 
 -- Positions 10, 20, ... in list order, e.g. all the rules of one event;
 -- automations not listed keep theirs.
@@ -81,5 +85,5 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION nocrm.reorder_automations(integer[]) IS 'Gives the listed automations positions 10, 20, ... in list order; the others keep theirs.';
 
-GRANT EXECUTE ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean),
+GRANT EXECUTE ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean, boolean),
     nocrm.reorder_automations(integer[]) TO nocrm_admin;

@@ -137,3 +137,36 @@ SELECT id, position, stop_processing, once_per_lead, at_most_every FROM nocrm.au
 -- Clearing at_most_every.
 SELECT nocrm.set_automation_options(7, clear_at_most_every => true, once_per_lead => true);
 SELECT once_per_lead, at_most_every FROM nocrm.automations WHERE id = 7;
+
+-- 7. on_creation: a lead created at a step (an import) "gets" there.
+SELECT nocrm.disable_automation(id) FROM nocrm.automations ORDER BY id;
+SELECT nocrm.create_automation(name => 'Quote, imports too', event => 'lead.step.changed.to',
+  target => 'Preventivo', actions => '[{"type": "add_tags", "tags": ["quote"]}]');
+SELECT nocrm.set_automation_options(10, on_creation => true, once_per_lead => true);
+SELECT nocrm.create_automation(name => 'Moves only', event => 'lead.step.changed.to',
+  target => 'Preventivo', actions => '[{"type": "add_tags", "tags": ["moved"]}]');
+SELECT nocrm.create_automation(name => 'Won on arrival', event => 'lead.status.changed.to',
+  target => 'won', actions => '[{"type": "comment", "body": "born won"}]');
+SELECT nocrm.set_automation_options(12, on_creation => true);
+SET nocrm.history = actions;   -- the gate decides which inserts are looked at
+INSERT INTO nocrm.leads (title, pipeline_id, step_id) VALUES ('Imported at Preventivo', 1, 3);
+INSERT INTO nocrm.leads (title, pipeline_id, step_id) VALUES ('Imported at Nuovo', 1, 1);
+INSERT INTO nocrm.leads (title, status) VALUES ('Imported as won', 'won');
+SELECT l.title, t.name FROM nocrm.tags t JOIN nocrm.leads l ON l.id = t.lead_id
+ WHERE l.title LIKE 'Imported %' ORDER BY l.id, t.name;
+SELECT l.title, c.body FROM nocrm.comments c JOIN nocrm.leads l ON l.id = c.lead_id
+ WHERE l.title LIKE 'Imported %' ORDER BY c.id;
+-- Moved away and back: the rule for moves runs, the once-per-lead one not again.
+UPDATE nocrm.leads SET step_id = 2 WHERE title = 'Imported at Preventivo';
+UPDATE nocrm.leads SET step_id = 3 WHERE title = 'Imported at Preventivo';
+SELECT t.name FROM nocrm.tags t JOIN nocrm.leads l ON l.id = t.lead_id
+ WHERE l.title = 'Imported at Preventivo' ORDER BY t.name;
+RESET nocrm.history;
+-- With history = all the creation's step event is in the history, from nothing.
+INSERT INTO nocrm.leads (title, pipeline_id, step_id) VALUES ('Second import', 1, 3);
+SELECT h.event, h.old_value, h.new_value FROM nocrm.lead_history h JOIN nocrm.leads l ON l.id = h.lead_id
+ WHERE l.title = 'Second import' AND h.event LIKE 'lead.%' ORDER BY h.id;
+-- Only for *.changed.to events.
+\set SHOW_CONTEXT never
+SELECT nocrm.set_automation_options(9, on_creation => true);
+\set SHOW_CONTEXT errors

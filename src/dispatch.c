@@ -278,7 +278,8 @@ static bool
 run_stage_triggers(LeadState *lead, LeadState **current, LeadState *changed_lead,
 				   RaisedEvent *ev, bool stale, bool *locked)
 {
-	if (lead->deleted || !nocrm_stage_triggers_exist())
+	/* a lead created at a step was not moved there: triggers watch moves */
+	if (lead->deleted || ev->at_creation || !nocrm_stage_triggers_exist())
 		return stale;
 	if (!stale && !*locked && lead->latest_locked)
 		*locked = true;

@@ -264,6 +264,37 @@ owner_json(LeadState *lead)
 	return nocrm_jsonb_int_pair("user_id", lead->owner_id, !lead->has_owner);
 }
 
+/*
+ * A lead inserted with a status or at a step "gets" there: when rules with
+ * on_creation listen, it raises the *.changed.to event too, from nothing.
+ */
+static void
+creation_changes(LeadState *lead, RaisedEvent *events, int *n)
+{
+	RaisedEvent *ev = &events[*n];
+
+	memset(ev, 0, sizeof(*ev));
+	ev->event = EV_STATUS_CHANGED;
+	ev->to_status = lead->status;
+	ev->at_creation = true;
+	if (nocrm_rules_on_creation(ev))
+	{
+		ev->new_value = nocrm_jsonb_pair("status", lead->status_text);
+		ev = &events[++(*n)];
+	}
+	if (!lead->has_step)
+		return;
+	memset(ev, 0, sizeof(*ev));
+	ev->event = EV_STEP_CHANGED;
+	ev->to_step = lead->step_id;
+	ev->at_creation = true;
+	if (nocrm_rules_on_creation(ev))
+	{
+		ev->new_value = nocrm_jsonb_int_pair("step_id", lead->step_id, false);
+		(*n)++;
+	}
+}
+
 /* The events of an UPDATE, in the documented order. */
 static int
 update_events(HeapTuple oldtup, HeapTuple newtup, TupleDesc desc,
@@ -354,6 +385,7 @@ lead_row_events(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc)
 		nocrm_preassign_hide_owner(&lead);
 		add_event(events, &nevents, EV_CREATION, NULL,
 				  nocrm_jsonb_pair("title", lead.title));
+		creation_changes(&lead, events, &nevents);
 		add_event(events, &nevents, lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED,
 				  NULL, owner_json(&lead));
 	}

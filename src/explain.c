@@ -165,7 +165,7 @@ explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const cha
 		char	   *name = SPI_getvalue(tup, rows->tupdesc, 2);
 		Datum		actions_json = SPI_getbinval(tup, rows->tupdesc, 6, &isnull);
 		bool		test_mode = DatumGetBool(SPI_getbinval(tup, rows->tupdesc, 7, &isnull));
-		bool		enabled = DatumGetBool(SPI_getbinval(tup, rows->tupdesc, 12, &isnull));
+		bool		enabled = DatumGetBool(SPI_getbinval(tup, rows->tupdesc, NOCRM_RULE_NCOLUMNS + 1, &isnull));
 		char	   *error = NULL;
 		Rule	   *rule = nocrm_compile_stored(tup, rows->tupdesc, &error);
 		Jsonb	   *conditions = NULL;

@@ -161,7 +161,7 @@ lead_of(LeadState *lead, LeadSide *side)
 }
 
 static bool
-event_may_match(NocrmEvent event, LeadState *lead, int to_status, int64 to_step)
+event_may_match(NocrmEvent event, bool at_creation, LeadState *lead, int to_status, int64 to_step)
 {
 	RaisedEvent ev;
 	Rule	  **rules;
@@ -169,6 +169,7 @@ event_may_match(NocrmEvent event, LeadState *lead, int to_status, int64 to_step)
 
 	memset(&ev, 0, sizeof(ev));
 	ev.event = event;
+	ev.at_creation = at_creation;
 	ev.to_status = to_status;
 	ev.to_step = to_step;
 	rules = nocrm_rules_for_change(&ev, &n);
@@ -199,26 +200,29 @@ lead_change_matters(GateKey *k)
 	switch (k->op)
 	{
 		case 'I':
-			return event_may_match(EV_CREATION, &lead, 0, 0) ||
-				event_may_match(lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED, &lead, 0, 0);
+			return event_may_match(EV_CREATION, false, &lead, 0, 0) ||
+				event_may_match(EV_STATUS_CHANGED, true, &lead, (int) k->new.status, 0) ||
+				(k->new.step != NO_VALUE &&
+				 event_may_match(EV_STEP_CHANGED, true, &lead, 0, k->new.step)) ||
+				event_may_match(lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED, false, &lead, 0, 0);
 		case 'D':
-			return event_may_match(EV_DELETED, &lead, 0, 0);
+			return event_may_match(EV_DELETED, false, &lead, 0, 0);
 		default:
 			if (k->old.status != k->new.status &&
-				event_may_match(EV_STATUS_CHANGED, &lead, (int) k->new.status, 0))
+				event_may_match(EV_STATUS_CHANGED, false, &lead, (int) k->new.status, 0))
 				return true;
 			if (k->new.step != NO_VALUE && k->new.step != k->old.step &&
-				event_may_match(EV_STEP_CHANGED, &lead, 0, k->new.step))
+				event_may_match(EV_STEP_CHANGED, false, &lead, 0, k->new.step))
 				return true;
 			if (k->new.owner != NO_VALUE && k->new.owner != k->old.owner &&
-				event_may_match(EV_ASSIGNED, &lead, 0, 0))
+				event_may_match(EV_ASSIGNED, false, &lead, 0, 0))
 				return true;
 			if (k->new.owner == NO_VALUE && k->old.owner != NO_VALUE &&
-				event_may_match(EV_UNASSIGNED, &lead, 0, 0))
+				event_may_match(EV_UNASSIGNED, false, &lead, 0, 0))
 				return true;
 			/* Which other columns changed is the trigger's business. */
-			return event_may_match(EV_CONTENT_CHANGED, &lead, 0, 0) ||
-				event_may_match(EV_ANY_UPDATE, &lead, 0, 0);
+			return event_may_match(EV_CONTENT_CHANGED, false, &lead, 0, 0) ||
+				event_may_match(EV_ANY_UPDATE, false, &lead, 0, 0);
 	}
 }
 

@@ -124,6 +124,7 @@ typedef struct Rule
 	int32		position;		/* rules of an event run by position, then id */
 	bool		stop_processing;	/* once it ran, later rules skip this event */
 	bool		once_per_lead;
+	bool		on_creation;	/* *.changed.to: also a lead created so */
 	bool		has_min_interval;	/* at_most_every is set */
 	Interval	at_most_every;
 } Rule;
@@ -134,7 +135,8 @@ typedef struct Rule
  */
 #define NOCRM_RULE_COLUMNS \
 	"id, name, event, target, conditions, actions, mode = 'test', position, stop_processing," \
-	" once_per_lead, at_most_every"
+	" once_per_lead, at_most_every, on_creation"
+#define NOCRM_RULE_NCOLUMNS 12
 #define NOCRM_RULE_ORDER "position, id"
 
 /* The lead as the rules see it. */
@@ -180,6 +182,7 @@ typedef struct RaisedEvent
 	Jsonb	   *old_value;
 	Jsonb	   *new_value;
 	const char *detail;
+	bool		at_creation;	/* *.changed.to of a lead inserted so (on_creation rules) */
 } RaisedEvent;
 
 /* guc.c */
@@ -257,6 +260,7 @@ extern bool nocrm_rule_matches_target(Rule *rule, RaisedEvent *ev);
 extern Jsonb *nocrm_conditions_report(Rule *rule, LeadState *lead, const char **failed);
 extern Rule *nocrm_rule_by_id(int32 id);
 extern Rule *nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error);
+extern bool nocrm_rules_on_creation(RaisedEvent *ev);
 
 typedef struct OwnerContext
 {

@@ -51,7 +51,7 @@ typedef struct EventRules
 static EventRules by_event[EV_COUNT];
 
 /*
- * The *.changed.to rules by target, in id order: a change to one status or
+ * The *.changed.to rules by target, by position and id: a change to one status or
  * step meets only the rules that name it, however many name others.
  */
 #define NSTATUS_BITS 5
@@ -59,6 +59,7 @@ static EventRules by_status[NSTATUS_BITS];	/* by status bit number */
 static int64 *by_step_keys = NULL;	/* sorted target steps, a rule per entry */
 static Rule **by_step_rules = NULL;
 static int	nby_step = 0;
+static bool on_creation[EV_COUNT];	/* an enabled rule of the event has on_creation */
 
 static void
 rules_relcache_callback(Datum arg, Oid relid)
@@ -200,6 +201,7 @@ nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error)
 			if (!isnull)
 				rule->at_most_every = *DatumGetIntervalP(every);
 		}
+		rule->on_creation = DatumGetBool(SPI_getbinval(tuple, desc, 12, &isnull));
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -390,6 +392,7 @@ load_rules(void)
 										  ALLOCSET_DEFAULT_SIZES);
 	memset(by_event, 0, sizeof(by_event));
 	memset(by_status, 0, sizeof(by_status));
+	memset(on_creation, 0, sizeof(on_creation));
 	by_step_keys = NULL;
 	by_step_rules = NULL;
 	nby_step = 0;
@@ -426,7 +429,10 @@ load_rules(void)
 			all[i] = compiled ? rule_copy(compiled) : NULL;
 			MemoryContextReset(scratch);
 			if (all[i])
+			{
 				counts[all[i]->event]++;
+				on_creation[all[i]->event] |= all[i]->on_creation;
+			}
 		}
 		MemoryContextDelete(scratch);
 		for (int e = 0; e < EV_COUNT; e++)
@@ -446,6 +452,24 @@ load_rules(void)
 		SPI_freetuptable(tuptable);
 		elog(DEBUG1, "nocrm: loaded " UINT64_FORMAT " automations", n);
 	}
+}
+
+/*
+ * Does an enabled on_creation rule await this *.changed.to of a lead being
+ * created?  Then the INSERT raises it.  Needs an SPI connection.
+ */
+bool
+nocrm_rules_on_creation(RaisedEvent *ev)
+{
+	int			n;
+	Rule	  **rules = nocrm_rules_for_change(ev, &n);
+
+	if (!on_creation[ev->event])
+		return false;
+	for (int i = 0; i < n; i++)
+		if (rules[i]->on_creation)
+			return true;
+	return false;
 }
 
 /* An enabled rule by id, or NULL.  Needs an SPI connection. */
@@ -577,6 +601,8 @@ nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev)
 bool
 nocrm_rule_matches_target(Rule *rule, RaisedEvent *ev)
 {
+	if (ev->at_creation && !rule->on_creation)
+		return false;
 	if (rule->event == EV_STATUS_CHANGED && !(ev->to_status & rule->target_status))
 		return false;
 	if (rule->event == EV_STEP_CHANGED &&
@@ -748,16 +774,28 @@ columns_differ(HeapTuple a, HeapTuple b, TupleDesc desc, const char *col)
 	return !nocrm_column_equal(a, b, desc, SPI_fnumber(desc, col));
 }
 
-/* once_per_lead and at_most_every: a positive interval, not both. */
+/*
+ * on_creation only on *.changed.to; once_per_lead and at_most_every: a
+ * positive interval, not both.
+ */
 static void
-check_options(HeapTuple tuple, TupleDesc desc, const char *name)
+check_options(HeapTuple tuple, TupleDesc desc, const char *name, const char *event)
 {
 	bool		isnull;
+	bool		on_creation = DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "on_creation"),
+														 &isnull));
 	bool		once = DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "once_per_lead"),
 												  &isnull));
 	Datum		every = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "at_most_every"), &isnull);
 	Interval	zero = {0};
 
+	if (on_creation && event &&
+		strcmp(event, "lead.status.changed.to") != 0 && strcmp(event, "lead.step.changed.to") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("on_creation of automation \"%s\" needs a lead.status.changed.to or lead.step.changed.to event", name),
+				 errdetail("Its event is %s.", event),
+				 errhint("For leads as they are created, use the lead.creation event.")));
 	if (isnull)
 		return;
 	if (once)
@@ -823,7 +861,7 @@ nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
 	event = trigger_text(tuple, desc, "event");
 
 	if (name)
-		check_options(tuple, desc, name);
+		check_options(tuple, desc, name, event);
 
 	/* NULLs are the NOT NULL constraints' to report, after this trigger. */
 	if (check && !conditions_null && !actions_null && name && event)
