@@ -149,9 +149,9 @@ explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const cha
 
 	Rule	   *stopper = NULL;
 
-	ret = SPI_execute_with_args("SELECT " NOCRM_RULE_COLUMNS ", enabled"
-								"  FROM nocrm.automations WHERE event = $1"
-								" ORDER BY " NOCRM_RULE_ORDER,
+	ret = SPI_execute_with_args(psprintf("SELECT %s, enabled FROM nocrm.automations"
+										 " WHERE event = $1 ORDER BY %s",
+										 nocrm_rule_columns(), NOCRM_RULE_ORDER),
 								1, types, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading automations failed: %s", SPI_result_code_string(ret));

@@ -131,11 +131,9 @@ typedef struct Rule
 
 /*
  * The automations columns a stored rule compiles from
- * (nocrm_compile_stored), in this order.
+ * (nocrm_compile_stored): nocrm_rule_columns() selects these
+ * NOCRM_RULE_NCOLUMNS, in NOCRM_RULE_ORDER.
  */
-#define NOCRM_RULE_COLUMNS \
-	"id, name, event, target, conditions, actions, mode = 'test', position, stop_processing," \
-	" once_per_lead, at_most_every, on_creation"
 #define NOCRM_RULE_NCOLUMNS 12
 #define NOCRM_RULE_ORDER "position, id"
 
@@ -261,6 +259,7 @@ extern Jsonb *nocrm_conditions_report(Rule *rule, LeadState *lead, const char **
 extern Rule *nocrm_rule_by_id(int32 id);
 extern Rule *nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error);
 extern bool nocrm_rules_on_creation(RaisedEvent *ev);
+extern const char *nocrm_rule_columns(void);
 
 typedef struct OwnerContext
 {

@@ -162,7 +162,7 @@ nocrm_rules_loaded(void)
 }
 
 /*
- * Compiles one stored rule (columns NOCRM_RULE_COLUMNS).  A rule that no longer resolves gives NULL: with
+ * Compiles one stored rule (columns of nocrm_rule_columns()).  A rule that no longer resolves gives NULL: with
  * *error set when error is given, else after a warning.
  */
 Rule *
@@ -229,6 +229,22 @@ nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error)
 	}
 	PG_END_TRY();
 	return rule;
+}
+
+/*
+ * The select list nocrm_compile_stored reads.  Before ALTER EXTENSION
+ * UPDATE to 1.3 the options columns do not exist yet: their defaults.
+ */
+const char *
+nocrm_rule_columns(void)
+{
+	bool		has_options = get_attnum(nocrm_automations_relid(), "on_creation") != InvalidAttrNumber;
+
+	return has_options
+		? "id, name, event, target, conditions, actions, mode = 'test', position, stop_processing,"
+		" once_per_lead, at_most_every, on_creation"
+		: "id, name, event, target, conditions, actions, mode = 'test', 0 AS position, false, false,"
+		" NULL::interval, false";
 }
 
 static const char *
@@ -401,8 +417,8 @@ load_rules(void)
 	rules_valid = true;
 	nocrm_automations_relid();
 
-	ret = SPI_execute("SELECT " NOCRM_RULE_COLUMNS
-					  " FROM nocrm.automations WHERE enabled ORDER BY " NOCRM_RULE_ORDER,
+	ret = SPI_execute(psprintf("SELECT %s FROM nocrm.automations WHERE enabled ORDER BY %s",
+							   nocrm_rule_columns(), NOCRM_RULE_ORDER),
 					  true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading automations failed: %s", SPI_result_code_string(ret));
@@ -782,12 +798,16 @@ static void
 check_options(HeapTuple tuple, TupleDesc desc, const char *name, const char *event)
 {
 	bool		isnull;
-	bool		on_creation = DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "on_creation"),
-														 &isnull));
-	bool		once = DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "once_per_lead"),
-												  &isnull));
-	Datum		every = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "at_most_every"), &isnull);
+	bool		once,
+				on_creation;
+	Datum		every;
 	Interval	zero = {0};
+
+	if (SPI_fnumber(desc, "on_creation") <= 0)
+		return;					/* a 1.2 table, before ALTER EXTENSION UPDATE */
+	once = DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "once_per_lead"), &isnull));
+	on_creation = DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "on_creation"), &isnull));
+	every = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "at_most_every"), &isnull);
 
 	if (on_creation && event &&
 		strcmp(event, "lead.status.changed.to") != 0 && strcmp(event, "lead.step.changed.to") != 0)

@@ -34,7 +34,7 @@ sub sq
 }
 
 # The extension's tables, all of them dumped (pg_extension_config_dump).
-my @tables = qw(absences assignment_counters automation_runs automations comments email_templates
+my @tables = qw(absences assignment_counters automation_enrollments automation_runs automations comments email_templates
   emails lead_history leads notifications pipelines queue stage_triggers steps tags users
   working_hours);
 
@@ -113,6 +113,8 @@ SELECT nocrm.create_automation(name => 'Vendite: richiamare', event => 'lead.cre
   actions => '[{"type": "comment", "body": "Richiamare il cliente", "delay": "1 second"},
                {"type": "add_tags", "tags": ["Da richiamare"], "delay": "1 second"},
                {"type": "comment", "body": "Una settimana dopo", "delay": "7 days"}]');
+SELECT nocrm.set_automation_options(id, once_per_lead => true) FROM nocrm.automations
+ WHERE name = 'Vendite: richiamare';
 SELECT nocrm.create_automation(name => 'Prova standby', event => 'lead.creation', mode => 'test',
   actions => '[{"type": "set_status", "status": "standby"}]');
 SELECT nocrm.create_stage_trigger(pipeline => 'Vendite', step => 'Preventivo', kind => 'tag_added',
