@@ -87,3 +87,69 @@ COMMENT ON FUNCTION nocrm.reorder_automations(integer[]) IS 'Gives the listed au
 
 GRANT EXECUTE ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean, boolean),
     nocrm.reorder_automations(integer[]) TO nocrm_admin;
+
+-- ==== drain control ====
+
+-- Cancelling one queue item: pending (never sent), processing (in flight:
+-- the drain's outcome no longer overwrites it) or dead (out of the dead
+-- letters).  Done and cancelled items are left as they are.
+CREATE FUNCTION nocrm.cancel_queue_item(id bigint, reason text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    was text;
+BEGIN
+    IF cancel_queue_item.id IS NULL THEN
+        RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT q.state INTO was FROM nocrm.queue q WHERE q.id = cancel_queue_item.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'queue item % does not exist', cancel_queue_item.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF was IN ('pending', 'processing', 'dead') THEN
+        UPDATE nocrm.queue q
+           SET state = 'cancelled', lease_until = NULL,
+               last_error = 'cancelled by ' || session_user || coalesce(': ' || reason, '')
+         WHERE q.id = cancel_queue_item.id;
+    END IF;
+    RETURN was;
+END $$;
+COMMENT ON FUNCTION nocrm.cancel_queue_item(bigint, text) IS 'Cancels a pending, processing (in flight) or dead queue item; returns the state it had. A processing item may still reach its receiver; the drain does not overwrite the cancel.';
+REVOKE ALL ON FUNCTION nocrm.cancel_queue_item(bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.cancel_queue_item(bigint, text) TO nocrm_admin;
+
+-- stop_worker() also stops the drains running now (each holds the advisory
+-- lock (nocrm.queue's oid, 1) shared while it runs): it cancels them and
+-- holds that lock until its transaction ends, so none starts meanwhile.
+CREATE OR REPLACE FUNCTION nocrm.stop_worker() RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    removed boolean := false;
+    queue_oid oid := 'nocrm.queue'::regclass;
+    stopped boolean := false;
+    waited_until timestamptz := clock_timestamp() + interval '30 seconds';
+BEGIN
+    IF to_regclass('cron.job') IS NOT NULL THEN
+        removed := coalesce((SELECT cron.unschedule(jobid) FROM cron.job
+                              WHERE jobname = 'nocrm-drain-' || current_database()), false);
+    END IF;
+    LOOP
+        -- drains that started meanwhile are cancelled on the next turn
+        PERFORM pg_cancel_backend(l.pid)
+           FROM pg_locks l
+          WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
+            AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+            AND l.classid = queue_oid AND l.objid = 1 AND l.objsubid = 2;
+        stopped := pg_try_advisory_xact_lock(queue_oid::integer, 1);
+        EXIT WHEN stopped OR clock_timestamp() > waited_until;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+    IF NOT stopped THEN
+        RAISE WARNING 'a drain of this database did not stop within 30 seconds'
+            USING HINT = 'See pg_stat_activity for CALL nocrm.drain(); pg_terminate_backend() stops it at once.';
+    END IF;
+    RETURN removed;
+END $$;
+COMMENT ON FUNCTION nocrm.stop_worker() IS 'Removes the pg_cron job of the drain and stops the drains running in this database (they record what they sent first); returns whether a job was removed.';
+
+GRANT SET ON PARAMETER nocrm.drain_enabled TO nocrm_admin;

@@ -8,6 +8,13 @@
  * with no transaction work in flight; record the outcomes and commit.  A
  * drain that dies leaves its claimed items to the next run once the lease
  * ends; every item keeps one idempotency key across attempts.
+ *
+ * The drain keeps its own limits: the caller's statement_timeout is switched
+ * off (the run time bounds a run), lock waits are bounded by
+ * nocrm.request_timeout, and outcomes are recorded without waiting for row
+ * locks.  A cancel (pg_cancel_backend, nocrm.stop_worker()) is honoured
+ * between items and in the middle of a transfer, but only after what was
+ * already sent is recorded.
  */
 #include "nocrm.h"
 
@@ -19,10 +26,16 @@
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
 #include "storage/latch.h"
+#include "catalog/namespace.h"
+#include "storage/lmgr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -51,17 +64,34 @@ typedef struct QueueItem
 	Jsonb	   *payload;
 	char	   *subject;		/* rendered, for emails */
 	char	   *body;			/* rendered email body, or the JSON to POST */
+	TimestampTz prev_attempt;	/* last_attempt_at before this claim, 0 if none */
+	char	   *host;			/* where it goes (SMTP server or URL host), for fairness */
 	/* outcome */
 	const char *state;
 	char	   *error;
 	bool		retry;
+	double		retry_delay;	/* seconds, when retry */
 	bool		released;		/* not tried: handed back without using an attempt */
 	bool		recorded;
+	TimestampTz started;		/* this item's own attempt, 0 if not tried */
+	TimestampTz finished;
 } QueueItem;
 
 static SPIPlanPtr plan_claim,
 			plan_record,
+			plan_lock_actions,
+			plan_taken_back,
 			plan_prune;
+
+/* Second key of the advisory lock every running drain holds (shared); the first is nocrm.queue's oid. */
+#define DRAIN_LOCK_KEY 1
+
+/* A cancel or termination is waiting: stop starting work, record, then let it act. */
+static inline bool
+stop_pending(void)
+{
+	return QueryCancelPending || ProcDiePending;
+}
 
 static ItemKind
 kind_from_text(const char *kind)
@@ -110,46 +140,76 @@ push_body(QueueItem *item)
 						  &JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL))->root, 0);
 }
 
+/* Where an item goes: one key per receiving server, so a slow one can be set aside. */
+static char *
+item_host(QueueItem *item)
+{
+	const char *p,
+			   *end;
+
+	switch (item->kind)
+	{
+		case ITEM_EMAIL:
+			return "smtp";
+		case ITEM_MOBILE:
+			return "push";
+		case ITEM_WEBHOOK:
+			p = item->recipient ? strstr(item->recipient, "://") : NULL;
+			if (p == NULL)
+				return "";
+			p += 3;
+			end = p + strcspn(p, "/?#");
+			return pnstrdup(p, end - p);
+		case ITEM_ACTION:
+			break;
+	}
+	return "";
+}
+
 /*
  * Claims up to batch_size due items (and items whose lease ran out) and
  * renders them, all into memory that survives the commit.
  */
 static int
-claim(QueueItem **items, const char *token, MemoryContext keep)
+claim(QueueItem **items, const char *token, bool no_email, MemoryContext keep)
 {
-	Oid			types[3] = {INT4OID, INT4OID, UUIDOID};
-	Datum		args[3];
+	Oid			types[4] = {INT4OID, INT4OID, UUIDOID, BOOLOID};
+	Datum		args[4];
 	int			n;
 	MemoryContext old;
 
 	nocrm_plan(&plan_claim,
 			   /* each partial index walked in order, so a claim costs the same with any backlog */
-			   "WITH due AS (SELECT id FROM nocrm.queue"
+			   "WITH due AS (SELECT id, last_attempt_at FROM nocrm.queue"
 			   "              WHERE state = 'pending' AND run_at <= now()"
+			   "                AND NOT ($4 AND kind = 'email')"
 			   "              ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED),"
-			   "     expired AS (SELECT id FROM nocrm.queue"
+			   "     expired AS (SELECT id, last_attempt_at FROM nocrm.queue"
 			   "                  WHERE state = 'processing' AND lease_until < now()"
+			   "                    AND NOT ($4 AND kind = 'email')"
 			   "                  ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED),"
 			   "     claimed AS ("
 			   "  UPDATE nocrm.queue q"
 			   "     SET state = 'processing', attempts = q.attempts + 1,"
 			   "         lease_until = now() + make_interval(secs => $2),"
 			   "         claim_token = $3, last_attempt_at = now()"
-			   "   WHERE q.id IN (SELECT id FROM due UNION ALL SELECT id FROM expired)"
-			   "  RETURNING q.*)"
+			   "    FROM (SELECT * FROM due UNION ALL SELECT * FROM expired) p"
+			   "   WHERE q.id = p.id"
+			   "  RETURNING q.*, p.last_attempt_at AS prev_attempt)"
 			   " SELECT c.id, c.kind, c.recipient, c.idempotency_key, c.attempts, c.event,"
 			   "        c.automation_id, c.action_no, c.lead_id, c.payload, t.subject, t.body,"
 			   "        CASE WHEN c.kind = 'email'"
 			   "             THEN nocrm.template_context(c.lead_id, c.payload, c.automation_id, c.event) END,"
-			   "        c.actor_id"
+			   "        c.actor_id, c.prev_attempt"
 			   "   FROM claimed c"
 			   "   LEFT JOIN nocrm.email_templates t ON c.kind = 'email'"
 			   "        AND t.name = coalesce(c.payload ->> 'template', 'notification')"
 			   "  ORDER BY c.run_at, c.id",
-			   3, types);
+			   4, types);
 	args[0] = Int32GetDatum(nocrm_drain_batch_size);
 	args[1] = Int32GetDatum(nocrm_lease_seconds);
 	args[2] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
+	args[3] = BoolGetDatum(no_email);
 	nocrm_exec_plan(plan_claim, args, NULL, SPI_OK_SELECT, "claiming queue items failed");
 
 	n = (int) SPI_processed;
@@ -183,12 +243,16 @@ claim(QueueItem **items, const char *token, MemoryContext keep)
 		context = isnull ? NULL : DatumGetJsonbPCopy(d);
 		d = SPI_getbinval(tup, desc, 14, &isnull);
 		item->actor_id = isnull ? -1 : DatumGetInt64(d);
+		d = SPI_getbinval(tup, desc, 15, &isnull);
+		item->prev_attempt = isnull ? 0 : DatumGetTimestampTz(d);
+		item->host = item_host(item);
 
 		switch (item->kind)
 		{
 			case ITEM_EMAIL:
 				if (subject == NULL)
 				{
+					item->started = item->finished = GetCurrentTimestamp();
 					item->state = "dead";
 					item->error = psprintf("email template \"%s\" does not exist",
 										   text_col(tup, desc, 11) ? text_col(tup, desc, 11) : "?");
@@ -237,15 +301,23 @@ outcome(QueueItem *item, DeliveryResult *r)
 	{
 		item->state = "pending";
 		item->retry = true;
+		item->retry_delay = backoff_seconds(item->attempts);
 		item->error = r->error;
 	}
 }
 
+/*
+ * Sends one item.  Interrupts are held meanwhile, so a cancel cannot throw
+ * away the outcome: libcurl's progress callback still sees it and cuts the
+ * transfer, and the drain acts on it once the outcome is recorded.
+ */
 static void
 deliver(DeliveryHandles *h, QueueItem *item)
 {
 	DeliveryResult r;
 
+	item->started = GetCurrentTimestamp();
+	HOLD_INTERRUPTS();
 	switch (item->kind)
 	{
 		case ITEM_EMAIL:
@@ -263,9 +335,72 @@ deliver(DeliveryHandles *h, QueueItem *item)
 							item->event, nocrm_webhook_secret, &r);
 			break;
 		case ITEM_ACTION:
+			RESUME_INTERRUPTS();
 			return;
 	}
+	RESUME_INTERRUPTS();
+	item->finished = GetCurrentTimestamp();
+	if (!r.ok && stop_pending())
+	{
+		/* Cut short by a cancel: it may have arrived, so it goes again, at once. */
+		item->state = "pending";
+		item->released = true;
+		item->error = psprintf("delivery interrupted by a cancel of the drain (%s); it is sent again",
+							   r.error ? r.error : "no answer");
+		return;
+	}
 	outcome(item, &r);
+}
+
+/*
+ * Locks the batch's delayed actions that are still ours, so a cancel by an
+ * admin (nocrm.cancel_queue_item) either comes first and the action does
+ * not run, or waits for it.  Returns whether there is one to run; the
+ * others are left as they are (recorded = true).
+ */
+static bool
+lock_actions(QueueItem *items, int n, const char *token)
+{
+	Oid			types[2] = {INT8ARRAYOID, UUIDOID};
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	Datum		args[2];
+	int			m = 0;
+	bool		any = false;
+
+	for (int i = 0; i < n; i++)
+		if (items[i].kind == ITEM_ACTION && items[i].state == NULL)
+			ids[m++] = Int64GetDatum(items[i].id);
+	if (m == 0)
+		return false;
+	args[0] = PointerGetDatum(construct_array(ids, m, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[1] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
+	nocrm_plan(&plan_lock_actions,
+			   "SELECT id FROM nocrm.queue"
+			   " WHERE id = ANY ($1) AND state = 'processing' AND claim_token = $2"
+			   "   FOR UPDATE SKIP LOCKED",
+			   2, types);
+	nocrm_exec_plan(plan_lock_actions, args, NULL, SPI_OK_SELECT, "locking delayed actions failed");
+	for (int i = 0; i < n; i++)
+	{
+		QueueItem  *item = &items[i];
+		bool		locked = false;
+
+		if (item->kind != ITEM_ACTION || item->state != NULL)
+			continue;
+		for (uint64 j = 0; j < SPI_processed && !locked; j++)
+		{
+			bool		isnull;
+
+			locked = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[j], SPI_tuptable->tupdesc,
+												 1, &isnull)) == item->id;
+		}
+		if (locked)
+			any = true;
+		else
+			item->recorded = true;	/* cancelled meanwhile, or someone holds it: not ours to run */
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return any;
 }
 
 /* Runs each due delayed action in its own subtransaction. */
@@ -278,8 +413,15 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 		MemoryContext oldcontext = CurrentMemoryContext;
 		ResourceOwner oldowner = CurrentResourceOwner;
 
-		if (item->kind != ITEM_ACTION || item->state != NULL)
+		if (item->kind != ITEM_ACTION || item->state != NULL || item->recorded)
 			continue;
+		if (stop_pending())
+		{
+			item->state = "pending";
+			item->released = true;
+			continue;
+		}
+		item->started = GetCurrentTimestamp();
 		BeginInternalSubTransaction(NULL);
 		PG_TRY();
 		{
@@ -290,6 +432,7 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 			ReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(oldcontext);
 			CurrentResourceOwner = oldowner;
+			item->finished = GetCurrentTimestamp();
 			item->state = why ? "cancelled" : "done";
 			item->error = why ? MemoryContextStrdup(keep, why) : NULL;
 		}
@@ -304,20 +447,75 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 			RollbackAndReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(oldcontext);
 			CurrentResourceOwner = oldowner;
-			memset(&r, 0, sizeof(r));
-			r.error = edata->message;
-			outcome(item, &r);
+			item->finished = GetCurrentTimestamp();
+			if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			{
+				/*
+				 * The drain was cancelled, not the action failing: hand it
+				 * back and keep the cancel pending, to be honoured once the
+				 * batch is recorded.
+				 */
+				item->state = "pending";
+				item->released = true;
+				QueryCancelPending = true;
+				InterruptPending = true;
+			}
+			else
+			{
+				memset(&r, 0, sizeof(r));
+				r.error = edata->message;
+				outcome(item, &r);
+			}
 		}
 		PG_END_TRY();
 	}
 }
 
-/* Writes the outcomes of the batch's items not yet recorded, in one statement. */
+static Oid	queue_relid;		/* nocrm.queue, looked up by each CALL */
+
 static void
-record(QueueItem *items, int n, const char *token)
+set_local(const char *name, const char *value)
 {
-	Oid			types[6] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
-	BOOLARRAYOID, UUIDOID};
+	(void) set_config_option(name, value, PGC_USERSET, PGC_S_SESSION, GUC_ACTION_LOCAL,
+							 true, 0, false);
+}
+
+/*
+ * Commits and starts the next transaction with the drain's own settings,
+ * whatever the caller's role or database set: read committed (the claims
+ * rely on it) and lock waits bounded by nocrm.request_timeout.
+ */
+static void
+drain_commit(void)
+{
+	char		ms[32];
+
+	SPI_commit();
+	set_local("transaction_isolation", "read committed");
+	snprintf(ms, sizeof(ms), "%d", nocrm_request_timeout_ms);
+	set_local("lock_timeout", ms);
+}
+
+static Datum
+timestamp_or_null(TimestampTz t, bool *isnull)
+{
+	*isnull = t == 0;
+	return TimestampTzGetDatum(t);
+}
+
+/*
+ * Writes the outcomes of the batch's items not yet recorded, in one
+ * statement that waits for no lock.  A row another session has changed is
+ * left as that session made it (an admin's cancel stays), but gets its
+ * delivered_at when it went out.  A row re-claimed by another drain after
+ * our lease ran out is theirs.  Returns how many rows are still ours but
+ * locked by someone else: those stay unrecorded, to be tried again.
+ */
+static int
+record(QueueItem *items, int n, const char *token, bool actions)
+{
+	Oid			types[8] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
+	BOOLARRAYOID, UUIDOID, TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID};
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	Datum	   *states = palloc(sizeof(Datum) * n);
 	Datum	   *errors = palloc(sizeof(Datum) * n);
@@ -325,29 +523,51 @@ record(QueueItem *items, int n, const char *token)
 	Datum	   *retries = palloc(sizeof(Datum) * n);
 	bool	   *retry_nulls = palloc(sizeof(bool) * n);
 	Datum	   *released = palloc(sizeof(Datum) * n);
+	Datum	   *attempted = palloc(sizeof(Datum) * n);
+	bool	   *attempted_nulls = palloc(sizeof(bool) * n);
+	Datum	   *finished = palloc(sizeof(Datum) * n);
+	bool	   *finished_nulls = palloc(sizeof(bool) * n);
 	int			m = 0;
+	int			left = 0;
 	int			dims[1];
 	int			lbs[1] = {1};
-	Datum		args[6];
+	Datum		args[8];
 
 	for (int i = 0; i < n; i++)
 	{
 		QueueItem  *item = &items[i];
 
-		if (item->recorded)
+		if (item->recorded || (item->kind == ITEM_ACTION) != actions)
 			continue;
-		item->recorded = true;
+		if (item->state == NULL)
+		{
+			item->state = "pending";
+			item->released = true;
+		}
 		ids[m] = Int64GetDatum(item->id);
-		states[m] = CStringGetTextDatum(item->state ? item->state : "pending");
+		states[m] = CStringGetTextDatum(item->state);
 		errors[m] = item->error ? CStringGetTextDatum(item->error) : (Datum) 0;
 		error_nulls[m] = item->error == NULL;
-		retries[m] = Float8GetDatum(item->retry ? backoff_seconds(item->attempts) : 0);
+		retries[m] = Float8GetDatum(item->retry_delay);
 		retry_nulls[m] = !item->retry;
 		released[m] = BoolGetDatum(item->released);
+		/* an item handed back untried keeps the time of its previous attempt */
+		attempted[m] = timestamp_or_null(item->started ? item->started : item->prev_attempt,
+										 &attempted_nulls[m]);
+		finished[m] = timestamp_or_null(item->finished ? item->finished : GetCurrentTimestamp(),
+										&finished_nulls[m]);
 		m++;
 	}
 	if (m == 0)
-		return;
+		return 0;
+	/*
+	 * Deliveries' outcomes do not even wait for the table lock: interrupts
+	 * are held meanwhile.  (Delayed actions hold their rows already, and
+	 * must commit with their outcome or not at all.)
+	 */
+	if (!actions && !ConditionalLockRelationOid(queue_relid, RowExclusiveLock))
+		return m;
+
 	dims[0] = m;
 	args[0] = PointerGetDatum(construct_array(ids, m, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	args[1] = PointerGetDatum(construct_array(states, m, TEXTOID, -1, false, TYPALIGN_INT));
@@ -357,21 +577,91 @@ record(QueueItem *items, int n, const char *token)
 												 FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	args[4] = PointerGetDatum(construct_array(released, m, BOOLOID, 1, true, TYPALIGN_CHAR));
 	args[5] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
+	args[6] = PointerGetDatum(construct_md_array(attempted, attempted_nulls, 1, dims, lbs,
+												 TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[7] = PointerGetDatum(construct_md_array(finished, finished_nulls, 1, dims, lbs,
+												 TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 
-	/* A row re-claimed by another drain after our lease ran out is theirs now. */
 	nocrm_plan(&plan_record,
-			   "UPDATE nocrm.queue q"
-			   "   SET state = o.state, last_error = coalesce(o.error, q.last_error),"
-			   "       attempts = q.attempts - CASE WHEN o.released THEN 1 ELSE 0 END,"
-			   "       run_at = CASE WHEN o.retry IS NULL THEN q.run_at"
-			   "                     ELSE now() + make_interval(secs => o.retry) END,"
-			   "       delivered_at = CASE WHEN o.state = 'done' THEN clock_timestamp() END,"
-			   "       lease_until = NULL, claim_token = NULL"
-			   "  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[], $5::boolean[])"
-			   "       AS o(id, state, error, retry, released)"
-			   " WHERE q.id = o.id AND q.claim_token = $6",
-			   6, types);
-	nocrm_exec_plan(plan_record, args, NULL, SPI_OK_UPDATE, "recording deliveries failed");
+			   "WITH o AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[],"
+			   "                                $5::boolean[], $7::timestamptz[], $8::timestamptz[])"
+			   "             AS o(id, state, error, retry, released, attempted, finished)),"
+			   "     mine AS (SELECT q.id FROM nocrm.queue q"
+			   "               WHERE q.id IN (SELECT id FROM o) AND q.claim_token = $6"
+			   "                 FOR UPDATE SKIP LOCKED),"
+			   "     written AS ("
+			   "  UPDATE nocrm.queue q"
+			   "     SET state = CASE WHEN q.state = 'processing' THEN o.state ELSE q.state END,"
+			   "         last_error = CASE WHEN q.state = 'processing'"
+			   "                           THEN coalesce(o.error, q.last_error) ELSE q.last_error END,"
+			   "         attempts = q.attempts - CASE WHEN o.released AND q.state = 'processing'"
+			   "                                      THEN 1 ELSE 0 END,"
+			   "         run_at = CASE WHEN o.retry IS NOT NULL AND q.state = 'processing'"
+			   "                       THEN o.finished + make_interval(secs => o.retry) ELSE q.run_at END,"
+			   "         last_attempt_at = o.attempted,"
+			   "         delivered_at = CASE WHEN o.state = 'done' THEN o.finished ELSE q.delivered_at END,"
+			   "         lease_until = NULL, claim_token = NULL"
+			   "    FROM o"
+			   "   WHERE q.id = o.id AND q.id IN (SELECT id FROM mine)"
+			   "  RETURNING q.id)"
+			   " SELECT o.id FROM o JOIN nocrm.queue q ON q.id = o.id"
+			   "  WHERE q.claim_token = $6 AND o.id NOT IN (SELECT id FROM written)",
+			   8, types);
+	nocrm_exec_plan(plan_record, args, NULL, SPI_OK_SELECT, "recording deliveries failed");
+
+	for (int i = 0; i < n; i++)
+	{
+		QueueItem  *item = &items[i];
+		bool		held = false;
+
+		if (item->recorded || (item->kind == ITEM_ACTION) != actions)
+			continue;
+		for (uint64 j = 0; j < SPI_processed && !held; j++)
+		{
+			bool		isnull;
+
+			held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[j], SPI_tuptable->tupdesc,
+											   1, &isnull)) == item->id;
+		}
+		if (held)
+			left++;
+		else
+			item->recorded = true;
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return left;
+}
+
+/*
+ * Records the outcomes and commits, with interrupts held so a cancel cannot
+ * lose them.  Rows another session holds locked are tried again for up to
+ * nocrm.request_timeout (not at all when stopping); any still held then
+ * stay processing until their lease ends and are claimed again.
+ */
+static void
+record_and_commit(QueueItem *items, int n, const char *token)
+{
+	TimestampTz give_up = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													  nocrm_request_timeout_ms);
+	int			left;
+
+	HOLD_INTERRUPTS();
+	for (;;)
+	{
+		left = record(items, n, token, false);
+		drain_commit();
+		if (left == 0 || stop_pending() || GetCurrentTimestamp() >= give_up)
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 50,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+	RESUME_INTERRUPTS();
+	if (left > 0)
+		ereport(WARNING,
+				(errmsg("nocrm.drain() could not record the outcome of %d queue items", left),
+				 errdetail("Another session holds their rows locked."),
+				 errhint("They stay processing until lease_until; then a drain claims them again.")));
 }
 
 /* Old finished queue items and run log rows go, a small batch each round. */
@@ -396,6 +686,7 @@ prune(void)
 			   " SELECT (SELECT count(*) FROM q) + (SELECT count(*) FROM r)",
 			   2, types);
 	nocrm_exec_plan(plan_prune, args, NULL, SPI_OK_SELECT, "pruning failed");
+	SPI_freetuptable(SPI_tuptable);
 }
 
 static char *
@@ -415,6 +706,214 @@ new_token(void)
 }
 
 /*
+ * Whether this database drains its queue: nocrm.drain_enabled = off never,
+ * on always, auto (the default) unless nocrm.queue comes by logical
+ * replication from another database, whose drain sends it.
+ */
+static bool
+drain_enabled_here(void)
+{
+	Oid			types[1] = {OIDOID};
+	Datum		args[1] = {ObjectIdGetDatum(queue_relid)};
+	char	   *subscription;
+
+	if (nocrm_drain_enabled == DRAIN_ENABLED_OFF)
+	{
+		ereport(NOTICE,
+				(errmsg("nocrm.drain() is switched off in this database"),
+				 errdetail("nocrm.drain_enabled is off.")));
+		return false;
+	}
+	if (nocrm_drain_enabled == DRAIN_ENABLED_ON)
+		return true;
+	if (SPI_execute_with_args("SELECT s.subname FROM pg_catalog.pg_subscription_rel r"
+							  "  JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid"
+							  " WHERE r.srrelid = $1 ORDER BY s.subname LIMIT 1",
+							  1, types, args, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "reading pg_subscription_rel failed");
+	if (SPI_processed == 0)
+		return true;
+	subscription = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	ereport(NOTICE,
+			(errmsg("nocrm.drain() does nothing on a subscriber of nocrm.queue"),
+			 errdetail("Subscription \"%s\" replicates nocrm.queue into this database: the publisher's drain sends its items.",
+					   subscription),
+			 errhint("After a switchover, drop the subscription (or remove nocrm.queue from it); to drain here anyway, set nocrm.drain_enabled = on.")));
+	return false;
+}
+
+/* Interleaves the batch's deliveries by receiving host, in claim order within each host. */
+static int *
+delivery_order(QueueItem *items, int n, int **host_of, int *nhosts)
+{
+	typedef struct HostEntry
+	{
+		char		key[256];
+		int			index;
+	} HostEntry;
+	HASHCTL		ctl;
+	HTAB	   *hosts;
+	int		   *order = palloc(sizeof(int) * n);
+	int		   *next = palloc(sizeof(int) * n);
+	int		   *head;
+	int		   *tail;
+	int		   *active;
+	int			nactive;
+	int			m = 0;
+
+	ctl.keysize = sizeof(((HostEntry *) 0)->key);
+	ctl.entrysize = sizeof(HostEntry);
+	ctl.hcxt = CurrentMemoryContext;
+	hosts = hash_create("nocrm drain hosts", 64, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	*host_of = palloc(sizeof(int) * n);
+	*nhosts = 0;
+	for (int i = 0; i < n; i++)
+	{
+		char		key[256];
+		bool		found;
+		HostEntry  *e;
+
+		strlcpy(key, items[i].host, sizeof(key));
+		e = hash_search(hosts, key, HASH_ENTER, &found);
+		if (!found)
+			e->index = (*nhosts)++;
+		(*host_of)[i] = e->index;
+	}
+	hash_destroy(hosts);
+
+	/* a list of items per host, then one item of each host in turn */
+	head = palloc(sizeof(int) * (*nhosts + 1));
+	tail = palloc(sizeof(int) * (*nhosts + 1));
+	active = palloc(sizeof(int) * (*nhosts + 1));
+	for (int h = 0; h < *nhosts; h++)
+		head[h] = -1, active[h] = h;
+	for (int i = 0; i < n; i++)
+	{
+		int			h = (*host_of)[i];
+
+		next[i] = -1;
+		if (head[h] < 0)
+			head[h] = i;
+		else
+			next[tail[h]] = i;
+		tail[h] = i;
+	}
+	nactive = *nhosts;
+	while (m < n)
+	{
+		int			still = 0;
+
+		for (int a = 0; a < nactive; a++)
+		{
+			int			h = active[a];
+
+			order[m++] = head[h];
+			head[h] = next[head[h]];
+			if (head[h] >= 0)
+				active[still++] = h;
+		}
+		nactive = still;
+	}
+	return order;
+}
+
+/*
+ * Drops from the batch the items not yet sent that are no longer ours: an
+ * admin cancelled them (or set them dead) since the claim.  One query for
+ * the batch, at most once a second, that waits for no lock.
+ */
+static void
+drop_taken_back(QueueItem *items, int n, const char *token)
+{
+	Oid			types[2] = {INT8ARRAYOID, UUIDOID};
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	Datum		args[2];
+	int			m = 0;
+
+	for (int i = 0; i < n; i++)
+		if (items[i].state == NULL && items[i].kind != ITEM_ACTION)
+			ids[m++] = Int64GetDatum(items[i].id);
+	if (m == 0)
+		return;
+	HOLD_INTERRUPTS();
+	if (ConditionalLockRelationOid(queue_relid, AccessShareLock))
+	{
+		args[0] = PointerGetDatum(construct_array(ids, m, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		args[1] = DirectFunctionCall1(uuid_in, CStringGetDatum(token));
+		nocrm_plan(&plan_taken_back,
+				   "SELECT id FROM nocrm.queue WHERE id = ANY ($1)"
+				   "   AND (state <> 'processing' OR claim_token IS DISTINCT FROM $2)",
+				   2, types);
+		nocrm_exec_plan(plan_taken_back, args, NULL, SPI_OK_SELECT, "reading the queue failed");
+		for (uint64 j = 0; j < SPI_processed; j++)
+		{
+			bool		isnull;
+			int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[j],
+														 SPI_tuptable->tupdesc, 1, &isnull));
+
+			for (int i = 0; i < n; i++)
+				if (items[i].id == id)
+				{
+					items[i].state = "taken back";	/* not sent, and not ours to record */
+					items[i].recorded = true;
+				}
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	drain_commit();
+	RESUME_INTERRUPTS();
+}
+
+/*
+ * Sends the batch's emails, pushes and webhooks.  Each receiving host may
+ * use nocrm.request_timeout of the round: a slow or hanging one gets its
+ * other items handed back (to the end of the due queue, no attempt used),
+ * so the rest of the batch goes on.  Items not reached by half the lease
+ * are handed back as they are, and so is everything once a cancel is
+ * pending.
+ */
+static void
+deliver_batch(DeliveryHandles *handles, QueueItem *items, int n, const char *token)
+{
+	TimestampTz hand_back = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+														(int64) nocrm_lease_seconds * 500);
+	int		   *host_of;
+	int			nhosts;
+	int		   *order = delivery_order(items, n, &host_of, &nhosts);
+	int64	   *used = palloc0(sizeof(int64) * (nhosts + 1));
+	TimestampTz checked = GetCurrentTimestamp();
+
+	for (int k = 0; k < n; k++)
+	{
+		QueueItem  *item = &items[order[k]];
+		int			h = host_of[order[k]];
+
+		if (item->state != NULL || item->kind == ITEM_ACTION)
+			continue;
+		if (stop_pending() || GetCurrentTimestamp() >= hand_back)
+			break;				/* record() hands back what has no outcome */
+		/* a cancel by an admin takes effect within about a second */
+		if (GetCurrentTimestamp() - checked >= USECS_PER_SEC)
+		{
+			drop_taken_back(items, n, token);
+			checked = GetCurrentTimestamp();
+			if (item->state != NULL)
+				continue;
+		}
+		if (used[h] >= (int64) nocrm_request_timeout_ms * 1000)
+		{
+			item->state = "pending";
+			item->released = true;
+			item->retry = true;	/* with no delay (retry_delay 0): behind what is due now */
+			item->finished = GetCurrentTimestamp();
+			continue;
+		}
+		deliver(handles, item);
+		used[h] += item->finished - item->started;
+	}
+}
+
+/*
  * CALL nocrm.drain(run_time => NULL): run_time in seconds, 0 = until nothing
  * is due now; NULL = until just before the next whole minute (when pg_cron
  * starts the next run), at most nocrm.drain_run_time.
@@ -426,8 +925,11 @@ nocrm_drain(PG_FUNCTION_ARGS)
 	double		run_time = PG_ARGISNULL(0) ? nocrm_drain_run_seconds : PG_GETARG_FLOAT8(0);
 	TimestampTz deadline;
 	MemoryContext keep;
+	MemoryContext outer;
 	DeliveryHandles handles;
 	int			round = 0;
+	Datum		lock_key[2];
+	volatile bool locked = false;
 
 	if (call == NULL || !IsA(call, CallContext) || call->atomic)
 		ereport(ERROR,
@@ -448,6 +950,13 @@ nocrm_drain(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("run_time must not be negative"),
 				 errhint("Give seconds, or 0 to stop as soon as nothing is due.")));
+
+	/*
+	 * The run time bounds a run, not the caller's statement_timeout (a role
+	 * or database setting would cancel pg_cron's drain every minute).
+	 */
+	disable_timeout(STATEMENT_TIMEOUT, false);
+
 	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) (run_time * 1000));
 	if (PG_ARGISNULL(0))
 	{
@@ -461,69 +970,76 @@ nocrm_drain(PG_FUNCTION_ARGS)
 		deadline = Min(deadline, next_minute - USECS_PER_SEC / 2);
 	}
 
-	keep = AllocSetContextCreate(TopMemoryContext, "nocrm drain", ALLOCSET_DEFAULT_SIZES);
+	queue_relid = get_relname_relid("queue", get_namespace_oid("nocrm", false));
+	if (!OidIsValid(queue_relid))
+		elog(ERROR, "table nocrm.queue does not exist");
 	if (SPI_connect_ext(SPI_OPT_NONATOMIC) != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	if (!drain_enabled_here())
+	{
+		SPI_finish();
+		PG_RETURN_VOID();
+	}
+
+	lock_key[0] = Int32GetDatum((int32) queue_relid);
+	lock_key[1] = Int32GetDatum(DRAIN_LOCK_KEY);
+	outer = CurrentMemoryContext;
+	keep = AllocSetContextCreate(TopMemoryContext, "nocrm drain", ALLOCSET_DEFAULT_SIZES);
 	nocrm_delivery_begin(&handles);
 	PG_TRY();
 	{
-		for (;;)
+		/*
+		 * Every drain holds this lock shared while it runs (across its
+		 * commits); nocrm.stop_worker() finds the drains by it and holds it
+		 * exclusively while it stops them.
+		 */
+		locked = DatumGetBool(DirectFunctionCall2(pg_try_advisory_lock_shared_int4,
+												  lock_key[0], lock_key[1]));
+		if (!locked)
+			ereport(NOTICE,
+					(errmsg("nocrm.drain() does not start while nocrm.stop_worker() stops the drains")));
+		/* from here on, every transaction has the drain's own settings */
+		else
+			drain_commit();
+		while (locked)
 		{
 			QueueItem  *items;
 			char	   *token;
 			int			n;
-			MemoryContext old;
 
 			CHECK_FOR_INTERRUPTS();
+			/* a round's allocations all go with it */
+			MemoryContextSwitchTo(outer);
 			MemoryContextReset(keep);
-			old = MemoryContextSwitchTo(keep);
+			MemoryContextSwitchTo(keep);
 			token = new_token();
-			MemoryContextSwitchTo(old);
 
 			if (round++ % 50 == 0)
 			{
 				prune();
-				SPI_commit();
+				drain_commit();
 			}
-			n = claim(&items, token, keep);
-			SPI_commit();
+			n = claim(&items, token, false, keep);
+			drain_commit();
 
 			if (n > 0)
 			{
-				TimestampTz hand_back = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-																	(int64) nocrm_lease_seconds * 500);
-
 				/*
 				 * Delayed actions and their outcomes commit together, so a
 				 * crash cannot run one twice.
 				 */
-				run_actions(items, n, keep);
-				for (int i = 0; i < n; i++)
-					items[i].recorded = items[i].kind != ITEM_ACTION;
-				record(items, n, token);
-				SPI_commit();
-				for (int i = 0; i < n; i++)
-					items[i].recorded = items[i].kind == ITEM_ACTION;
-
-				/*
-				 * Deliveries, with no transaction work in flight.  Items not
-				 * reached by half the lease are handed back unattempted, so
-				 * a slow batch never outlives its claim.
-				 */
-				for (int i = 0; i < n; i++)
+				if (lock_actions(items, n, token))
 				{
-					if (items[i].state != NULL)
-						continue;
-					if (GetCurrentTimestamp() >= hand_back)
-					{
-						items[i].state = "pending";
-						items[i].released = true;
-						continue;
-					}
-					deliver(&handles, &items[i]);
+					run_actions(items, n, keep);
+					(void) record(items, n, token, true);
 				}
-				record(items, n, token);
-				SPI_commit();
+				drain_commit();
+
+				/* Deliveries, with no transaction work in flight. */
+				deliver_batch(&handles, items, n, token);
+				record_and_commit(items, n, token);
+				/* A cancel waited for the outcomes: it acts now. */
+				CHECK_FOR_INTERRUPTS();
 				/* More may be due at once; a run with a time limit keeps to it. */
 				if (run_time > 0 && GetCurrentTimestamp() >= deadline)
 					break;
@@ -535,13 +1051,16 @@ nocrm_drain(PG_FUNCTION_ARGS)
 							 nocrm_drain_poll_ms, PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);
 			/* A new transaction, so now() in the next claim is after the wait. */
-			SPI_commit();
+			drain_commit();
 		}
 	}
 	PG_FINALLY();
 	{
 		nocrm_delivery_end(&handles);
+		MemoryContextSwitchTo(outer);
 		MemoryContextDelete(keep);
+		if (locked)
+			(void) DirectFunctionCall2(pg_advisory_unlock_shared_int4, lock_key[0], lock_key[1]);
 	}
 	PG_END_TRY();
 	SPI_finish();

@@ -27,6 +27,7 @@ int			nocrm_request_timeout_ms = 20000;
 int			nocrm_drain_batch_size = 100;
 int			nocrm_drain_run_seconds = 60;
 int			nocrm_drain_poll_ms = 200;
+int			nocrm_drain_enabled = DRAIN_ENABLED_AUTO;
 int			nocrm_lease_seconds = 300;
 int			nocrm_max_attempts = 8;
 int			nocrm_retry_base_seconds = 30;
@@ -38,6 +39,20 @@ static const struct config_enum_entry tls_options[] = {
 	{"none", SMTP_TLS_NONE, false},
 	{"try", SMTP_TLS_TRY, false},
 	{"require", SMTP_TLS_REQUIRE, false},
+	{NULL, 0, false}
+};
+
+/* auto, plus the spellings of a boolean */
+static const struct config_enum_entry drain_enabled_options[] = {
+	{"auto", DRAIN_ENABLED_AUTO, false},
+	{"on", DRAIN_ENABLED_ON, false},
+	{"off", DRAIN_ENABLED_OFF, false},
+	{"true", DRAIN_ENABLED_ON, true},
+	{"false", DRAIN_ENABLED_OFF, true},
+	{"yes", DRAIN_ENABLED_ON, true},
+	{"no", DRAIN_ENABLED_OFF, true},
+	{"1", DRAIN_ENABLED_ON, true},
+	{"0", DRAIN_ENABLED_OFF, true},
 	{NULL, 0, false}
 };
 
@@ -141,6 +156,11 @@ nocrm_define_gucs(void)
 	DefineCustomIntVariable("nocrm.drain_poll_interval", "Pause of an idle drain between polls.",
 							NULL, &nocrm_drain_poll_ms, 200, 10, 60000,
 							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomEnumVariable("nocrm.drain_enabled",
+							 "Whether CALL nocrm.drain() sends from this database: auto, on or off.",
+							 "auto drains unless nocrm.queue is replicated into this database by a subscription.",
+							 &nocrm_drain_enabled, DRAIN_ENABLED_AUTO, drain_enabled_options,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("nocrm.lease_time",
 							"How long a claimed item is reserved; after that another drain may take it.",
 							NULL, &nocrm_lease_seconds, 300, 1, 86400,

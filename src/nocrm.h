@@ -202,6 +202,11 @@ extern int	nocrm_request_timeout_ms;
 extern int	nocrm_drain_batch_size;
 extern int	nocrm_drain_run_seconds;
 extern int	nocrm_drain_poll_ms;
+extern int	nocrm_drain_enabled;
+
+#define DRAIN_ENABLED_AUTO	0
+#define DRAIN_ENABLED_ON	1
+#define DRAIN_ENABLED_OFF	2
 extern int	nocrm_lease_seconds;
 extern int	nocrm_max_attempts;
 extern int	nocrm_retry_base_seconds;

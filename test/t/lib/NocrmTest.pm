@@ -174,15 +174,16 @@ sub drain
 
 # Starts psql running CALL nocrm.drain($run_time) in the background, after
 # the optional SET statements (each sent on its own, so the CALL stays outside
-# a transaction block).  Returns a hash with the IPC::Run harness (h) and its
-# stdout/stderr; finish_drain waits for it.
+# a transaction block), as the optional user.  Returns a hash with the
+# IPC::Run harness (h) and its stdout/stderr; finish_drain waits for it.
 sub start_drain
 {
 	my ($node, %opts) = @_;
 	my $run_time = $opts{run_time} // 0;
 	my %d = (stdout => '', stderr => '');
 	my @cmd = (
-		'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'),
+		'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d',
+		$node->connstr('postgres') . ($opts{user} ? " user=$opts{user}" : ''),
 		(map { ('-c', $_) } @{ $opts{before} // [] }),
 		'-c', "CALL nocrm.drain($run_time)");
 	{
