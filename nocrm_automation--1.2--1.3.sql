@@ -153,3 +153,19 @@ END $$;
 COMMENT ON FUNCTION nocrm.stop_worker() IS 'Removes the pg_cron job of the drain and stops the drains running in this database (they record what they sent first); returns whether a job was removed.';
 
 GRANT SET ON PARAMETER nocrm.drain_enabled TO nocrm_admin;
+
+-- ==== mail: EHLO name, TLS trust, From name ====
+-- The new delivery settings are for admins like the others (no credentials among them).
+GRANT SET ON PARAMETER nocrm.mail_from_name, nocrm.smtp_helo_name, nocrm.smtp_ca_file,
+    nocrm.smtp_ca_path, nocrm.smtp_tls_verify, nocrm.smtp_tls_server_name,
+    nocrm.http_ca_file, nocrm.http_ca_path
+    TO nocrm_admin;
+
+CREATE FUNCTION nocrm.email_message(recipient text, subject text, body text,
+                                    idempotency_key text DEFAULT gen_random_uuid()::text)
+RETURNS text
+    AS 'MODULE_PATHNAME', 'nocrm_email_message' LANGUAGE C STRICT;
+COMMENT ON FUNCTION nocrm.email_message(text, text, text, text) IS 'The RFC 5322 message the drain would send now with these values and the current settings (CRLF line ends): for previews and tests.';
+REVOKE ALL ON FUNCTION nocrm.email_message(text, text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.email_message(text, text, text, text) TO nocrm_admin;
+

@@ -805,6 +805,11 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 						invalid(cx, psprintf("to %s is not a single email address",
 											 quote_literal_cstr(a->to)),
 								"Give one address, without name, brackets or line breaks.");
+					if (nocrm_address_problem(a->to) != NULL)
+						invalid(cx, psprintf("to %s cannot be sent to: %s",
+											 quote_literal_cstr(a->to),
+											 nocrm_address_problem(a->to)),
+								"Give one address as user@domain; a non-ASCII domain must fit IDNA (labels of at most 63 characters once encoded).");
 				}
 				break;
 			}

@@ -9,13 +9,21 @@
 #include "nocrm.h"
 
 #include <curl/curl.h>
+#include <netdb.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/base64.h"
 #include "common/hmac.h"
 #include "common/sha2.h"
+#include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+
+PG_FUNCTION_INFO_V1(nocrm_email_message);
 
 static bool curl_ready = false;
 
@@ -77,6 +85,7 @@ nocrm_delivery_begin(DeliveryHandles *h)
 {
 	ensure_curl();
 	h->smtp = h->http = NULL;
+	h->smtp_config_error = NULL;
 }
 
 void
@@ -87,6 +96,9 @@ nocrm_delivery_end(DeliveryHandles *h)
 	if (h->http)
 		curl_easy_cleanup((CURL *) h->http);
 	h->smtp = h->http = NULL;
+	if (h->smtp_config_error)
+		pfree(h->smtp_config_error);
+	h->smtp_config_error = NULL;
 }
 
 static CURL *
@@ -103,9 +115,10 @@ handle(void **slot)
 	}
 	else
 		curl_easy_reset(c);		/* keeps the connection cache */
-	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
-	curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, check_interrupts);
+	if (curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
+		curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L) != CURLE_OK ||
+		curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, check_interrupts) != CURLE_OK)
+		elog(ERROR, "libcurl refused a basic option");
 	return c;
 }
 
@@ -118,10 +131,19 @@ nocrm_valid_address(const char *addr)
 	if (addr == NULL || addr[0] == '\0' || strlen(addr) > 320)
 		return false;
 	for (const char *p = addr; *p; p++)
-		if ((unsigned char) *p <= ' ' || strchr("<>,;\"()[]\\", *p))
+		if ((unsigned char) *p <= ' ' || *p == 0x7f || strchr("<>,;\"()[]\\", *p))
 			return false;
 	at = strchr(addr, '@');
 	return at != NULL && at != addr && at[1] != '\0' && strchr(at + 1, '@') == NULL;
+}
+
+static bool
+is_ascii(const char *s, int len)
+{
+	for (int i = 0; i < len; i++)
+		if ((unsigned char) s[i] > 0x7e)
+			return false;
+	return true;
 }
 
 static bool
@@ -131,6 +153,182 @@ is_ascii_printable(const char *s)
 		if ((unsigned char) *s < 0x20 || (unsigned char) *s > 0x7e)
 			return false;
 	return true;
+}
+
+/* RFC 3492 bias adaptation. */
+static uint32
+puny_adapt(uint64 delta, uint32 points, bool first)
+{
+	uint32		k = 0;
+
+	delta = first ? delta / 700 : delta / 2;
+	delta += delta / points;
+	while (delta > ((36 - 1) * 26) / 2)
+	{
+		delta /= 36 - 1;
+		k += 36;
+	}
+	return k + (36 * delta) / (delta + 38);
+}
+
+/*
+ * One label as "xn--" + Punycode (RFC 3492).  ASCII letters are lowered;
+ * other characters are taken as written (no IDNA2008 mapping).  false for
+ * invalid UTF-8.
+ */
+static bool
+punycode_label(const char *label, int len, StringInfo out)
+{
+	uint32		cp[64];
+	int			n = 0;
+	uint32		next = 128,
+				bias = 72,
+				h,
+				b = 0;
+	uint64		delta = 0;
+
+	for (int i = 0; i < len;)
+	{
+		int			l = pg_utf_mblen((const unsigned char *) label + i);
+
+		if (i + l > len || !pg_utf8_islegal((const unsigned char *) label + i, l))
+			return false;
+		if (n >= 64)
+			break;				/* too long for a label anyway; the caller says so */
+		cp[n] = utf8_to_unicode((const unsigned char *) label + i);
+		if (cp[n] >= 'A' && cp[n] <= 'Z')
+			cp[n] += 'a' - 'A';
+		n++;
+		i += l;
+	}
+	appendStringInfoString(out, "xn--");
+	for (int i = 0; i < n; i++)
+		if (cp[i] < 128)
+		{
+			appendStringInfoChar(out, (char) cp[i]);
+			b++;
+		}
+	if (b > 0)
+		appendStringInfoChar(out, '-');
+	for (h = b; h < (uint32) n;)
+	{
+		uint32		m = UINT32_MAX;
+
+		for (int i = 0; i < n; i++)
+			if (cp[i] >= next && cp[i] < m)
+				m = cp[i];
+		delta += (uint64) (m - next) * (h + 1);
+		next = m;
+		for (int i = 0; i < n; i++)
+		{
+			if (cp[i] < next)
+				delta++;
+			if (cp[i] == next)
+			{
+				uint64		q = delta;
+
+				for (uint32 k = 36;; k += 36)
+				{
+					uint32		t = k <= bias ? 1 : k >= bias + 26 ? 26 : k - bias;
+					uint32		d;
+
+					if (q < t)
+						break;
+					d = t + (q - t) % (36 - t);
+					appendStringInfoChar(out, d < 26 ? 'a' + d : '0' + d - 26);
+					q = (q - t) / (36 - t);
+				}
+				appendStringInfoChar(out, q < 26 ? 'a' + q : '0' + q - 26);
+				bias = puny_adapt(delta, h + 1, h == b);
+				delta = 0;
+				h++;
+			}
+		}
+		delta++;
+		next++;
+	}
+	return true;
+}
+
+/*
+ * The domain in ASCII: non-ASCII labels IDNA-encoded.  NULL, with *problem
+ * set, when it cannot be.
+ */
+static char *
+ascii_domain(const char *domain, const char **problem)
+{
+	StringInfoData out;
+	const char *p = domain;
+
+	initStringInfo(&out);
+	for (;;)
+	{
+		const char *dot = strchr(p, '.');
+		int			len = dot ? dot - p : strlen(p);
+		int			before = out.len;
+
+		if (len == 0)
+		{
+			*problem = "its domain has an empty label";
+			return NULL;
+		}
+		if (is_ascii(p, len))
+			appendBinaryStringInfo(&out, p, len);
+		else if (!punycode_label(p, len, &out))
+		{
+			*problem = "its domain is not valid UTF-8";
+			return NULL;
+		}
+		if (out.len - before > 63)
+		{
+			*problem = is_ascii(p, len) ? "a label of its domain is longer than 63 characters" :
+				"a label of its domain is longer than 63 characters once IDNA-encoded";
+			return NULL;
+		}
+		if (dot == NULL)
+			break;
+		appendStringInfoChar(&out, '.');
+		p = dot + 1;
+	}
+	if (out.len > 253)
+	{
+		*problem = "its domain is longer than 253 characters once IDNA-encoded";
+		return NULL;
+	}
+	return out.data;
+}
+
+/*
+ * Why an address cannot be sent, or NULL.  A non-ASCII local part is fine
+ * here: it needs a server that offers SMTPUTF8, known only when sending.
+ */
+const char *
+nocrm_address_problem(const char *addr)
+{
+	const char *problem = NULL;
+
+	if (!nocrm_valid_address(addr))
+		return "it is not one plain address (one @, no spaces, brackets, quotes or line breaks)";
+	if (pg_verify_mbstr(PG_UTF8, addr, strlen(addr), true) == false)
+		return "it is not valid UTF-8";
+	if (ascii_domain(strchr(addr, '@') + 1, &problem) == NULL)
+		return problem;
+	return NULL;
+}
+
+/* The address as sent: the domain IDNA-encoded; *utf8 when the local part needs SMTPUTF8. */
+static char *
+wire_address(const char *addr, bool *utf8)
+{
+	const char *at = strchr(addr, '@');
+	const char *problem;
+	char	   *domain = ascii_domain(at + 1, &problem);
+
+	if (domain == NULL)
+		elog(ERROR, "address \"%s\" was not checked", addr);
+	if (utf8)
+		*utf8 = !is_ascii(addr, at - addr);
+	return psprintf("%.*s@%s", (int) (at - addr), addr, domain);
 }
 
 static char *
@@ -146,49 +344,151 @@ base64(const char *data, int len)
 	return out;
 }
 
+/* Header lines are kept within this (RFC 2047's limit for lines with encoded words). */
+#define LINE_MAX_CHARS 76
+
 /*
- * A header value as RFC 2047 encoded words when it is not plain ASCII.  Line
- * breaks never survive: lead data cannot add headers.
+ * Appends text as RFC 2047 encoded words, folding so that no line passes
+ * LINE_MAX_CHARS; col is the length of the current line so far.  Never
+ * splits a character.  Returns the length of the last line.
  */
-static void
-append_header(StringInfo msg, const char *name, const char *value)
+static int
+append_words(StringInfo msg, int col, const char *text)
+{
+	int			len = strlen(text);
+
+	for (int i = 0; i < len;)
+	{
+		/* " =?UTF-8?B?" + base64 + "?=" */
+		int			room = (LINE_MAX_CHARS - col - 13) / 4 * 3;
+		int			chunk;
+
+		if (room < 3)
+		{
+			appendStringInfoString(msg, "\r\n");
+			col = 0;
+			continue;
+		}
+		chunk = Min(room, len - i);
+		while (chunk < len - i && chunk > 1 &&
+			   (((unsigned char) text[i + chunk]) & 0xC0) == 0x80)
+			chunk--;
+		appendStringInfo(msg, " =?UTF-8?B?%s?=", base64(text + i, chunk));
+		col += 13 + pg_b64_enc_len(chunk);
+		i += chunk;
+		if (i < len)
+		{
+			appendStringInfoString(msg, "\r\n");
+			col = 0;
+		}
+	}
+	return col;
+}
+
+static char *
+one_line(const char *value)
 {
 	char	   *clean = pstrdup(value ? value : "");
 
 	for (char *p = clean; *p; p++)
 		if (*p == '\r' || *p == '\n' || *p == '\t')
 			*p = ' ';
-	if (is_ascii_printable(clean) && strlen(clean) < 900)
-	{
-		appendStringInfo(msg, "%s: %s\r\n", name, clean);
-		return;
-	}
-	/* Encoded words of at most 45 bytes of text, on folded lines, never splitting a character. */
-	appendStringInfo(msg, "%s:", name);
-	for (int i = 0, len = strlen(clean); i < len;)
-	{
-		int			chunk = Min(45, len - i);
-
-		while (chunk < len - i && chunk > 1 &&
-			   (((unsigned char) clean[i + chunk]) & 0xC0) == 0x80)
-			chunk--;
-		appendStringInfo(msg, " =?UTF-8?B?%s?=\r\n", base64(clean + i, chunk));
-		i += chunk;
-	}
-	if (clean[0] == '\0')
-		appendStringInfoString(msg, " \r\n");
+	return clean;
 }
 
-/* RFC 5322 message: headers, then the UTF-8 body in base64. */
+/*
+ * An unstructured header (Subject): plain when printable ASCII, not too
+ * long and nothing in it looks like an encoded word; else encoded words.
+ * Line breaks never survive: lead data cannot add headers.
+ */
+static void
+append_text_header(StringInfo msg, const char *name, const char *value)
+{
+	char	   *clean = one_line(value);
+	int			col;
+
+	if (is_ascii_printable(clean) && strlen(clean) < 900 && strstr(clean, "=?") == NULL)
+	{
+		/* Folded before a space where a line would pass 78 (RFC 5322's SHOULD). */
+		appendStringInfo(msg, "%s: ", name);
+		col = strlen(name) + 2;
+		for (const char *p = clean; *p;)
+		{
+			const char *e = p;
+
+			/* the next word with the spaces before it */
+			while (*e == ' ')
+				e++;
+			while (*e && *e != ' ')
+				e++;
+			if (p != clean && e[-1] != ' ' && col + (e - p) > 78)
+			{
+				appendStringInfoString(msg, "\r\n");
+				col = 0;
+			}
+			appendBinaryStringInfo(msg, p, e - p);
+			col += e - p;
+			p = e;
+		}
+		appendStringInfoString(msg, "\r\n");
+		return;
+	}
+	appendStringInfo(msg, "%s:", name);
+	append_words(msg, strlen(name) + 1, clean);
+	appendStringInfoString(msg, "\r\n");
+}
+
+/* From: the display name (quoted, or encoded words) and the address. */
+static void
+append_from(StringInfo msg, const char *addr)
+{
+	char	   *name = one_line(nocrm_mail_from_name);
+	int			col;
+
+	if (name[0] == '\0')
+	{
+		appendStringInfo(msg, "From: %s\r\n", addr);
+		return;
+	}
+	if (is_ascii_printable(name) && strstr(name, "=?") == NULL)
+	{
+		appendStringInfoString(msg, "From: \"");
+		for (const char *p = name; *p; p++)
+		{
+			if (*p == '"' || *p == '\\')
+				appendStringInfoChar(msg, '\\');
+			appendStringInfoChar(msg, *p);
+		}
+		appendStringInfo(msg, "\" <%s>\r\n", addr);
+		return;
+	}
+	appendStringInfoString(msg, "From:");
+	col = append_words(msg, 5, name);
+	if (col + strlen(addr) + 3 > LINE_MAX_CHARS)
+		appendStringInfoString(msg, "\r\n");
+	appendStringInfo(msg, " <%s>\r\n", addr);
+}
+
+/*
+ * RFC 5322 message: headers, then the UTF-8 body in base64 with CRLF line
+ * ends (RFC 2045's canonical form of text).  A recipient or sender whose
+ * local part is not ASCII is written in UTF-8 (RFC 6532; sent only with
+ * SMTPUTF8), a non-ASCII domain IDNA-encoded.  Marked as automatic mail
+ * (RFC 3834) so that out-of-office replies do not answer it.
+ */
 char *
 nocrm_build_message(const char *from, const char *to, const char *subject,
 					const char *body, const char *idempotency_key)
 {
 	StringInfoData msg;
+	StringInfoData text;
 	char		date[64];
 	time_t		now = time(NULL);
 	struct tm	tm;
-	const char *domain = strchr(from, '@');
+	bool		from_ok = nocrm_address_problem(from) == NULL;
+	char	   *from_wire = from_ok ? wire_address(from, NULL) : one_line(from);
+	char	   *to_wire = nocrm_address_problem(to) == NULL ? wire_address(to, NULL) : one_line(to);
+	const char *domain = from_ok ? strchr(from_wire, '@') + 1 : "nocrm.invalid";
 	char	   *encoded;
 	int			len;
 
@@ -202,17 +502,30 @@ nocrm_build_message(const char *from, const char *to, const char *subject,
 			 tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
 
 	initStringInfo(&msg);
-	append_header(&msg, "Date", date);
-	append_header(&msg, "From", from);
-	append_header(&msg, "To", to);
-	append_header(&msg, "Subject", subject);
-	appendStringInfo(&msg, "Message-ID: <%s@%s>\r\n", idempotency_key,
-					 domain ? domain + 1 : "nocrm.invalid");
-	append_header(&msg, "X-Nocrm-Idempotency-Key", idempotency_key);
-	appendStringInfoString(&msg, "MIME-Version: 1.0\r\n"
+	appendStringInfo(&msg, "Date: %s\r\n", date);
+	append_from(&msg, from_wire);
+	appendStringInfo(&msg, "To: %s\r\n", to_wire);
+	append_text_header(&msg, "Subject", subject);
+	appendStringInfo(&msg, "Message-ID: <%s@%s>\r\n", idempotency_key, domain);
+	appendStringInfo(&msg, "X-Nocrm-Idempotency-Key: %s\r\n", one_line(idempotency_key));
+	appendStringInfoString(&msg, "Auto-Submitted: auto-generated\r\n"
+						   "X-Auto-Response-Suppress: All\r\n"
+						   "MIME-Version: 1.0\r\n"
 						   "Content-Type: text/plain; charset=UTF-8\r\n"
 						   "Content-Transfer-Encoding: base64\r\n\r\n");
-	encoded = base64(body, strlen(body));
+	initStringInfo(&text);
+	for (const char *p = body; *p; p++)
+	{
+		if (*p == '\r' || *p == '\n')
+		{
+			appendStringInfoString(&text, "\r\n");
+			if (p[0] == '\r' && p[1] == '\n')
+				p++;
+		}
+		else
+			appendStringInfoChar(&text, *p);
+	}
+	encoded = base64(text.data, text.len);
 	len = strlen(encoded);
 	for (int i = 0; i < len; i += 76)
 	{
@@ -220,6 +533,30 @@ nocrm_build_message(const char *from, const char *to, const char *subject,
 		appendStringInfoString(&msg, "\r\n");
 	}
 	return msg.data;
+}
+
+/*
+ * nocrm.email_message(recipient, subject, body, idempotency_key): the
+ * message the drain would send now, for previews and tests.
+ */
+Datum
+nocrm_email_message(PG_FUNCTION_ARGS)
+{
+	char	   *to = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	const char *problem = nocrm_address_problem(to);
+
+	if (problem)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("email address \"%s\" cannot be sent to: %s", to, problem)));
+	if (nocrm_address_problem(nocrm_mail_from) != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("nocrm.mail_from is not a valid address: \"%s\"", nocrm_mail_from)));
+	PG_RETURN_TEXT_P(cstring_to_text(nocrm_build_message(nocrm_mail_from, to,
+														 text_to_cstring(PG_GETARG_TEXT_PP(1)),
+														 text_to_cstring(PG_GETARG_TEXT_PP(2)),
+														 text_to_cstring(PG_GETARG_TEXT_PP(3)))));
 }
 
 static void
@@ -230,6 +567,192 @@ fail(DeliveryResult *r, bool permanent, const char *fmt, const char *detail)
 	r->error = psprintf(fmt, detail);
 }
 
+/* What the server said, for error texts and for telling config errors apart. */
+typedef struct SmtpTrace
+{
+	char		command[16];	/* verb of the last command sent */
+	char		failed_command[16]; /* the command the last 4xx/5xx answered */
+	char		reply[240];		/* the last 4xx/5xx reply line */
+	bool		smtputf8;		/* EHLO offered SMTPUTF8 */
+} SmtpTrace;
+
+static int
+trace_smtp(CURL *c, curl_infotype type, char *data, size_t size, void *userptr)
+{
+	SmtpTrace  *t = (SmtpTrace *) userptr;
+	size_t		n = 0;
+
+	if (type == CURLINFO_HEADER_OUT)
+	{
+		while (n < size && n < sizeof(t->command) - 1 && data[n] != ' ' &&
+			   data[n] != '\r' && data[n] != '\n')
+			n++;
+		memcpy(t->command, data, n);
+		t->command[n] = '\0';
+	}
+	else if (type == CURLINFO_HEADER_IN && size >= 3)
+	{
+		if (size >= 12 && pg_strncasecmp(data + 4, "SMTPUTF8", 8) == 0)
+			t->smtputf8 = true;
+		if (data[0] == '4' || data[0] == '5')
+		{
+			while (n < size && n < sizeof(t->reply) - 1 && data[n] != '\r' && data[n] != '\n')
+				n++;
+			memcpy(t->reply, data, n);
+			t->reply[n] = '\0';
+			for (char *p = t->reply; *p; p++)
+				if ((unsigned char) *p < 0x20 || (unsigned char) *p > 0x7e)
+					*p = '?';
+			strlcpy(t->failed_command, t->command, sizeof(t->failed_command));
+		}
+	}
+	return 0;
+}
+
+/* Whether a 5xx is about us (settings), not about this message. */
+static bool
+reply_about_us(const SmtpTrace *t, long code)
+{
+	if (code == 530 || code == 535 || code == 534 || code == 538)
+		return true;			/* authentication */
+	if (code < 500 || code >= 600)
+		return false;
+	if (t->failed_command[0] == '\0' || strcmp(t->failed_command, "EHLO") == 0 ||
+		strcmp(t->failed_command, "HELO") == 0 || strcmp(t->failed_command, "STARTTLS") == 0 ||
+		strcmp(t->failed_command, "AUTH") == 0)
+		return true;
+	if (strcmp(t->failed_command, "MAIL") == 0 && code != 552)
+		return true;
+	/* postfix delays these to RCPT (smtpd_delay_reject) */
+	return strstr(t->reply, "Helo command rejected") != NULL ||
+		strstr(t->reply, "Sender address rejected") != NULL ||
+		strstr(t->reply, "Client host rejected") != NULL;
+}
+
+/* The default EHLO name: the domain of nocrm.mail_from, else the host's FQDN. */
+static char *
+default_helo_name(void)
+{
+	char		host[256];
+	struct addrinfo hints,
+			   *res = NULL;
+	char	   *name = NULL;
+
+	if (nocrm_address_problem(nocrm_mail_from) == NULL)
+	{
+		char	   *wire = wire_address(nocrm_mail_from, NULL);
+		char	   *domain = strchr(wire, '@') + 1;
+
+		if (strchr(domain, '.') != NULL)
+			return domain;
+	}
+	if (gethostname(host, sizeof(host)) != 0)
+		return NULL;
+	host[sizeof(host) - 1] = '\0';
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_flags = AI_CANONNAME;
+	if (strchr(host, '.') == NULL && getaddrinfo(host, NULL, &hints, &res) == 0)
+	{
+		if (res && res->ai_canonname && strchr(res->ai_canonname, '.'))
+			name = pstrdup(res->ai_canonname);
+		freeaddrinfo(res);
+	}
+	return name ? name : pstrdup(host);
+}
+
+/*
+ * nocrm.smtp_url with the EHLO name as its path (libcurl greets with the
+ * path) and, with nocrm.smtp_tls_server_name, that name as its host while
+ * *connect_to sends the connection to the host of the setting.  NULL with
+ * *problem on a URL libcurl cannot parse.
+ */
+static char *
+smtp_url(char **connect_to, char **helo, const char **problem)
+{
+	CURLU	   *u = curl_url();
+	char	   *path = NULL,
+			   *host = NULL,
+			   *port = NULL,
+			   *url = NULL,
+			   *result = NULL;
+
+	*connect_to = NULL;
+	*helo = NULL;
+	if (u == NULL)
+		elog(ERROR, "curl_url failed");
+	if (curl_url_set(u, CURLUPART_URL, nocrm_smtp_url, 0) != CURLUE_OK)
+	{
+		*problem = "nocrm.smtp_url is not a URL libcurl can parse";
+		goto done;
+	}
+	if (nocrm_smtp_helo_name && nocrm_smtp_helo_name[0])
+		*helo = pstrdup(nocrm_smtp_helo_name);
+	else if (curl_url_get(u, CURLUPART_PATH, &path, 0) == CURLUE_OK && path &&
+			 strcmp(path, "/") != 0 && path[0] != '\0')
+		*helo = pstrdup(path + 1);	/* given in the URL, as libcurl documents */
+	else
+		*helo = default_helo_name();
+	if (*helo && curl_url_set(u, CURLUPART_PATH, psprintf("/%s", *helo), CURLU_URLENCODE) != CURLUE_OK)
+	{
+		*problem = "the EHLO name cannot be put into nocrm.smtp_url";
+		goto done;
+	}
+	if (nocrm_smtp_tls_server_name && nocrm_smtp_tls_server_name[0])
+	{
+		if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
+			curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK ||
+			curl_url_set(u, CURLUPART_HOST, nocrm_smtp_tls_server_name, 0) != CURLUE_OK)
+		{
+			*problem = "nocrm.smtp_tls_server_name cannot be used with nocrm.smtp_url";
+			goto done;
+		}
+		*connect_to = psprintf("%s:%s:%s:%s", nocrm_smtp_tls_server_name, port, host, port);
+	}
+	if (curl_url_get(u, CURLUPART_URL, &url, 0) != CURLUE_OK)
+	{
+		*problem = "nocrm.smtp_url cannot be rebuilt";
+		goto done;
+	}
+	result = pstrdup(url);
+done:
+	curl_free(path);
+	curl_free(host);
+	curl_free(port);
+	curl_free(url);
+	curl_url_cleanup(u);
+	return result;
+}
+
+/* A configuration error: reported once per run, remembered for the run's other emails. */
+static void
+config_error(DeliveryHandles *h, DeliveryResult *r, char *text)
+{
+	r->ok = false;
+	r->permanent = false;
+	r->config_error = true;
+	r->error = text;
+	if (h->smtp_config_error == NULL)
+	{
+		h->smtp_config_error = MemoryContextStrdup(TopMemoryContext, text);
+		ereport(WARNING,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("nocrm: no email can be sent with the current settings"),
+				 errdetail("%s", text),
+				 errhint("The other emails of this run were not tried. Fix the setting, then reload the configuration.")));
+	}
+}
+
+#define SMTP_SETOPT(opt, val) \
+	do { \
+		CURLcode	rc_ = curl_easy_setopt(c, opt, val); \
+		if (rc_ != CURLE_OK) \
+		{ \
+			config_error(h, r, psprintf("SMTP: libcurl refused option %s: %s", #opt, \
+										curl_easy_strerror(rc_))); \
+			goto out; \
+		} \
+	} while (0)
+
 void
 nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, DeliveryResult *r)
 {
@@ -237,68 +760,168 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 	struct curl_slist *rcpt = NULL;
 	UploadBuffer buf = {message, strlen(message), 0};
 	char		errbuf[CURL_ERROR_SIZE] = "";
-	CURLcode	res;
+	CURLcode	res = CURLE_OK;
 	long		code = 0;
+	long		connects = 0;
+	const char *problem = NULL;
+	char	   *url,
+			   *connect_to,
+			   *helo;
+	bool		utf8 = false;
+	struct curl_slist *connect_list = NULL;
+	SmtpTrace	trace;
 
 	memset(r, 0, sizeof(*r));
 	/* A bad address is final whatever the server settings; check it first. */
-	if (!nocrm_valid_address(to))
+	if ((problem = nocrm_address_problem(to)) != NULL)
 	{
-		fail(r, true, "invalid recipient address \"%s\"", to);
+		r->permanent = true;
+		r->error = nocrm_valid_address(to) ?
+			psprintf("invalid recipient address \"%s\": %s", to, problem) :
+			psprintf("invalid recipient address \"%s\"", to);
+		return;
+	}
+	if (h->smtp_config_error)
+	{
+		r->config_error = true;
+		r->error = pstrdup(h->smtp_config_error);
 		return;
 	}
 	if (nocrm_smtp_url == NULL || nocrm_smtp_url[0] == '\0')
 	{
-		fail(r, false, "%s", "nocrm.smtp_url is not set");
+		config_error(h, r, pstrdup("nocrm.smtp_url is not set"));
 		return;
 	}
-	if (!nocrm_valid_address(nocrm_mail_from))
+	if (nocrm_address_problem(nocrm_mail_from) != NULL)
 	{
-		fail(r, false, "%s", "nocrm.mail_from is not a valid address");
+		config_error(h, r, pstrdup("nocrm.mail_from is not a valid address"));
+		return;
+	}
+	url = smtp_url(&connect_to, &helo, &problem);
+	if (url == NULL)
+	{
+		config_error(h, r, pstrdup(problem));
 		return;
 	}
 
 	c = handle(&h->smtp);
-	rcpt = curl_slist_append(rcpt, psprintf("<%s>", to));
-	curl_easy_setopt(c, CURLOPT_URL, nocrm_smtp_url);
-	curl_easy_setopt(c, CURLOPT_MAIL_FROM, psprintf("<%s>", nocrm_mail_from));
-	curl_easy_setopt(c, CURLOPT_MAIL_RCPT, rcpt);
-	curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
-	curl_easy_setopt(c, CURLOPT_READFUNCTION, read_upload);
-	curl_easy_setopt(c, CURLOPT_READDATA, &buf);
-	curl_easy_setopt(c, CURLOPT_INFILESIZE, (long) buf.len);
-	curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
-	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long) nocrm_connect_timeout_ms);
-	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long) nocrm_request_timeout_ms);
-	curl_easy_setopt(c, CURLOPT_USE_SSL,
-					 nocrm_smtp_tls == SMTP_TLS_REQUIRE ? (long) CURLUSESSL_ALL :
-					 nocrm_smtp_tls == SMTP_TLS_TRY ? (long) CURLUSESSL_TRY : (long) CURLUSESSL_NONE);
-	if (nocrm_smtp_user && nocrm_smtp_user[0])
+	rcpt = curl_slist_append(rcpt, psprintf("<%s>", wire_address(to, &utf8)));
+	if (connect_to)
+		connect_list = curl_slist_append(NULL, connect_to);
+	for (int attempt = 0; attempt < 2; attempt++)
 	{
-		curl_easy_setopt(c, CURLOPT_USERNAME, nocrm_smtp_user);
-		curl_easy_setopt(c, CURLOPT_PASSWORD, nocrm_smtp_password ? nocrm_smtp_password : "");
-	}
+		memset(&trace, 0, sizeof(trace));
+		buf.sent = 0;
+		errbuf[0] = '\0';
+		SMTP_SETOPT(CURLOPT_URL, url);
+		if (connect_list)
+			SMTP_SETOPT(CURLOPT_CONNECT_TO, connect_list);
+		SMTP_SETOPT(CURLOPT_MAIL_FROM, psprintf("<%s>", wire_address(nocrm_mail_from, NULL)));
+		SMTP_SETOPT(CURLOPT_MAIL_RCPT, rcpt);
+		SMTP_SETOPT(CURLOPT_UPLOAD, 1L);
+		SMTP_SETOPT(CURLOPT_READFUNCTION, read_upload);
+		SMTP_SETOPT(CURLOPT_READDATA, &buf);
+		SMTP_SETOPT(CURLOPT_INFILESIZE, (long) buf.len);
+		SMTP_SETOPT(CURLOPT_ERRORBUFFER, errbuf);
+		SMTP_SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long) nocrm_connect_timeout_ms);
+		SMTP_SETOPT(CURLOPT_TIMEOUT_MS, (long) nocrm_request_timeout_ms);
+		SMTP_SETOPT(CURLOPT_PROTOCOLS_STR, "smtp,smtps");
+		SMTP_SETOPT(CURLOPT_VERBOSE, 1L);	/* for the trace: nothing is printed */
+		SMTP_SETOPT(CURLOPT_DEBUGFUNCTION, trace_smtp);
+		SMTP_SETOPT(CURLOPT_DEBUGDATA, &trace);
+		SMTP_SETOPT(CURLOPT_USE_SSL,
+					nocrm_smtp_tls == SMTP_TLS_REQUIRE ? (long) CURLUSESSL_ALL :
+					nocrm_smtp_tls == SMTP_TLS_TRY ? (long) CURLUSESSL_TRY : (long) CURLUSESSL_NONE);
+		SMTP_SETOPT(CURLOPT_SSL_VERIFYPEER, nocrm_smtp_tls_verify ? 1L : 0L);
+		SMTP_SETOPT(CURLOPT_SSL_VERIFYHOST, nocrm_smtp_tls_verify ? 2L : 0L);
+		if (nocrm_smtp_ca_file && nocrm_smtp_ca_file[0])
+			SMTP_SETOPT(CURLOPT_CAINFO, nocrm_smtp_ca_file);
+		if (nocrm_smtp_ca_path && nocrm_smtp_ca_path[0])
+			SMTP_SETOPT(CURLOPT_CAPATH, nocrm_smtp_ca_path);
+		if (nocrm_smtp_user && nocrm_smtp_user[0])
+		{
+			SMTP_SETOPT(CURLOPT_USERNAME, nocrm_smtp_user);
+			SMTP_SETOPT(CURLOPT_PASSWORD, nocrm_smtp_password ? nocrm_smtp_password : "");
+		}
+		/* The second time, on a new connection. */
+		SMTP_SETOPT(CURLOPT_FRESH_CONNECT, attempt > 0 ? 1L : 0L);
 
-	res = curl_easy_perform(c);
-	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
-	curl_slist_free_all(rcpt);
-	CHECK_FOR_INTERRUPTS();
+		res = curl_easy_perform(c);
+		code = 0;
+		connects = 0;
+		curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
+		curl_easy_getinfo(c, CURLINFO_NUM_CONNECTS, &connects);
+		CHECK_FOR_INTERRUPTS();
+		/*
+		 * A connection kept from the previous email that the server closed
+		 * or ends with 421 (idle timeout, messages per session): once more,
+		 * at once, on a new one.
+		 */
+		if (res != CURLE_OK && attempt == 0 && connects == 0 &&
+			(code == 421 || strncmp(trace.reply, "421", 3) == 0 ||
+			 res == CURLE_SEND_ERROR || res == CURLE_RECV_ERROR ||
+			 res == CURLE_GOT_NOTHING || res == CURLE_WEIRD_SERVER_REPLY))
+			continue;
+		break;
+	}
 
 	r->status = code;
 	if (res == CURLE_OK)
 	{
 		r->ok = true;
-		return;
+		goto out;
 	}
-	/*
-	 * SMTP 5xx about this message is final; 4xx, network trouble and a
-	 * refused login (530/535: our settings, not the message) are retried.
-	 */
+	if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE)
+	{
+		config_error(h, r, psprintf("SMTP TLS: the server's certificate was not accepted (%s%s%s); "
+									"set nocrm.smtp_ca_file to the CA certificate that signed it "
+									"(and nocrm.smtp_tls_server_name to the name in it if nocrm.smtp_url "
+									"names the server otherwise), or nocrm.smtp_tls_verify = off to "
+									"encrypt without checking the certificate",
+									curl_easy_strerror(res), errbuf[0] ? ": " : "", errbuf));
+		goto out;
+	}
+	if (res == CURLE_USE_SSL_FAILED)
+	{
+		config_error(h, r, pstrdup("SMTP TLS: the server does not offer STARTTLS and nocrm.smtp_tls = require"));
+		goto out;
+	}
+	if (res == CURLE_LOGIN_DENIED || reply_about_us(&trace, code) ||
+		res == CURLE_REMOTE_ACCESS_DENIED)
+	{
+		const char *fix;
+
+		if (strcmp(trace.failed_command, "EHLO") == 0 || strcmp(trace.failed_command, "HELO") == 0 ||
+			strstr(trace.reply, "Helo command rejected") || res == CURLE_REMOTE_ACCESS_DENIED)
+			fix = psprintf("the server refused the EHLO name \"%s\": set nocrm.smtp_helo_name to this "
+						   "host's fully qualified domain name", helo ? helo : "");
+		else if (res == CURLE_LOGIN_DENIED || code == 530 || code == 535 || code == 534 ||
+				 code == 538 || strcmp(trace.failed_command, "AUTH") == 0)
+			fix = "the server refused the login: check nocrm.smtp_user and nocrm.smtp_password";
+		else if (strcmp(trace.failed_command, "MAIL") == 0 || strstr(trace.reply, "Sender address rejected"))
+			fix = "the server refused the sender: check nocrm.mail_from";
+		else
+			fix = "the server refused this client: check nocrm.smtp_url and the server's settings";
+		config_error(h, r, psprintf("SMTP configuration error: %s (%s%s%s; server said \"%s\")",
+									fix, curl_easy_strerror(res), errbuf[0] ? ": " : "", errbuf,
+									trace.reply));
+		goto out;
+	}
+	/* SMTP 5xx about this message is final; 4xx and network trouble are retried. */
 	r->ok = false;
-	r->permanent = code >= 500 && code < 600 && code != 530 && code != 535 &&
-		res != CURLE_LOGIN_DENIED;
-	r->error = psprintf("SMTP %s%s%s (response %ld)", curl_easy_strerror(res),
-						errbuf[0] ? ": " : "", errbuf, code);
+	r->permanent = code >= 500 && code < 600;
+	if (utf8 && !trace.smtputf8 && strcmp(trace.failed_command, "RCPT") == 0 && r->permanent)
+		r->error = psprintf("SMTP: the recipient \"%s\" has a non-ASCII local part, which needs "
+							"SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url does not offer "
+							"it (server said \"%s\")", to, trace.reply);
+	else
+		r->error = psprintf("SMTP %s%s%s (response %ld)%s%s%s", curl_easy_strerror(res),
+							errbuf[0] ? ": " : "", errbuf, code,
+							trace.reply[0] ? ": server said \"" : "", trace.reply,
+							trace.reply[0] ? "\"" : "");
+out:
+	curl_slist_free_all(rcpt);
+	curl_slist_free_all(connect_list);
 }
 
 /*
@@ -340,18 +963,33 @@ nocrm_post_json(DeliveryHandles *h, const char *url, const char *body,
 									psprintf("X-Nocrm-Signature: sha256=%s",
 											 nocrm_hmac_sha256_hex(signature_secret, body)));
 	headers = curl_slist_append(headers, "Expect:");
-	curl_easy_setopt(c, CURLOPT_URL, url);
-	curl_easy_setopt(c, CURLOPT_POST, 1L);
-	curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
-	curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
-	curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
-	curl_easy_setopt(c, CURLOPT_USERAGENT, "nocrm_automation/1.0");
-	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard_body);
-	curl_easy_setopt(c, CURLOPT_WRITEDATA, &answer);
-	curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
-	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long) nocrm_connect_timeout_ms);
-	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long) nocrm_request_timeout_ms);
-	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+#define HTTP_SETOPT(opt, val) \
+	do { \
+		CURLcode	rc_ = curl_easy_setopt(c, opt, val); \
+		if (rc_ != CURLE_OK) \
+		{ \
+			curl_slist_free_all(headers); \
+			fail(r, false, "HTTP: libcurl refused option %s", #opt); \
+			return; \
+		} \
+	} while (0)
+	HTTP_SETOPT(CURLOPT_URL, url);
+	HTTP_SETOPT(CURLOPT_POST, 1L);
+	HTTP_SETOPT(CURLOPT_POSTFIELDS, body);
+	HTTP_SETOPT(CURLOPT_POSTFIELDSIZE, (long) strlen(body));
+	HTTP_SETOPT(CURLOPT_HTTPHEADER, headers);
+	HTTP_SETOPT(CURLOPT_USERAGENT, "nocrm_automation/1.0");
+	HTTP_SETOPT(CURLOPT_WRITEFUNCTION, discard_body);
+	HTTP_SETOPT(CURLOPT_WRITEDATA, &answer);
+	HTTP_SETOPT(CURLOPT_ERRORBUFFER, errbuf);
+	HTTP_SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long) nocrm_connect_timeout_ms);
+	HTTP_SETOPT(CURLOPT_TIMEOUT_MS, (long) nocrm_request_timeout_ms);
+	HTTP_SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+	if (nocrm_http_ca_file && nocrm_http_ca_file[0])
+		HTTP_SETOPT(CURLOPT_CAINFO, nocrm_http_ca_file);
+	if (nocrm_http_ca_path && nocrm_http_ca_path[0])
+		HTTP_SETOPT(CURLOPT_CAPATH, nocrm_http_ca_path);
+#undef HTTP_SETOPT
 
 	res = curl_easy_perform(c);
 	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
@@ -359,6 +997,17 @@ nocrm_post_json(DeliveryHandles *h, const char *url, const char *body,
 	CHECK_FOR_INTERRUPTS();
 
 	r->status = code;
+	if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE)
+	{
+		/* Retrying cannot change who signed the certificate. */
+		r->ok = false;
+		r->permanent = true;
+		r->error = psprintf("HTTP TLS: the server's certificate was not accepted (%s%s%s); set "
+							"nocrm.http_ca_file to the CA certificate that signed it, then "
+							"nocrm.requeue_dead()",
+							curl_easy_strerror(res), errbuf[0] ? ": " : "", errbuf);
+		return;
+	}
 	if (res != CURLE_OK)
 	{
 		r->ok = false;

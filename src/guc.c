@@ -4,6 +4,7 @@
 #include "nocrm.h"
 
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "utils/guc.h"
 
 PG_MODULE_MAGIC;
@@ -20,6 +21,14 @@ char	   *nocrm_smtp_user = NULL;
 char	   *nocrm_smtp_password = NULL;
 int			nocrm_smtp_tls = SMTP_TLS_TRY;
 char	   *nocrm_mail_from = NULL;
+char	   *nocrm_mail_from_name = NULL;
+char	   *nocrm_smtp_helo_name = NULL;
+char	   *nocrm_smtp_ca_file = NULL;
+char	   *nocrm_smtp_ca_path = NULL;
+bool		nocrm_smtp_tls_verify = true;
+char	   *nocrm_smtp_tls_server_name = NULL;
+char	   *nocrm_http_ca_file = NULL;
+char	   *nocrm_http_ca_path = NULL;
 char	   *nocrm_push_url = NULL;
 char	   *nocrm_webhook_secret = NULL;
 int			nocrm_connect_timeout_ms = 5000;
@@ -71,6 +80,65 @@ check_smtp_url(char **newval, void **extra, GucSource source)
 		return true;
 	GUC_check_errdetail("nocrm.smtp_url must start with smtp:// or smtps://.");
 	return false;
+}
+
+/* A host name (letters, digits, '-', '.') or an address literal [...]. */
+static bool
+check_host_name(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+	size_t		len = v ? strlen(v) : 0;
+
+	if (len == 0)
+		return true;
+	if (len > 253)
+	{
+		GUC_check_errdetail("A host name has at most 253 characters.");
+		return false;
+	}
+	if (v[0] == '[' && v[len - 1] == ']')
+	{
+		size_t		skip = strncmp(v + 1, "IPv6:", 5) == 0 ? 6 : 1;
+
+		if (len > skip + 1 && strspn(v + skip, "0123456789abcdefABCDEF:.") == len - skip - 1)
+			return true;
+		GUC_check_errdetail("An address literal is [IPv4] or [IPv6:...].");
+		return false;
+	}
+	if (strspn(v, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.") != len ||
+		v[0] == '.' || v[0] == '-' || strstr(v, "..") != NULL)
+	{
+		GUC_check_errdetail("Give an ASCII host name such as crm.example.com (an internationalized one as xn--...).");
+		return false;
+	}
+	return true;
+}
+
+/* A display name: text on one line. */
+static bool
+check_display_name(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+
+	if (v == NULL)
+		return true;
+	if (strlen(v) > 200)
+	{
+		GUC_check_errdetail("A display name has at most 200 bytes.");
+		return false;
+	}
+	if (!pg_verify_mbstr(PG_UTF8, v, strlen(v), true))
+	{
+		GUC_check_errdetail("A display name must be UTF-8.");
+		return false;
+	}
+	for (; *v; v++)
+		if ((unsigned char) *v < 0x20 || *v == 0x7f)
+		{
+			GUC_check_errdetail("A display name cannot hold line breaks or control characters.");
+			return false;
+		}
+	return true;
 }
 
 void
@@ -131,6 +199,33 @@ nocrm_define_gucs(void)
 	DefineCustomStringVariable("nocrm.mail_from", "Sender address of automated mail.", NULL,
 							   &nocrm_mail_from, "butler@nocrm.invalid", PGC_SUSET, 0,
 							   NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.mail_from_name",
+							   "Display name of the From header of automated mail; empty = the bare address.",
+							   NULL, &nocrm_mail_from_name, "", PGC_SUSET, 0,
+							   check_display_name, NULL, NULL);
+	DefineCustomStringVariable("nocrm.smtp_helo_name",
+							   "Name this server gives in EHLO/HELO; empty = the domain of nocrm.mail_from, else the host's FQDN.",
+							   NULL, &nocrm_smtp_helo_name, "", PGC_SUSET, 0,
+							   check_host_name, NULL, NULL);
+	DefineCustomStringVariable("nocrm.smtp_ca_file",
+							   "CA certificates (PEM file) that the SMTP server's certificate is checked against; empty = the system store.",
+							   NULL, &nocrm_smtp_ca_file, "", PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.smtp_ca_path",
+							   "Directory of CA certificates (OpenSSL hashed names) for the SMTP server's certificate.",
+							   NULL, &nocrm_smtp_ca_path, "", PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("nocrm.smtp_tls_verify",
+							 "Whether the SMTP server's certificate and name are verified; off encrypts without checking who answers.",
+							 NULL, &nocrm_smtp_tls_verify, true, PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.smtp_tls_server_name",
+							   "Name expected in the SMTP server's certificate when nocrm.smtp_url names it otherwise (e.g. by IP).",
+							   NULL, &nocrm_smtp_tls_server_name, "", PGC_SUSET, 0,
+							   check_host_name, NULL, NULL);
+	DefineCustomStringVariable("nocrm.http_ca_file",
+							   "CA certificates (PEM file) for https webhooks and the push gateway; empty = the system store.",
+							   NULL, &nocrm_http_ca_file, "", PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.http_ca_path",
+							   "Directory of CA certificates (OpenSSL hashed names) for https webhooks and the push gateway.",
+							   NULL, &nocrm_http_ca_path, "", PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("nocrm.push_url",
 							   "Push gateway URL that notify's mobile channel POSTs JSON to.",
 							   NULL, &nocrm_push_url, "", PGC_SUSET, 0, NULL, NULL, NULL);

@@ -195,6 +195,14 @@ extern char *nocrm_smtp_user;
 extern char *nocrm_smtp_password;
 extern int	nocrm_smtp_tls;
 extern char *nocrm_mail_from;
+extern char *nocrm_mail_from_name;
+extern char *nocrm_smtp_helo_name;
+extern char *nocrm_smtp_ca_file;
+extern char *nocrm_smtp_ca_path;
+extern bool nocrm_smtp_tls_verify;
+extern char *nocrm_smtp_tls_server_name;
+extern char *nocrm_http_ca_file;
+extern char *nocrm_http_ca_path;
 extern char *nocrm_push_url;
 extern char *nocrm_webhook_secret;
 extern int	nocrm_connect_timeout_ms;
@@ -440,12 +448,23 @@ typedef struct DeliveryHandles
 {
 	void	   *smtp;			/* CURL *, kept for a batch */
 	void	   *http;
+	char	   *smtp_config_error;	/* set by the first config_error; later
+									 * emails of the run fail fast with it */
 } DeliveryHandles;
 
 typedef struct DeliveryResult
 {
 	bool		ok;
 	bool		permanent;		/* retrying cannot help */
+	/*
+	 * The settings (or the server's opinion of us: EHLO name, sender,
+	 * certificate, login) are wrong, not this message: every email fails the
+	 * same way until an admin fixes them.  permanent is false.  The drain
+	 * should keep the item pending without using up an attempt, and send no
+	 * more mail this run; delivery.c logs one WARNING per run and error says
+	 * which setting to fix.
+	 */
+	bool		config_error;
 	long		status;			/* SMTP or HTTP response code */
 	char	   *error;
 } DeliveryResult;
@@ -453,6 +472,7 @@ typedef struct DeliveryResult
 extern void nocrm_delivery_begin(DeliveryHandles *h);
 extern void nocrm_delivery_end(DeliveryHandles *h);
 extern bool nocrm_valid_address(const char *addr);
+extern const char *nocrm_address_problem(const char *addr);
 extern char *nocrm_build_message(const char *from, const char *to, const char *subject,
 								 const char *body, const char *idempotency_key);
 extern void nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message,

@@ -261,7 +261,7 @@ sub decode_words
 #   header_lines: the physical header lines as sent,
 #   headers: [ [name, unfolded raw value], ... ] in order,
 #   header: { lc name => decoded value } (last one wins),
-#   body_raw, body (base64 and UTF-8 decoded when so declared).
+#   body_raw, body (base64 and UTF-8 decoded when so declared, CRLF as \n).
 sub parse_email
 {
 	my ($raw) = @_;
@@ -295,6 +295,8 @@ sub parse_email
 	if (lc($header{'content-transfer-encoding'} // '') eq 'base64')
 	{
 		$decoded = decode('UTF-8', decode_base64($body), Encode::FB_CROAK);
+		# text is sent with CRLF line ends (RFC 2045); a reader turns them into its own
+		$decoded =~ s/\r\n/\n/g if ($header{'content-type'} // '') =~ m{^text/}i;
 	}
 	return {
 		header_lines => \@lines,
