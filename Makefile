@@ -13,6 +13,7 @@ OBJS = \
 	src/gate.o \
 	src/group_pick.o \
 	src/explain.o \
+	src/fieldcmp.o \
 	src/guc.o \
 	src/history.o \
 	src/jsonb.o \
@@ -23,6 +24,7 @@ OBJS = \
 	src/spi_plans.o \
 	src/stages.o \
 	src/templates.o \
+	src/where.o \
 	src/writebuf.o
 
 EXTENSION = nocrm_automation

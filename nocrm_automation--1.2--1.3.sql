@@ -169,3 +169,33 @@ COMMENT ON FUNCTION nocrm.email_message(text, text, text, text) IS 'The RFC 5322
 REVOKE ALL ON FUNCTION nocrm.email_message(text, text, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nocrm.email_message(text, text, text, text) TO nocrm_admin;
 
+-- ==== field conditions ====
+-- A column of nocrm.leads that an automation's field condition reads cannot
+-- be dropped while the automation exists: the drop is refused, naming them.
+CREATE FUNCTION nocrm.protect_rule_columns() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    dropped record;
+    readers text;
+BEGIN
+    IF to_regclass('nocrm.automations') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR dropped IN SELECT * FROM pg_event_trigger_dropped_objects()
+                    WHERE object_type = 'table column' AND original
+                      AND address_names[1] = 'nocrm' AND address_names[2] = 'leads' LOOP
+        SELECT string_agg(format('%s "%s"', a.id, a.name), ', ' ORDER BY a.id) INTO readers
+          FROM nocrm.automations a
+         WHERE jsonb_path_exists(a.conditions, '$.** ? (@.field == $column)',
+                                 jsonb_build_object('column', dropped.address_names[3]));
+        IF readers IS NOT NULL THEN
+            RAISE EXCEPTION 'cannot drop column % of nocrm.leads: automations read it', dropped.address_names[3]
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      DETAIL = format('Field conditions of automations %s name it.', readers),
+                      HINT = 'Change or delete those automations first.';
+        END IF;
+    END LOOP;
+END $$;
+COMMENT ON FUNCTION nocrm.protect_rule_columns() IS 'Event trigger: refuses to drop a column of nocrm.leads that a field condition reads.';
+CREATE EVENT TRIGGER nocrm_protect_rule_columns ON sql_drop
+    EXECUTE FUNCTION nocrm.protect_rule_columns();

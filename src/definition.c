@@ -8,6 +8,9 @@
 #include "nocrm.h"
 
 #include "utils/builtins.h"
+#include "utils/formatting.h"
+#include "utils/lsyscache.h"
+#include "utils/typcache.h"
 #include "utils/datetime.h"
 #include "utils/timestamp.h"
 
@@ -126,6 +129,15 @@ jdisplay(JsonbValue *v)
 		return DatumGetCString(DirectFunctionCall1(numeric_out,
 												   NumericGetDatum(v->val.numeric)));
 	return pstrdup("(value)");
+}
+
+/* Any JSON value as JSON text (for describing a condition). */
+static char *
+jtext(JsonbValue *v)
+{
+	if (v->type == jbvBinary)
+		return JsonbToCString(NULL, v->val.binary.data, v->val.binary.len);
+	return JsonbToCString(NULL, &JsonbValueToJsonb(v)->root, -1);
 }
 
 static const char *
@@ -850,69 +862,376 @@ nocrm_compile_action(const char *automation, NocrmEvent event, Jsonb *definition
 	return a;
 }
 
-static void
-compile_conditions(DefContext *cx, Jsonb *conditions, Rule *rule)
+/* One of today's condition keys into the rule; false if key is not one. */
+static bool
+compile_key(DefContext *cx, const char *key, JsonbValue *v, Rule *rule)
 {
+	int			n;
+
+	if (strcmp(key, "has_tag") == 0)
+		rule->has_tags = (const char **) string_list(cx, v, &rule->nhas_tags, "tags");
+	else if (strcmp(key, "lacks_tag") == 0)
+		rule->lacks_tags = (const char **) string_list(cx, v, &rule->nlacks_tags, "tags");
+	else if (strcmp(key, "status") == 0)
+	{
+		JsonbValue *items = jlist(cx, v, &n);
+
+		for (int i = 0; i < n; i++)
+			rule->status_mask |= status_value(cx, &items[i]);
+	}
+	else if (strcmp(key, "owner") == 0)
+	{
+		if (v->type == jbvNull)
+			rule->unassigned_only = true;
+		else
+			rule->owners = resolve_users(cx, v, &rule->nowners, true);
+	}
+	else if (strcmp(key, "pipeline") == 0)
+	{
+		JsonbValue *items = jlist(cx, v, &n);
+
+		rule->pipelines = palloc(sizeof(int64) * n);
+		rule->npipelines = n;
+		for (int i = 0; i < n; i++)
+			rule->pipelines[i] = resolve_pipeline(cx, &items[i]);
+	}
+	else if (strcmp(key, "step") == 0)
+	{
+		JsonbValue *items = jlist(cx, v, &n);
+
+		for (int i = 0; i < n; i++)
+			resolve_steps(cx, &items[i], &rule->steps, &rule->nsteps);
+	}
+	else
+		return false;
+	return true;
+}
+
+#define MAX_CONDITION_DEPTH 8
+#define CONDITION_KEYS "has_tag, lacks_tag, status, owner, pipeline, step, any, all, not, and field with op and value"
+
+static const char *const op_aliases[][2] = {
+	{"==", "="}, {"<>", "!="}, {"eq", "="}, {"ne", "!="}, {"lt", "<"}, {"le", "<="},
+	{"gt", ">"}, {"ge", ">="},
+};
+
+static FieldOp
+field_op(DefContext *cx, JsonbValue *v)
+{
+	char	   *name;
+
+	if (v == NULL || v->type != jbvString)
+		invalid(cx, "a field condition needs \"op\", a string",
+				"Operators: =, !=, <, <=, >, >=, between, in, not_in, is_empty, is_not_empty, contains, starts_with, changed.");
+	name = jstring(v);
+	for (int i = 0; i < lengthof(op_aliases); i++)
+		if (strcmp(name, op_aliases[i][0]) == 0)
+			name = (char *) op_aliases[i][1];
+	for (int i = 0; i < FOP_COUNT; i++)
+		if (strcmp(name, nocrm_field_op_names[i]) == 0)
+			return (FieldOp) i;
+	invalid(cx, psprintf("unknown operator %s", quote_literal_cstr(name)),
+			"Operators: =, !=, <, <=, >, >=, between, in, not_in, is_empty, is_not_empty, contains, starts_with, changed.");
+	return FOP_COUNT;
+}
+
+/* A JSON value as the column's type, or now() + offset for {"now": "-3 days"}. */
+static void
+field_value(DefContext *cx, FieldCond *f, JsonbValue *v, FieldValue *out)
+{
+	Oid			base = getBaseType(f->typid);
+	bool		is_time = base == DATEOID || base == TIMESTAMPOID || base == TIMESTAMPTZOID;
+	char	   *str;
+	Oid			input,
+				ioparam;
+	MemoryContext oldcontext = CurrentMemoryContext;
+
+	memset(out, 0, sizeof(*out));
+	if (v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data))
+	{
+		JsonbValue *offset = getKeyJsonValueFromContainer(v->val.binary.data, "now", 3, NULL);
+
+		if (!is_time || offset == NULL || offset->type != jbvString ||
+			JsonContainerSize(v->val.binary.data) != 1)
+			invalid(cx, psprintf("column %s (%s) takes a %s, not an object", f->column,
+								 format_type_be(f->typid), is_time ? "date or {\"now\": \"<interval>\"}" : "value"),
+					is_time ? "E.g. {\"now\": \"-3 days\"} means three days before the time it is checked." : NULL);
+		out->relative = true;
+		parse_delay(cx, offset, &out->offset);
+		return;
+	}
+	if (v->type == jbvNull)
+		invalid(cx, psprintf("a null value for column %s", f->column),
+				"Use \"op\": \"is_empty\" or \"is_not_empty\" for NULL.");
+	if (v->type == jbvBinary)
+		invalid(cx, psprintf("column %s (%s) takes a value, not %s", f->column,
+							 format_type_be(f->typid), jtype(v)), NULL);
+	str = v->type == jbvString ? jstring(v)
+		: v->type == jbvBool ? pstrdup(v->val.boolean ? "true" : "false")
+		: DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
+	if (is_time && (pg_strcasecmp(str, "now") == 0 || pg_strcasecmp(str, "today") == 0 ||
+					pg_strcasecmp(str, "tomorrow") == 0 || pg_strcasecmp(str, "yesterday") == 0))
+		invalid(cx, psprintf("%s would be frozen at the time the rule is written", quote_literal_cstr(str)),
+				"Write {\"now\": \"0 days\"}, {\"now\": \"-1 day\"}...: judged when the rule runs.");
+	getTypeInputInfo(f->typid, &input, &ioparam);
+	PG_TRY();
+	{
+		out->value = OidInputFunctionCall(input, str, ioparam, -1);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		invalid(cx, psprintf("%s is not a valid %s for column %s: %s", quote_literal_cstr(str),
+							 format_type_be(f->typid), f->column, edata->message),
+				NULL);
+	}
+	PG_END_TRY();
+}
+
+static bool
+event_has_old_version(NocrmEvent event)
+{
+	return event == EV_STATUS_CHANGED || event == EV_STEP_CHANGED || event == EV_ASSIGNED ||
+		event == EV_UNASSIGNED || event == EV_CONTENT_CHANGED || event == EV_ANY_UPDATE;
+}
+
+/* {"field": "amount", "op": ">", "value": 1000} and friends. */
+static void
+compile_field(DefContext *cx, JsonbContainer *obj, NocrmEvent event, FieldCond *f)
+{
+	JsonbValue *field = getKeyJsonValueFromContainer(obj, "field", 5, NULL);
+	JsonbValue *value = getKeyJsonValueFromContainer(obj, "value", 5, NULL);
+	JsonbValue *values = getKeyJsonValueFromContainer(obj, "values", 6, NULL);
+	JsonbValue *from = getKeyJsonValueFromContainer(obj, "from", 4, NULL);
+	JsonbValue *to = getKeyJsonValueFromContainer(obj, "to", 2, NULL);
+	JsonbValue *items;
+	int			n;
+
+	if (field == NULL || field->type != jbvString)
+		invalid(cx, "a field condition needs \"field\", a column name of nocrm.leads",
+				"Write e.g. {\"field\": \"amount\", \"op\": \">\", \"value\": 1000}.");
+	memset(f, 0, sizeof(*f));
+	cx->where = psprintf("%s (field %s)", cx->where, quote_literal_cstr(jstring(field)));
+	if (!nocrm_field_cond_init(f, nocrm_leads_relid(), jstring(field)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("invalid automation \"%s\": nocrm.leads has no column %s", cx->automation,
+						quote_identifier(jstring(field))),
+				 errdetail("The problem is in %s.", cx->where),
+				 errhint("Conditions may name any column of nocrm.leads, including ones you added.")));
+	f->op = field_op(cx, getKeyJsonValueFromContainer(obj, "op", 2, NULL));
+	f->text = psprintf("%s %s%s%s", f->column, nocrm_field_op_names[f->op],
+					   value || values ? " " : "", value || values ? jtext(values ? values : value) : "");
+
+	if (f->op != FOP_CHANGED && (from || to))
+		invalid(cx, "\"from\" and \"to\" belong to \"op\": \"changed\"", NULL);
+	if (f->op != FOP_IN && f->op != FOP_NOT_IN && values)
+		invalid(cx, "\"values\" belongs to \"op\": \"in\" or \"not_in\"", NULL);
+	if (value && values)
+		invalid(cx, "give \"value\" or \"values\", not both", NULL);
+	switch (f->op)
+	{
+		case FOP_EMPTY:
+		case FOP_NOT_EMPTY:
+		case FOP_CHANGED:
+			if (value || values)
+				invalid(cx, psprintf("\"op\": \"%s\" takes no value", nocrm_field_op_names[f->op]),
+						f->op == FOP_CHANGED ? "Use \"from\" and \"to\" for the old and new value." : NULL);
+			break;
+		case FOP_IN:
+		case FOP_NOT_IN:
+			if (!values && !value)
+				invalid(cx, "\"in\" and \"not_in\" need \"values\", a list", NULL);
+			items = jlist(cx, values ? values : value, &n);
+			if (n > MAX_LIST_LENGTH)
+				invalid(cx, psprintf("more than %d values", MAX_LIST_LENGTH), NULL);
+			f->nvalues = n;
+			f->values = palloc0(sizeof(FieldValue) * n);
+			for (int i = 0; i < n; i++)
+				field_value(cx, f, &items[i], &f->values[i]);
+			break;
+		case FOP_BETWEEN:
+			if (!value || value->type != jbvBinary || !JsonContainerIsArray(value->val.binary.data) ||
+				JsonContainerSize(value->val.binary.data) != 2)
+				invalid(cx, "\"between\" needs \"value\": [low, high]", NULL);
+			items = jlist(cx, value, &n);
+			f->nvalues = 2;
+			f->values = palloc0(sizeof(FieldValue) * 2);
+			field_value(cx, f, &items[0], &f->values[0]);
+			field_value(cx, f, &items[1], &f->values[1]);
+			break;
+		default:
+			if (!value)
+				invalid(cx, psprintf("\"op\": \"%s\" needs a \"value\"", nocrm_field_op_names[f->op]), NULL);
+			f->nvalues = 1;
+			f->values = palloc0(sizeof(FieldValue));
+			if ((f->op == FOP_CONTAINS || f->op == FOP_STARTS_WITH) && !f->is_text)
+				invalid(cx, psprintf("\"%s\" needs a text column; %s is %s", nocrm_field_op_names[f->op],
+									 f->column, format_type_be(f->typid)), NULL);
+			if ((f->op == FOP_CONTAINS || f->op == FOP_STARTS_WITH) && value->type != jbvString)
+				invalid(cx, psprintf("\"%s\" needs a string value", nocrm_field_op_names[f->op]), NULL);
+			field_value(cx, f, value, &f->values[0]);
+			if (f->op == FOP_CONTAINS || f->op == FOP_STARTS_WITH)
+				f->needle = str_tolower(value->val.string.val, value->val.string.len, f->collation);
+			break;
+	}
+	if (f->op != FOP_EMPTY && f->op != FOP_NOT_EMPTY && f->op != FOP_CHANGED &&
+		f->op != FOP_CONTAINS && f->op != FOP_STARTS_WITH && !OidIsValid(f->type->cmp_proc))
+		invalid(cx, psprintf("column %s (%s) cannot be compared", f->column, format_type_be(f->typid)),
+				"Its type has no ordering; use is_empty, is_not_empty or changed.");
+	if (f->op == FOP_BETWEEN && !f->values[0].relative && !f->values[1].relative &&
+		DatumGetInt32(FunctionCall2Coll(&f->type->cmp_proc_finfo, f->collation,
+										f->values[0].value, f->values[1].value)) > 0)
+		invalid(cx, "\"between\" needs its low value first", NULL);
+	if (f->op == FOP_CHANGED)
+	{
+		if (!event_has_old_version(event))
+			invalid(cx, psprintf("\"changed\" needs an event that updates the lead, not %s",
+								 nocrm_event_names[event]),
+					"Use it with lead.any_update, lead.content_has_changed, lead.status.changed.to, lead.step.changed.to, lead.assigned or lead.unassigned.");
+		f->has_from = from != NULL;
+		f->has_to = to != NULL;
+		f->from_null = from && from->type == jbvNull;
+		f->to_null = to && to->type == jbvNull;
+		if (from && !f->from_null)
+			field_value(cx, f, from, &f->from);
+		if (to && !f->to_null)
+			field_value(cx, f, to, &f->to);
+	}
+}
+
+static bool
+field_key(const char *key)
+{
+	return strcmp(key, "field") == 0 || strcmp(key, "op") == 0 || strcmp(key, "value") == 0 ||
+		strcmp(key, "values") == 0 || strcmp(key, "from") == 0 || strcmp(key, "to") == 0;
+}
+
+static CondNode *compile_node(DefContext *cx, JsonbContainer *obj, NocrmEvent event, int depth,
+							  Rule *top);
+
+/* "any" / "all": a non-empty list of condition objects. */
+static void
+compile_group(DefContext *cx, JsonbValue *v, NocrmEvent event, int depth, CondNode *node)
+{
+	const char *where = cx->where;
+	JsonbValue *items;
+	int			n;
+
+	if (v->type != jbvBinary || !JsonContainerIsArray(v->val.binary.data) ||
+		JsonContainerSize(v->val.binary.data) == 0)
+		invalid(cx, "\"any\" and \"all\" take a non-empty list of conditions",
+				"Write e.g. {\"any\": [{\"has_tag\": \"vip\"}, {\"field\": \"amount\", \"op\": \">\", \"value\": 1000}]}.");
+	n = JsonContainerSize(v->val.binary.data);
+	items = palloc(sizeof(JsonbValue) * n);
+	for (int i = 0; i < n; i++)
+		items[i] = *getIthJsonbValueFromContainer(v->val.binary.data, i);
+	if (n > MAX_LIST_LENGTH)
+		invalid(cx, psprintf("more than %d conditions in one list", MAX_LIST_LENGTH), NULL);
+	node->nchildren = n;
+	node->children = palloc0(sizeof(CondNode) * n);
+	for (int i = 0; i < n; i++)
+	{
+		cx->where = psprintf("%s[%d]", where, i);
+		if (items[i].type != jbvBinary || !JsonContainerIsObject(items[i].val.binary.data))
+			invalid(cx, psprintf("a condition must be an object, not %s", jtype(&items[i])), NULL);
+		node->children[i] = *compile_node(cx, items[i].val.binary.data, event, depth + 1, NULL);
+	}
+	cx->where = where;
+}
+
+/*
+ * A condition object: its keys all hold (AND).  Today's keys go into *top
+ * when given (the top level: the rule itself, for the gate and cache), else
+ * into a CN_KEYS child.  Returns NULL when only such keys were at the top.
+ */
+static CondNode *
+compile_node(DefContext *cx, JsonbContainer *obj, NocrmEvent event, int depth, Rule *top)
+{
+	const char *where = cx->where;
+	CondNode   *node = palloc0(sizeof(CondNode));
+	CondNode   *children = palloc0(sizeof(CondNode) * 5);
+	int			n = 0;
+	Rule	   *keys = top ? top : palloc0(sizeof(Rule));
+	bool		has_keys = false,
+				has_field = false;
 	JsonbIterator *it;
 	JsonbValue	k,
 				v;
 	JsonbIteratorToken tok;
 
-	cx->where = "conditions";
-	if (!JB_ROOT_IS_OBJECT(conditions) || JB_ROOT_IS_SCALAR(conditions))
-		invalid(cx, "conditions must be a JSON object",
-				"Write e.g. {\"pipeline\": \"Vendite\", \"has_tag\": [\"B2B\"]}, or {} for none.");
+	if (depth > MAX_CONDITION_DEPTH)
+		invalid(cx, psprintf("conditions nest deeper than %d levels", MAX_CONDITION_DEPTH), NULL);
+	if (top == NULL && JsonContainerSize(obj) == 0)
+		invalid(cx, "an empty condition object", "Remove it, or write a condition.");
 
-	it = JsonbIteratorInit(&conditions->root);
+	it = JsonbIteratorInit(obj);
 	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
 	{
 		char	   *key;
-		int			n;
 
 		if (tok != WJB_KEY)
 			continue;
 		key = jstring(&k);
 		tok = JsonbIteratorNext(&it, &v, true);
-		cx->where = psprintf("conditions.%s", key);
-
-		if (strcmp(key, "has_tag") == 0)
-			rule->has_tags = (const char **) string_list(cx, &v, &rule->nhas_tags, "tags");
-		else if (strcmp(key, "lacks_tag") == 0)
-			rule->lacks_tags = (const char **) string_list(cx, &v, &rule->nlacks_tags, "tags");
-		else if (strcmp(key, "status") == 0)
+		cx->where = psprintf("%s.%s", where, key);
+		if (compile_key(cx, key, &v, keys))
+			has_keys = true;
+		else if (field_key(key))
+			has_field = true;
+		else if (strcmp(key, "any") == 0 || strcmp(key, "all") == 0)
 		{
-			JsonbValue *items = jlist(cx, &v, &n);
-
-			for (int i = 0; i < n; i++)
-				rule->status_mask |= status_value(cx, &items[i]);
+			children[n].kind = key[1] == 'n' ? CN_ANY : CN_ALL;
+			compile_group(cx, &v, event, depth, &children[n++]);
 		}
-		else if (strcmp(key, "owner") == 0)
+		else if (strcmp(key, "not") == 0)
 		{
-			if (v.type == jbvNull)
-				rule->unassigned_only = true;
-			else
-				rule->owners = resolve_users(cx, &v, &rule->nowners, true);
-		}
-		else if (strcmp(key, "pipeline") == 0)
-		{
-			JsonbValue *items = jlist(cx, &v, &n);
-
-			rule->pipelines = palloc(sizeof(int64) * n);
-			rule->npipelines = n;
-			for (int i = 0; i < n; i++)
-				rule->pipelines[i] = resolve_pipeline(cx, &items[i]);
-		}
-		else if (strcmp(key, "step") == 0)
-		{
-			JsonbValue *items = jlist(cx, &v, &n);
-
-			for (int i = 0; i < n; i++)
-				resolve_steps(cx, &items[i], &rule->steps, &rule->nsteps);
+			if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
+				invalid(cx, "\"not\" takes one condition object",
+						"Write e.g. {\"not\": {\"has_tag\": \"vip\"}}.");
+			children[n].kind = CN_NOT;
+			children[n].nchildren = 1;
+			children[n].children = compile_node(cx, v.val.binary.data, event, depth + 1, NULL);
+			n++;
 		}
 		else
 			invalid(cx, psprintf("unknown condition %s", quote_literal_cstr(key)),
-					"Conditions are has_tag, lacks_tag, status, owner, pipeline and step.");
+					"Conditions are " CONDITION_KEYS ".");
 	}
+	cx->where = where;
+	if (has_field)
+	{
+		children[n].kind = CN_FIELD;
+		compile_field(cx, obj, event, &children[n].field);
+		n++;
+	}
+	if (has_keys && top == NULL)
+	{
+		children[n].kind = CN_KEYS;
+		children[n++].keys = keys;
+	}
+	if (n == 0)
+		return NULL;
+	if (n == 1)
+		return &children[0];
+	node->kind = CN_ALL;
+	node->nchildren = n;
+	node->children = children;
+	return node;
+}
+
+static void
+compile_conditions(DefContext *cx, Jsonb *conditions, Rule *rule)
+{
+	cx->where = "conditions";
+	if (!JB_ROOT_IS_OBJECT(conditions) || JB_ROOT_IS_SCALAR(conditions))
+		invalid(cx, "conditions must be a JSON object",
+				"Write e.g. {\"pipeline\": \"Vendite\", \"has_tag\": [\"B2B\"]}, or {} for none.");
+	rule->where = compile_node(cx, &conditions->root, rule->event, 1, rule);
 }
 
 /*

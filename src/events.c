@@ -402,6 +402,13 @@ lead_row_events(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc)
 		nocrm_lead_from_tuple(&oldlead, oldtup, desc);
 		nocrm_lead_from_tuple(&lead, newtup, desc);
 		nevents = update_events(oldtup, newtup, desc, &oldlead, &lead, events);
+		/* both versions, for "changed" field conditions */
+		for (int e = 0; e < nevents; e++)
+		{
+			events[e].old_row = oldtup;
+			events[e].new_row = newtup;
+			events[e].rows_desc = desc;
+		}
 	}
 
 	/*

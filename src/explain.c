@@ -138,6 +138,22 @@ describe(int32 automation_id, Datum actions, int64 lead_id, const char *event, b
 	return SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, isnull);
 }
 
+/* The column explain's lead.any_update / content_has_changed target changes. */
+static const char *
+changed_column(RaisedEvent *ev)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+
+	if (ev->new_value == NULL)
+		return NULL;
+	it = JsonbIteratorInit(&ev->new_value->root);
+	while (JsonbIteratorNext(&it, &v, true) != WJB_DONE)
+		if (v.type == jbvString)
+			return pnstrdup(v.val.string.val, v.val.string.len);
+	return NULL;
+}
+
 static void
 explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const char *event)
 {
@@ -181,7 +197,7 @@ explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const cha
 
 			/* the target check alone: conditions are reported one by one */
 			target_ok = nocrm_rule_matches_target(rule, &probe);
-			conditions = nocrm_conditions_report(rule, lead, &failed);
+			conditions = nocrm_conditions_report(rule, lead, changed_column(ev), &failed);
 		}
 		if (!enabled)
 			reason = "disabled";

@@ -43,10 +43,18 @@ typedef struct GateKey
 	LeadSide	new;
 } GateKey;
 
+/*
+ * Events whose rules with field conditions or groups might match, judged per
+ * row (their fields are not in the key): bit e, or EV_COUNT + e for the
+ * *.changed.to an INSERT raises for on_creation rules.
+ */
+typedef uint32 WhereEvents;
+
 typedef struct MemoEntry
 {
 	bool		used;
 	bool		wanted;
+	WhereEvents where;
 	GateKey		key;
 } MemoEntry;
 
@@ -161,7 +169,8 @@ lead_of(LeadState *lead, LeadSide *side)
 }
 
 static bool
-event_may_match(NocrmEvent event, bool at_creation, LeadState *lead, int to_status, int64 to_step)
+event_may_match(NocrmEvent event, bool at_creation, LeadState *lead, int to_status, int64 to_step,
+				WhereEvents *where)
 {
 	RaisedEvent ev;
 	Rule	  **rules;
@@ -175,13 +184,17 @@ event_may_match(NocrmEvent event, bool at_creation, LeadState *lead, int to_stat
 	rules = nocrm_rules_for_change(&ev, &n);
 	for (int i = 0; i < n; i++)
 		if (nocrm_rule_matches_target(rules[i], &ev) && nocrm_columns_may_match(rules[i], lead))
-			return true;
+		{
+			if (rules[i]->where == NULL)
+				return true;
+			*where |= (WhereEvents) 1 << (event + (at_creation ? EV_COUNT : 0));
+		}
 	return false;
 }
 
 /* The rule and stage trigger scan behind a memo entry. */
 static bool
-lead_change_matters(GateKey *k)
+lead_change_matters(GateKey *k, WhereEvents *where)
 {
 	LeadState	lead;
 
@@ -200,29 +213,29 @@ lead_change_matters(GateKey *k)
 	switch (k->op)
 	{
 		case 'I':
-			return event_may_match(EV_CREATION, false, &lead, 0, 0) ||
-				event_may_match(EV_STATUS_CHANGED, true, &lead, (int) k->new.status, 0) ||
+			return event_may_match(EV_CREATION, false, &lead, 0, 0, where) ||
+				event_may_match(EV_STATUS_CHANGED, true, &lead, (int) k->new.status, 0, where) ||
 				(k->new.step != NO_VALUE &&
-				 event_may_match(EV_STEP_CHANGED, true, &lead, 0, k->new.step)) ||
-				event_may_match(lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED, false, &lead, 0, 0);
+				 event_may_match(EV_STEP_CHANGED, true, &lead, 0, k->new.step, where)) ||
+				event_may_match(lead.has_owner ? EV_ASSIGNED : EV_UNASSIGNED, false, &lead, 0, 0, where);
 		case 'D':
-			return event_may_match(EV_DELETED, false, &lead, 0, 0);
+			return event_may_match(EV_DELETED, false, &lead, 0, 0, where);
 		default:
 			if (k->old.status != k->new.status &&
-				event_may_match(EV_STATUS_CHANGED, false, &lead, (int) k->new.status, 0))
+				event_may_match(EV_STATUS_CHANGED, false, &lead, (int) k->new.status, 0, where))
 				return true;
 			if (k->new.step != NO_VALUE && k->new.step != k->old.step &&
-				event_may_match(EV_STEP_CHANGED, false, &lead, 0, k->new.step))
+				event_may_match(EV_STEP_CHANGED, false, &lead, 0, k->new.step, where))
 				return true;
 			if (k->new.owner != NO_VALUE && k->new.owner != k->old.owner &&
-				event_may_match(EV_ASSIGNED, false, &lead, 0, 0))
+				event_may_match(EV_ASSIGNED, false, &lead, 0, 0, where))
 				return true;
 			if (k->new.owner == NO_VALUE && k->old.owner != NO_VALUE &&
-				event_may_match(EV_UNASSIGNED, false, &lead, 0, 0))
+				event_may_match(EV_UNASSIGNED, false, &lead, 0, 0, where))
 				return true;
 			/* Which other columns changed is the trigger's business. */
-			return event_may_match(EV_CONTENT_CHANGED, false, &lead, 0, 0) ||
-				event_may_match(EV_ANY_UPDATE, false, &lead, 0, 0);
+			return event_may_match(EV_CONTENT_CHANGED, false, &lead, 0, 0, where) ||
+				event_may_match(EV_ANY_UPDATE, false, &lead, 0, 0, where);
 	}
 }
 
@@ -233,11 +246,38 @@ everything_matters(void)
 	return nocrm_history_level == HISTORY_ALL;
 }
 
+/* The rules with field conditions the memo left open, on the row itself. */
 static bool
-lead_wanted(GateKey *k)
+where_row_matters(GateKey *k, WhereEvents where, TupleTableSlot *oldslot,
+				  TupleTableSlot *newslot)
+{
+	LeadState	lead;
+
+	lead_of(&lead, k->op == 'D' ? &k->old : &k->new);
+	lead.deleted = k->op == 'D';
+	for (int b = 0; b < 2 * EV_COUNT; b++)
+	{
+		RaisedEvent ev;
+
+		if (!(where & ((WhereEvents) 1 << b)))
+			continue;
+		memset(&ev, 0, sizeof(ev));
+		ev.event = (NocrmEvent) (b % EV_COUNT);
+		ev.at_creation = b >= EV_COUNT;
+		ev.to_status = (int) k->new.status;
+		ev.to_step = k->new.step;
+		if (nocrm_where_row_may_match(&ev, &lead, oldslot, newslot))
+			return true;
+	}
+	return false;
+}
+
+static bool
+lead_wanted(GateKey *k, TupleTableSlot *oldslot, TupleTableSlot *newslot)
 {
 	MemoEntry  *entry;
 	bool		wanted;
+	WhereEvents where = 0;
 
 	if (everything_matters())
 		return true;
@@ -255,14 +295,21 @@ lead_wanted(GateKey *k)
 	}
 	entry = &memo[hash_bytes((const unsigned char *) k, sizeof(GateKey)) % MEMO_SIZE];
 	if (entry->used && memcmp(&entry->key, k, sizeof(GateKey)) == 0)
+	{
 		wanted = entry->wanted;
+		where = entry->where;
+	}
 	else
 	{
-		wanted = lead_change_matters(k);
+		wanted = lead_change_matters(k, &where);
 		entry->used = true;
 		entry->key = *k;
 		entry->wanted = wanted;
+		entry->where = where;
 	}
+	if (!wanted && where != 0)
+		wanted = (oldslot == NULL && newslot == NULL) ||	/* no row to judge: maybe */
+			where_row_matters(k, where, oldslot, newslot);
 	if (!wanted)
 		check_actor();
 	return wanted;
@@ -300,7 +347,8 @@ side_from_args(FunctionCallInfo fcinfo, int first, int stride, LeadSide *side)
 }
 
 static bool
-gate(char op, const LeadSide *old, const LeadSide *new)
+gate(char op, const LeadSide *old, const LeadSide *new, TupleTableSlot *oldslot,
+	 TupleTableSlot *newslot)
 {
 	GateKey		k;
 
@@ -309,7 +357,7 @@ gate(char op, const LeadSide *old, const LeadSide *new)
 	k.old = *old;
 	k.new = *new;
 	return count(op == 'I' ? GATE_LEAD_INSERT : op == 'U' ? GATE_LEAD_UPDATE : GATE_LEAD_DELETE,
-				 lead_wanted(&k));
+				 lead_wanted(&k, oldslot, newslot));
 }
 
 /* The lead gate for one row of a statement (the statement trigger's loop). */
@@ -324,7 +372,7 @@ nocrm_lead_row_wanted(char op, TupleTableSlot *oldslot, TupleTableSlot *newslot,
 		side_from_slot(oldslot, cols, &old);
 	if (newslot)
 		side_from_slot(newslot, cols, &new);
-	return gate(op, &old, &new);
+	return gate(op, &old, &new, oldslot, newslot);
 }
 
 /* nocrm.lead_insert_wanted(status, user_id, pipeline_id, step_id) */
@@ -334,7 +382,7 @@ nocrm_lead_insert_wanted(PG_FUNCTION_ARGS)
 	LeadSide	new;
 
 	side_from_args(fcinfo, 0, 1, &new);
-	PG_RETURN_BOOL(gate('I', &no_lead, &new));
+	PG_RETURN_BOOL(gate('I', &no_lead, &new, NULL, NULL));
 }
 
 /* nocrm.lead_delete_wanted(status, user_id, pipeline_id, step_id) of the old row */
@@ -344,7 +392,7 @@ nocrm_lead_delete_wanted(PG_FUNCTION_ARGS)
 	LeadSide	old;
 
 	side_from_args(fcinfo, 0, 1, &old);
-	PG_RETURN_BOOL(gate('D', &old, &no_lead));
+	PG_RETURN_BOOL(gate('D', &old, &no_lead, NULL, NULL));
 }
 
 /*
@@ -359,7 +407,7 @@ nocrm_lead_update_wanted(PG_FUNCTION_ARGS)
 
 	side_from_args(fcinfo, 0, 2, &old);
 	side_from_args(fcinfo, 1, 2, &new);
-	PG_RETURN_BOOL(gate('U', &old, &new));
+	PG_RETURN_BOOL(gate('U', &old, &new, NULL, NULL));
 }
 
 /*

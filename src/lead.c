@@ -6,7 +6,9 @@
 #include "access/htup_details.h"
 #include "utils/builtins.h"
 #include "utils/inval.h"
+#include "catalog/namespace.h"
 #include "utils/lsyscache.h"
+#include "utils/typcache.h"
 
 int
 nocrm_status_bit(const char *status)
@@ -117,6 +119,12 @@ nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc)
 	const LeadAttnums *a = nocrm_lead_attnums(desc);
 
 	memset(lead, 0, sizeof(LeadState));
+	/* a row of the table itself (a trigger's): field conditions read it in place */
+	if (desc->tdtypeid != RECORDOID && OidIsValid(desc->tdtypeid))
+	{
+		lead->row = tuple;
+		lead->row_desc = desc;
+	}
 	get_int64(tuple, desc, a->id, &lead->id);
 	lead->title = get_text(tuple, desc, a->title);
 	lead->status_text = get_text(tuple, desc, a->status);
@@ -169,6 +177,53 @@ nocrm_lead_fetch_locked(int64 lead_id, LeadState *lead)
 				 "SELECT id, title, status, user_id, pipeline_id, step_id, contact_email"
 				 " FROM nocrm.leads WHERE id = $1 FOR NO KEY UPDATE",
 				 lead_id, lead);
+}
+
+Oid
+nocrm_leads_relid(void)
+{
+	return get_relname_relid("leads", get_namespace_oid("nocrm", false));
+}
+
+/*
+ * The whole row, in the table's layout (attnums as in pg_attribute, which
+ * field conditions hold), read once when the lead came from a query.  NULL
+ * if the lead no longer exists.
+ */
+HeapTuple
+nocrm_lead_row(LeadState *lead, TupleDesc *desc)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(lead->id)};
+	bool		isnull;
+	Datum		d;
+	HeapTupleHeader header;
+	HeapTuple	row;
+	int			ret;
+
+	if (lead->row == NULL && !lead->deleted)
+	{
+		nocrm_plan(&plan, "SELECT l FROM nocrm.leads l WHERE l.id = $1", 1, argtypes);
+		ret = SPI_execute_plan(plan, args, NULL, true, 1);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "reading lead failed: %s", SPI_result_code_string(ret));
+		if (SPI_processed == 0)
+			return NULL;
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		header = DatumGetHeapTupleHeader(d);
+		row = palloc(HEAPTUPLESIZE + HeapTupleHeaderGetDatumLength(header));
+		row->t_len = HeapTupleHeaderGetDatumLength(header);
+		ItemPointerSetInvalid(&row->t_self);
+		row->t_tableOid = InvalidOid;
+		row->t_data = (HeapTupleHeader) ((char *) row + HEAPTUPLESIZE);
+		memcpy(row->t_data, header, row->t_len);
+		lead->row = row;
+		lead->row_desc = lookup_rowtype_tupdesc_copy(HeapTupleHeaderGetTypeId(header),
+													 HeapTupleHeaderGetTypMod(header));
+	}
+	*desc = lead->row_desc;
+	return lead->row;
 }
 
 /*

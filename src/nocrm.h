@@ -93,6 +93,80 @@ typedef struct RuleAction
 	Jsonb	   *definition;		/* the action as written, for the queue */
 } RuleAction;
 
+/* Comparisons of a field condition ({"field": ..., "op": ...}). */
+typedef enum FieldOp
+{
+	FOP_EQ,
+	FOP_NE,
+	FOP_LT,
+	FOP_LE,
+	FOP_GT,
+	FOP_GE,
+	FOP_BETWEEN,
+	FOP_IN,
+	FOP_NOT_IN,
+	FOP_EMPTY,
+	FOP_NOT_EMPTY,
+	FOP_CONTAINS,
+	FOP_STARTS_WITH,
+	FOP_CHANGED,
+	FOP_COUNT
+} FieldOp;
+
+extern const char *const nocrm_field_op_names[FOP_COUNT];
+
+/* One value a field is compared with: a constant, or now() + offset. */
+typedef struct FieldValue
+{
+	bool		relative;
+	Datum		value;
+	Interval	offset;
+} FieldValue;
+
+/* A field condition, compiled against the column's type. */
+typedef struct FieldCond
+{
+	const char *column;
+	AttrNumber	attnum;			/* in nocrm.leads */
+	Oid			typid;
+	Oid			collation;
+	int16		typlen;
+	bool		typbyval;
+	bool		is_text;		/* contains / starts_with allowed */
+	struct TypeCacheEntry *type;	/* comparison function */
+	FieldOp		op;
+	int			nvalues;		/* 1; BETWEEN 2; IN/NOT_IN n; EMPTY, CHANGED 0 */
+	FieldValue *values;
+	const char *needle;			/* contains / starts_with, lower case */
+	/* changed: optional from / to (NULL value = was / becomes empty) */
+	bool		has_from,
+				has_to,
+				from_null,
+				to_null;
+	FieldValue	from,
+				to;
+	const char *text;			/* as written, for explain and errors */
+} FieldCond;
+
+typedef enum CondNodeKind
+{
+	CN_ALL,
+	CN_ANY,
+	CN_NOT,
+	CN_FIELD,
+	CN_KEYS						/* has_tag, status, owner... of a nested object */
+} CondNodeKind;
+
+/* A condition group (any / all / not) or leaf; see docs "Field conditions". */
+typedef struct CondNode
+{
+	CondNodeKind kind;
+	int			nchildren;
+	struct CondNode *children;
+	FieldCond	field;			/* CN_FIELD */
+	struct Rule *keys;			/* CN_KEYS: only its condition fields are set */
+} CondNode;
+
 typedef struct Rule
 {
 	int32		id;
@@ -115,6 +189,10 @@ typedef struct Rule
 	int64	   *pipelines;
 	int			nsteps;
 	int64	   *steps;
+	/* field conditions and groups, AND-ed with the keys above; NULL if none */
+	CondNode   *where;
+	const FieldCond *guard;		/* a comparison every match passes, for the gate */
+	bool		where_reads_tags;
 	/* actions */
 	int			nactions;
 	RuleAction *actions;
@@ -153,6 +231,8 @@ typedef struct LeadState
 	const char *contact_email;
 	bool		deleted;
 	Jsonb	   *snapshot;		/* the row as JSON, for a deleted lead's placeholders */
+	HeapTuple	row;			/* the whole row, in nocrm.leads's layout, if read */
+	TupleDesc	row_desc;
 	bool		latest_locked;	/* the row this transaction just wrote: latest, locked */
 } LeadState;
 
@@ -181,6 +261,9 @@ typedef struct RaisedEvent
 	Jsonb	   *new_value;
 	const char *detail;
 	bool		at_creation;	/* *.changed.to of a lead inserted so (on_creation rules) */
+	HeapTuple	old_row,		/* an UPDATE's two versions, for "changed" */
+				new_row;
+	TupleDesc	rows_desc;
 } RaisedEvent;
 
 /* guc.c */
@@ -268,11 +351,15 @@ extern uint64 nocrm_rules_generation(void);
 extern bool nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev);
 extern bool nocrm_conditions_hold(Rule *rule, LeadState *lead);
 extern bool nocrm_rule_matches_target(Rule *rule, RaisedEvent *ev);
-extern Jsonb *nocrm_conditions_report(Rule *rule, LeadState *lead, const char **failed);
+extern Jsonb *nocrm_conditions_report(Rule *rule, LeadState *lead, const char *changed_column,
+									 const char **failed);
 extern Rule *nocrm_rule_by_id(int32 id);
 extern Rule *nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error);
 extern bool nocrm_rules_on_creation(RaisedEvent *ev);
 extern const char *nocrm_rule_columns(void);
+extern bool nocrm_where_row_may_match(RaisedEvent *ev, LeadState *lead,
+									  struct TupleTableSlot *oldslot,
+									  struct TupleTableSlot *newslot);
 
 typedef struct OwnerContext
 {
@@ -489,6 +576,55 @@ extern const LeadAttnums *nocrm_lead_attnums(TupleDesc desc);
 extern void nocrm_lead_from_tuple(LeadState *lead, HeapTuple tuple, TupleDesc desc);
 extern bool nocrm_lead_fetch(int64 lead_id, LeadState *lead);
 extern bool nocrm_lead_fetch_locked(int64 lead_id, LeadState *lead);
+extern HeapTuple nocrm_lead_row(LeadState *lead, TupleDesc *desc);
+extern Oid	nocrm_leads_relid(void);
+
+/* where.c: condition groups and field conditions */
+typedef enum Truth
+{
+	TRUTH_FALSE = 0,
+	TRUTH_TRUE,
+	TRUTH_MAYBE					/* the gate cannot tell (tags) */
+} Truth;
+
+typedef enum WhereMode
+{
+	WHERE_EVENT,				/* an event: "changed" compares its two versions */
+	WHERE_RECHECK,				/* a delayed action due: "changed" holds */
+	WHERE_EXPLAIN,				/* "changed" holds for explain's target column */
+	WHERE_GATE					/* rows in slots; tags are maybe */
+} WhereMode;
+
+typedef struct WhereInput
+{
+	WhereMode	mode;
+	LeadState  *lead;
+	RaisedEvent *ev;
+	struct TupleTableSlot *newslot,
+			   *oldslot;		/* WHERE_GATE */
+	const char *explain_column;
+	Truth		(*keys) (Rule *keys, struct WhereInput *in);	/* nested keys */
+	const char *failed;			/* out: first condition that did not hold */
+} WhereInput;
+
+extern void nocrm_copy_condition_keys(Rule *dst, const Rule *src);
+extern CondNode *nocrm_where_copy(const CondNode *node);
+extern const FieldCond *nocrm_where_guard(const CondNode *node);
+extern bool nocrm_where_reads_tags(const CondNode *node);
+extern Truth nocrm_where_eval(const CondNode *node, WhereInput *in);
+
+/* fieldcmp.c: field conditions on values, and the gate's index of them */
+extern bool nocrm_field_cond_init(FieldCond *f, Oid relid, const char *column);
+extern Datum nocrm_field_value(FieldCond *f, FieldValue *v);
+extern bool nocrm_field_holds(FieldCond *f, Datum value, bool isnull);
+extern bool nocrm_field_changed(FieldCond *f, Datum old, bool oldnull, Datum value, bool isnull);
+extern bool nocrm_field_guards(const FieldCond *f);
+
+typedef struct FieldIndex FieldIndex;
+typedef Datum (*FieldGetter) (void *row, AttrNumber attnum, bool *isnull);
+extern FieldIndex *nocrm_field_index_build(int n, const FieldCond **guards, void **payloads);
+extern int	nocrm_field_index_probe(FieldIndex *index, FieldGetter get, void *row,
+									void **out, int max);
 extern void nocrm_lead_note_write(void);
 extern uint64 nocrm_lead_write_count(void);
 

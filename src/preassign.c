@@ -148,6 +148,13 @@ deciding_rule(Rule **rules, int nrules, LeadState *lead)
 
 		if (!holds_on_new_row(rule, lead))
 			continue;
+		/* field conditions and groups are judged after the insert: maybe */
+		if (rule->where)
+		{
+			if (!rule_leaves_lead_alone(rule))
+				return NULL;
+			continue;
+		}
 		if (rule->nactions > 0 && !rule->test_mode && assigns_now(&rule->actions[0]))
 			return rule;
 		if (!rule_leaves_lead_alone(rule))

@@ -23,6 +23,7 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/syscache.h"
+#include "executor/tuptable.h"
 #include "catalog/pg_class.h"
 
 PG_FUNCTION_INFO_V1(nocrm_automation_validate_trigger);
@@ -33,6 +34,7 @@ static MemoryContext rules_context = NULL;
 static bool rules_valid = false;
 static uint64 rules_generation = 0;
 static Oid	automations_relid = InvalidOid;
+static Oid	leads_relid = InvalidOid;
 
 /*
  * A dispatch holds pointers into the current rule set while actions run,
@@ -61,15 +63,37 @@ static Rule **by_step_rules = NULL;
 static int	nby_step = 0;
 static bool on_creation[EV_COUNT];	/* an enabled rule of the event has on_creation */
 
+/*
+ * Rules with field conditions or groups, per event, for the gate: by guard
+ * (fieldcmp.c's index), and those without one, judged one by one.
+ */
+typedef struct WhereRules
+{
+	int			nrules;
+	FieldIndex *index;
+	int			nunguarded;
+	Rule	  **unguarded;
+} WhereRules;
+static WhereRules where_rules[EV_COUNT];
+static void **where_probe;		/* room for every guarded rule's payloads */
+static int	where_probe_size;
+
 static void
 rules_relcache_callback(Datum arg, Oid relid)
 {
-	if (relid == InvalidOid || relid == automations_relid)
+	/*
+	 * Field conditions hold values typed by the columns of nocrm.leads:
+	 * compile again after an ALTER TABLE of it (or anything that
+	 * invalidates it, such as VACUUM's statistics: rare, and cheap).
+	 */
+	if (relid == InvalidOid || relid == automations_relid ||
+		(OidIsValid(leads_relid) && relid == leads_relid))
 	{
 		rules_valid = false;
 		rules_generation++;
 		/* The extension may have been dropped and created again. */
 		automations_relid = InvalidOid;
+		leads_relid = InvalidOid;
 	}
 }
 
@@ -127,6 +151,7 @@ nocrm_automations_relid(void)
 		Oid			nsp = get_namespace_oid("nocrm", false);
 
 		automations_relid = get_relname_relid("automations", nsp);
+		leads_relid = get_relname_relid("leads", nsp);
 		if (!OidIsValid(automations_relid))
 			elog(ERROR, "table nocrm.automations is missing");
 	}
@@ -271,20 +296,6 @@ copy_jsonb(Jsonb *j)
 	return j ? (Jsonb *) copy_array(j, VARSIZE(j)) : NULL;
 }
 
-static const char **
-copy_strings(const char **strings, int n)
-{
-	const char **dst;
-
-	if (strings == NULL)
-		return NULL;
-	dst = palloc(sizeof(char *) * (n + 1));
-	for (int i = 0; i < n; i++)
-		dst[i] = pstrdup(strings[i]);
-	dst[n] = NULL;
-	return dst;
-}
-
 /* A compiled rule copied into the current context, without compile garbage. */
 static Rule *
 rule_copy(Rule *src)
@@ -293,11 +304,9 @@ rule_copy(Rule *src)
 
 	r->name = copy_string(src->name);
 	r->target_steps = copy_array(src->target_steps, sizeof(int64) * src->ntarget_steps);
-	r->has_tags = copy_strings(src->has_tags, src->nhas_tags);
-	r->lacks_tags = copy_strings(src->lacks_tags, src->nlacks_tags);
-	r->owners = copy_array(src->owners, sizeof(int64) * src->nowners);
-	r->pipelines = copy_array(src->pipelines, sizeof(int64) * src->npipelines);
-	r->steps = copy_array(src->steps, sizeof(int64) * src->nsteps);
+	nocrm_copy_condition_keys(r, src);
+	r->guard = r->where ? nocrm_where_guard(r->where) : NULL;
+	r->where_reads_tags = r->where && nocrm_where_reads_tags(r->where);
 	r->actions_json = copy_jsonb(src->actions_json);
 	r->actions = copy_array(src->actions, sizeof(RuleAction) * src->nactions);
 	for (int i = 0; i < src->nactions; i++)
@@ -383,6 +392,41 @@ index_targets(void)
 	pfree(entries);
 }
 
+/* Builds where_rules from by_event, in the current (cache) context. */
+static void
+index_where(void)
+{
+	for (int e = 0; e < EV_COUNT; e++)
+	{
+		EventRules *er = &by_event[e];
+		WhereRules *wr = &where_rules[e];
+		const FieldCond **guards = palloc(sizeof(FieldCond *) * (er->nrules + 1));
+		void	  **payloads = palloc(sizeof(void *) * (er->nrules + 1));
+		int			nguards = 0;
+
+		wr->unguarded = palloc(sizeof(Rule *) * (er->nrules + 1));
+		for (int i = 0; i < er->nrules; i++)
+		{
+			Rule	   *rule = er->rules[i];
+
+			if (rule->where == NULL)
+				continue;
+			wr->nrules++;
+			if (rule->guard)
+			{
+				guards[nguards] = rule->guard;
+				payloads[nguards++] = rule;
+				where_probe_size += Max(rule->guard->nvalues, 1);
+			}
+			else
+				wr->unguarded[wr->nunguarded++] = rule;
+		}
+		if (nguards > 0)
+			wr->index = nocrm_field_index_build(nguards, guards, payloads);
+	}
+	where_probe = palloc(sizeof(void *) * (where_probe_size + 1));
+}
+
 static void
 load_rules(void)
 {
@@ -409,6 +453,9 @@ load_rules(void)
 	memset(by_event, 0, sizeof(by_event));
 	memset(by_status, 0, sizeof(by_status));
 	memset(on_creation, 0, sizeof(on_creation));
+	memset(where_rules, 0, sizeof(where_rules));
+	where_probe = NULL;
+	where_probe_size = 0;
 	by_step_keys = NULL;
 	by_step_rules = NULL;
 	nby_step = 0;
@@ -464,6 +511,7 @@ load_rules(void)
 				er->rules[er->nrules++] = all[i];
 			}
 		index_targets();
+		index_where();
 		MemoryContextSwitchTo(oldcontext);
 		SPI_freetuptable(tuptable);
 		elog(DEBUG1, "nocrm: loaded " UINT64_FORMAT " automations", n);
@@ -606,11 +654,15 @@ count_tags(int64 lead_id, const char **tags, int ntags)
  * Does the rule apply to this event on this lead?  Cheap checks first; tags
  * need a query, so they come last.
  */
+static bool conditions_hold(Rule *rule, LeadState *lead, WhereInput *in);
+
 bool
 nocrm_rule_matches(Rule *rule, LeadState *lead, RaisedEvent *ev)
 {
+	WhereInput	in = {WHERE_EVENT, lead, ev};
+
 	/* The target belongs to the event; the conditions to the lead as it is now. */
-	return nocrm_rule_matches_target(rule, ev) && nocrm_conditions_hold(rule, lead);
+	return nocrm_rule_matches_target(rule, ev) && conditions_hold(rule, lead, &in);
 }
 
 /* Is the event's change the one the rule's *.changed.to target names? */
@@ -708,14 +760,109 @@ nocrm_columns_may_match(Rule *rule, LeadState *lead)
 	return true;
 }
 
-/* The rule's conditions on the lead, as it is now. */
+/* Nested condition keys, all of them (tags by query). */
+static Truth
+keys_hold(Rule *keys, WhereInput *in)
+{
+	for (int k = 0; k < COND_COUNT; k++)
+		if (cond_applies(keys, (CondKey) k) && !cond_holds(keys, in->lead, (CondKey) k))
+		{
+			if (in->failed == NULL)
+				in->failed = cond_names[k];
+			return TRUTH_FALSE;
+		}
+	return TRUTH_TRUE;
+}
+
+static Truth keys_may_hold(Rule *keys, WhereInput *in);
+
+static Datum
+slot_field(void *slot, AttrNumber attnum, bool *isnull)
+{
+	return slot_getattr((TupleTableSlot *) slot, attnum, isnull);
+}
+
+static bool
+where_may_match(Rule *rule, RaisedEvent *ev, WhereInput *in)
+{
+	return nocrm_rule_matches_target(rule, ev) && nocrm_columns_may_match(rule, in->lead) &&
+		nocrm_where_eval(rule->where, in) != TRUTH_FALSE;
+}
+
+/*
+ * For the gate: could a rule of the event with field conditions or groups
+ * match this row (in its slots)?  Only the rules whose guard the row
+ * passes, and those without a guard, are judged.  Needs the rules loaded.
+ */
+bool
+nocrm_where_row_may_match(RaisedEvent *ev, LeadState *lead, TupleTableSlot *oldslot,
+						  TupleTableSlot *newslot)
+{
+	WhereRules *wr = &where_rules[ev->event];
+	WhereInput	in = {WHERE_GATE, lead, ev, newslot, oldslot, NULL, keys_may_hold};
+
+	for (int i = 0; i < wr->nunguarded; i++)
+		if (where_may_match(wr->unguarded[i], ev, &in))
+			return true;
+	if (wr->index)
+	{
+		int			n = nocrm_field_index_probe(wr->index, slot_field, newslot ? newslot : oldslot,
+												where_probe, where_probe_size);
+
+		for (int i = 0; i < n; i++)
+			if (where_may_match((Rule *) where_probe[i], ev, &in))
+				return true;
+	}
+	return false;
+}
+
+/* Nested condition keys in the gate: the lead's columns; tags are maybe. */
+static Truth
+keys_may_hold(Rule *keys, WhereInput *in)
+{
+	if (!nocrm_columns_may_match(keys, in->lead))
+		return TRUTH_FALSE;
+	return keys->nhas_tags > 0 || keys->nlacks_tags > 0 ? TRUTH_MAYBE : TRUTH_TRUE;
+}
+
+/*
+ * Columns first, then the field conditions and groups, then tags (queries).
+ * in->failed names the first that did not hold.
+ */
+static bool
+conditions_hold(Rule *rule, LeadState *lead, WhereInput *in)
+{
+	in->keys = keys_hold;
+	for (int k = COND_STATUS; k <= COND_STEP; k++)
+		if (cond_applies(rule, (CondKey) k) && !cond_holds(rule, lead, (CondKey) k))
+		{
+			in->failed = cond_names[k];
+			return false;
+		}
+	if (rule->where && nocrm_where_eval(rule->where, in) != TRUTH_TRUE)
+	{
+		in->failed = psprintf("where (%s)", in->failed ? in->failed : "?");
+		return false;
+	}
+	for (int k = COND_HAS_TAG; k <= COND_LACKS_TAG; k++)
+		if (cond_applies(rule, (CondKey) k) && !cond_holds(rule, lead, (CondKey) k))
+		{
+			in->failed = cond_names[k];
+			return false;
+		}
+	return true;
+}
+
+/*
+ * The rule's conditions on the lead, as it is now, when a delayed action is
+ * due ("changed" conditions count as held: the change was the reason).
+ */
 bool
 nocrm_conditions_hold(Rule *rule, LeadState *lead)
 {
-	for (int k = 0; k < COND_COUNT; k++)
-		if (cond_applies(rule, (CondKey) k) && !cond_holds(rule, lead, (CondKey) k))
-			return false;
-	return true;
+	WhereInput	in = {WHERE_RECHECK, lead};
+
+	return conditions_hold(rule, lead, &in);
 }
 
 /*
@@ -724,7 +871,8 @@ nocrm_conditions_hold(Rule *rule, LeadState *lead)
  * that did not hold (the one the engine stops at), or NULL.
  */
 Jsonb *
-nocrm_conditions_report(Rule *rule, LeadState *lead, const char **failed)
+nocrm_conditions_report(Rule *rule, LeadState *lead, const char *changed_column,
+						const char **failed)
 {
 	JsonbParseState *state = NULL;
 
@@ -735,6 +883,24 @@ nocrm_conditions_report(Rule *rule, LeadState *lead, const char **failed)
 		bool		held;
 		JsonbValue	b;
 		char	   *value = NULL;
+
+		/* judged where the engine judges it: after the columns, before tags */
+		if (k == COND_HAS_TAG && rule->where)
+		{
+			WhereInput	in = {WHERE_EXPLAIN, lead, NULL, NULL, NULL, changed_column, keys_hold};
+
+			held = nocrm_where_eval(rule->where, &in) == TRUTH_TRUE;
+			if (!held && *failed == NULL)
+				*failed = psprintf("where (%s)", in.failed ? in.failed : "?");
+			nocrm_jsonb_key(&state, "where");
+			pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+			nocrm_jsonb_put_string(&state, "failed", held ? NULL : in.failed);
+			nocrm_jsonb_key(&state, "held");
+			b.type = jbvBool;
+			b.val.boolean = held;
+			pushJsonbValue(&state, WJB_VALUE, &b);
+			pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+		}
 
 		if (!cond_applies(rule, (CondKey) k))
 			continue;
