@@ -27,11 +27,18 @@ PG_FUNCTION_INFO_V1(nocrm_email_message);
 
 static bool curl_ready = false;
 
+/* The SMTP server offered SMTPUTF8 in an EHLO of this run (a reused connection sends none). */
+static bool smtputf8_offered = false;
+
 typedef struct UploadBuffer
 {
 	const char *data;
 	size_t		len;
 	size_t		sent;
+	/* a message with UTF-8 addresses goes only to a server offering SMTPUTF8 */
+	bool		needs_smtputf8;
+	const bool *server_smtputf8;
+	bool		refused;
 } UploadBuffer;
 
 static size_t
@@ -41,6 +48,12 @@ read_upload(char *ptr, size_t size, size_t nmemb, void *userdata)
 	size_t		room = size * nmemb;
 	size_t		left = buf->len - buf->sent;
 	size_t		n = left < room ? left : room;
+
+	if (buf->needs_smtputf8 && !(buf->server_smtputf8 && *buf->server_smtputf8))
+	{
+		buf->refused = true;
+		return CURL_READFUNC_ABORT;
+	}
 
 	memcpy(ptr, buf->data + buf->sent, n);
 	buf->sent += n;
@@ -86,6 +99,7 @@ nocrm_delivery_begin(DeliveryHandles *h)
 	ensure_curl();
 	h->smtp = h->http = NULL;
 	h->smtp_config_error = NULL;
+	smtputf8_offered = false;
 }
 
 void
@@ -592,8 +606,8 @@ trace_smtp(CURL *c, curl_infotype type, char *data, size_t size, void *userptr)
 	}
 	else if (type == CURLINFO_HEADER_IN && size >= 3)
 	{
-		if (size >= 12 && pg_strncasecmp(data + 4, "SMTPUTF8", 8) == 0)
-			t->smtputf8 = true;
+		if (size >= 12 && data[0] == '2' && pg_strncasecmp(data + 4, "SMTPUTF8", 8) == 0)
+			t->smtputf8 = smtputf8_offered = true;
 		if (data[0] == '4' || data[0] == '5')
 		{
 			while (n < size && n < sizeof(t->reply) - 1 && data[n] != '\r' && data[n] != '\n')
@@ -758,7 +772,7 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 {
 	CURL	   *c;
 	struct curl_slist *rcpt = NULL;
-	UploadBuffer buf = {message, strlen(message), 0};
+	UploadBuffer buf = {message, strlen(message), 0, false, NULL, false};
 	char		errbuf[CURL_ERROR_SIZE] = "";
 	CURLcode	res = CURLE_OK;
 	long		code = 0;
@@ -768,6 +782,7 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 			   *connect_to,
 			   *helo;
 	bool		utf8 = false;
+	bool		from_utf8;
 	struct curl_slist *connect_list = NULL;
 	SmtpTrace	trace;
 
@@ -808,10 +823,14 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 	rcpt = curl_slist_append(rcpt, psprintf("<%s>", wire_address(to, &utf8)));
 	if (connect_to)
 		connect_list = curl_slist_append(NULL, connect_to);
+	from_utf8 = !is_ascii(nocrm_mail_from, strchr(nocrm_mail_from, '@') - nocrm_mail_from);
+	buf.needs_smtputf8 = utf8 || from_utf8;
+	buf.server_smtputf8 = &smtputf8_offered;
 	for (int attempt = 0; attempt < 2; attempt++)
 	{
 		memset(&trace, 0, sizeof(trace));
 		buf.sent = 0;
+		buf.refused = false;
 		errbuf[0] = '\0';
 		SMTP_SETOPT(CURLOPT_URL, url);
 		if (connect_list)
@@ -871,6 +890,22 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 		r->ok = true;
 		goto out;
 	}
+	if (buf.refused && !utf8)
+	{
+		config_error(h, r, pstrdup("SMTP configuration error: nocrm.mail_from has a non-ASCII local part, "
+								   "which needs SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url "
+								   "does not offer it"));
+		goto out;
+	}
+	if (buf.refused)
+	{
+		/* stopped before the message itself was sent */
+		r->permanent = true;
+		r->error = psprintf("SMTP: the recipient \"%s\" has a non-ASCII local part, which needs "
+							"SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url does not offer "
+							"it; the message was not sent", to);
+		goto out;
+	}
 	if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE)
 	{
 		config_error(h, r, psprintf("SMTP TLS: the server's certificate was not accepted (%s%s%s); "
@@ -910,7 +945,7 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 	/* SMTP 5xx about this message is final; 4xx and network trouble are retried. */
 	r->ok = false;
 	r->permanent = code >= 500 && code < 600;
-	if (utf8 && !trace.smtputf8 && strcmp(trace.failed_command, "RCPT") == 0 && r->permanent)
+	if (utf8 && !smtputf8_offered && strcmp(trace.failed_command, "RCPT") == 0 && r->permanent)
 		r->error = psprintf("SMTP: the recipient \"%s\" has a non-ASCII local part, which needs "
 							"SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url does not offer "
 							"it (server said \"%s\")", to, trace.reply);

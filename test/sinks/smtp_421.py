@@ -56,6 +56,8 @@ async def session(reader, writer, args):
                     if not data or data == b".\r\n":
                         break
                     size += len(data)
+                if not data:
+                    break  # the client went away before the end: no message
                 served += 1
                 with open(os.path.join(args.dir, "mail.jsonl"), "a") as f:
                     f.write(json.dumps({"rcpt": rcpt, "connection": conn, "bytes": size}) + "\n")

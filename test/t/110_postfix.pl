@@ -316,7 +316,57 @@ is(sql($node, "SELECT string_agg(state || '/' || attempts, ',' ORDER BY id) FROM
 my @got = map { JSON::PP->new->decode($_) } split /\n/, slurp_file("$once_dir/mail.jsonl");
 is(scalar @got, 3, 'the server received three messages');
 is(scalar(keys %{ { map { $_->{connection} => 1 } @got } }), 3, 'on three connections');
+
+# A non-ASCII local part to a server that does not offer SMTPUTF8: refused
+# before the message is sent; the next email goes out.
+my @noutf8 = queue_mails([ 'UTF-8 to old server', 'zoë@example.com' ], [ 'ASCII after it', 'once4@client.example' ]);
+drain($node);
+is(sql($node, "SELECT string_agg(state, ',' ORDER BY id) FROM nocrm.queue WHERE id IN (" . join(',', @noutf8) . ')'),
+	'dead,done', 'no SMTPUTF8 offered: the UTF-8 address is dead, the next email delivered');
+like(item($noutf8[0])->{last_error},
+	qr/^SMTP: the recipient "zoë\@example\.com" has a non-ASCII local part, which needs SMTPUTF8 \(RFC 6531\), and the server at nocrm\.smtp_url does not offer it; the message was not sent$/,
+	'with the reason');
+@got = map { JSON::PP->new->decode($_) } split /\n/, slurp_file("$once_dir/mail.jsonl");
+is(join(',', map { @{ $_->{rcpt} } } @got[ 3 .. $#got ]), '<once4@client.example>',
+	'the server received the ASCII one only');
 $once->kill_kill;
+
+# --- webhooks over https with a private CA -------------------------------------------
+
+my $tls_dir = PostgreSQL::Test::Utils::tempdir('https');
+my $openssl_ok = system(<<"SH") == 0;
+set -e
+cd '$tls_dir'
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj '/CN=nocrm hook CA' -keyout ca.key -out ca.crt 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj '/CN=127.0.0.1' -keyout server.key -out server.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\n' > ext.cnf
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out server.crt 2>/dev/null
+SH
+ok($openssl_ok, 'a private CA and a server certificate for 127.0.0.1');
+my $https = IPC::Run::start(
+	[ 'python3', "$FindBin::RealBin/../sinks/https_sink.py", '--dir', $tls_dir, '--cert', "$tls_dir/server.crt",
+		'--key', "$tls_dir/server.key" ],
+	'<', \undef, '>', "$tls_dir/out.log", '2>', "$tls_dir/err.log");
+ok(wait_for(sub { -s "$tls_dir/port" }, 20, 'https_sink.py port'), 'the https receiver runs');
+my $https_port = slurp_file("$tls_dir/port");
+chomp $https_port;
+my $hook_rule = sql($node, "SELECT nocrm.create_automation(name => 'https hook', event => 'lead.creation', actions => "
+	  . "'[{\"type\": \"webhook\", \"url\": \"https://127.0.0.1:$https_port/hook\"}]')");
+my $before = sql($node, 'SELECT coalesce(max(id), 0) FROM nocrm.queue');
+sql($node, "INSERT INTO nocrm.leads (title) VALUES ('Hook over TLS')");
+my ($hook1) = split /\n/, sql($node, "SELECT id FROM nocrm.queue WHERE id > $before AND kind = 'webhook'");
+drain($node);
+is(item($hook1)->{state}, 'dead', 'https with a private CA not configured: dead at once');
+like(item($hook1)->{last_error},
+	qr/^HTTP TLS: the server's certificate was not accepted \(.*unable to get local issuer certificate\); set nocrm\.http_ca_file /,
+	'the error names nocrm.http_ca_file');
+set_nocrm_conf($node, http_ca_file => "$tls_dir/ca.crt");
+is(sql($node, "SELECT nocrm.requeue_dead(ARRAY[$hook1])"), 1, 'requeued');
+drain($node);
+is(item($hook1)->{state}, 'done', 'with nocrm.http_ca_file the webhook is delivered');
+is(scalar(split /\n/, slurp_file("$tls_dir/requests.jsonl")), 1, 'the receiver got it once');
+sql($node, "SELECT nocrm.delete_automation($hook_rule)");
+$https->kill_kill;
 
 $sink->stop;
 $node->stop;
