@@ -19,6 +19,7 @@ OBJS = \
 	src/jsonb.o \
 	src/lead.o \
 	src/preassign.o \
+	src/restore.o \
 	src/rules.o \
 	src/runlog.o \
 	src/spi_plans.o \

@@ -199,3 +199,142 @@ END $$;
 COMMENT ON FUNCTION nocrm.protect_rule_columns() IS 'Event trigger: refuses to drop a column of nocrm.leads that a field condition reads.';
 CREATE EVENT TRIGGER nocrm_protect_rule_columns ON sql_drop
     EXECUTE FUNCTION nocrm.protect_rule_columns();
+
+-- ==== restore ====
+-- pg_dump's output and every pg_restore connection set check_function_bodies
+-- = false.  Such a session, by a role that may write the history itself, is
+-- restoring: the extension's triggers derive, validate, record and raise
+-- nothing for the rows it loads, which the source database already made
+-- (restore.c; the C triggers ask directly, the PL/pgSQL ones in WHEN).
+CREATE FUNCTION nocrm.restoring() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'nocrm_restoring_sql' LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION nocrm.restoring() IS 'Whether this session is loading a dump: check_function_bodies is off (pg_dump and pg_restore set it so), the role may write nocrm.lead_history itself, and no extension script is running. The extension''s triggers then take rows as they come: no automation, stage trigger, history, notification, counter or validation.';
+
+CREATE OR REPLACE TRIGGER nocrm_stage_trigger_validate BEFORE INSERT OR UPDATE ON nocrm.stage_triggers
+    FOR EACH ROW WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.stage_trigger_validate();
+CREATE OR REPLACE TRIGGER nocrm_sync_counters AFTER INSERT OR UPDATE OF actions ON nocrm.automations
+    FOR EACH ROW WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.sync_assignment_counters();
+CREATE OR REPLACE TRIGGER nocrm_cascade_email AFTER UPDATE OF email ON nocrm.users
+    FOR EACH ROW WHEN (OLD.email IS NOT NULL AND NEW.email IS NOT NULL
+                       AND lower(OLD.email) <> lower(NEW.email) AND NOT nocrm.restoring())
+    EXECUTE FUNCTION nocrm.cascade_user_email();
+CREATE OR REPLACE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id, email ON nocrm.users
+    FOR EACH STATEMENT WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.check_references();
+CREATE OR REPLACE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id, name ON nocrm.pipelines
+    FOR EACH STATEMENT WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.check_references();
+CREATE OR REPLACE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF id, name ON nocrm.steps
+    FOR EACH STATEMENT WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.check_references();
+CREATE OR REPLACE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF name ON nocrm.email_templates
+    FOR EACH STATEMENT WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.check_references();
+
+-- The rows CREATE EXTENSION makes, the Butler (users id 0) and the
+-- notification template, stay out of their tables' dumps: a restore makes
+-- them again with CREATE EXTENSION, and a dumped copy would collide with
+-- them (under --disable-triggers too).  Their values travel here, kept from
+-- their first change on; loading a row writes the values over the seeded row.
+CREATE TABLE nocrm.seeded_rows (
+    seed   text PRIMARY KEY CHECK (seed IN ('butler', 'notification_template')),
+    value  jsonb CHECK (value IS NOT NULL OR seed = 'notification_template')
+);
+COMMENT ON TABLE nocrm.seeded_rows IS 'The Butler and the notification template as they are, once changed after CREATE EXTENSION made them: pg_dump carries them here, and a restore writes them over the ones CREATE EXTENSION made again. value NULL: the template was deleted. Kept by triggers; not for editing.';
+
+-- Timestamps in UTC, so the value does not depend on the session's TimeZone.
+CREATE FUNCTION nocrm.seeded_row(seed text) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+    SELECT CASE seeded_row.seed
+        WHEN 'butler' THEN
+            (SELECT jsonb_build_object('name', u.name, 'email', u.email, 'timezone', u.timezone,
+                                       'created_at', u.created_at AT TIME ZONE 'UTC')
+               FROM nocrm.users u WHERE u.is_butler)
+        WHEN 'notification_template' THEN
+            (SELECT jsonb_build_object('subject', t.subject, 'body', t.body,
+                                       'updated_at', t.updated_at AT TIME ZONE 'UTC')
+               FROM nocrm.email_templates t WHERE t.name = 'notification')
+    END
+$$;
+COMMENT ON FUNCTION nocrm.seeded_row(text) IS 'A seeded row (butler or notification_template) as it is now, as nocrm.seeded_rows keeps it; NULL for a deleted template.';
+
+CREATE FUNCTION nocrm.restore_seeded_row(seed text, value jsonb) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    IF seed IS NULL OR seed NOT IN ('butler', 'notification_template') THEN
+        RAISE EXCEPTION 'unknown seeded row "%"', seed
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'The seeded rows are butler and notification_template.';
+    END IF;
+    IF value IS NOT DISTINCT FROM nocrm.seeded_row(seed) THEN
+        RETURN false;
+    END IF;
+    IF seed = 'butler' THEN
+        UPDATE nocrm.users u
+           SET name = value ->> 'name', email = value ->> 'email', timezone = value ->> 'timezone',
+               created_at = (value ->> 'created_at')::timestamp AT TIME ZONE 'UTC'
+         WHERE u.is_butler;
+    ELSIF value IS NULL THEN
+        DELETE FROM nocrm.email_templates t WHERE t.name = 'notification';
+    ELSE
+        INSERT INTO nocrm.email_templates AS t (name, subject, body, updated_at)
+        VALUES ('notification', value ->> 'subject', value ->> 'body',
+                (value ->> 'updated_at')::timestamp AT TIME ZONE 'UTC')
+        ON CONFLICT (name) DO UPDATE
+           SET subject = EXCLUDED.subject, body = EXCLUDED.body, updated_at = EXCLUDED.updated_at;
+    END IF;
+    RETURN true;
+END $$;
+COMMENT ON FUNCTION nocrm.restore_seeded_row(text, jsonb) IS 'Writes a value of nocrm.seeded_rows over the seeded row; returns whether it changed it. A restore does this as it loads the rows; after a load with triggers disabled: SELECT nocrm.restore_seeded_row(seed, value) FROM nocrm.seeded_rows.';
+
+CREATE FUNCTION nocrm.seeded_rows_load() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- A change to the seeded row has stored this row already (seeded_rows_keep).
+    IF nocrm.restore_seeded_row(NEW.seed, NEW.value)
+       OR EXISTS (SELECT 1 FROM nocrm.seeded_rows r WHERE r.seed = NEW.seed) THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END $$;
+COMMENT ON FUNCTION nocrm.seeded_rows_load() IS 'Trigger: a row loaded into nocrm.seeded_rows (a restore) is written over the seeded row it names.';
+CREATE TRIGGER nocrm_seeded_rows_load BEFORE INSERT ON nocrm.seeded_rows
+    FOR EACH ROW EXECUTE FUNCTION nocrm.seeded_rows_load();
+
+CREATE FUNCTION nocrm.seeded_rows_keep() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s text := CASE TG_TABLE_NAME WHEN 'users' THEN 'butler' ELSE 'notification_template' END;
+BEGIN
+    UPDATE nocrm.seeded_rows r SET value = nocrm.seeded_row(s)
+     WHERE r.seed = s AND r.value IS DISTINCT FROM nocrm.seeded_row(s);
+    INSERT INTO nocrm.seeded_rows (seed, value)
+    SELECT s, nocrm.seeded_row(s) WHERE NOT EXISTS (SELECT 1 FROM nocrm.seeded_rows r WHERE r.seed = s)
+    ON CONFLICT (seed) DO NOTHING;
+    RETURN NULL;
+END $$;
+COMMENT ON FUNCTION nocrm.seeded_rows_keep() IS 'Trigger: a change to the Butler or the notification template is kept in nocrm.seeded_rows, for pg_dump.';
+CREATE TRIGGER nocrm_seeded_rows_keep AFTER UPDATE ON nocrm.users
+    FOR EACH ROW WHEN (NEW.is_butler) EXECUTE FUNCTION nocrm.seeded_rows_keep();
+CREATE TRIGGER nocrm_seeded_rows_keep_insert AFTER INSERT ON nocrm.email_templates
+    FOR EACH ROW WHEN (NEW.name = 'notification') EXECUTE FUNCTION nocrm.seeded_rows_keep();
+CREATE TRIGGER nocrm_seeded_rows_keep_update AFTER UPDATE ON nocrm.email_templates
+    FOR EACH ROW WHEN (OLD.name = 'notification' OR NEW.name = 'notification')
+    EXECUTE FUNCTION nocrm.seeded_rows_keep();
+CREATE TRIGGER nocrm_seeded_rows_keep_delete AFTER DELETE ON nocrm.email_templates
+    FOR EACH ROW WHEN (OLD.name = 'notification') EXECUTE FUNCTION nocrm.seeded_rows_keep();
+
+-- Updated from an older version: seeded rows changed already are kept from
+-- now on (a fresh install has none).
+INSERT INTO nocrm.seeded_rows (seed, value)
+SELECT 'butler', nocrm.seeded_row('butler') FROM nocrm.users u
+ WHERE u.is_butler AND (u.name, u.email, u.timezone) IS DISTINCT FROM ('The Butler', 'butler@nocrm.invalid', 'UTC');
+INSERT INTO nocrm.seeded_rows (seed, value)
+SELECT 'notification_template', nocrm.seeded_row('notification_template')
+ WHERE NOT EXISTS (SELECT 1 FROM nocrm.email_templates t
+                    WHERE t.name = 'notification' AND t.subject = '{{lead.title}}: {{message}}'
+                      AND t.body = E'{{message}}\n\nLead: {{lead.title}} ({{lead.status}}, {{lead.pipeline}} / {{lead.step}})\nOwner: {{owner.name}}\n\n-- \n{{butler.name}}');
+
+-- Only rows that match the seeded row now: a leftover of a load with the
+-- triggers disabled is not carried on.
+SELECT pg_catalog.pg_extension_config_dump('nocrm.seeded_rows',
+    'WHERE value IS NOT DISTINCT FROM nocrm.seeded_row(seed)');
+
+REVOKE ALL ON FUNCTION nocrm.restore_seeded_row(text, jsonb), nocrm.seeded_rows_load(),
+    nocrm.seeded_rows_keep() FROM PUBLIC;
+GRANT SELECT ON nocrm.seeded_rows TO nocrm_admin;

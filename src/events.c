@@ -81,6 +81,10 @@ nocrm_lead_before_trigger(PG_FUNCTION_ARGS)
 	Datum		now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 
 	check_trigger(fcinfo, "nocrm_lead_before_trigger", true);
+	/* A restore loads the row as the source database wrote it (restore.c). */
+	if (nocrm_restoring())
+		return PointerGetDatum(TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event)
+							   ? trigdata->tg_newtuple : trigdata->tg_trigtuple);
 	desc = trigdata->tg_relation->rd_att;
 	attnums = nocrm_lead_attnums(desc);
 	att_updated = attnums->updated_at;
@@ -445,6 +449,8 @@ nocrm_lead_event_trigger(PG_FUNCTION_ARGS)
 	char		op;
 
 	check_trigger(fcinfo, "nocrm_lead_event_trigger", false);
+	if (nocrm_restoring())
+		return PointerGetDatum(NULL);
 	op = trigger_op(trigdata);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -516,6 +522,9 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		!TRIGGER_FIRED_AFTER(trigdata->tg_event))
 		elog(ERROR, "nocrm_lead_statement_trigger: must be fired after, for each statement");
 	op = trigger_op(trigdata);
+	/* A restored row's events happened in the source database. */
+	if (nocrm_restoring())
+		return PointerGetDatum(NULL);
 	if (op == 'D')
 		nocrm_lead_note_write();
 	desc = trigdata->tg_relation->rd_att;
@@ -626,6 +635,8 @@ child_trigger(FunctionCallInfo fcinfo, const char *name, NocrmEvent event,
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 
 	check_trigger(fcinfo, name, false);
+	if (nocrm_restoring())
+		return PointerGetDatum(NULL);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	child_row_event(trigdata, trigdata->tg_trigtuple, event, column, key, detail, false);
@@ -643,6 +654,8 @@ nocrm_tag_event_trigger(PG_FUNCTION_ARGS)
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 
 	check_trigger(fcinfo, "nocrm_tag_event_trigger", false);
+	if (nocrm_restoring())
+		return PointerGetDatum(NULL);
 	nocrm_plans_note_row();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -677,7 +690,8 @@ nocrm_comment_event_trigger(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 
-	if (CALLED_AS_TRIGGER(fcinfo) && nocrm_chain_depth() == 0)
+	/* (a restore loads the Butler's comments the source's automations wrote) */
+	if (CALLED_AS_TRIGGER(fcinfo) && nocrm_chain_depth() == 0 && !nocrm_restoring())
 	{
 		TupleDesc	desc = trigdata->tg_relation->rd_att;
 		bool		isnull;

@@ -420,6 +420,9 @@ child_wanted(FunctionCallInfo fcinfo)
 {
 	NocrmEvent	event;
 
+	/* A restored row queues nothing (restore.c). */
+	if (nocrm_restoring())
+		return false;
 	if (!PG_ARGISNULL(1) && PG_GETARG_INT64(1) == BUTLER_ID && nocrm_chain_depth() == 0)
 		return true;
 	if (everything_matters())

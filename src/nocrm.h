@@ -428,6 +428,9 @@ typedef struct StageVerdict
 } StageVerdict;
 extern StageVerdict *nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int *n);
 
+/* restore.c: a session loading a dump (check_function_bodies off) */
+extern bool nocrm_restoring(void);
+
 /* gate.c: which row changes need the event triggers at all */
 extern void nocrm_gate_caches_ready(bool rules);
 extern bool nocrm_event_listened(NocrmEvent event);

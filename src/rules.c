@@ -1028,6 +1028,13 @@ nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
 		? trigdata->tg_newtuple : trigdata->tg_trigtuple;
 	desc = trigdata->tg_relation->rd_att;
 
+	/*
+	 * A restore loads rules the source accepted, maybe before the pipelines,
+	 * users and templates they name (restore.c).
+	 */
+	if (nocrm_restoring())
+		return PointerGetDatum(tuple);
+
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
 	{
 		HeapTuple	old = trigdata->tg_trigtuple;

@@ -346,5 +346,44 @@ is_deeply([ grep { !$in_fresh{$_} } @updated ], [], 'nothing in the updated cata
 is_deeply([ grep { !$in_updated{$_} } @fresh ], [], 'nothing in a fresh install that the update lacks');
 is(scalar(@updated), scalar(@fresh), sprintf('the same %d catalog entries', scalar @fresh));
 
+# --- 1.0 + updates and a fresh install have the same data -------------------------
+
+# Every table of a database that only ever had the extension (what CREATE
+# EXTENSION made, its timestamps aside) and every sequence.
+sub bare_digest
+{
+	my ($db) = @_;
+	return sq(<<'SQL', db => $db);
+SELECT string_agg(name || ': ' || value, E'\n' ORDER BY name) FROM (
+  SELECT c.oid::regclass::text AS name,
+         (xpath('/row/d/text()', query_to_xml(format(
+            $q$SELECT count(*) || ' ' || coalesce(md5(string_agg(j::text, E'\n' ORDER BY j::text)), '-') AS d
+                 FROM (SELECT to_jsonb(x) - 'created_at' - 'updated_at' AS j FROM %s x) y$q$, c.oid::regclass),
+            false, true, '')))[1]::text AS value
+    FROM pg_class c WHERE c.relnamespace = 'nocrm'::regnamespace AND c.relkind = 'r'
+  UNION ALL
+  SELECT 'sequence ' || sequencename, coalesce(last_value::text, 'unused')
+    FROM pg_sequences WHERE schemaname = 'nocrm') s
+SQL
+}
+sq('CREATE DATABASE bare');
+sq(q{CREATE EXTENSION nocrm_automation VERSION '1.0'}, db => 'bare');
+sq(q{ALTER EXTENSION nocrm_automation UPDATE}, db => 'bare');
+my $fresh_data = bare_digest('fresh');
+like($fresh_data, qr/^nocrm.users: 1 [0-9a-f]{32}$/m, 'a fresh install has the Butler');
+is(bare_digest('bare'), $fresh_data, '1.0 + updates: the same rows and sequences as a fresh install');
+
+# Seeded rows changed before the update are kept for the next dump.
+sq('CREATE DATABASE renamed');
+sq(q{CREATE EXTENSION nocrm_automation VERSION '1.2'}, db => 'renamed');
+sq(q{SELECT nocrm.set_butler('Alfred', 'alfred@example.com');
+     UPDATE nocrm.email_templates SET body = 'Nuovo {{message}}' WHERE name = 'notification'}, db => 'renamed');
+sq(q{ALTER EXTENSION nocrm_automation UPDATE}, db => 'renamed');
+is( sq(q{SELECT string_agg(seed || ' ' || (value = nocrm.seeded_row(seed)), ', ' ORDER BY seed) FROM nocrm.seeded_rows},
+		db => 'renamed'),
+	'butler true, notification_template true',
+	'1.2 -> 1.3 keeps the Butler and the notification template changed before it in nocrm.seeded_rows');
+is(sq('SELECT count(*) FROM nocrm.seeded_rows', db => 'bare'), 0, 'and nothing for a database that changed neither');
+
 $node->stop;
 done_testing();
