@@ -270,6 +270,16 @@ is(item($t3)->{state}, 'done', 'nocrm.smtp_tls_verify = off: encrypted without c
 $m = message_of($t3);
 like($m ? $m->{received}[0] : '', qr/using TLS/, 'still over TLS');
 
+# A CA directory (openssl rehash) instead of a file.
+my $ca_dir = PostgreSQL::Test::Utils::tempdir('cadir');
+system("cp '$pf{ca_file}' '$ca_dir/nocrm-test-ca.pem' && openssl rehash '$ca_dir'") == 0
+  or die 'openssl rehash failed';
+set_nocrm_conf($node, smtp_tls_verify => 'on', smtp_ca_path => $ca_dir);
+my ($t4) = queue_mails([ 'TLS CA directory', 'tls4@client.example' ]);
+drain($node);
+is(item($t4)->{state}, 'done', 'nocrm.smtp_ca_path: verified against a hashed CA directory');
+set_nocrm_conf($node, smtp_ca_path => '');
+
 # --- internationalized addresses --------------------------------------------------
 
 set_nocrm_conf($node, smtp_url => $plain_url, smtp_tls_verify => 'on');
