@@ -154,6 +154,29 @@ COMMENT ON FUNCTION nocrm.stop_worker() IS 'Removes the pg_cron job of the drain
 
 GRANT SET ON PARAMETER nocrm.drain_enabled TO nocrm_admin;
 
+-- A logical subscriber's apply worker runs with session_replication_role =
+-- replica: no automation fires there, and neither does the statement trigger
+-- nocrm_rules_changed.  These row triggers fire only in that mode, so rule
+-- changes that arrive by replication still reach the subscriber's caches.
+CREATE TRIGGER nocrm_rules_changed_replica AFTER INSERT OR UPDATE OR DELETE ON nocrm.automations
+    FOR EACH ROW EXECUTE FUNCTION nocrm.rules_changed_trigger();
+CREATE TRIGGER nocrm_rules_changed_replica AFTER INSERT OR UPDATE OR DELETE ON nocrm.users
+    FOR EACH ROW EXECUTE FUNCTION nocrm.rules_changed_trigger();
+CREATE TRIGGER nocrm_rules_changed_replica AFTER INSERT OR UPDATE OR DELETE ON nocrm.pipelines
+    FOR EACH ROW EXECUTE FUNCTION nocrm.rules_changed_trigger();
+CREATE TRIGGER nocrm_rules_changed_replica AFTER INSERT OR UPDATE OR DELETE ON nocrm.steps
+    FOR EACH ROW EXECUTE FUNCTION nocrm.rules_changed_trigger();
+CREATE TRIGGER nocrm_rules_changed_replica AFTER INSERT OR UPDATE OR DELETE ON nocrm.email_templates
+    FOR EACH ROW EXECUTE FUNCTION nocrm.rules_changed_trigger();
+CREATE TRIGGER nocrm_rules_changed_replica AFTER INSERT OR UPDATE OR DELETE ON nocrm.stage_triggers
+    FOR EACH ROW EXECUTE FUNCTION nocrm.rules_changed_trigger();
+ALTER TABLE nocrm.automations ENABLE REPLICA TRIGGER nocrm_rules_changed_replica;
+ALTER TABLE nocrm.users ENABLE REPLICA TRIGGER nocrm_rules_changed_replica;
+ALTER TABLE nocrm.pipelines ENABLE REPLICA TRIGGER nocrm_rules_changed_replica;
+ALTER TABLE nocrm.steps ENABLE REPLICA TRIGGER nocrm_rules_changed_replica;
+ALTER TABLE nocrm.email_templates ENABLE REPLICA TRIGGER nocrm_rules_changed_replica;
+ALTER TABLE nocrm.stage_triggers ENABLE REPLICA TRIGGER nocrm_rules_changed_replica;
+
 -- ==== mail: EHLO name, TLS trust, From name ====
 -- The new delivery settings are for admins like the others (no credentials among them).
 GRANT SET ON PARAMETER nocrm.mail_from_name, nocrm.smtp_helo_name, nocrm.smtp_ca_file,

@@ -290,7 +290,17 @@ backoff_seconds(int attempts)
 static void
 outcome(QueueItem *item, DeliveryResult *r)
 {
-	if (r->ok)
+	if (r->config_error)
+	{
+		/*
+		 * Our settings, not this message: no attempt is used, and the run
+		 * claims no more emails (delivery.c warned once).
+		 */
+		item->state = "pending";
+		item->released = true;
+		item->error = r->error;
+	}
+	else if (r->ok)
 		item->state = "done";
 	else if (r->permanent || item->attempts >= nocrm_max_attempts)
 	{
@@ -1019,7 +1029,8 @@ nocrm_drain(PG_FUNCTION_ARGS)
 				prune();
 				drain_commit();
 			}
-			n = claim(&items, token, false, keep);
+			/* after a configuration error (delivery.c warned), no more emails this run */
+			n = claim(&items, token, handles.smtp_config_error != NULL, keep);
 			drain_commit();
 
 			if (n > 0)

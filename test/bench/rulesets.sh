@@ -63,7 +63,26 @@ SELECT 'extra ' || g,
   FROM generate_series(1, $1) g;
 EOF
 }
-load_rules() {  # load_rules none|b|c|seed5|seed3|nomatch1000|other10|other10000|rr|assign
+# 1,000 lead.creation rules whose field conditions fail on the bench's leads:
+# numeric thresholds, text equality, IN lists, ranges inside groups.
+field_rules() {
+    cat <<EOF
+INSERT INTO nocrm.automations (name, event, conditions, actions)
+SELECT 'field ' || g, 'lead.creation',
+       CASE g % 4
+         WHEN 0 THEN jsonb_build_object('field', 'amount', 'op', '>', 'value', 1000000000 + g)
+         WHEN 1 THEN jsonb_build_object('field', 'contact_email', 'op', '=', 'value', 'nobody' || g || '@nowhere.test')
+         WHEN 2 THEN jsonb_build_object('field', 'title', 'op', 'in', 'values', jsonb_build_array('t' || g || 'a', 't' || g || 'b'))
+         ELSE jsonb_build_object('all', jsonb_build_array(
+                jsonb_build_object('field', 'probability', 'op', 'between', 'value', jsonb_build_array(101 + g, 200 + g)),
+                jsonb_build_object('any', jsonb_build_array(jsonb_build_object('has_tag', 'x'),
+                                                            jsonb_build_object('field', 'title', 'op', 'contains', 'value', 'zz')))))
+       END,
+       jsonb_build_array(jsonb_build_object('type', 'add_tags', 'tags', jsonb_build_array('field ' || g)))
+  FROM generate_series(1, $1) g;
+EOF
+}
+load_rules() {  # load_rules none|b|c|seed5|seed3|nomatch1000|fields1000|other10|other10000|rr|assign
     local sql="SET client_min_messages = warning; TRUNCATE nocrm.automations RESTART IDENTITY CASCADE;"
     case $1 in
         none) ;;
@@ -72,6 +91,7 @@ load_rules() {  # load_rules none|b|c|seed5|seed3|nomatch1000|other10|other10000
         seed5) sql+="$RULES_SEED5" ;;
         seed3) sql+="$RULES_SEED3" ;;
         nomatch1000) sql+="$(extra_rules 1000 mixed)" ;;
+        fields1000) sql+="$(field_rules 1000)" ;;
         other10) sql+="$(extra_rules 10 other)" ;;
         other10000) sql+="$(extra_rules 10000 other)" ;;
         rr) sql+="SELECT nocrm.create_automation(name=>'rr', event=>'lead.creation', conditions=>'{\"pipeline\":\"Vendite\",\"owner\":null}',

@@ -3,19 +3,27 @@
 # queue through WAL; CALL nocrm.drain() there does nothing (a NOTICE, every
 # item left as it was); once the standby is promoted, a drain runs every
 # item the old primary had queued, nothing lost and nothing twice, and new
-# leads fire automations as before.
+# leads fire automations as before.  A second failover in the middle of a
+# drain: the item in flight is sent again after its lease (same key), the
+# rest of its batch and what was queued after the claim once each.
 use strict;
 use warnings;
 
 use FindBin;
 use lib "$FindBin::RealBin/lib";
 
+use NocrmTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
+my $sink = start_sink();
 my $primary = PostgreSQL::Test::Cluster->new('primary');
 $primary->init(allows_streaming => 1, extra => [ '--encoding=UTF8', '--locale=C' ]);
+# (copied to the standbys with the backups)
+$primary->append_conf('postgresql.conf', join('', map { "nocrm.$_\n" }
+	"smtp_url = '" . $sink->smtp_url . "'", "smtp_tls = 'none'", "mail_from = 'butler\@nocrm.test'",
+	"lease_time = 3", "drain_poll_interval = 50", "request_timeout = 20000"));
 $primary->start;
 $primary->backup('before_extension');
 
@@ -142,5 +150,55 @@ is( $standby->safe_psql('postgres',
 	'1:1', 'and runs the new lead\'s delayed actions');
 $session->quit;
 
-$standby->stop;
+# --- a second failover, in the middle of a drain ---------------------------------------
+
+$standby->backup('after_promotion');
+my $standby2 = PostgreSQL::Test::Cluster->new('standby2');
+$standby2->init_from_backup($standby, 'after_promotion', has_streaming => 1);
+$standby2->start;
+my $slow = $sink->url('/slow/8000');
+$standby->safe_psql('postgres', <<"SQL");
+INSERT INTO nocrm.email_templates (name, subject, body) VALUES ('hello', 'Hello {{lead.title}}', 'Hello');
+SELECT nocrm.create_automation(name => 'hook', event => 'lead.creation', conditions => '{"status": "lost"}',
+  actions => '[{"type": "webhook", "url": "$slow"}]');
+SELECT nocrm.create_automation(name => 'mail', event => 'lead.creation', conditions => '{"status": "standby"}',
+  actions => '[{"type": "send_email", "template": "hello"}]');
+INSERT INTO nocrm.leads (title, status) VALUES ('Hook', 'lost');
+INSERT INTO nocrm.leads (title, status, contact_email)
+  SELECT 'Mail ' || i, 'standby', 'm' || i || '\@client.example' FROM generate_series(1, 3) i;
+SQL
+my $batch = q{SELECT string_agg(id::text, ',' ORDER BY id) FROM nocrm.queue WHERE kind IN ('email', 'webhook')};
+my $claimed = $standby->safe_psql('postgres', $batch);
+my $drain = start_drain($standby);
+ok(wait_for(sub { grep { $_->{path} eq '/slow/8000' } @{ $sink->requests } }, 30, 'the slow webhook to arrive'),
+	'the drain is in the middle of the webhook (the first of its batch: its host comes first)');
+$standby->safe_psql('postgres', q{INSERT INTO nocrm.leads (title, status, contact_email)
+  VALUES ('Mail later', 'standby', 'later@client.example')});
+$standby->wait_for_catchup($standby2, 'replay', $standby->lsn('insert'));
+$standby->stop('immediate');
+finish_drain($drain);
+$standby2->promote;
+$standby2->poll_query_until('postgres', 'SELECT NOT pg_is_in_recovery()')
+  or die 'standby2 was not promoted';
+is( $standby2->safe_psql('postgres',
+		"SELECT string_agg(state || '/' || attempts, ',' ORDER BY id) FROM nocrm.queue WHERE id IN ($claimed)"),
+	'processing/1,processing/1,processing/1,processing/1',
+	'promoted: the batch the old primary had claimed is processing, under its lease');
+is(scalar @{ $sink->mails }, 0, 'no email had gone out yet (the webhook was first)');
+ok( wait_for(sub { $standby2->safe_psql('postgres', 'SELECT bool_and(lease_until < now()) FROM nocrm.queue WHERE state = \'processing\'') eq 't' },
+		30, 'the leases to run out'),
+	'the leases ran out');
+drain($standby2);
+is($standby2->safe_psql('postgres', q{SELECT string_agg(DISTINCT state, ',') FROM nocrm.queue WHERE kind IN ('email', 'webhook')}),
+	'done', 'the new primary delivered everything');
+my %count;
+$count{ join(',', @{ $_->{rcpt_tos} }) }++ for @{ $sink->mails };
+is_deeply(\%count, { 'later@client.example' => 1, map { ("m$_\@client.example" => 1) } 1 .. 3 },
+	'each email was sent once: the three of the interrupted batch and the one queued after its claim');
+my @hooks = grep { $_->{path} eq '/slow/8000' } @{ $sink->requests };
+is(scalar @hooks, 2, 'the webhook in flight at the failover was sent again (at least once)');
+is($hooks[0]{headers}{'idempotency-key'}, $hooks[1]{headers}{'idempotency-key'}, 'with the same Idempotency-Key');
+
+$standby2->stop;
+$sink->stop;
 done_testing();
