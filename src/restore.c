@@ -54,6 +54,7 @@ nocrm_restoring(void)
 	static LocalTransactionId cached_lxid = InvalidLocalTransactionId;
 	static Oid	cached_role = InvalidOid;
 	static bool cached = false;
+	static bool noticed = false;
 	Oid			role;
 
 	if (check_function_bodies || creating_extension)
@@ -64,6 +65,15 @@ nocrm_restoring(void)
 		cached = may_load_history(role);
 		cached_lxid = MyProc->lxid;
 		cached_role = role;
+		/* Once per session: a setting left off by hand should not go unseen. */
+		if (cached && !noticed)
+		{
+			noticed = true;
+			ereport(NOTICE,
+					(errmsg("restore mode: the rows this session writes run no automation, stage trigger or history of nocrm_automation"),
+					 errdetail("check_function_bodies is off, as pg_dump and pg_restore set it, and the role may write nocrm.lead_history."),
+					 errhint("SET check_function_bodies = on to run automations for them.")));
+		}
 	}
 	return cached;
 }
