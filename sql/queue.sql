@@ -45,8 +45,9 @@ UPDATE nocrm.queue SET run_at = now() - interval '1 second' WHERE lead_id = 5;
 CALL nocrm.drain(0);
 SELECT lead_id, action_no, state, last_error FROM nocrm.queue WHERE lead_id = 5 ORDER BY id;
 
--- Emails: with no SMTP server set, items wait and retry, then die; an
--- address that cannot be one dies at once.  Nothing needs a network here.
+-- Emails: with no SMTP server set (a configuration error) items wait
+-- without using an attempt, and a run tries no more emails once it met one;
+-- an address that cannot be one dies at once.  Nothing needs a network here.
 TRUNCATE nocrm.queue;
 SET nocrm.smtp_url = '';
 SET nocrm.retry_base = 60;
@@ -60,12 +61,12 @@ SELECT recipient = 'buyer@client.example' AS good, state, attempts, last_error,
        run_at >= last_attempt_at AS retry_later
   FROM nocrm.queue ORDER BY id;
 UPDATE nocrm.queue SET run_at = now() WHERE state = 'pending';
-CALL nocrm.drain(0);                        -- second and last attempt
+CALL nocrm.drain(0);                        -- still waiting for the setting
 SELECT state, attempts, last_error FROM nocrm.queue ORDER BY id;
 SELECT kind, attempts, last_error FROM nocrm.dead_letters;
 SELECT pending, due, processing, done, dead, cancelled, last_error FROM nocrm.queue_status;
 -- Requeue: all dead items, or by id.
-SELECT nocrm.requeue_dead(ARRAY[(SELECT min(id) FROM nocrm.queue)]);
+SELECT nocrm.requeue_dead(ARRAY[(SELECT min(id) FROM nocrm.queue)]);  -- not dead: nothing
 SELECT state, attempts FROM nocrm.queue ORDER BY id;
 SELECT nocrm.requeue_dead();
 SELECT nocrm.requeue_dead();
