@@ -13,9 +13,11 @@
 # and NOCRM_POSTFIX_TLS_PORT (default 2526, offers STARTTLS with a
 # certificate of a private CA made here with openssl).  The postfix master
 # must start as root, so test/check.sh starts it before the TAP suite and
-# stops it after; the tests skip when it is not running.
+# stops it after; the tests skip when it is not running.  A third port,
+# NOCRM_POSTFIX_SMTPS_PORT (default 2527), speaks TLS from the first byte
+# (smtps://).
 #
-# DIR/env (read by the tests) holds smtp_port, tls_port, ca_file (the private
+# DIR/env (read by the tests) holds smtp_port, tls_port, smtps_port, ca_file (the private
 # CA's certificate), maildir, hostname.  DIR/postfix.log is postfix's log.
 set -euo pipefail
 
@@ -23,6 +25,7 @@ cmd="${1:-}"
 DIR="${2:-${NOCRM_POSTFIX_DIR:-/var/tmp/nocrm-postfix}}"
 PORT="${NOCRM_POSTFIX_PORT:-2525}"
 TLS_PORT="${NOCRM_POSTFIX_TLS_PORT:-2526}"
+SMTPS_PORT="${NOCRM_POSTFIX_SMTPS_PORT:-2527}"
 MX=mx.nocrm.test
 OWNER=postgres
 
@@ -125,10 +128,12 @@ EOF
     cat >>"$DIR/etc/master.cf" <<EOF
 127.0.0.1:$PORT inet n - n - - smtpd
 127.0.0.1:$TLS_PORT inet n - n - - smtpd -o smtpd_tls_security_level=may
+127.0.0.1:$SMTPS_PORT inet n - n - - smtpd -o smtpd_tls_wrappermode=yes -o smtpd_tls_security_level=encrypt
 EOF
     cat >"$DIR/env" <<EOF
 smtp_port=$PORT
 tls_port=$TLS_PORT
+smtps_port=$SMTPS_PORT
 ca_file=$DIR/tls/ca.crt
 maildir=$DIR/Maildir
 hostname=$MX
@@ -158,7 +163,7 @@ start)
     postfix -c "$DIR/etc" start
     for _ in $(seq 1 100); do
         if answers "$PORT" && answers "$TLS_PORT"; then
-            echo "postfix test MTA on 127.0.0.1:$PORT (plain) and :$TLS_PORT (STARTTLS), Maildir $DIR/Maildir"
+            echo "postfix test MTA on 127.0.0.1:$PORT (plain), :$TLS_PORT (STARTTLS), :$SMTPS_PORT (smtps), Maildir $DIR/Maildir"
             exit 0
         fi
         sleep 0.1

@@ -280,6 +280,33 @@ drain($node);
 is(item($t4)->{state}, 'done', 'nocrm.smtp_ca_path: verified against a hashed CA directory');
 set_nocrm_conf($node, smtp_ca_path => '');
 
+# smtps:// (TLS from the first byte), whatever nocrm.smtp_tls says.
+set_nocrm_conf($node, smtp_url => "smtps://127.0.0.1:$pf{smtps_port}", smtp_tls => 'none');
+my ($t5) = queue_mails([ 'smtps without CA', 'tls5@client.example' ]);
+drain($node);
+like(item($t5)->{last_error}, qr/^SMTP TLS: the server's certificate was not accepted .*nocrm\.smtp_ca_file/,
+	'smtps://: the private CA is needed as well');
+set_nocrm_conf($node, smtp_ca_file => $pf{ca_file});
+make_due($t5);
+drain($node);
+is(item($t5)->{state}, 'done', 'smtps:// with nocrm.smtp_ca_file: delivered');
+$m = message_of($t5);
+like($m ? $m->{received}[0] : '', qr/using TLS/, 'over TLS');
+
+# A refused sender is a configuration error too (postfix says so at RCPT).
+set_nocrm_conf($node, smtp_url => $plain_url, smtp_tls => 'try', smtp_ca_file => '', mail_from => 'butler@nodot',
+	smtp_helo_name => 'crm.nocrm.test');
+my ($s1) = queue_mails([ 'Sender refused', 'sender1@client.example' ]);
+my $sender_warn = drain_stderr();
+is(item($s1)->{state}, 'pending', 'sender refused: not a dead letter');
+like(item($s1)->{last_error},
+	qr/^SMTP configuration error: the server refused the sender: check nocrm\.mail_from .*Sender address rejected: need fully-qualified address/,
+	'the error says to check nocrm.mail_from, with the server\'s answer');
+like($sender_warn, qr/WARNING:  nocrm: no email can be sent with the current settings/, 'with the WARNING');
+set_nocrm_conf($node, mail_from => 'butler@nocrm.test', smtp_helo_name => '');
+drain($node);
+is(item($s1)->{state}, 'done', 'delivered once nocrm.mail_from is fixed (no attempt was used up, so it is due at once)');
+
 # --- internationalized addresses --------------------------------------------------
 
 set_nocrm_conf($node, smtp_url => $plain_url, smtp_tls_verify => 'on');
