@@ -1,7 +1,8 @@
 
 # The drain scheduled by pg_cron: nocrm.start_worker() / stop_worker(),
 # queue_status.worker_scheduled, repair of a disabled job, and pg_cron really
-# running CALL nocrm.drain() and delivering.  Without pg_cron, start_worker()
+# running CALL nocrm.drain() and delivering, under a database
+# statement_timeout shorter than its run.  Without pg_cron, start_worker()
 # fails clearly and the drain still works by hand.
 use strict;
 use warnings;
@@ -60,12 +61,19 @@ SKIP:
 	is(sql($node, "SELECT count(*) FROM cron.job WHERE jobname = 'nocrm-drain-postgres' AND active"),
 		1, 'one active job');
 
-	# The real thing: pg_cron starts the drain at the next whole minute.
+	# The real thing: pg_cron starts the drain at the next whole minute, in a
+	# database whose statement_timeout (200 ms) is far below the run (5 s)
+	# and below two slow webhooks (0.5 s each).
+	my $slow = $sink->url('/slow/500');
+	sql($node, qq{SELECT nocrm.create_automation(name => 'slow', event => 'lead.creation',
+	  conditions => '{"status": "standby"}', actions => '[{"type": "webhook", "url": "$slow"}]')});
+	sql($node, q{INSERT INTO nocrm.leads (title, status) VALUES ('Slow 1', 'standby'), ('Slow 2', 'standby')});
+	sql($node, q{ALTER DATABASE postgres SET statement_timeout = '200ms'});
 	$queued_at = time;
 	sql($node, q{INSERT INTO nocrm.leads (title, contact_email) VALUES ('By cron', 'cron@client.example')});
 	$key = sql($node, q{SELECT idempotency_key FROM nocrm.queue WHERE recipient = 'cron@client.example'});
 	like($key, qr/^[0-9a-f-]{36}$/, 'an email is queued for pg_cron\'s drain');
-	is(sql($node, 'SELECT due FROM nocrm.queue_status'), 1, 'queue_status shows it due');
+	is(sql($node, 'SELECT due FROM nocrm.queue_status'), 3, 'queue_status shows it due (with the two webhooks)');
 }
 
 # --- without pg_cron (while pg_cron's minute comes) -------------------------------
@@ -97,15 +105,17 @@ $plain->stop;
 
 SKIP:
 {
-	skip 'start_worker() failed', 7 unless $scheduled;
+	skip 'start_worker() failed', 9 unless $scheduled;
 	ok( wait_for(
 			sub { grep { ($_->{message_id} // '') eq "<$key\@nocrm.test>" } @{ $sink->mails } },
 			75 - (time - $queued_at),
 			'pg_cron to run the drain'),
 		'pg_cron ran the drain and the email was delivered (within 75 s)');
 	note sprintf('delivered %.1f s after it was queued', time - $queued_at);
-	is(sql($node, q{SELECT state FROM nocrm.queue WHERE recipient = 'cron@client.example'}),
-		'done', 'the item is done');
+	ok( wait_for(
+			sub { sql($node, q{SELECT state FROM nocrm.queue WHERE recipient = 'cron@client.example'}) eq 'done' },
+			15, 'the batch to be recorded'),
+		'the item is done');
 	ok( wait_for(
 			sub {
 				sql($node, "SELECT count(*) FROM cron.job_run_details WHERE jobid = $job AND status = 'succeeded'") > 0;
@@ -113,7 +123,11 @@ SKIP:
 			15, 'the cron run (drain_run_time = 5 s) to end'),
 		'cron.job_run_details records a successful run of the job');
 	is(sql($node, "SELECT count(*) FROM cron.job_run_details WHERE jobid = $job AND status = 'failed'"),
-		0, 'and no failed run');
+		0, 'and no failed run (the database statement_timeout of 200 ms did not cancel it)');
+	is(sql($node, q{SELECT string_agg(state, ',' ORDER BY id) FROM nocrm.queue WHERE kind = 'webhook'}),
+		'done,done', 'the two 0.5 s webhooks were delivered by that run');
+	is(scalar(grep { $_->{path} eq '/slow/500' } @{ $sink->requests }), 2, 'once each');
+	sql($node, q{ALTER DATABASE postgres RESET statement_timeout});
 
 	# --- stop_worker ---
 	is(sql($node, 'SELECT nocrm.stop_worker()'), 't', 'stop_worker() returns true');
