@@ -181,7 +181,7 @@ ALTER TABLE nocrm.stage_triggers ENABLE REPLICA TRIGGER nocrm_rules_changed_repl
 -- The new delivery settings are for admins like the others (no credentials among them).
 GRANT SET ON PARAMETER nocrm.mail_from_name, nocrm.smtp_helo_name, nocrm.smtp_ca_file,
     nocrm.smtp_ca_path, nocrm.smtp_tls_verify, nocrm.smtp_tls_server_name,
-    nocrm.http_ca_file, nocrm.http_ca_path
+    nocrm.smtp_tls_pinned_key, nocrm.http_ca_file, nocrm.http_ca_path
     TO nocrm_admin;
 
 CREATE FUNCTION nocrm.email_message(recipient text, subject text, body text,

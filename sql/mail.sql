@@ -103,12 +103,15 @@ SET nocrm.smtp_helo_name = '[1.2.3.4x]';
 SET nocrm.smtp_tls_server_name = 'mx example';
 SET nocrm.mail_from_name = E'Two\nlines';
 SET nocrm.smtp_tls_verify = 'maybe';
+SET nocrm.smtp_tls_pinned_key = 'md5//abc';
 \set VERBOSITY default
 SET nocrm.smtp_helo_name = 'db1.crm.example';
 SET nocrm.smtp_helo_name = '[192.0.2.1]';
 SET nocrm.smtp_helo_name = '[IPv6:2001:db8::1]';
 SET nocrm.smtp_tls_server_name = 'mx.crm.example';
 SET nocrm.smtp_tls_verify = off;
+SET nocrm.smtp_tls_pinned_key = 'sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=;sha256//t62CeU2tQiqkexU74Gxa2eg7fRbEgoChTociMee9wno=';
+SHOW nocrm.smtp_tls_pinned_key;
 SHOW nocrm.smtp_helo_name;
 SHOW nocrm.smtp_tls_server_name;
 SHOW nocrm.smtp_tls_verify;

@@ -857,6 +857,8 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 			SMTP_SETOPT(CURLOPT_CAINFO, nocrm_smtp_ca_file);
 		if (nocrm_smtp_ca_path && nocrm_smtp_ca_path[0])
 			SMTP_SETOPT(CURLOPT_CAPATH, nocrm_smtp_ca_path);
+		if (nocrm_smtp_tls_pinned_key && nocrm_smtp_tls_pinned_key[0])
+			SMTP_SETOPT(CURLOPT_PINNEDPUBLICKEY, nocrm_smtp_tls_pinned_key);
 		if (nocrm_smtp_user && nocrm_smtp_user[0])
 		{
 			SMTP_SETOPT(CURLOPT_USERNAME, nocrm_smtp_user);
@@ -914,6 +916,14 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 									"names the server otherwise), or nocrm.smtp_tls_verify = off to "
 									"encrypt without checking the certificate",
 									curl_easy_strerror(res), errbuf[0] ? ": " : "", errbuf));
+		goto out;
+	}
+	if (res == CURLE_SSL_PINNEDPUBKEYNOTMATCH)
+	{
+		config_error(h, r, psprintf("SMTP TLS: the server's public key does not match "
+									"nocrm.smtp_tls_pinned_key (%s%s%s); set it to the key the server "
+									"has now, or empty it", curl_easy_strerror(res),
+									errbuf[0] ? ": " : "", errbuf));
 		goto out;
 	}
 	if (res == CURLE_USE_SSL_FAILED)

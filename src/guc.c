@@ -27,6 +27,7 @@ char	   *nocrm_smtp_ca_file = NULL;
 char	   *nocrm_smtp_ca_path = NULL;
 bool		nocrm_smtp_tls_verify = true;
 char	   *nocrm_smtp_tls_server_name = NULL;
+char	   *nocrm_smtp_tls_pinned_key = NULL;
 char	   *nocrm_http_ca_file = NULL;
 char	   *nocrm_http_ca_path = NULL;
 char	   *nocrm_push_url = NULL;
@@ -112,6 +113,18 @@ check_host_name(char **newval, void **extra, GucSource source)
 		return false;
 	}
 	return true;
+}
+
+/* A public key pin as libcurl takes it: sha256//<base64>[;sha256//...], or a key file. */
+static bool
+check_pinned_key(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+
+	if (v == NULL || v[0] == '\0' || v[0] == '/' || strncmp(v, "sha256//", 8) == 0)
+		return true;
+	GUC_check_errdetail("Give sha256//<base64 of the SHA-256 of the public key> (several separated by ;), or the absolute path of a PEM or DER public key file.");
+	return false;
 }
 
 /* A display name: text on one line. */
@@ -220,6 +233,10 @@ nocrm_define_gucs(void)
 							   "Name expected in the SMTP server's certificate when nocrm.smtp_url names it otherwise (e.g. by IP).",
 							   NULL, &nocrm_smtp_tls_server_name, "", PGC_SUSET, 0,
 							   check_host_name, NULL, NULL);
+	DefineCustomStringVariable("nocrm.smtp_tls_pinned_key",
+							   "Public key the SMTP server's certificate must carry: sha256//<base64>[;...] or a key file; checked even with nocrm.smtp_tls_verify off.",
+							   NULL, &nocrm_smtp_tls_pinned_key, "", PGC_SUSET, 0,
+							   check_pinned_key, NULL, NULL);
 	DefineCustomStringVariable("nocrm.http_ca_file",
 							   "CA certificates (PEM file) for https webhooks and the push gateway; empty = the system store.",
 							   NULL, &nocrm_http_ca_file, "", PGC_SUSET, 0, NULL, NULL, NULL);

@@ -284,6 +284,7 @@ extern char *nocrm_smtp_ca_file;
 extern char *nocrm_smtp_ca_path;
 extern bool nocrm_smtp_tls_verify;
 extern char *nocrm_smtp_tls_server_name;
+extern char *nocrm_smtp_tls_pinned_key;
 extern char *nocrm_http_ca_file;
 extern char *nocrm_http_ca_path;
 extern char *nocrm_push_url;

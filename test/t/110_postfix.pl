@@ -293,6 +293,22 @@ is(item($t5)->{state}, 'done', 'smtps:// with nocrm.smtp_ca_file: delivered');
 $m = message_of($t5);
 like($m ? $m->{received}[0] : '', qr/using TLS/, 'over TLS');
 
+# A pinned public key: trusted without a CA, and nothing else is.
+my $pin = `openssl x509 -in '$pfdir/tls/server.crt' -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64`;
+chomp $pin;
+like($pin, qr{^[A-Za-z0-9+/]{43}=$}, 'the server key\'s SHA-256 pin');
+set_nocrm_conf($node, smtp_url => $tls_url, smtp_tls => 'require', smtp_ca_file => '', smtp_tls_verify => 'off',
+	smtp_tls_pinned_key => 'sha256//AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=');
+my ($p1) = queue_mails([ 'Pinned, wrong key', 'pin1@client.example' ]);
+drain($node);
+is(item($p1)->{state}, 'pending', 'a key that does not match the pin: not sent, not dead');
+like(item($p1)->{last_error}, qr/^SMTP TLS: the server's public key does not match nocrm\.smtp_tls_pinned_key /,
+	'the error names nocrm.smtp_tls_pinned_key');
+set_nocrm_conf($node, smtp_tls_pinned_key => "sha256//$pin");
+drain($node);
+is(item($p1)->{state}, 'done', 'with the right pin it is delivered (no CA needed)');
+set_nocrm_conf($node, smtp_tls_pinned_key => '', smtp_tls_verify => 'on');
+
 # A refused sender is a configuration error too (postfix says so at RCPT).
 set_nocrm_conf($node, smtp_url => $plain_url, smtp_tls => 'try', smtp_ca_file => '', mail_from => 'butler@nodot',
 	smtp_helo_name => 'crm.nocrm.test');
