@@ -644,6 +644,8 @@ reply_about_us(const SmtpTrace *t, long code)
 }
 
 /* The default EHLO name: the domain of nocrm.mail_from, else the host's FQDN. */
+static char *host_fqdn = NULL;
+
 static char *
 default_helo_name(void)
 {
@@ -660,6 +662,9 @@ default_helo_name(void)
 		if (strchr(domain, '.') != NULL)
 			return domain;
 	}
+	/* the host's name does not change: looked up once per backend */
+	if (host_fqdn)
+		return pstrdup(host_fqdn);
 	if (gethostname(host, sizeof(host)) != 0)
 		return NULL;
 	host[sizeof(host) - 1] = '\0';
@@ -671,7 +676,8 @@ default_helo_name(void)
 			name = pstrdup(res->ai_canonname);
 		freeaddrinfo(res);
 	}
-	return name ? name : pstrdup(host);
+	host_fqdn = MemoryContextStrdup(TopMemoryContext, name ? name : host);
+	return pstrdup(host_fqdn);
 }
 
 /*
