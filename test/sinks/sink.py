@@ -36,9 +36,9 @@ SMTP behaviour by recipient address (case-insensitive prefix of the address):
     reject...        -> 550 5.1.1 no such user        (at RCPT)
     datatempfail...  -> 451 4.3.0 try again later     (at end of DATA; not recorded)
     datafail...      -> 554 5.6.0 message rejected    (at end of DATA; not recorded)
-    slowMS-...       -> wait MS milliseconds at the end of DATA, then 250 (the
-                        message is recorded when the wait is over and only if
-                        the client is still connected), e.g. slow3000-a@x.example
+    slowMS-...       -> wait MS milliseconds before answering RCPT, then 250
+                        (a client that gives up meanwhile has sent no message),
+                        e.g. slow3000-a@x.example
   Everything else is accepted with 250.
   AUTH PLAIN/LOGIN is always advertised (no TLS needed).  Without
   --smtp-user any credentials are accepted and AUTH is optional; with
@@ -137,6 +137,9 @@ class SmtpHandler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         a = address.lower()
+        m = re.match(r"slow(\d+)-", a)
+        if m:
+            await asyncio.sleep(int(m.group(1)) / 1000.0)
         if a.startswith("tempfail"):
             return "451 4.3.0 try again later"
         if a.startswith("reject"):
@@ -147,13 +150,6 @@ class SmtpHandler:
 
     async def handle_DATA(self, server, session, envelope):
         rcpts = [r.lower() for r in envelope.rcpt_tos]
-        for r in rcpts:
-            m = re.match(r"slow(\d+)-", r)
-            if m:
-                await asyncio.sleep(int(m.group(1)) / 1000.0)
-                if session.peer is None or server.transport is None \
-                        or server.transport.is_closing():
-                    return "421 4.4.2 client went away"
         if any(r.startswith("datatempfail") for r in rcpts):
             return "451 4.3.0 try again later"
         if any(r.startswith("datafail") for r in rcpts):

@@ -20,7 +20,7 @@ use JSON::PP;
 use NocrmTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(usleep);
+use Time::HiRes qw(time usleep);
 
 my $sink = start_sink();
 my $other = start_sink();    # a second receiving host (another port)
@@ -181,6 +181,37 @@ $stopper->quit;
 is(scalar @{ $sink->requests }, 1, 'and sent nothing');
 
 sql($node, 'SELECT nocrm.cancel_queue_item(id) FROM nocrm.queue WHERE id IN (' . join(',', @batch) . ')');
+
+# pg_cancel_backend in the middle of an SMTP transfer (the server waits 6 s
+# before its answer to RCPT): the email was not sent, it goes again.
+$sink->control('reset');
+my $mail_rule = sql($node, <<'SQL');
+INSERT INTO nocrm.email_templates (name, subject, body) VALUES ('hello', 'Hello {{lead.title}}', 'Hello');
+SELECT nocrm.create_automation(name => 'slow mail', event => 'lead.creation', conditions => '{"status": "lost"}',
+  actions => '[{"type": "send_email", "template": "hello", "to": "slow6000-anna@client.example"}]');
+SQL
+sql($node, q{INSERT INTO nocrm.leads (title, status) VALUES ('Slow mail', 'lost')});
+sql($node, "SELECT nocrm.delete_automation($mail_rule)");
+my $mail = sql($node, q{SELECT id FROM nocrm.queue WHERE kind = 'email' AND recipient LIKE 'slow6000-%'});
+$drain = start_drain($node);
+ok(wait_for(sub { sql($node, "SELECT state FROM nocrm.queue WHERE id = $mail") eq 'processing' }, 30,
+	'the drain to claim the email'), 'the drain claimed the email');
+usleep(1_500_000);    # in the middle of the server's 6 s wait
+is( sql($node,
+		q{SELECT pg_cancel_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = 'nocrm.queue'::regclass AND objid = 1 AND objsubid = 2}),
+	't', 'pg_cancel_backend() of the drain');
+my $cancelled_at = time;
+ok(!finish_drain($drain), 'the cancelled drain reports an error');
+note sprintf('the drain ended %.1f s after the cancel', time - $cancelled_at);
+like($drain->{stderr}, qr/canceling statement due to user request/, 'the cancel');
+my $m = row($mail);
+is("$m->{state}/$m->{attempts}", 'pending/0', 'the email cut short is pending, its attempt given back');
+like($m->{last_error}, qr/^delivery interrupted by a cancel of the drain/, 'with why');
+is(scalar @{ $sink->mails }, 0, 'the server did not accept it');
+drain($node);
+is(row($mail)->{state}, 'done', 'the next drain delivers it');
+is(scalar @{ $sink->mails }, 1, 'once');
+
 set_nocrm_conf($node, request_timeout => 2000);
 
 # --- a hanging receiver and the others ------------------------------------------------
