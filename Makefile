@@ -4,6 +4,7 @@ OBJS = \
 	src/actions.o \
 	src/assign.o \
 	src/chain.o \
+	src/dates.o \
 	src/definition.o \
 	src/delivery.o \
 	src/dispatch.o \

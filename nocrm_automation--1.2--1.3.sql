@@ -85,6 +85,8 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION nocrm.reorder_automations(integer[]) IS 'Gives the listed automations positions 10, 20, ... in list order; the others keep theirs.';
 
+REVOKE ALL ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean, boolean),
+    nocrm.reorder_automations(integer[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nocrm.set_automation_options(integer, integer, boolean, boolean, interval, boolean, boolean),
     nocrm.reorder_automations(integer[]) TO nocrm_admin;
 
@@ -220,6 +222,7 @@ BEGIN
     END LOOP;
 END $$;
 COMMENT ON FUNCTION nocrm.protect_rule_columns() IS 'Event trigger: refuses to drop a column of nocrm.leads that a field condition reads.';
+REVOKE ALL ON FUNCTION nocrm.protect_rule_columns() FROM PUBLIC;
 CREATE EVENT TRIGGER nocrm_protect_rule_columns ON sql_drop
     EXECUTE FUNCTION nocrm.protect_rule_columns();
 
@@ -361,3 +364,74 @@ SELECT pg_catalog.pg_extension_config_dump('nocrm.seeded_rows',
 REVOKE ALL ON FUNCTION nocrm.restore_seeded_row(text, jsonb), nocrm.seeded_rows_load(),
     nocrm.seeded_rows_keep() FROM PUBLIC;
 GRANT SELECT ON nocrm.seeded_rows TO nocrm_admin;
+
+-- ==== date rules ====
+-- lead.date.reached: an automation fires at its target date column +
+-- date_offset.  Writes of a lead schedule one pending row per rule here (C,
+-- dates.c); the drain fires what is due through the partial index.
+ALTER TABLE nocrm.automations ADD COLUMN date_offset interval NOT NULL DEFAULT '0';
+COMMENT ON COLUMN nocrm.automations.date_offset IS 'lead.date.reached only: when after (or, negative, before) the target date column it fires, e.g. ''-3 days''.';
+
+CREATE TABLE nocrm.date_firings (
+    automation_id  integer NOT NULL REFERENCES nocrm.automations ON DELETE CASCADE,
+    lead_id        bigint NOT NULL REFERENCES nocrm.leads ON DELETE CASCADE,
+    date_value     timestamptz NOT NULL,
+    due_at         timestamptz NOT NULL,
+    state          text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'fired', 'skipped', 'failed')),
+    scheduled_at   timestamptz NOT NULL DEFAULT now(),
+    done_at        timestamptz,
+    detail         text,
+    PRIMARY KEY (automation_id, lead_id, date_value)
+);
+CREATE INDEX date_firings_due_idx ON nocrm.date_firings (due_at) WHERE state = 'pending';
+CREATE INDEX date_firings_lead_idx ON nocrm.date_firings (lead_id);
+COMMENT ON TABLE nocrm.date_firings IS 'Date rules (lead.date.reached): one row per automation, lead and date value; pending until due_at, then fired, skipped (conditions no longer held; detail says why) or failed (the error).';
+SELECT pg_catalog.pg_extension_config_dump('nocrm.date_firings', '');
+GRANT SELECT ON nocrm.date_firings TO nocrm_admin, nocrm_agent;
+
+-- A date rule created, enabled or changed: the leads whose date is still
+-- ahead are scheduled (past dates are not fired after the fact).
+-- As the owner: an admin writes automations but cannot write date_firings.
+CREATE FUNCTION nocrm.schedule_date_rule() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND (NEW.event, NEW.target, NEW.date_offset, NEW.enabled)
+                            IS NOT DISTINCT FROM (OLD.event, OLD.target, OLD.date_offset, OLD.enabled) THEN
+        RETURN NULL;
+    END IF;
+    DELETE FROM nocrm.date_firings f WHERE f.automation_id = NEW.id AND f.state = 'pending';
+    IF NEW.event = 'lead.date.reached' AND NEW.enabled THEN
+        EXECUTE format($q$INSERT INTO nocrm.date_firings (automation_id, lead_id, date_value, due_at)
+                          SELECT $1, l.id, l.%1$I::timestamptz, l.%1$I::timestamptz + $2
+                            FROM nocrm.leads l
+                           WHERE l.%1$I IS NOT NULL AND l.%1$I::timestamptz + $2 >= now()
+                          ON CONFLICT DO NOTHING$q$, NEW.target)
+          USING NEW.id, NEW.date_offset;
+    END IF;
+    RETURN NULL;
+END $$;
+-- (a restore brings date_firings back as they were)
+CREATE TRIGGER nocrm_schedule_date_rule_insert AFTER INSERT ON nocrm.automations
+    FOR EACH ROW WHEN (NEW.event = 'lead.date.reached' AND NOT nocrm.restoring())
+    EXECUTE FUNCTION nocrm.schedule_date_rule();
+CREATE TRIGGER nocrm_schedule_date_rule_update AFTER UPDATE ON nocrm.automations
+    FOR EACH ROW WHEN ((NEW.event = 'lead.date.reached' OR OLD.event = 'lead.date.reached')
+                       AND NOT nocrm.restoring())
+    EXECUTE FUNCTION nocrm.schedule_date_rule();
+
+CREATE FUNCTION nocrm.fire_due_date_rules(max integer DEFAULT 100) RETURNS integer
+    AS 'MODULE_PATHNAME', 'nocrm_fire_due_date_rules' LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION nocrm.fire_due_date_rules(integer) IS 'Fires up to max date rules that are due (what each round of the drain does); returns how many were handled.';
+
+CREATE FUNCTION nocrm.set_date_offset(id integer, date_offset interval) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    UPDATE nocrm.automations a SET date_offset = set_date_offset.date_offset WHERE a.id = set_date_offset.id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'automation % does not exist', set_date_offset.id USING ERRCODE = 'no_data_found';
+    END IF;
+END $$;
+COMMENT ON FUNCTION nocrm.set_date_offset(integer, interval) IS 'Sets when a lead.date.reached automation fires relative to its date column, e.g. ''-3 days''; pending firings are scheduled again.';
+REVOKE ALL ON FUNCTION nocrm.schedule_date_rule(), nocrm.fire_due_date_rules(integer),
+    nocrm.set_date_offset(integer, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.set_date_offset(integer, interval) TO nocrm_admin;

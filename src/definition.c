@@ -25,6 +25,7 @@ const char *const nocrm_event_names[EV_COUNT] = {
 	[EV_COMMENTED] = "lead.commented",
 	[EV_EMAIL_RECEIVED] = "lead.email.received",
 	[EV_DELETED] = "lead.deleted",
+	[EV_DATE_REACHED] = "lead.date.reached",
 };
 
 const char *const nocrm_action_names[ACT_COUNT] = {
@@ -1234,6 +1235,32 @@ compile_conditions(DefContext *cx, Jsonb *conditions, Rule *rule)
 	rule->where = compile_node(cx, &conditions->root, rule->event, 1, rule);
 }
 
+/* lead.date.reached: the target names a date or time column of nocrm.leads. */
+static void
+date_target(DefContext *cx, const char *target, Rule *rule)
+{
+	FieldCond	f;
+	Oid			base;
+
+	if (target == NULL || target[0] == '\0')
+		invalid(cx, "event lead.date.reached needs a target: the date column",
+				"E.g. target => 'next_action_at', with date_offset => '-3 days' for three days before it.");
+	memset(&f, 0, sizeof(f));
+	if (!nocrm_field_cond_init(&f, nocrm_leads_relid(), target))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("invalid automation \"%s\": nocrm.leads has no column %s", cx->automation,
+						quote_identifier(target)),
+				 errdetail("The problem is in %s.", cx->where),
+				 errhint("The target of lead.date.reached is a date, timestamp or timestamptz column.")));
+	base = getBaseType(f.typid);
+	if (base != DATEOID && base != TIMESTAMPOID && base != TIMESTAMPTZOID)
+		invalid(cx, psprintf("column %s is %s, not a date or time", target, format_type_be(f.typid)),
+				"The target of lead.date.reached is a date, timestamp or timestamptz column.");
+	rule->date_attnum = f.attnum;
+	rule->date_typid = f.typid;
+}
+
 /*
  * Checks a definition and returns the compiled rule, in CurrentMemoryContext.
  * Any problem raises an error.  Must be called inside an SPI connection.
@@ -1251,7 +1278,7 @@ nocrm_compile_rule(int32 id, const char *name, const char *event,
 	rule->event = nocrm_event_from_name(event);
 	if (rule->event == EV_COUNT)
 		invalid(&cx, psprintf("unknown event %s", quote_literal_cstr(event)),
-				"Events are lead.creation, lead.deleted, lead.any_update, lead.status.changed.to, lead.step.changed.to, lead.assigned, lead.unassigned, lead.content_has_changed, lead.commented and lead.email.received.");
+				NOCRM_EVENT_HINT);
 
 	cx.where = "target";
 	if (rule->event == EV_STATUS_CHANGED || rule->event == EV_STEP_CHANGED)
@@ -1282,9 +1309,11 @@ nocrm_compile_rule(int32 id, const char *name, const char *event,
 			resolve_steps(&cx, &tv, &rule->target_steps, &rule->ntarget_steps);
 		}
 	}
+	else if (rule->event == EV_DATE_REACHED)
+		date_target(&cx, target, rule);
 	else if (target != NULL)
 		invalid(&cx, psprintf("event %s takes no target", event),
-				"Only lead.status.changed.to and lead.step.changed.to have a target; filter with conditions instead.");
+				"Only lead.status.changed.to, lead.step.changed.to and lead.date.reached have a target; filter with conditions instead.");
 
 	compile_conditions(&cx, conditions, rule);
 

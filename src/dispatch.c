@@ -183,6 +183,18 @@ run_rule(Rule *rule, LeadState *lead, RaisedEvent *ev)
 }
 
 /*
+ * Runs one rule for a lead outside any change (a date rule falling due,
+ * dates.c), as the Butler, with no person behind it; its writes flushed.
+ */
+void
+nocrm_run_rule_alone(Rule *rule, LeadState *lead, RaisedEvent *ev)
+{
+	nocrm_set_root_actor(-1);
+	run_rule(rule, lead, ev);
+	nocrm_flush_writes();
+}
+
+/*
  * Runs an action that was queued with a delay, now that it is due.  Returns
  * NULL when it ran, or why it was not run (the item is then cancelled).
  * The action runs as it was queued, as its automation, outside any event;

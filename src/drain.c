@@ -1015,7 +1015,8 @@ nocrm_drain(PG_FUNCTION_ARGS)
 		{
 			QueueItem  *items;
 			char	   *token;
-			int			n;
+			int			n,
+						fired;
 
 			CHECK_FOR_INTERRUPTS();
 			/* a round's allocations all go with it */
@@ -1029,6 +1030,10 @@ nocrm_drain(PG_FUNCTION_ARGS)
 				prune();
 				drain_commit();
 			}
+			/* date rules that fell due (dates.c), before the queue's items */
+			fired = nocrm_fire_due_dates(nocrm_drain_batch_size);
+			drain_commit();
+
 			/* after a configuration error (delivery.c warned), no more emails this run */
 			n = claim(&items, token, handles.smtp_config_error != NULL, keep);
 			drain_commit();
@@ -1056,6 +1061,8 @@ nocrm_drain(PG_FUNCTION_ARGS)
 					break;
 				continue;
 			}
+			if (fired > 0 && GetCurrentTimestamp() < deadline)
+				continue;		/* more may be due */
 			if (GetCurrentTimestamp() >= deadline)
 				break;
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

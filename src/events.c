@@ -421,6 +421,8 @@ lead_row_events(char op, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc)
 	 * first, only change their own leads.
 	 */
 	lead.latest_locked = !lead.deleted;
+	if (op != 'D' && nocrm_automations_enabled && nocrm_date_rules_exist())
+		nocrm_schedule_dates(lead.id, oldtup, newtup, desc);
 	if (nevents > 0)
 		nocrm_dispatch(&lead, events, nevents);
 }

@@ -52,7 +52,7 @@ build_event(RaisedEvent *ev, LeadState *lead, const char *event, const char *tar
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("unknown event \"%s\"", event),
-				 errhint("Events are lead.creation, lead.deleted, lead.any_update, lead.status.changed.to, lead.step.changed.to, lead.assigned, lead.unassigned, lead.content_has_changed, lead.commented and lead.email.received.")));
+				 errhint(NOCRM_EVENT_HINT)));
 	if ((ev->event == EV_STATUS_CHANGED || ev->event == EV_STEP_CHANGED) && target == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -154,6 +154,25 @@ changed_column(RaisedEvent *ev)
 	return NULL;
 }
 
+/* A date rule's pending firing for the lead: {"next_firing": due_at or null}. */
+static Jsonb *
+with_next_firing(Jsonb *conditions, int32 automation_id, int64 lead_id)
+{
+	Oid			types[3] = {INT4OID, INT8OID, JSONBOID};
+	Datum		args[3] = {Int32GetDatum(automation_id), Int64GetDatum(lead_id),
+	JsonbPGetDatum(conditions)};
+	bool		isnull;
+	int			ret;
+
+	ret = SPI_execute_with_args("SELECT $3 || jsonb_build_object('next_firing',"
+								" (SELECT min(due_at) FROM nocrm.date_firings"
+								"   WHERE automation_id = $1 AND lead_id = $2 AND state = 'pending'))",
+								3, types, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "reading date firings failed: %s", SPI_result_code_string(ret));
+	return DatumGetJsonbPCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
 static void
 explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const char *event)
 {
@@ -198,6 +217,8 @@ explain_automations(ExplainOut *out, LeadState *lead, RaisedEvent *ev, const cha
 			/* the target check alone: conditions are reported one by one */
 			target_ok = nocrm_rule_matches_target(rule, &probe);
 			conditions = nocrm_conditions_report(rule, lead, changed_column(ev), &failed);
+			if (rule->event == EV_DATE_REACHED)
+				conditions = with_next_firing(conditions, id, lead->id);
 		}
 		if (!enabled)
 			reason = "disabled";

@@ -310,6 +310,9 @@ lead_wanted(GateKey *k, TupleTableSlot *oldslot, TupleTableSlot *newslot)
 	if (!wanted && where != 0)
 		wanted = (oldslot == NULL && newslot == NULL) ||	/* no row to judge: maybe */
 			where_row_matters(k, where, oldslot, newslot);
+	/* a date rule's column set or changed: the trigger schedules it */
+	if (!wanted && k->op != 'D' && nocrm_date_rules_exist())
+		wanted = (oldslot == NULL && newslot == NULL) || nocrm_dates_row_changed(oldslot, newslot);
 	if (!wanted)
 		check_actor();
 	return wanted;

@@ -25,10 +25,15 @@ typedef enum NocrmEvent
 	EV_COMMENTED,
 	EV_EMAIL_RECEIVED,
 	EV_DELETED,
+	EV_DATE_REACHED,			/* raised by the drain when a date rule falls due */
 	EV_COUNT
 } NocrmEvent;
 
 extern const char *const nocrm_event_names[EV_COUNT];
+
+#define NOCRM_EVENT_HINT "Events are lead.creation, lead.deleted, lead.any_update, lead.status.changed.to," \
+	" lead.step.changed.to, lead.assigned, lead.unassigned, lead.content_has_changed, lead.commented," \
+	" lead.email.received and lead.date.reached."
 
 /* Lead statuses as bits, so a condition is one AND. */
 #define STATUS_TODO			0x01
@@ -203,6 +208,10 @@ typedef struct Rule
 	bool		stop_processing;	/* once it ran, later rules skip this event */
 	bool		once_per_lead;
 	bool		on_creation;	/* *.changed.to: also a lead created so */
+	/* lead.date.reached: the date column (the target) and when after it */
+	AttrNumber	date_attnum;
+	Oid			date_typid;
+	Interval	date_offset;
 	bool		has_min_interval;	/* at_most_every is set */
 	Interval	at_most_every;
 } Rule;
@@ -212,7 +221,7 @@ typedef struct Rule
  * (nocrm_compile_stored): nocrm_rule_columns() selects these
  * NOCRM_RULE_NCOLUMNS, in NOCRM_RULE_ORDER.
  */
-#define NOCRM_RULE_NCOLUMNS 12
+#define NOCRM_RULE_NCOLUMNS 13
 #define NOCRM_RULE_ORDER "position, id"
 
 /* The lead as the rules see it. */
@@ -401,12 +410,19 @@ extern void nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, cons
 								const char *outcome, const char *actions, int nactions,
 								const char *detail);
 
+/* dates.c: date rules (lead.date.reached), scheduled on writes, fired by the drain */
+extern bool nocrm_date_rules_exist(void);
+extern void nocrm_schedule_dates(int64 lead_id, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc);
+extern bool nocrm_dates_row_changed(struct TupleTableSlot *oldslot, struct TupleTableSlot *newslot);
+extern int	nocrm_fire_due_dates(int max);
+
 /* enrollment.c: once_per_lead and at_most_every */
 extern bool nocrm_enrollment_admits(Rule *rule, int64 lead_id, bool record, const char **why);
 
 /* dispatch.c: run the rules for raised events */
 extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
 extern void nocrm_dispatch_init(void);
+extern void nocrm_run_rule_alone(Rule *rule, LeadState *lead, RaisedEvent *ev);
 extern const char *nocrm_run_delayed(int32 automation_id, int action_no, int64 lead_id,
 									 const char *event, Jsonb *definition, int64 actor);
 

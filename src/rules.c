@@ -227,6 +227,7 @@ nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error)
 				rule->at_most_every = *DatumGetIntervalP(every);
 		}
 		rule->on_creation = DatumGetBool(SPI_getbinval(tuple, desc, 12, &isnull));
+		rule->date_offset = *DatumGetIntervalP(SPI_getbinval(tuple, desc, 13, &isnull));
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -267,9 +268,9 @@ nocrm_rule_columns(void)
 
 	return has_options
 		? "id, name, event, target, conditions, actions, mode = 'test', position, stop_processing,"
-		" once_per_lead, at_most_every, on_creation"
+		" once_per_lead, at_most_every, on_creation, date_offset"
 		: "id, name, event, target, conditions, actions, mode = 'test', 0 AS position, false, false,"
-		" NULL::interval, false";
+		" NULL::interval, false, '0'::interval";
 }
 
 static const char *
@@ -975,6 +976,18 @@ check_options(HeapTuple tuple, TupleDesc desc, const char *name, const char *eve
 	on_creation = DatumGetBool(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "on_creation"), &isnull));
 	every = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "at_most_every"), &isnull);
 
+	{
+		bool		offset_null;
+		Datum		offset = SPI_getbinval(tuple, desc, SPI_fnumber(desc, "date_offset"), &offset_null);
+
+		if (!offset_null && event && strcmp(event, "lead.date.reached") != 0 &&
+			!DatumGetBool(DirectFunctionCall2(interval_eq, offset, IntervalPGetDatum(&zero))))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("date_offset of automation \"%s\" needs the lead.date.reached event", name),
+					 errdetail("Its event is %s.", event),
+					 errhint("date_offset says when a date rule fires: e.g. '-3 days' before its date column.")));
+	}
 	if (on_creation && event &&
 		strcmp(event, "lead.status.changed.to") != 0 && strcmp(event, "lead.step.changed.to") != 0)
 		ereport(ERROR,
