@@ -157,6 +157,9 @@ SELECT nocrm.create_automation(name => 'Vendite: richiamare', event => 'lead.cre
                {"type": "comment", "body": "Una settimana dopo", "delay": "7 days"}]');
 SELECT nocrm.set_automation_options(id, once_per_lead => true) FROM nocrm.automations
  WHERE name = 'Vendite: richiamare';
+SELECT nocrm.create_automation(name => 'Richiamo', event => 'lead.date.reached', target => 'next_action_at',
+  actions => '[{"type": "comment", "body": "Oggi si richiama"}]');
+SELECT nocrm.set_date_offset(id, '-1 day') FROM nocrm.automations WHERE name = 'Richiamo';
 SELECT nocrm.create_automation(name => 'Prova standby', event => 'lead.creation', mode => 'test',
   actions => '[{"type": "set_status", "status": "standby"}]');
 SELECT nocrm.create_stage_trigger(pipeline => 'Vendite', step => 'Preventivo', kind => 'tag_added',
@@ -169,6 +172,8 @@ INSERT INTO nocrm.leads (title, pipeline_id, contact_email, amount)
   SELECT t, (SELECT id FROM nocrm.pipelines WHERE name = 'Vendite'), lower(replace(t, ' ', '')) || '@client.example', 1000
     FROM unnest(ARRAY['Lead 1', 'Lead 2', 'Lead 3', 'Lead 4', 'Da cancellare']) WITH ORDINALITY AS x(t, o)
    ORDER BY o;
+-- a date rule's firing: pending (10 days ahead)
+UPDATE nocrm.leads SET next_action_at = now() + interval '10 days' WHERE title = 'Lead 2';
 SET nocrm.actor = 'anna@example.com';
 INSERT INTO nocrm.comments (lead_id, user_id, body)
   SELECT id, 1, 'Chiamato il cliente' FROM nocrm.leads WHERE title = 'Lead 1';
