@@ -4,7 +4,10 @@ test/t/110_postfix.pl): the next MAIL on the same connection gets
 "421 4.7.0 one message per connection" and the connection is closed, as a
 server with a per-session message limit or an idle timeout does.
 
-    smtp_421.py --dir DIR
+    smtp_421.py --dir DIR [--close]
+
+--close: the second MAIL gets no answer at all, the connection is just
+closed (a server that dropped an idle connection as the command arrived).
 
 Listens on 127.0.0.1, a free port written to DIR/port; each accepted message
 is appended to DIR/mail.jsonl ({"rcpt": [...], "connection": n, "bytes": n}).
@@ -41,7 +44,8 @@ async def session(reader, writer, args):
                 await reply("250 8BITMIME")
             elif verb == "MAIL":
                 if served:
-                    await reply("421 4.7.0 one message per connection")
+                    if not args.close:
+                        await reply("421 4.7.0 one message per connection")
                     break
                 rcpt = []
                 await reply("250 2.1.0 Ok")
@@ -76,6 +80,7 @@ async def session(reader, writer, args):
 async def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
+    p.add_argument("--close", action="store_true")
     args = p.parse_args()
     server = await asyncio.start_server(lambda r, w: session(r, w, args), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -370,6 +370,22 @@ my @got = map { JSON::PP->new->decode($_) } split /\n/, slurp_file("$once_dir/ma
 is(scalar @got, 3, 'the server received three messages');
 is(scalar(keys %{ { map { $_->{connection} => 1 } @got } }), 3, 'on three connections');
 
+# The same server closing the reused connection without a word.
+my $close_dir = PostgreSQL::Test::Utils::tempdir('close');
+my $closer = IPC::Run::start([ 'python3', "$FindBin::RealBin/../sinks/smtp_421.py", '--dir', $close_dir, '--close' ],
+	'<', \undef, '>', "$close_dir/out.log", '2>', "$close_dir/err.log");
+ok(wait_for(sub { -s "$close_dir/port" }, 20, 'smtp_421.py --close port'), 'the closing server runs');
+my $close_port = slurp_file("$close_dir/port");
+chomp $close_port;
+set_nocrm_conf($node, smtp_url => "smtp://127.0.0.1:$close_port");
+my @closed = queue_mails(map { [ "Closed $_", "closed$_\@client.example" ] } 1 .. 3);
+drain($node);
+is(sql($node, "SELECT string_agg(state || '/' || attempts, ',' ORDER BY id) FROM nocrm.queue WHERE id IN (" . join(',', @closed) . ')'),
+	'done/1,done/1,done/1', 'a reused connection closed under the next MAIL: each email sent at once on a new one');
+is(scalar(split /\n/, slurp_file("$close_dir/mail.jsonl")), 3, 'the server received three messages');
+$closer->kill_kill;
+set_nocrm_conf($node, smtp_url => "smtp://127.0.0.1:$once_port");
+
 # A non-ASCII local part to a server that does not offer SMTPUTF8: refused
 # before the message is sent; the next email goes out.
 my @noutf8 = queue_mails([ 'UTF-8 to old server', 'zoë@example.com' ], [ 'ASCII after it', 'once4@client.example' ]);
