@@ -257,12 +257,13 @@ CREATE OR REPLACE TRIGGER nocrm_check_references AFTER DELETE OR UPDATE OF name 
 -- notification template, stay out of their tables' dumps: a restore makes
 -- them again with CREATE EXTENSION, and a dumped copy would collide with
 -- them (under --disable-triggers too).  Their values travel here, kept from
--- their first change on; loading a row writes the values over the seeded row.
+-- the CRM's first users or their first change on; loading a row writes the
+-- values over the seeded row.
 CREATE TABLE nocrm.seeded_rows (
     seed   text PRIMARY KEY CHECK (seed IN ('butler', 'notification_template')),
     value  jsonb CHECK (value IS NOT NULL OR seed = 'notification_template')
 );
-COMMENT ON TABLE nocrm.seeded_rows IS 'The Butler and the notification template as they are, once changed after CREATE EXTENSION made them: pg_dump carries them here, and a restore writes them over the ones CREATE EXTENSION made again. value NULL: the template was deleted. Kept by triggers; not for editing.';
+COMMENT ON TABLE nocrm.seeded_rows IS 'The Butler and the notification template as they are, from the CRM''s first users or templates or their first change on: pg_dump carries them here, and a restore writes them over the ones CREATE EXTENSION made again. value NULL: the template was deleted. Kept by triggers; not for editing.';
 
 -- Timestamps in UTC, so the value does not depend on the session's TimeZone.
 CREATE FUNCTION nocrm.seeded_row(seed text) RETURNS jsonb
@@ -345,14 +346,32 @@ CREATE TRIGGER nocrm_seeded_rows_keep_update AFTER UPDATE ON nocrm.email_templat
 CREATE TRIGGER nocrm_seeded_rows_keep_delete AFTER DELETE ON nocrm.email_templates
     FOR EACH ROW WHEN (OLD.name = 'notification') EXECUTE FUNCTION nocrm.seeded_rows_keep();
 
--- Updated from an older version: seeded rows changed already are kept from
--- now on (a fresh install has none).
+-- Kept from the CRM's first user or template of its own on, so that even
+-- seeded rows never changed come back with their timestamps.
+CREATE FUNCTION nocrm.seeded_rows_start() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO nocrm.seeded_rows (seed, value)
+    SELECT s, nocrm.seeded_row(s) FROM unnest(ARRAY['butler', 'notification_template']) s
+     WHERE NOT EXISTS (SELECT 1 FROM nocrm.seeded_rows r WHERE r.seed = s)
+    ON CONFLICT (seed) DO NOTHING;
+    RETURN NULL;
+END $$;
+COMMENT ON FUNCTION nocrm.seeded_rows_start() IS 'Trigger: the first users or templates of a CRM start nocrm.seeded_rows, so a dump carries the seeded rows as they are.';
+CREATE TRIGGER nocrm_seeded_rows_start AFTER INSERT ON nocrm.users
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.seeded_rows_start();
+CREATE TRIGGER nocrm_seeded_rows_start AFTER INSERT ON nocrm.email_templates
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.seeded_rows_start();
+
+-- Updated from an older version: a CRM in use, or seeded rows changed, are
+-- kept from now on (a fresh install, or one never used, has none).
 INSERT INTO nocrm.seeded_rows (seed, value)
-SELECT 'butler', nocrm.seeded_row('butler') FROM nocrm.users u
- WHERE u.is_butler AND (u.name, u.email, u.timezone) IS DISTINCT FROM ('The Butler', 'butler@nocrm.invalid', 'UTC');
-INSERT INTO nocrm.seeded_rows (seed, value)
-SELECT 'notification_template', nocrm.seeded_row('notification_template')
- WHERE NOT EXISTS (SELECT 1 FROM nocrm.email_templates t
+SELECT s, nocrm.seeded_row(s) FROM unnest(ARRAY['butler', 'notification_template']) s
+ WHERE EXISTS (SELECT 1 FROM nocrm.users u
+                WHERE NOT u.is_butler
+                   OR (u.name, u.email, u.timezone) IS DISTINCT FROM ('The Butler', 'butler@nocrm.invalid', 'UTC'))
+    OR EXISTS (SELECT 1 FROM nocrm.email_templates t WHERE t.name <> 'notification')
+    OR NOT EXISTS (SELECT 1 FROM nocrm.email_templates t
                     WHERE t.name = 'notification' AND t.subject = '{{lead.title}}: {{message}}'
                       AND t.body = E'{{message}}\n\nLead: {{lead.title}} ({{lead.status}}, {{lead.pipeline}} / {{lead.step}})\nOwner: {{owner.name}}\n\n-- \n{{butler.name}}');
 
@@ -362,7 +381,7 @@ SELECT pg_catalog.pg_extension_config_dump('nocrm.seeded_rows',
     'WHERE value IS NOT DISTINCT FROM nocrm.seeded_row(seed)');
 
 REVOKE ALL ON FUNCTION nocrm.restore_seeded_row(text, jsonb), nocrm.seeded_rows_load(),
-    nocrm.seeded_rows_keep() FROM PUBLIC;
+    nocrm.seeded_rows_keep(), nocrm.seeded_rows_start() FROM PUBLIC;
 GRANT SELECT ON nocrm.seeded_rows TO nocrm_admin;
 
 -- ==== date rules ====
