@@ -454,3 +454,124 @@ COMMENT ON FUNCTION nocrm.set_date_offset(integer, interval) IS 'Sets when a lea
 REVOKE ALL ON FUNCTION nocrm.schedule_date_rule(), nocrm.fire_due_date_rules(integer),
     nocrm.set_date_offset(integer, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nocrm.set_date_offset(integer, interval) TO nocrm_admin;
+
+-- ==== rule versions ====
+-- Every change of an automation or a stage trigger is kept: who, when, the
+-- definition after it (before it, for a delete).  revert_automation() and
+-- revert_stage_trigger() bring an older one back, validated like any write.
+CREATE TABLE nocrm.rule_versions (
+    kind        text NOT NULL CHECK (kind IN ('automation', 'stage_trigger')),
+    object_id   integer NOT NULL,
+    version     integer NOT NULL CHECK (version > 0),
+    operation   text NOT NULL CHECK (operation IN ('created', 'changed', 'deleted', 'reverted')),
+    definition  jsonb NOT NULL,
+    changed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    changed_by  name NOT NULL DEFAULT session_user,
+    actor_id    bigint,
+    detail      text,
+    PRIMARY KEY (kind, object_id, version)
+);
+COMMENT ON TABLE nocrm.rule_versions IS 'Every version of every automation and stage trigger: the row as jsonb after the change (before it for deleted), who (session_user, and nocrm.actor when set) and when. Written by triggers; revert with nocrm.revert_automation() / nocrm.revert_stage_trigger().';
+SELECT pg_catalog.pg_extension_config_dump('nocrm.rule_versions', '');
+GRANT SELECT ON nocrm.rule_versions TO nocrm_admin;
+
+CREATE FUNCTION nocrm.record_rule_version() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rule_kind text := CASE TG_TABLE_NAME WHEN 'automations' THEN 'automation' ELSE 'stage_trigger' END;
+    row_now jsonb := CASE WHEN TG_OP = 'DELETE' THEN to_jsonb(OLD) ELSE to_jsonb(NEW) END
+                     - 'created_at' - 'updated_at';
+    reverted text := nullif(current_setting('nocrm_internal.reverting', true), '');
+    actor bigint;
+BEGIN
+    IF TG_OP = 'UPDATE' AND row_now = to_jsonb(OLD) - 'created_at' - 'updated_at' THEN
+        RETURN NULL;            -- nothing but the timestamps changed
+    END IF;
+    BEGIN
+        actor := (SELECT u.id FROM nocrm.users u
+                   WHERE lower(u.email) = lower(nullif(current_setting('nocrm.actor', true), ''))
+                      OR u.id::text = nullif(current_setting('nocrm.actor', true), '') LIMIT 1);
+    EXCEPTION WHEN others THEN
+        actor := NULL;
+    END;
+    INSERT INTO nocrm.rule_versions (kind, object_id, version, operation, definition, actor_id, detail)
+    SELECT rule_kind, (row_now ->> 'id')::integer, coalesce(max(v.version), 0) + 1,
+           CASE WHEN reverted IS NOT NULL THEN 'reverted'
+                WHEN TG_OP = 'INSERT' THEN 'created' WHEN TG_OP = 'DELETE' THEN 'deleted'
+                ELSE 'changed' END,
+           row_now, actor, CASE WHEN reverted IS NOT NULL THEN 'back to version ' || reverted END
+      FROM nocrm.rule_versions v
+     WHERE v.kind = rule_kind AND v.object_id = (row_now ->> 'id')::integer;
+    RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION nocrm.record_rule_version() FROM PUBLIC;
+CREATE TRIGGER nocrm_rule_versions AFTER INSERT OR UPDATE OR DELETE ON nocrm.automations
+    FOR EACH ROW WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.record_rule_version();
+CREATE TRIGGER nocrm_rule_versions AFTER INSERT OR UPDATE OR DELETE ON nocrm.stage_triggers
+    FOR EACH ROW WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.record_rule_version();
+
+-- What an update from an older version had: its first version.
+INSERT INTO nocrm.rule_versions (kind, object_id, version, operation, definition, detail)
+SELECT 'automation', a.id, 1, 'created', to_jsonb(a) - 'created_at' - 'updated_at', 'as it was at the update to 1.3'
+  FROM nocrm.automations a;
+INSERT INTO nocrm.rule_versions (kind, object_id, version, operation, definition, detail)
+SELECT 'stage_trigger', t.id, 1, 'created', to_jsonb(t) - 'created_at', 'as it was at the update to 1.3'
+  FROM nocrm.stage_triggers t;
+
+-- Brings version N of a rule back (re-creating it with its id if it was
+-- deleted).  The write is validated like any other; a version that names
+-- a user, step or template gone since is refused, and nothing changes.
+CREATE FUNCTION nocrm.revert_rule(kind text, id integer, version integer) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    def jsonb;
+    tbl text := CASE kind WHEN 'automation' THEN 'automations' WHEN 'stage_trigger' THEN 'stage_triggers' END;
+    cols text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'unknown rule kind %', quote_literal(kind)
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Kinds are automation and stage_trigger.';
+    END IF;
+    SELECT v.definition INTO def FROM nocrm.rule_versions v
+     WHERE v.kind = revert_rule.kind AND v.object_id = revert_rule.id AND v.version = revert_rule.version;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% % has no version %', replace(kind, '_', ' '), id, version
+            USING ERRCODE = 'no_data_found',
+                  HINT = format('SELECT version, operation, changed_at FROM nocrm.rule_versions WHERE kind = %L AND object_id = %s;', kind, id);
+    END IF;
+    -- the columns the table has now and the version knows (id included)
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO cols
+      FROM pg_attribute a
+     WHERE a.attrelid = ('nocrm.' || tbl)::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND def ? a.attname;
+    PERFORM set_config('nocrm_internal.reverting', version::text, true);
+    EXECUTE format('INSERT INTO nocrm.%I AS t (%s) SELECT %s FROM jsonb_populate_record(NULL::nocrm.%I, $1)'
+                   ' ON CONFLICT (id) DO UPDATE SET (%s) = (SELECT %s)',
+                   tbl, cols, cols, tbl, cols,
+                   (SELECT string_agg('EXCLUDED.' || quote_ident(c), ', ') FROM unnest(string_to_array(replace(cols, '"', ''), ', ')) c))
+      USING def;
+    PERFORM set_config('nocrm_internal.reverting', '', true);
+END $$;
+COMMENT ON FUNCTION nocrm.revert_rule(text, integer, integer) IS 'Brings version N of an automation or stage trigger back (validated; re-created with its id if deleted).';
+
+CREATE FUNCTION nocrm.revert_automation(id integer, version integer) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$ SELECT nocrm.revert_rule('automation', revert_automation.id, revert_automation.version) $$;
+COMMENT ON FUNCTION nocrm.revert_automation(integer, integer) IS 'Brings version N of an automation back (nocrm.rule_versions); validated like any write.';
+CREATE FUNCTION nocrm.revert_stage_trigger(id integer, version integer) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$ SELECT nocrm.revert_rule('stage_trigger', revert_stage_trigger.id, revert_stage_trigger.version) $$;
+COMMENT ON FUNCTION nocrm.revert_stage_trigger(integer, integer) IS 'Brings version N of a stage trigger back (nocrm.rule_versions); validated like any write.';
+
+-- The version of an automation in force at a time (e.g. a queue row's created_at).
+CREATE FUNCTION nocrm.automation_version_at(id integer, at timestamptz) RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT max(v.version) FROM nocrm.rule_versions v
+     WHERE v.kind = 'automation' AND v.object_id = automation_version_at.id AND v.changed_at <= automation_version_at.at
+$$;
+COMMENT ON FUNCTION nocrm.automation_version_at(integer, timestamptz) IS 'The version of an automation in force at that time, e.g. when a delayed action was queued.';
+
+REVOKE ALL ON FUNCTION nocrm.revert_rule(text, integer, integer), nocrm.revert_automation(integer, integer),
+    nocrm.revert_stage_trigger(integer, integer), nocrm.automation_version_at(integer, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.revert_rule(text, integer, integer), nocrm.revert_automation(integer, integer),
+    nocrm.revert_stage_trigger(integer, integer), nocrm.automation_version_at(integer, timestamptz) TO nocrm_admin;
