@@ -212,6 +212,20 @@ drain($node);
 is(row($mail)->{state}, 'done', 'the next drain delivers it');
 is(scalar @{ $sink->mails }, 1, 'once');
 
+# pg_terminate_backend in the middle of a transfer: recorded the same way, then the session ends.
+$sink->control('reset');
+my ($term) = hooks($sink->url('/slow/8000'), 'Terminate');
+$drain = start_drain($node);
+ok(wait_for(sub { received($sink, $term) == 1 }, 30, 'the webhook to arrive'), 'the drain is in the middle of a transfer');
+is( sql($node,
+		q{SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = 'nocrm.queue'::regclass AND objid = 1 AND objsubid = 2}),
+	't', 'pg_terminate_backend() of the drain');
+ok(!finish_drain($drain), 'the terminated drain reports an error');
+like($drain->{stderr}, qr/terminating connection due to administrator command/, 'the termination');
+my $t = row($term);
+is("$t->{state}/$t->{attempts}", 'pending/0', 'the row cut short is pending, its attempt given back (recorded before the session ended)');
+sql($node, "SELECT nocrm.cancel_queue_item($term)");
+
 set_nocrm_conf($node, request_timeout => 2000);
 
 # --- a hanging receiver and the others ------------------------------------------------
