@@ -156,6 +156,28 @@ COMMENT ON FUNCTION nocrm.stop_worker() IS 'Removes the pg_cron job of the drain
 
 GRANT SET ON PARAMETER nocrm.drain_enabled TO nocrm_admin;
 
+-- queue_status: how many drains run now in this database (by their lock).
+CREATE OR REPLACE VIEW nocrm.queue_status AS
+SELECT (SELECT count(*) FROM nocrm.queue WHERE state = 'pending') AS pending,
+       (SELECT count(*) FROM nocrm.queue WHERE state = 'pending' AND run_at <= now()) AS due,
+       (SELECT count(*) FROM nocrm.queue WHERE state = 'processing') AS processing,
+       (SELECT count(*) FROM nocrm.queue WHERE state = 'done') AS done,
+       (SELECT count(*) FROM nocrm.queue WHERE state = 'dead') AS dead,
+       (SELECT count(*) FROM nocrm.queue WHERE state = 'cancelled') AS cancelled,
+       (SELECT min(run_at) FROM nocrm.queue WHERE state = 'pending' AND run_at <= now()) AS oldest_due,
+       now() - (SELECT min(run_at) FROM nocrm.queue WHERE state = 'pending' AND run_at <= now()) AS oldest_due_age,
+       (SELECT count(*) FROM nocrm.queue WHERE state = 'done'
+           AND delivered_at > now() - interval '5 minutes') / 5.0 AS per_minute_5m,
+       (SELECT last_error FROM nocrm.queue WHERE last_error IS NOT NULL
+         ORDER BY last_attempt_at DESC NULLS LAST, id DESC LIMIT 1) AS last_error,
+       (SELECT max(last_attempt_at) FROM nocrm.queue WHERE last_error IS NOT NULL) AS last_error_at,
+       nocrm.worker_scheduled() AS worker_scheduled,
+       (SELECT count(*) FROM pg_catalog.pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted
+           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
+           AND l.classid = 'nocrm.queue'::regclass AND l.objid = 1 AND l.objsubid = 2) AS drains_running;
+COMMENT ON VIEW nocrm.queue_status IS 'One row: items by state, the oldest due item and its age, deliveries per minute over 5 minutes, the last error, whether pg_cron runs the drain, and how many drains run now.';
+
 -- A logical subscriber's apply worker runs with session_replication_role =
 -- replica: no automation fires there, and neither does the statement trigger
 -- nocrm_rules_changed.  These row triggers fire only in that mode, so rule

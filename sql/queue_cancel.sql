@@ -64,5 +64,8 @@ SET nocrm.drain_enabled = banana;
 RESET nocrm.drain_enabled;
 SHOW nocrm.drain_enabled;
 
+-- No drain runs now.
+SELECT drains_running FROM nocrm.queue_status;
+
 DROP ROLE regress_cancel_admin;
 DROP ROLE regress_cancel_agent;

@@ -155,9 +155,11 @@ ok(wait_for(sub { received($sink, $batch[0]) == 1 }, 30, 'the first webhook to a
 my $drain_pid = sql($node,
 	q{SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 'nocrm.queue'::regclass AND objid = 1 AND objsubid = 2 AND granted});
 like($drain_pid, qr/^\d+$/, 'the running drain holds the drain lock');
+is(sql($node, 'SELECT drains_running FROM nocrm.queue_status'), 1, 'queue_status.drains_running says one drain runs');
 is(sql($node, 'SELECT nocrm.stop_worker()'), 'f', 'stop_worker() without pg_cron: no job removed (false)');
 is(sql($node, q{SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 'nocrm.queue'::regclass AND objid = 1 AND objsubid = 2}),
 	0, 'when stop_worker() returns, no drain is running');
+is(sql($node, 'SELECT drains_running FROM nocrm.queue_status'), 0, 'queue_status.drains_running: 0');
 ok(!finish_drain($drain), 'the stopped drain reports an error');
 like($drain->{stderr}, qr/canceling statement due to user request/, 'a cancel');
 is(sql($node, 'SELECT count(*) FROM nocrm.queue WHERE state = \'processing\''), 0, 'nothing is left processing');
