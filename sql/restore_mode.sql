@@ -120,6 +120,16 @@ SET check_function_bodies = on;
 INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Import con automazioni', 1);
 SELECT title, user_id IS NOT NULL AS assigned, step_id FROM nocrm.leads WHERE title LIKE 'Import%' ORDER BY id;
 
+-- The drain is no restore: run in the default setting (as pg_cron runs it),
+-- the delayed actions' changes raise their events (the any_update rule
+-- notifies user 3 of each added tag).
+SELECT lead_id, count(*) AS changed FROM nocrm.notifications WHERE message = 'changed' GROUP BY 1 ORDER BY 1;
+UPDATE nocrm.queue SET run_at = now() WHERE state = 'pending';
+CALL nocrm.drain(0);
+SELECT q.lead_id, q.state, (SELECT count(*) FROM nocrm.tags t WHERE t.lead_id = q.lead_id AND t.name = 'Dopo') AS tagged
+  FROM nocrm.queue q ORDER BY q.id;
+SELECT lead_id, count(*) AS changed FROM nocrm.notifications WHERE message = 'changed' GROUP BY 1 ORDER BY 1;
+
 -- The seeded rows are kept as they change, for the next dump.
 SELECT nocrm.set_butler('Jeeves', 'jeeves@example.com');
 SELECT value ->> 'name' AS name, value ->> 'email' AS email, value ->> 'created_at' AS created_at
