@@ -23,6 +23,7 @@ OBJS = \
 	src/restore.o \
 	src/rules.o \
 	src/runlog.o \
+	src/secrets.o \
 	src/spi_plans.o \
 	src/stages.o \
 	src/templates.o \

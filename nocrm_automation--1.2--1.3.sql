@@ -597,3 +597,67 @@ REVOKE ALL ON FUNCTION nocrm.revert_rule(text, integer, integer), nocrm.revert_a
     nocrm.revert_stage_trigger(integer, integer), nocrm.automation_version_at(integer, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nocrm.revert_rule(text, integer, integer), nocrm.revert_automation(integer, integer),
     nocrm.revert_stage_trigger(integer, integer), nocrm.automation_version_at(integer, timestamptz) TO nocrm_admin;
+
+-- ==== secrets ====
+-- Credentials where PostgreSQL keeps them: options of the USER MAPPING FOR
+-- PUBLIC on server nocrm_credentials (as postgres_fdw does).  Only
+-- superusers can read them (nobody has USAGE on the server); nocrm_admin
+-- sets and clears them with set_secret() without seeing them.  They are not
+-- in dumps: the server belongs to the extension, so pg_dump skips its
+-- mapping (set them again after a restore).
+CREATE FUNCTION nocrm.credentials_validator(text[], oid) RETURNS void
+    AS 'MODULE_PATHNAME', 'nocrm_credentials_validator' LANGUAGE C STRICT;
+REVOKE ALL ON FUNCTION nocrm.credentials_validator(text[], oid) FROM PUBLIC;
+CREATE FOREIGN DATA WRAPPER nocrm_credentials VALIDATOR nocrm.credentials_validator;
+COMMENT ON FOREIGN DATA WRAPPER nocrm_credentials IS 'nocrm_automation: holds no tables, only the credentials of server nocrm_credentials.';
+CREATE SERVER nocrm_credentials FOREIGN DATA WRAPPER nocrm_credentials;
+COMMENT ON SERVER nocrm_credentials IS 'nocrm_automation: its USER MAPPING FOR PUBLIC holds smtp_user, smtp_password and webhook_secret (nocrm.set_secret()).';
+
+CREATE FUNCTION nocrm.set_secret(name text, value text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    present boolean;
+BEGIN
+    IF name IS NULL OR name NOT IN ('smtp_user', 'smtp_password', 'webhook_secret') THEN
+        RAISE EXCEPTION 'unknown secret %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Secrets are smtp_user, smtp_password and webhook_secret.';
+    END IF;
+    IF value = '' THEN
+        RAISE EXCEPTION 'an empty % is not a secret', name
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Give NULL to clear it.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_user_mapping um JOIN pg_foreign_server s ON s.oid = um.umserver
+                    WHERE s.srvname = 'nocrm_credentials' AND um.umuser = 0) THEN
+        CREATE USER MAPPING FOR PUBLIC SERVER nocrm_credentials;
+    END IF;
+    SELECT EXISTS (SELECT 1 FROM pg_user_mapping um JOIN pg_foreign_server s ON s.oid = um.umserver,
+                                 unnest(um.umoptions) o
+                    WHERE s.srvname = 'nocrm_credentials' AND um.umuser = 0
+                      AND split_part(o, '=', 1) = set_secret.name) INTO present;
+    -- the statements carry the value: no error of theirs may show it
+    BEGIN
+        IF value IS NULL THEN
+            IF present THEN
+                EXECUTE format('ALTER USER MAPPING FOR PUBLIC SERVER nocrm_credentials OPTIONS (DROP %I)', name);
+            END IF;
+        ELSE
+            EXECUTE format('ALTER USER MAPPING FOR PUBLIC SERVER nocrm_credentials OPTIONS (%s %I %L)',
+                           CASE WHEN present THEN 'SET' ELSE 'ADD' END, name, value);
+        END IF;
+    EXCEPTION WHEN others THEN
+        RAISE EXCEPTION 'setting secret % failed', name USING ERRCODE = SQLSTATE;
+    END;
+END $$;
+COMMENT ON FUNCTION nocrm.set_secret(text, text) IS 'Sets (or, with NULL, clears) smtp_user, smtp_password or webhook_secret; the drain uses it from its next round. Nobody but superusers can read it back.';
+
+CREATE FUNCTION nocrm.secrets() RETURNS TABLE (name text, is_set boolean)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT n, EXISTS (SELECT 1 FROM pg_user_mapping um JOIN pg_foreign_server s ON s.oid = um.umserver,
+                                    unnest(um.umoptions) o
+                       WHERE s.srvname = 'nocrm_credentials' AND um.umuser = 0 AND split_part(o, '=', 1) = n)
+      FROM unnest(ARRAY['smtp_user', 'smtp_password', 'webhook_secret']) n
+$$;
+COMMENT ON FUNCTION nocrm.secrets() IS 'Which secrets are set (never their values).';
+REVOKE ALL ON FUNCTION nocrm.set_secret(text, text), nocrm.secrets() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.set_secret(text, text), nocrm.secrets() TO nocrm_admin;

@@ -99,6 +99,10 @@ nocrm_delivery_begin(DeliveryHandles *h)
 	ensure_curl();
 	h->smtp = h->http = NULL;
 	h->smtp_config_error = NULL;
+	/* until the drain loads this round's secrets (secrets.c) */
+	h->smtp_user = nocrm_smtp_user;
+	h->smtp_password = nocrm_smtp_password;
+	h->webhook_secret = nocrm_webhook_secret;
 	smtputf8_offered = false;
 }
 
@@ -865,10 +869,10 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 			SMTP_SETOPT(CURLOPT_CAPATH, nocrm_smtp_ca_path);
 		if (nocrm_smtp_tls_pinned_key && nocrm_smtp_tls_pinned_key[0])
 			SMTP_SETOPT(CURLOPT_PINNEDPUBLICKEY, nocrm_smtp_tls_pinned_key);
-		if (nocrm_smtp_user && nocrm_smtp_user[0])
+		if (h->smtp_user && h->smtp_user[0])
 		{
-			SMTP_SETOPT(CURLOPT_USERNAME, nocrm_smtp_user);
-			SMTP_SETOPT(CURLOPT_PASSWORD, nocrm_smtp_password ? nocrm_smtp_password : "");
+			SMTP_SETOPT(CURLOPT_USERNAME, h->smtp_user);
+			SMTP_SETOPT(CURLOPT_PASSWORD, h->smtp_password ? h->smtp_password : "");
 		}
 		/* The second time, on a new connection. */
 		SMTP_SETOPT(CURLOPT_FRESH_CONNECT, attempt > 0 ? 1L : 0L);

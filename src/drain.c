@@ -342,7 +342,7 @@ deliver(DeliveryHandles *h, QueueItem *item)
 			break;
 		case ITEM_WEBHOOK:
 			nocrm_post_json(h, item->recipient, item->body, item->idempotency_key,
-							item->event, nocrm_webhook_secret, &r);
+							item->event, h->webhook_secret, &r);
 			break;
 		case ITEM_ACTION:
 			RESUME_INTERRUPTS();
@@ -1036,6 +1036,8 @@ nocrm_drain(PG_FUNCTION_ARGS)
 
 			/* after a configuration error (delivery.c warned), no more emails this run */
 			n = claim(&items, token, handles.smtp_config_error != NULL, keep);
+			/* read each round: a rotated secret needs no restart */
+			nocrm_credentials_load(&handles);
 			drain_commit();
 
 			if (n > 0)

@@ -416,6 +416,10 @@ extern void nocrm_schedule_dates(int64 lead_id, HeapTuple oldtup, HeapTuple newt
 extern bool nocrm_dates_row_changed(struct TupleTableSlot *oldslot, struct TupleTableSlot *newslot);
 extern int	nocrm_fire_due_dates(int max);
 
+/* secrets.c: credentials in the user mapping of server nocrm_credentials */
+struct DeliveryHandles;
+extern void nocrm_credentials_load(struct DeliveryHandles *h);
+
 /* enrollment.c: once_per_lead and at_most_every */
 extern bool nocrm_enrollment_admits(Rule *rule, int64 lead_id, bool record, const char **why);
 
@@ -557,6 +561,10 @@ typedef struct DeliveryHandles
 	void	   *http;
 	char	   *smtp_config_error;	/* set by the first config_error; later
 									 * emails of the run fail fast with it */
+	/* credentials of this round (secrets.c) */
+	const char *smtp_user;
+	const char *smtp_password;
+	const char *webhook_secret;
 } DeliveryHandles;
 
 typedef struct DeliveryResult
