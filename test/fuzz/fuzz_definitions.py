@@ -17,6 +17,23 @@ Targets (see README.md beside this file):
   leads        hostile lead rows (CR/LF, 1 MB fields, quotes, {{...}}, odd Unicode,
                invalid-UTF-8 attempts) through the triggers, with automations that
                notify / send_email / webhook / comment using those fields
+  rules        ~90 committed valid rules with field conditions, any/all/not groups,
+               lead.date.reached and the option columns; then single and bulk
+               INSERT/UPDATE/DELETE of leads with extreme values under
+               nocrm.history = actions/all/none, fire_due_date_rules() after due_at
+               is pushed into the past, and ALTER TABLE nocrm.leads ADD / ALTER TYPE /
+               DROP COLUMN in between (a drop of a column a rule reads must fail
+               with 2BP01); any error of class 22/23/42/54/0A/55 is fine, XX000 or a
+               crash is an engine bug (src/definition.c, fieldcmp.c, where.c,
+               rules.c, gate.c, dates.c, events.c)
+
+Definitions (and the lead phases' random rules) also use field conditions on
+every column kind of nocrm.leads plus the harness's own columns (an enum, a
+jsonb, a text[], a varchar(5), a domain over numeric...), every operator with
+good and bad values, groups nested past the 8-level limit, lead.date.reached
+targets and date_offset, and the options position / stop_processing /
+once_per_lead / at_most_every / on_creation (INSERT, UPDATE,
+set_automation_options, set_date_offset).
 
 Every case runs as  SELECT fuzz.try(id, $q$<statement(s)>$q$)  : the statements
 run in a PL/pgSQL block that catches the error (a subtransaction), always
@@ -64,7 +81,7 @@ OUT_DIR = os.path.join(HERE, "out")
 HANG_MS = 5000.0
 MAX_JSON = 1_000_000          # bytes of one generated JSON argument
 STATEMENT_TIMEOUT = "10s"
-PHASES = ["definitions", "stage", "templates", "render", "leads"]
+PHASES = ["definitions", "stage", "templates", "render", "leads", "rules"]
 
 # ---------------------------------------------------------------------------
 # Expected SQLSTATEs.  Anything else (XX000 internal errors, 21000, 22008 from
@@ -79,7 +96,10 @@ COMMON_OK = {"22P02", "22P05", "22003", "54001", "54000", "22004"}
 EXPECTED = {
     # definition.c raises 22023 (invalid), 42704 (unknown user/step/...), 22007
     # (bad delay); the automations table adds NOT NULL / CHECK (blank name).
-    "definitions": COMMON_OK | {"22023", "42704", "22007", "23502", "23514"},
+    # field conditions: unknown column 42703; options: set_automation_options of
+    # an unknown id P0002, interval overflow 22008/22015, position overflow 22003.
+    "definitions": COMMON_OK | {"22023", "42704", "22007", "23502", "23514", "42703", "P0002", "22008",
+                                "22015"},
     # the PL/pgSQL validator raises 22023; step_id is NOT NULL and a FK.
     "stage": COMMON_OK | {"22023", "23502", "23503"},
     # templates.c raises 22023; name is the PK (23505), NOT NULL, non-blank CHECK.
@@ -94,12 +114,21 @@ EXPECTED = {
     "leads": COMMON_OK | {"23514", "23502", "23503", "23505", "22007", "22008"},
 }
 
+# The rules phase (field conditions, groups, date rules, options, ALTER TABLE
+# of nocrm.leads in between) accepts any error of these classes: data (22),
+# integrity (23), syntax/access (42: unknown column, ALTER TYPE without a
+# cast), limits (54), unsupported (0A), object state (55), a refused drop of
+# a column a rule reads (2BP01) and an unknown automation id (P0002).  Never
+# XX000 (elog), a timeout or a crash: those are engine bugs.
+RULES_OK_CLASSES = {"22", "23", "42", "54", "0A", "55"}
+RULES_OK = {"2BP01", "P0002"}
+
 # ---------------------------------------------------------------------------
 # Vocabulary of the fixture (test/fixtures/crm.sql)
 # ---------------------------------------------------------------------------
 EVENTS = ["lead.creation", "lead.status.changed.to", "lead.step.changed.to", "lead.assigned",
           "lead.unassigned", "lead.content_has_changed", "lead.any_update", "lead.commented",
-          "lead.email.received", "lead.deleted"]
+          "lead.email.received", "lead.deleted", "lead.date.reached"]
 BAD_EVENTS = ["lead.created", "LEAD.CREATION", "lead.creation ", "", "lead.", "lead.status.changed",
               "lead.deleted\n", "lead.creation\u200b", "*"]
 STATUSES = ["todo", "standby", "won", "lost", "cancelled"]
@@ -419,6 +448,8 @@ def gen_conditions(rng):
 
 
 def gen_definition(rng):
+    if rng.random() < 0.35:
+        return gen_new_definition(rng, valid=rng.random() < 0.3)
     event = rng.choice(BAD_EVENTS) if rng.random() < 0.03 else rng.choice(EVENTS)
     target = None
     if event == "lead.status.changed.to":
@@ -435,6 +466,281 @@ def gen_definition(rng):
         "conditions": gen_conditions(rng),
         "actions": [gen_action(rng, event) for _ in range(rng.choice([1, 1, 1, 2, 2, 3, 5]))],
     }
+
+
+# ---------------------------------------------------------------------------
+# Field conditions, groups, date rules and options (definition.c compile_node /
+# compile_field, fieldcmp.c, where.c, dates.c, rules.c)
+# ---------------------------------------------------------------------------
+# column -> kind, for the columns of nocrm.leads plus those HARNESS_SQL adds
+FIELD_COLUMNS = {
+    "title": "text", "description": "text", "contact_email": "text", "status": "text",
+    "fz_code": "text", "fz_spare": "text",
+    "amount": "numeric", "fz_money": "numeric", "fz_f": "float",
+    "probability": "int",
+    "id": "bigint", "pipeline_id": "bigint", "step_id": "bigint", "user_id": "bigint", "fz_n": "bigint",
+    "fz_flag": "bool",
+    "next_action_at": "ts", "created_at": "ts", "updated_at": "ts", "closed_at": "ts", "fz_ts": "ts",
+    "fz_day": "date",
+    "fz_kind": "enum", "fz_doc": "jsonb", "fz_tags": "array",
+}
+DATE_COLUMNS = ["next_action_at", "created_at", "updated_at", "closed_at", "fz_ts", "fz_day"]
+BAD_COLUMNS = ["nope", "", "Title", "TITLE", "xmin", "ctid", "tableoid", "title ", "leads.title", 'id"',
+               "title; DROP TABLE x", "fz_new_0", "日本", "oid", 5, None, ["title"], {"field": "title"}]
+BAD_DATE_TARGETS = ["title", "amount", "fz_doc", "fz_kind", "nope", "", "Next_action_at", "xmin",
+                    "next_action_at ", "id", "fz_flag", "fz_tags", "now", "lead.next_action_at"]
+OPS_CMP = ["=", "==", "eq", "!=", "<>", "ne", "<", "lt", "<=", "le", ">", "gt", ">=", "ge"]
+OPS_ALL = OPS_CMP + ["between", "in", "not_in", "is_empty", "is_not_empty", "contains", "starts_with", "changed"]
+BAD_OPS = ["LIKE", "", "=~", "IN", "regex", "is empty", " =", "===", "Between", None, 1, ["="], "changed_to"]
+UPDATE_EVENTS = ["lead.any_update", "lead.content_has_changed", "lead.status.changed.to",
+                 "lead.step.changed.to", "lead.assigned", "lead.unassigned"]
+ODD_INTERVALS = ["1 hour", "-3 days", "30 days", "0", "P1D", "-P1Y", "1 mon -1 day", "@ 1 hour ago",
+                 "00:00:00.000001", "", " ", "soon", "1e400 days", "178000000 years", "-178000000 years",
+                 "2147483647 days", "-2147483648 months", "infinity", "-infinity", "now", "1 fortnight",
+                 "x" * 300, "1 day\u200b", None, 5, 1.5, True, [], {}, ["1 day"], {"now": "1 day"}]
+DATE_OFFSETS = ["0", "-3 days", "14 days", "1 hour", "-1 year", "1 mon", "P1D", "-PT30M", "00:00:01"]
+BAD_DATE_OFFSETS = ["1e400 days", "infinity", "-infinity", "178000000 years", "-178000000 years",
+                    "2147483647 days", "-2147483648 days", "100000 years", "soon", "", "NULL", "'1 day'"]
+
+
+def good_value(rng, kind):
+    """A value the column's type reads."""
+    if kind == "text":
+        return rng.choice(["google", "ACME", "mr ", "won", "todo", "", "é", "日本", "a'b", "%", "_", "\\",
+                           "abcde", random_text(rng, rng.randint(0, 5))])
+    if kind == "numeric":
+        return rng.choice([0, 1, 500, 999.99, 10000, "1000.50", 25000, "0.01", 12345678.9, 1.5])
+    if kind == "float":
+        return rng.choice([0, 1.5, -2, "1e10", 3.25, "NaN", "Infinity", "-Infinity"])
+    if kind == "int":
+        return rng.choice([0, 1, 50, 100, "42", -1])
+    if kind == "bigint":
+        return rng.choice([1, 2, 3, 6, "4", 9223372036854775807, -9223372036854775808, 0])
+    if kind == "bool":
+        return rng.choice([True, False, "true", "f", "yes", "off", "1"])
+    if kind in ("ts", "date"):
+        return rng.choice(["2026-12-31", "2000-01-01", "2026-12-31 10:00:00+02", "infinity", "-infinity",
+                           {"now": "-3 days"}, {"now": "1 hour"}, {"now": "0"}, {"now": "P30D"},
+                           "1970-01-01", "epoch"])
+    if kind == "enum":
+        return rng.choice(["cold", "warm", "hot"])
+    if kind == "jsonb":
+        return rng.choice(['{"a": 1}', "[]", "null", '"x"', "1"])
+    return rng.choice(["{}", "{a,b}", "{NULL}", '{"a,b",""}'])
+
+
+def bad_value(rng):
+    r = rng.random()
+    if r < 0.5:
+        return rng.choice([
+            None, "", " ", "NaN", "Infinity", "-Infinity", "nan", "now", "today", "tomorrow", "yesterday",
+            "2024-02-30", "294277-01-01", "5874898-01-01", "4714-11-24 BC", "allballs", "1e1000", "abc",
+            "abcdef", "bogus", "{", "{a", "[", "tru", "10:00", "9999999999999999999999", "-0",
+            {}, [], [[]], {"now": None}, {"now": rng.choice(ODD_INTERVALS)}, {"now": "1 day", "x": 1},
+            {"later": "1 day"}, [1, [2, [3]]], {"a": {"b": {"c": []}}}, True, False, 1.5, -1,
+            "x" * rng.choice([6, 1000, 100_000]), "\ufffe", "\U0010ffff", "e\u0301", "\\x00",
+        ])
+    if r < 0.7:
+        return Raw(rng.choice(ODD_NUMBERS + ['"\\ud800"', '"\\udc00x"', '"a\\u0000b"', '"\\uDBFF\\uDFFF"']))
+    if r < 0.8:
+        return {"now": rng.choice(ODD_INTERVALS)}
+    return random_value(rng)
+
+
+def gen_field_cond(rng, event, valid):
+    """The keys of one field condition (merged into a condition object)."""
+    if valid:
+        col = rng.choice(list(FIELD_COLUMNS))
+    else:
+        col = rng.choice(BAD_COLUMNS) if rng.random() < 0.08 else rng.choice(list(FIELD_COLUMNS))
+    kind = FIELD_COLUMNS.get(col, "text") if isinstance(col, str) else "text"
+    ordered = kind not in ()
+    ops = list(OPS_ALL)
+    if valid:
+        if kind != "text":
+            ops = [o for o in ops if o not in ("contains", "starts_with")]
+        if event not in UPDATE_EVENTS:
+            ops.remove("changed")
+        if kind in ("bool", "enum", "jsonb", "array") and rng.random() < 0.5:
+            ops = ["=", "!=", "in", "is_empty", "is_not_empty"]
+    op = rng.choice(BAD_OPS) if not valid and rng.random() < 0.05 else rng.choice(ops)
+    c = {"field": col, "op": op}
+    del ordered
+
+    def val():
+        return good_value(rng, kind) if valid or rng.random() < 0.7 else bad_value(rng)
+
+    if op == "between":
+        lo, hi = val(), val()
+        if valid:
+            lo, hi = {"numeric": (0, 1000), "float": (-1.5, 2), "int": (10, 90), "bigint": (1, 4),
+                      "ts": ({"now": "-30 days"}, {"now": "30 days"}), "date": ("2020-01-01", "2030-12-31"),
+                      "enum": ("cold", "warm"), "bool": (False, True), "text": ("a", "m"),
+                      "jsonb": ("1", "2"), "array": ("{a}", "{b}")}[kind]
+            c["value"] = [lo, hi]
+        else:
+            c["value"] = rng.choice([[lo, hi], [hi, lo], [lo], [lo, hi, lo], lo, [], [None, hi], {"low": lo}])
+    elif op in ("in", "not_in"):
+        n = rng.choice([1, 2, 3, 5])
+        vals = [val() for _ in range(n)]
+        if valid:
+            c["values"] = vals
+        else:
+            r = rng.random()
+            if r < 0.6:
+                c["values"] = vals
+            elif r < 0.7:
+                c["value"] = vals
+            elif r < 0.8:
+                c["values"] = rng.choice([[], vals[0], None, {"a": 1}])
+            elif r < 0.9:
+                c["values"] = [good_value(rng, kind) for _ in range(rng.choice([999, 1000, 1001, 1500]))]
+            else:
+                c["values"], c["value"] = vals, vals[0]
+    elif op in ("is_empty", "is_not_empty"):
+        if not valid and rng.random() < 0.2:
+            c["value"] = val()
+    elif op == "changed":
+        if rng.random() < 0.4:
+            c["from"] = None if rng.random() < 0.3 else val()
+        if rng.random() < 0.4:
+            c["to"] = None if rng.random() < 0.3 else val()
+    else:
+        if valid or rng.random() < 0.9:
+            c["value"] = val() if op not in ("contains", "starts_with") or not valid else \
+                rng.choice(["acme", "Mr", "é", "%", "_", "", "日本"])
+        if not valid and rng.random() < 0.05:
+            c["values"] = [val()]
+    if not valid and rng.random() < 0.04:
+        c[rng.choice(["from", "to", "Field", "ops", "value ", "x"])] = val()
+    if not valid and rng.random() < 0.03:
+        del c[rng.choice(["field", "op"])]
+    return c
+
+
+def gen_cond_obj(rng, event, valid, depth, max_depth):
+    """A condition object: today's keys, maybe a field condition, maybe groups (nested)."""
+    c = {}
+    for key in ["has_tag", "lacks_tag", "status", "owner", "pipeline", "step"]:
+        if rng.random() < 0.12:
+            if key in ("has_tag", "lacks_tag"):
+                c[key] = one_or_list(rng, TAGS, None if valid else ["", 3, None], 0.03)
+            elif key == "status":
+                c[key] = one_or_list(rng, STATUSES, None if valid else BAD_STATUSES, 0.03)
+            elif key == "owner":
+                c[key] = None if rng.random() < 0.2 else one_or_list(rng, USERS, None if valid else BAD_USERS, 0.03)
+            elif key == "pipeline":
+                c[key] = one_or_list(rng, PIPELINES, None if valid else BAD_PIPELINES, 0.03)
+            else:
+                c[key] = one_or_list(rng, STEPS, None if valid else BAD_STEPS, 0.03)
+    if rng.random() < 0.6:
+        c.update(gen_field_cond(rng, event, valid))
+    if depth < max_depth:
+        for g in ("all", "any", "not"):
+            if rng.random() < 0.35:
+                if g == "not":
+                    sub = gen_cond_obj(rng, event, valid, depth + 1, max_depth)
+                    if not valid and rng.random() < 0.1:
+                        sub = rng.choice([[sub], {}, None, [], "x"])
+                else:
+                    sub = [gen_cond_obj(rng, event, valid, depth + 1, max_depth)
+                           for _ in range(rng.choice([1, 1, 2, 3]))]
+                    if not valid and rng.random() < 0.1:
+                        sub = rng.choice([[], {}, [{}], None, sub[0], [sub]])
+                if valid and sub == {}:
+                    continue
+                c[g] = sub
+    if valid and not c:
+        c = {"field": "title", "op": "is_not_empty"}
+    return c
+
+
+def deep_group(rng, event, levels, valid_leaf=True):
+    """Exactly `levels` nested groups, a field condition at the bottom."""
+    node = gen_field_cond(rng, event, valid_leaf)
+    if levels > 100:      # as text: dumps() recurses
+        g = rng.choice(['{"not": ', '{"all": [', '{"any": ['])
+        close = "}" if g == '{"not": ' else "]}"
+        return Raw(g * levels + dumps(node) + close * levels)
+    for _ in range(levels):
+        g = rng.choice(["all", "any", "not"])
+        node = {g: node} if g == "not" else {g: [node]}
+        if rng.random() < 0.3:
+            node["status"] = rng.choice(STATUSES)
+    return node
+
+
+def gen_new_conditions(rng, event, valid):
+    r = rng.random()
+    if r < 0.1 and not valid:
+        return deep_group(rng, event, rng.choice([7, 8, 9, 10, 12, 50, 1000]))
+    if r < 0.15:
+        return deep_group(rng, event, rng.choice([1, 3, 6]))
+    return gen_cond_obj(rng, event, valid, 0, rng.choice([0, 1, 2, 3]) if valid else rng.choice([0, 1, 2, 3, 4, 9]))
+
+
+def gen_options(rng, event, valid):
+    """column -> SQL literal, for the automation's option columns."""
+    o = {}
+    if rng.random() < 0.4:
+        o["position"] = str(rng.choice([0, 1, 10, -5, 100, 2147483647, -2147483648])) if valid or rng.random() < 0.7 \
+            else rng.choice(["2147483648", "NULL", "'x'", "1.5", "'1e3'", "'-9223372036854775808'"])
+    if rng.random() < 0.3:
+        o["stop_processing"] = rng.choice(["true", "false"]) if valid or rng.random() < 0.8 else \
+            rng.choice(["NULL", "'maybe'", "'2'"])
+    r = rng.random()
+    if r < 0.2:
+        o["once_per_lead"] = "true" if valid or rng.random() < 0.8 else rng.choice(["NULL", "'y'"])
+    elif r < 0.4:
+        o["at_most_every"] = lit(rng.choice(["1 hour", "7 days", "1 microsecond", "100 years", "1 mon"])) \
+            if valid or rng.random() < 0.6 else rng.choice(
+                ["'0'", "'-1 hour'", "'1e400 days'", "'infinity'", "NULL", "'soon'", "'178000000 years'"])
+    if not valid and rng.random() < 0.05:
+        o["once_per_lead"], o["at_most_every"] = "true", "'1 day'"
+    if rng.random() < 0.2 and (not valid or event in ("lead.status.changed.to", "lead.step.changed.to")):
+        o["on_creation"] = "true" if valid or rng.random() < 0.8 else rng.choice(["NULL", "false", "'t'"])
+    if event == "lead.date.reached" or (not valid and rng.random() < 0.05):
+        if rng.random() < 0.7:
+            o["date_offset"] = lit(rng.choice(DATE_OFFSETS)) if valid or rng.random() < 0.7 else \
+                (lit(rng.choice(BAD_DATE_OFFSETS)) if rng.random() < 0.9 else "NULL")
+    return o
+
+
+def gen_new_definition(rng, valid=False):
+    """A definition using the new keys: field conditions, groups, date rules."""
+    r = rng.random()
+    if r < 0.3:
+        event = "lead.date.reached"
+    elif r < 0.55:
+        event = rng.choice(UPDATE_EVENTS)
+    else:
+        event = rng.choice(EVENTS)
+    target = None
+    if event == "lead.date.reached":
+        target = rng.choice(DATE_COLUMNS) if valid or rng.random() < 0.8 else rng.choice(BAD_DATE_TARGETS + [None])
+    elif event == "lead.status.changed.to":
+        target = rng.choice(STATUSES)
+    elif event == "lead.step.changed.to":
+        target = str(rng.choice(STEPS))
+    acts = []
+    for _ in range(rng.choice([1, 1, 2])):
+        a = gen_action(rng, event)
+        if valid:
+            t = rng.choice(["add_tags", "notify", "comment", "webhook", "send_email", "set_status", "assign"]
+                           if event != "lead.deleted" else ["notify", "webhook"])
+            a = {"add_tags": {"type": "add_tags", "tags": [rng.choice(["fz", "VIP", "hot lead", "été"])]},
+                 "notify": {"type": "notify", "user": rng.choice([1, 2, "owner"]) if event != "lead.unassigned" else 1,
+                            "message": "{{lead.title}} " + rng.choice(["", "{{lead.amount}}", "{{lead.next_action_at}}"])},
+                 "comment": {"type": "comment", "body": "auto {{lead.title}}"},
+                 "webhook": {"type": "webhook", "url": "https://hooks.example.com/crm"},
+                 "send_email": {"type": "send_email", "template": "quote_followup"},
+                 "set_status": {"type": "set_status", "status": rng.choice(STATUSES)},
+                 "assign": {"type": "assign", "user": rng.choice([1, 2, 3])}}[t]
+            if rng.random() < 0.1:
+                a["delay"] = rng.choice(["2 hours", "1 day"])
+        acts.append(a)
+    return {"name": "fz %d" % rng.randint(1, 10 ** 6), "event": event, "target": target,
+            "conditions": gen_new_conditions(rng, event, valid), "actions": acts}
 
 
 # ---------------------------------------------------------------------------
@@ -686,6 +992,8 @@ class Generator:
             else:
                 sql = "SELECT nocrm.check_automation(%s, %s, %s, %s, %s)" % (
                     lit(name), lit(event), lit(target), jlit(cond if cond is not None else "{}"), jlit(acts))
+        elif rng.random() < 0.5:
+            return Case("definitions", i, self.options_sql(rng, name, event, target, cond, acts))
         else:
             ins = ("INSERT INTO nocrm.automations (name, event, target, conditions, actions, mode) "
                    "VALUES (%s, %s, %s, %s, %s, %s)" % (lit(name), lit(event), lit(target),
@@ -699,6 +1007,41 @@ class Generator:
             else:
                 sql = ins
         return Case("definitions", i, sql)
+
+    @staticmethod
+    def options_sql(rng, name, event, target, cond, acts):
+        """The option columns (position, stop_processing, once_per_lead, at_most_every,
+        on_creation, date_offset) in an INSERT, then an UPDATE or set_automation_options."""
+        opts = gen_options(rng, event, rng.random() < 0.5)
+        cols = ["name", "event", "target", "conditions", "actions"] + list(opts)
+        vals = [lit(name), lit(event), lit(target), jlit(cond if cond is not None else "{}"), jlit(acts)] + \
+            list(opts.values())
+        sql = "INSERT INTO nocrm.automations (%s) VALUES (%s);" % (", ".join(cols), ", ".join(vals))
+        cur = "currval(pg_get_serial_sequence('nocrm.automations', 'id'))"
+        r = rng.random()
+        if r < 0.4:
+            upd = gen_options(rng, rng.choice(EVENTS), False)
+            if rng.random() < 0.3:
+                upd["event"] = lit(rng.choice(EVENTS + BAD_EVENTS))
+            if rng.random() < 0.3:
+                upd["target"] = lit(rng.choice(DATE_COLUMNS + BAD_DATE_TARGETS + STATUSES + [None]))
+            if rng.random() < 0.2:
+                upd["enabled"] = rng.choice(["true", "false", "NULL"])
+            if upd:
+                sql += " UPDATE nocrm.automations SET %s WHERE id = %s;" % (
+                    ", ".join("%s = %s" % kv for kv in upd.items()), cur)
+        elif r < 0.7:
+            args = []
+            for k, v in gen_options(rng, event, rng.random() < 0.5).items():
+                if k != "date_offset":
+                    args.append('"%s" => %s%s' % (k, v, "::int" if k == "position" else ""))
+            sql += " SELECT nocrm.set_automation_options(%s%s);" % (
+                rng.choice([cur + "::int", "0", "-1", "2147483647", "NULL"]) if rng.random() < 0.1 else cur + "::int",
+                "".join(", " + a for a in args))
+        elif r < 0.9:
+            sql += " SELECT nocrm.set_date_offset(%s::int, %s);" % (
+                cur, lit(rng.choice(DATE_OFFSETS + BAD_DATE_OFFSETS)) if rng.random() < 0.95 else "NULL")
+        return sql
 
     @staticmethod
     def wide_definition(rng):
@@ -988,9 +1331,11 @@ class Generator:
                                                       jlit(cond if cond is not None else "{}"), jlit(acts),
                                                       lit("test" if rng.random() < 0.25 else "live")))
         tag = dollar_tag(body, "d")
-        return ("DO %s BEGIN %s EXCEPTION WHEN invalid_parameter_value OR undefined_object "
-                "OR invalid_datetime_format OR not_null_violation OR check_violation THEN NULL; END %s; "
-                % (tag, body, tag))
+        # also the JSON text's own refusals: generated field conditions carry odd numbers
+        return ("DO %s BEGIN %s EXCEPTION WHEN invalid_parameter_value OR undefined_object OR undefined_column "
+                "OR invalid_datetime_format OR not_null_violation OR check_violation OR invalid_text_representation "
+                "OR untranslatable_character OR numeric_value_out_of_range OR datetime_field_overflow "
+                "OR statement_too_complex THEN NULL; END %s; " % (tag, body, tag))
 
     def leads(self, i):
         rng = case_rng(self.seed, "leads", i)
@@ -1031,6 +1376,233 @@ class Generator:
         stmts.append("SELECT fuzz.lead_invariants();")
         return Case("leads", i, " ".join(stmts), bad_bytes=bad)
 
+
+    # -- rules: many valid field/group/date rules, hostile leads, ALTER TABLE --
+    READ_COLUMNS = ["fz_kind", "fz_doc", "fz_tags", "fz_code", "fz_money", "fz_day", "fz_ts", "fz_flag",
+                    "fz_n", "fz_f", "amount", "probability", "contact_email", "next_action_at", "closed_at"]
+
+    @staticmethod
+    def anchor_rules_sql():
+        """One committed, live rule reading each READ_COLUMNS column (their drops must be refused)."""
+        out = []
+        for n, col in enumerate(Generator.READ_COLUMNS):
+            kind = FIELD_COLUMNS[col]
+            if kind in ("ts", "date") and n % 2:
+                ev, tgt, cond = "lead.date.reached", col, {"field": col, "op": "is_not_empty"}
+            else:
+                ev, tgt = ["lead.creation", "lead.any_update", "lead.content_has_changed"][n % 3], None
+                cond = {"any": [{"field": col, "op": "is_not_empty"},
+                                {"not": {"field": col, "op": "is_empty"}}]}
+            acts = [{"type": "add_tags", "tags": ["anchor-%s" % col]},
+                    {"type": "notify", "user": 1, "message": "{{lead.title}} %s" % col}]
+            out.append("SELECT nocrm.create_automation(name => %s, event => %s, target => %s, "
+                       "conditions => %s, actions => %s);" % (lit("anchor " + col), lit(ev), lit(tgt),
+                                                             jlit(json.dumps(cond)), jlit(json.dumps(acts))))
+        return "\n".join(out) + "\n"
+
+    def valid_rule_sql(self, rng, name_prefix="fz"):
+        """A valid new-style rule with options, in a DO block (a refusal is swallowed)."""
+        d = gen_new_definition(rng, valid=True)
+        opts = gen_options(rng, d["event"], True)
+        cols = ["name", "event", "target", "conditions", "actions", "mode"] + list(opts)
+        vals = [lit("%s %s" % (name_prefix, d["name"])), lit(d["event"]), lit(d["target"]),
+                jlit(dumps(d["conditions"])), jlit(dumps(d["actions"])),
+                lit("test" if rng.random() < 0.15 else "live")] + list(opts.values())
+        body = "INSERT INTO nocrm.automations (%s) VALUES (%s);" % (", ".join(cols), ", ".join(vals))
+        tag = dollar_tag(body, "r")
+        # 22023/42703/42704 (definition refused) and 22007/22008 (interval): the rule is left out
+        return ("DO %s BEGIN %s EXCEPTION WHEN invalid_parameter_value OR undefined_column OR undefined_object "
+                "OR invalid_datetime_format OR datetime_field_overflow THEN NULL; END %s;" % (tag, body, tag))
+
+    def committed_rules_sql(self, n=80):
+        rng = random.Random("%s:committed-rules" % self.seed)
+        return "\n".join(self.valid_rule_sql(rng, "committed") for _ in range(n)) + "\n"
+
+    # column kind -> (values the column takes, values it refuses)
+    EXTREMES = {
+        "fz_code": (["'abcde'", "''", "'é日本語x'", "'a''b'", "'12345'"], ["'abcdef'"]),
+        "fz_money": (["0", "'NaN'", "9999999999.99", "0.005", "'1e3'", "12.5"], ["-1", "99999999999", "'-NaN'"]),
+        "numeric": (["0", "12.50", "'NaN'", "999999999999.99", "0.001", "10000", "25000", "'1e3'"],
+                    ["-1", "1e20", "'Infinity'", "'abc'"]),
+        "float": (["'NaN'", "'Infinity'", "'-Infinity'", "1e308", "-1e308", "'-0'", "1.5", "0"],
+                  ["'1e309'", "'1e-400'"]),
+        "int": (["0", "50", "100", "1"], ["101", "-5", "2147483648"]),
+        "user_id": (["1", "2", "3", "4", "NULL"], ["99"]),
+        "bigint": (["9223372036854775807", "-9223372036854775808", "0", "1"], ["9223372036854775808"]),
+        "bool": (["true", "false", "'yes'"], ["'maybe'"]),
+        "ts": (["now()", "now() + interval '1 day'", "now() - interval '3 days'", "'infinity'", "'-infinity'",
+                "'294276-12-31 23:59:59'", "'4713-01-01 BC'", "'epoch'", "now() + interval '14 days'",
+                "now() + interval '100000 years'", "'0001-01-01'", "now() - interval '6000 years'"],
+               ["'294277-01-01'", "'2024-02-30'"]),
+        "date": (["current_date", "current_date + 3", "current_date - 30", "'infinity'", "'-infinity'",
+                  "'5874897-12-31'", "'294276-12-31'", "'294277-01-01'", "'4713-01-01 BC'", "'4714-11-24 BC'"],
+                 ["'2024-02-30'", "'5874898-01-01'"]),
+        "enum": (["'cold'", "'warm'", "'hot'"], ["'bogus'", "''"]),
+        "jsonb": (["'{\"a\": [1, {\"b\": null}]}'", "'null'", "'\"x\"'", "'[]'", "'{}'", "'1e1000'",
+                   "'" + "[" * 500 + "]" * 500 + "'"], ["'{\"a\": \"\\u0000\"}'", "'{'"]),
+        "array": (["'{}'", "'{NULL}'", "'{\"a,b\",\"\"}'", "ARRAY[]::text[]", "ARRAY['x', NULL]", "'{{a},{b}}'"],
+                  ["'{'"]),
+    }
+
+    @staticmethod
+    def extreme_value(rng, col, bad_p=0.02):
+        kind = FIELD_COLUMNS[col]
+        bad = rng.random() < bad_p
+        if col == "title":
+            return rng.choice(["NULL", "''", "' '"]) if bad else lit("T " + hostile_string(rng)[:200])
+        if rng.random() < 0.15 and col not in ("status", "created_at", "updated_at"):
+            return "NULL"
+        if col == "status":
+            return lit(rng.choice(BAD_STATUSES) if bad else rng.choice(STATUSES))
+        if col in ("pipeline_id", "step_id"):
+            return rng.choice(["1", "2", "3", "4", "5", "6", "7"])
+        if kind == "text" and col != "fz_code":
+            return lit(hostile_string(rng)[:2000])
+        good, worse = Generator.EXTREMES.get(col) or Generator.EXTREMES[kind]
+        return rng.choice(worse if bad else good)
+
+    def lead_row(self, rng, cols=None, bad_p=0.02):
+        cols = cols or ["title"] + [c for c in FIELD_COLUMNS if c not in ("id", "title", "created_at", "updated_at")
+                                    and rng.random() < 0.4]
+        if "step_id" in cols and "pipeline_id" not in cols:
+            cols.append("pipeline_id")
+        pipeline, step = rng.choice([("1", "NULL"), ("1", "1"), ("1", "3"), ("1", "4"), ("2", "5"), ("2", "6"),
+                                     ("NULL", "NULL")] + ([("1", "5")] if rng.random() < bad_p else []))
+        vals = []
+        for c in cols:
+            if c == "pipeline_id":
+                vals.append(pipeline)
+            elif c == "step_id":
+                vals.append(step)
+            else:
+                vals.append(self.extreme_value(rng, c, bad_p))
+        return cols, vals
+
+    def rules_op(self, rng, state):
+        r = rng.random()
+        cur = "currval('nocrm.leads_id_seq')"
+        if r < 0.08:
+            return "SET LOCAL nocrm.history = %s;" % rng.choice(["actions", "'all'", "'all'", "none"])
+        if r < 0.26:
+            cols, vals = self.lead_row(rng)
+            state["inserted"] = True
+            return "INSERT INTO nocrm.leads (%s) VALUES (%s);" % (", ".join(cols), ", ".join(vals))
+        if r < 0.36:
+            cols = ["title"] + [c for c in FIELD_COLUMNS if c not in ("id", "title", "created_at", "updated_at",
+                                                                       "pipeline_id", "step_id") and rng.random() < 0.3]
+            if rng.random() < 0.5:
+                rows = [self.lead_row(rng, list(cols), 0.003)[1] for _ in range(rng.randint(2, 10))]
+                state["inserted"] = True
+                return "INSERT INTO nocrm.leads (%s) VALUES %s;" % (
+                    ", ".join(cols), ", ".join("(%s)" % ", ".join(v) for v in rows))
+            exprs = ["'bulk ' || g"] + [self.extreme_value(rng, c, 0.005) if rng.random() < 0.6 else
+                                         {"numeric": "(g * 997 %% 30000)::numeric", "int": "g %% 101",
+                                          "bigint": "g", "ts": "now() + g * interval '1 hour'",
+                                          "date": "current_date + g", "bool": "g %% 2 = 0",
+                                          "text": "'s' || (g %% 7)", "float": "g / 3.0",
+                                          "enum": "(ARRAY['cold','warm','hot'])[1 + g %% 3]::fuzz.kind",
+                                          "jsonb": "jsonb_build_object('g', g)",
+                                          "array": "ARRAY['t' || g]"}[FIELD_COLUMNS[c]].replace("%%", "%")
+                                         for c in cols[1:]]
+            state["inserted"] = True
+            return "INSERT INTO nocrm.leads (%s) SELECT %s FROM generate_series(1, %d) g;" % (
+                ", ".join(cols), ", ".join(exprs), rng.choice([2, 10, 50]))
+        if r < 0.52:
+            cols = [c for c in FIELD_COLUMNS if c not in ("id", "created_at") and rng.random() < 0.25] or ["fz_kind"]
+            if "step_id" in cols and "pipeline_id" not in cols:
+                cols.remove("step_id")
+            if "pipeline_id" in cols and "step_id" not in cols:
+                cols.remove("pipeline_id")
+            cols = cols or ["description"]
+            _, vals = self.lead_row(rng, list(cols))
+            sets = ", ".join("%s = %s" % (c, v) for c, v in zip(cols, vals))
+            if state.get("inserted") and rng.random() < 0.5:
+                where = "id = %s" % cur
+            else:
+                where = rng.choice(["true", "id %% %d = %d" % (rng.randint(2, 5), rng.randint(0, 1)),
+                                    "id IN (1, 2, 3)", "status = 'todo'", "fz_kind IS NULL"])
+            return "UPDATE nocrm.leads SET %s WHERE %s;" % (sets, where)
+        if r < 0.58:
+            if state.get("inserted") and rng.random() < 0.5:
+                return "DELETE FROM nocrm.leads WHERE id = %s;" % cur
+            return "DELETE FROM nocrm.leads WHERE %s;" % rng.choice(
+                ["id %% %d = 0" % rng.randint(2, 7), "amount IS NULL AND id > 10", "fz_kind = 'hot'",
+                 "title LIKE 'bulk%'"])
+        if r < 0.68:
+            return ("UPDATE nocrm.date_firings SET due_at = now() - interval %s WHERE state = 'pending'%s; "
+                    "SELECT nocrm.fire_due_date_rules(%s);" % (
+                        lit(rng.choice(["1 minute", "1 day", "1000 years"])),
+                        rng.choice(["", " AND lead_id % 2 = 0"]), rng.choice(["100", "1", "1000", "0", "100", "1000"] + (["-1"] if rng.random() < 0.1 else []))))
+        if r < 0.80:
+            return self.alter_sql(rng, state)
+        if r < 0.86:
+            opts = gen_options(rng, rng.choice(EVENTS), rng.random() < 0.7)
+            if not opts:
+                opts = {"position": str(rng.randint(-5, 5))}
+            return ("UPDATE nocrm.automations SET %s WHERE (name LIKE 'committed%%' OR name LIKE 'fz%%') "
+                    "AND id %% %d = %d;" % (
+                ", ".join("%s = %s" % kv for kv in opts.items()), rng.randint(2, 9), rng.randint(0, 1)))
+        if r < 0.89:
+            return ("UPDATE nocrm.automations SET enabled = NOT enabled WHERE name NOT LIKE 'anchor%%' "
+                    "AND id %% %d = 0;" % rng.randint(2, 9))
+        if r < 0.93:
+            ev = rng.choice(EVENTS)
+            tgt = {"lead.status.changed.to": rng.choice(STATUSES), "lead.step.changed.to": str(rng.randint(1, 6)),
+                   "lead.date.reached": None, "lead.any_update": rng.choice(list(FIELD_COLUMNS) + [None])}.get(ev)
+            lead = cur if state.get("inserted") else str(rng.randint(1, 40))
+            return "SELECT count(*) FROM nocrm.explain(%s, %s, %s);" % (lead, lit(ev), lit(tgt))
+        if r < 0.97:
+            lead = cur if state.get("inserted") else str(rng.randint(1, 40))
+            return "INSERT INTO nocrm.tags (lead_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING;" % (
+                lead, lit(rng.choice(TAGS)))
+        return self.valid_rule_sql(rng)
+
+    def alter_sql(self, rng, state):
+        r = rng.random()
+        n = state.setdefault("added", [])
+        if r < 0.3:
+            name = "fz_new_%d" % len(n)
+            typ = rng.choice(["text", "numeric", "int", "date", "timestamptz", "boolean", "jsonb", "fuzz.kind",
+                              "fuzz.money", "varchar(3)", "text[]", "bigint"])
+            default = rng.choice(["", "", " DEFAULT NULL", {"text": " DEFAULT 'x'", "numeric": " DEFAULT 1",
+                                                          "int": " DEFAULT 7", "date": " DEFAULT current_date",
+                                                          "timestamptz": " DEFAULT now()",
+                                                          "boolean": " DEFAULT true"}.get(typ, "")])
+            n.append(name)
+            return "ALTER TABLE nocrm.leads ADD COLUMN %s %s%s;" % (name, typ, default)
+        if r < 0.6:
+            col, typ = rng.choice([
+                ("fz_code", "text"), ("fz_code", "varchar(2)"), ("fz_code", "int USING length(fz_code)"),
+                ("fz_money", "numeric"), ("fz_money", "text"), ("fz_money", "int USING fz_money::int"),
+                ("fz_f", "numeric USING fz_f::numeric"), ("fz_f", "real"), ("fz_n", "int"), ("fz_n", "text"),
+                ("fz_day", "timestamptz"), ("fz_day", "text"), ("fz_ts", "timestamptz"), ("fz_ts", "date"),
+                ("fz_kind", "text"), ("fz_doc", "json"), ("fz_doc", "text"), ("fz_tags", "text"),
+                ("fz_flag", "int USING fz_flag::int"), ("fz_flag", "text"), ("amount", "numeric"),
+                ("amount", "float8"), ("probability", "bigint"), ("probability", "text"),
+                ("next_action_at", "timestamp"), ("next_action_at", "date"), ("contact_email", "varchar(10)"),
+                ("closed_at", "timestamp"), ("fz_spare", "int USING 0"), ("description", "varchar(3)")])
+            return "ALTER TABLE nocrm.leads ALTER COLUMN %s TYPE %s;" % (col, typ)
+        if r < 0.85:
+            col = rng.choice(self.READ_COLUMNS)
+            body = ("ALTER TABLE nocrm.leads DROP COLUMN %s; RAISE EXCEPTION 'drop of %s (read by a rule) was not "
+                    "refused' USING ERRCODE = 'FZ004';" % (col, col))
+            tag = dollar_tag(body, "x")
+            return "DO %s BEGIN %s EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END %s;" % (tag, body, tag)
+        if n and rng.random() < 0.5:
+            return "ALTER TABLE nocrm.leads DROP COLUMN %s;" % rng.choice(n)
+        return "ALTER TABLE nocrm.leads %s;" % rng.choice([
+            "DROP COLUMN fz_spare", "RENAME COLUMN fz_spare TO fz_spare2", "RENAME COLUMN fz_code TO fz_code2",
+            "ALTER COLUMN fz_kind SET DEFAULT 'hot'", "ALTER COLUMN fz_code SET NOT NULL", "DROP COLUMN fz_kind CASCADE",
+            "ADD CONSTRAINT fz_c CHECK (fz_n IS NULL OR fz_n > 0)", "DROP COLUMN IF EXISTS nope"])
+
+    def rules(self, i):
+        rng = case_rng(self.seed, "rules", i)
+        state = {}
+        stmts = [self.valid_rule_sql(rng) for _ in range(rng.choice([0, 0, 1, 2]))]
+        for _ in range(rng.randint(2, 8)):
+            stmts.append(self.rules_op(rng, state))
+        stmts.append("SELECT fuzz.lead_invariants();")
+        return Case("rules", i, " ".join(stmts))
 
 def placeholder_names(text, limit=50):
     """The trimmed names of the first {{placeholders}} of a text, scanned as templates.c does."""
@@ -1209,6 +1781,14 @@ class Server:
 
 HARNESS_SQL = r"""
 CREATE SCHEMA fuzz;
+-- Columns of every kind for field conditions: an enum, a jsonb, a text[], a
+-- varchar(5), a domain over numeric, and a few more (fz_spare is read by no rule).
+CREATE TYPE fuzz.kind AS ENUM ('cold', 'warm', 'hot');
+CREATE DOMAIN fuzz.money AS numeric(12,2) CHECK (VALUE >= 0);
+ALTER TABLE nocrm.leads ADD COLUMN fz_kind fuzz.kind, ADD COLUMN fz_doc jsonb, ADD COLUMN fz_tags text[],
+  ADD COLUMN fz_code varchar(5), ADD COLUMN fz_money fuzz.money, ADD COLUMN fz_day date,
+  ADD COLUMN fz_ts timestamp, ADD COLUMN fz_flag boolean, ADD COLUMN fz_n bigint, ADD COLUMN fz_f float8,
+  ADD COLUMN fz_spare text;
 -- Runs one case; always rolls back; one line: @@R id sqlstate ms flags message | detail | context
 CREATE FUNCTION fuzz.try(id bigint, q text) RETURNS text LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -1480,6 +2060,8 @@ class Runner:
         self.setups = set()
         self.replayed = []
         self.leak = False
+        self.in_extension = collections.Counter()   # rules phase: errors raised inside the extension
+        self.in_extension_case = {}
 
     # -- server and session ------------------------------------------------
     def start(self):
@@ -1495,7 +2077,7 @@ class Runner:
         self.sessions += 1
 
     # -- classification ----------------------------------------------------
-    def classify(self, case, code, flags):
+    def classify(self, case, code, flags, msg=""):
         if "U" in flags:
             return False
         if code == "00000":
@@ -1504,18 +2086,26 @@ class Runner:
             return True       # the invalid bytes were refused where they were written
         if case.phase == "leads" and "C" in flags:
             return False      # raised inside the extension's triggers on a lead write
+        if case.phase == "rules":
+            if "C" in flags and code not in ("2BP01",):
+                self.in_extension[(code, normalize(msg))] += 1
+                self.in_extension_case.setdefault((code, normalize(msg)), case)
+            return code[:2] in RULES_OK_CLASSES or code in RULES_OK
         return code in EXPECTED[case.phase]
 
     def record(self, case, code, ms, flags, msg):
         if self.args.replay:
             self.replayed.append((case.idx, code, ms, flags))
         self.counts[case.phase][code] += 1
+        if self.args.log_all and code != "00000":
+            with open(os.path.join(OUT_DIR, "all-seed%s.tsv" % self.args.seed), "a", encoding="utf-8") as f:
+                f.write("%s:%d\t%s\t%s\t%s\n" % (case.phase, case.idx, code, flags, msg.replace("\t", " ")[:400]))
         if ms > self.max_ms[0]:
             self.max_ms = (ms, "%s:%d" % (case.phase, case.idx))
         hang = ms > HANG_MS or code == "57014"
         if hang:
             self.hangs.append((case.phase, case.idx, ms, code))
-        if hang or not self.classify(case, code, flags):
+        if hang or not self.classify(case, code, flags, msg):
             tag = ("HANG " if hang else "") + code + ("/invalid-UTF-8-message" if "U" in flags else "") + \
                   ("/in-extension" if "C" in flags else "")
             self.unexpected.append((case.phase, case.idx, tag, ms, msg))
@@ -1770,6 +2360,13 @@ class Runner:
             p("  %5d x %-11s %-28s %s" % (n, ph, tag, msg))
             if case:
                 p("          e.g. %s" % self.repro(case))
+        if self.in_extension:
+            p("")
+            p("rules phase: errors raised inside the extension (expected classes, listed to be read): %d" %
+              sum(self.in_extension.values()))
+            for (code, msg), n in self.in_extension.most_common(25):
+                p("  %5d x %s %s" % (n, code, msg))
+                p("          e.g. %s" % self.repro(self.in_extension_case[(code, msg)]))
         p("")
         p("reproduce this run: python3 test/fuzz/fuzz_definitions.py --seed %s%s" % (
             self.args.seed, "" if self.args.cases is None else " --cases %d" % self.args.cases))
@@ -1790,20 +2387,38 @@ class Runner:
 
 def phase_sizes(cases):
     if cases is None:
-        return {"definitions": 100_000, "stage": 5_000, "templates": 20_000, "render": 20_000, "leads": 5_000}
+        return {"definitions": 100_000, "stage": 5_000, "templates": 20_000, "render": 20_000, "leads": 5_000,
+                "rules": 5_000}
     return {"definitions": cases, "stage": max(1, cases // 20), "templates": max(1, cases // 5),
-            "render": max(1, cases // 5), "leads": max(1, cases // 20)}
+            "render": max(1, cases // 5), "leads": max(1, cases // 20), "rules": max(1, cases // 20)}
 
 
 def setup_for(runner, phase):
     """Committed data a phase needs: hostile templates and leads, then the automations."""
     done = runner.setups
-    if phase in ("render", "leads") and "data" not in done:
+    if phase == "render" and "data" not in done:
         runner.server.psql_sql(HOSTILE_SETUP_SQL + committed_leads_sql(runner.args.seed))
         done.add("data")
-    if phase == "leads" and "automations" not in done:
+    if phase in ("leads", "rules") and "data" not in done:
+        runner.server.psql_sql(HOSTILE_SETUP_SQL + committed_leads_sql(runner.args.seed))
+        done.add("data")
+    if phase in ("leads", "rules") and "automations" not in done:
         runner.server.psql_sql(HOSTILE_AUTOMATIONS_SQL)
         done.add("automations")
+    if phase == "rules" and "rules" not in done:
+        g = runner.gen
+        rng = random.Random("%s:committed-rule-leads" % runner.args.seed)
+        rows = [g.lead_row(rng, ["title", "amount", "fz_kind", "fz_code", "fz_money", "fz_day", "fz_ts",
+                                 "fz_flag", "fz_n", "fz_f", "next_action_at", "status", "user_id"])[1]
+                for _ in range(40)]
+        leads = "".join(
+            "DO $l$ BEGIN INSERT INTO nocrm.leads (title, amount, fz_kind, fz_code, fz_money, fz_day, fz_ts, "
+            "fz_flag, fz_n, fz_f, next_action_at, status, user_id) VALUES (%s); EXCEPTION WHEN OTHERS THEN "
+            "IF SQLSTATE LIKE 'XX%%' THEN RAISE; END IF; END $l$;\n" % ", ".join(v) for v in rows)
+        runner.server.psql_sql(g.anchor_rules_sql() + g.committed_rules_sql() + leads)
+        n = runner.server.psql_sql("SELECT count(*) FROM nocrm.automations;").strip()
+        print("   rules phase: %s committed automations" % n, flush=True)
+        done.add("rules")
 
 
 def run_single(args):
@@ -1842,13 +2457,14 @@ def run_replay(args):
         files += sorted(glob.glob(os.path.join(p, "**", "*.sql"), recursive=True)) if os.path.isdir(p) else [p]
     try:
         setup_for(r, "leads")
+        setup_for(r, "rules")
         r.open_session()
         cases = []
         for n, path in enumerate(files):
             with open(path, encoding="utf-8") as f:
                 sql = "\n".join(l for l in f.read().splitlines()
                                 if not l.startswith("--") and l.strip() not in ("BEGIN;", "ROLLBACK;"))
-            m = re.search(r"-(definitions|stage|templates|render|leads)-", os.path.basename(path))
+            m = re.search(r"-(definitions|stage|templates|render|leads|rules)-", os.path.basename(path))
             cases.append(Case(m.group(1) if m else "definitions", n, sql))
         if args.replay_seeds:
             for ph in PHASES:
@@ -1881,6 +2497,7 @@ def main():
     ap.add_argument("--replay", nargs="+", help="replay corpus .sql files or directories")
     ap.add_argument("--replay-seeds", action="store_true", help="with --replay: run the seeds too")
     ap.add_argument("--keep", action="store_true", help="keep the temporary server directory")
+    ap.add_argument("--log-all", action="store_true", help="write every error to out/all-seedS.tsv")
     ap.add_argument("--no-corpus", action="store_true", help="do not write test/fuzz/corpus/found")
     args = ap.parse_args()
     # a SIGTERM (e.g. a CI timeout) still stops the server and writes the summary
