@@ -445,7 +445,8 @@ BEGIN
         EXECUTE format($q$INSERT INTO nocrm.date_firings (automation_id, lead_id, date_value, due_at)
                           SELECT $1, l.id, l.%1$I::timestamptz, l.%1$I::timestamptz + $2
                             FROM nocrm.leads l
-                           WHERE l.%1$I IS NOT NULL AND l.%1$I::timestamptz + $2 >= now()
+                           WHERE l.%1$I > now() - interval '200 years' AND l.%1$I < '200000-01-01'
+                             AND l.%1$I::timestamptz + $2 >= now()
                           ON CONFLICT DO NOTHING$q$, NEW.target)
           USING NEW.id, NEW.date_offset;
     END IF;

@@ -108,3 +108,20 @@ SELECT nocrm.fire_due_date_rules();
 RESET ROLE;
 DROP OWNED BY regress_date_admin;
 DROP ROLE regress_date_admin;
+
+-- 8. Dates beyond what timestamptz holds (fuzz findings): the write goes
+-- through, nothing is scheduled; date_offset is bounded.
+ALTER TABLE nocrm.leads ADD COLUMN renew_on date;
+SELECT nocrm.create_automation(name => 'Far', event => 'lead.date.reached', target => 'renew_on',
+  actions => '[{"type": "add_tags", "tags": ["far"]}]') AS far_rule \gset
+SELECT nocrm.set_date_offset(:far_rule, '1 day');
+INSERT INTO nocrm.leads (title, renew_on) VALUES ('beyond timestamptz', '300000-01-01');
+INSERT INTO nocrm.leads (title, next_action_at) VALUES ('at the end of time', '294276-12-31 23:59:59+00');
+INSERT INTO nocrm.leads (title, renew_on) VALUES ('infinite', 'infinity');
+SELECT l.title, count(f.*) AS firings FROM nocrm.leads l LEFT JOIN nocrm.date_firings f ON f.lead_id = l.id
+ WHERE l.title IN ('beyond timestamptz', 'at the end of time', 'infinite') GROUP BY l.id, l.title ORDER BY l.id;
+\set SHOW_CONTEXT never
+SELECT nocrm.set_date_offset(:far_rule, '101 years');
+SELECT nocrm.set_date_offset(:far_rule, '-101 years');
+\set SHOW_CONTEXT errors
+SELECT nocrm.set_date_offset(:far_rule, '-100 years');

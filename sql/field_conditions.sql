@@ -144,3 +144,20 @@ ALTER TABLE nocrm.leads ALTER COLUMN late_added TYPE boolean USING late_added > 
 INSERT INTO nocrm.leads (title, late_added) VALUES ('late bool', true);
 SELECT id, would_fire, reason FROM nocrm.explain((SELECT id FROM nocrm.leads WHERE title = 'late bool'), 'lead.creation')
  WHERE name = 'Late column';
+
+-- 7. A column the engine writes altered to another type (fuzz finding: a
+-- crash before): every write of a lead is refused, naming the fix.
+BEGIN;
+ALTER TABLE nocrm.leads ALTER COLUMN closed_at TYPE text;
+\set SHOW_CONTEXT never
+INSERT INTO nocrm.leads (title, status) VALUES ('closed at creation', 'won');
+\set SHOW_CONTEXT errors
+ROLLBACK;
+BEGIN;
+ALTER TABLE nocrm.leads ALTER COLUMN updated_at TYPE text;
+\set SHOW_CONTEXT never
+INSERT INTO nocrm.leads (title) VALUES ('x');
+\set SHOW_CONTEXT errors
+ROLLBACK;
+INSERT INTO nocrm.leads (title, status) VALUES ('after the rollback', 'won');
+SELECT closed_at IS NOT NULL AS closed FROM nocrm.leads WHERE title = 'after the rollback';

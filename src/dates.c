@@ -17,6 +17,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -25,7 +26,7 @@
 PG_FUNCTION_INFO_V1(nocrm_fire_due_date_rules);
 
 static SPIPlanPtr plan_unschedule;
-static SPIPlanPtr plan_schedule[3];	/* by the column's base type */
+static SPIPlanPtr plan_schedule;
 
 bool
 nocrm_date_rules_exist(void)
@@ -36,34 +37,74 @@ nocrm_date_rules_exist(void)
 	return n > 0;
 }
 
-static int
-type_slot(Oid typid)
+/* The column's value as timestamptz; false past timestamptz's range. */
+static bool
+as_timestamptz(Oid typid, Datum value, TimestampTz *out)
 {
+	int			overflow = 0;
+
 	switch (getBaseType(typid))
 	{
 		case DATEOID:
-			return 0;
+			*out = date2timestamptz_opt_overflow(DatumGetDateADT(value), &overflow);
+			break;
 		case TIMESTAMPOID:
-			return 1;
+			*out = timestamp2timestamptz_opt_overflow(DatumGetTimestamp(value), &overflow);
+			break;
 		default:
-			return 2;
+			*out = DatumGetTimestampTz(value);
+			break;
 	}
+	return overflow == 0 && !TIMESTAMP_NOT_FINITE(*out);	/* infinity never falls due */
 }
 
+/* value + offset; false when that passes the end (or start) of time. */
+static bool
+due_time(TimestampTz value, Interval *offset, TimestampTz *due)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	/* a pure computation: its only error is the overflow, nothing to clean up */
+	PG_TRY();
+	{
+		*due = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+													   TimestampTzGetDatum(value),
+													   IntervalPGetDatum(offset)));
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		FlushErrorState();
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * A firing for the value; none when the value or its due time is beyond
+ * what timestamptz holds (it could never fall due).
+ */
 static void
 schedule(Rule *rule, int64 lead_id, Datum value)
 {
-	static const Oid types[3] = {DATEOID, TIMESTAMPOID, TIMESTAMPTZOID};
-	int			slot = type_slot(rule->date_typid);
-	Oid			argtypes[4] = {INT4OID, INT8OID, types[slot], INTERVALOID};
-	Datum		args[4] = {Int32GetDatum(rule->id), Int64GetDatum(lead_id), value,
-	IntervalPGetDatum(&rule->date_offset)};
+	Oid			argtypes[4] = {INT4OID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		args[4];
+	TimestampTz at,
+				due;
 
-	nocrm_plan(&plan_schedule[slot],
+	if (!as_timestamptz(rule->date_typid, value, &at) || !due_time(at, &rule->date_offset, &due))
+		return;
+	args[0] = Int32GetDatum(rule->id);
+	args[1] = Int64GetDatum(lead_id);
+	args[2] = TimestampTzGetDatum(at);
+	args[3] = TimestampTzGetDatum(due);
+	nocrm_plan(&plan_schedule,
 			   "INSERT INTO nocrm.date_firings (automation_id, lead_id, date_value, due_at)"
-			   " VALUES ($1, $2, $3::timestamptz, $3::timestamptz + $4)"
+			   " VALUES ($1, $2, $3, $4)"
 			   " ON CONFLICT (automation_id, lead_id, date_value) DO NOTHING", 4, argtypes);
-	nocrm_exec_plan(plan_schedule[slot], args, NULL, SPI_OK_INSERT, "scheduling a date rule");
+	nocrm_exec_plan(plan_schedule, args, NULL, SPI_OK_INSERT, "scheduling a date rule");
 }
 
 static void

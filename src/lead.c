@@ -60,6 +60,28 @@ attnum_of(TupleDesc desc, const char *col, bool required)
 	return attno;
 }
 
+/*
+ * The engine reads and writes these columns as the install script made
+ * them: after an ALTER TABLE that changed one's type, every write of a lead
+ * is refused with this error rather than storing a value of another type.
+ */
+static void
+check_type(TupleDesc desc, int attno, Oid expected)
+{
+	Form_pg_attribute att;
+
+	if (attno <= 0)
+		return;
+	att = TupleDescAttr(desc, attno - 1);
+	if (getBaseType(att->atttypid) != expected)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("column %s of nocrm.leads is %s, and nocrm_automation needs %s",
+						NameStr(att->attname), format_type_be(att->atttypid), format_type_be(expected)),
+				 errhint("ALTER TABLE nocrm.leads ALTER COLUMN %s TYPE %s restores it.",
+						 NameStr(att->attname), format_type_be(expected))));
+}
+
 static void
 lookup_attnums(TupleDesc desc, LeadAttnums *a, bool table)
 {
@@ -72,6 +94,17 @@ lookup_attnums(TupleDesc desc, LeadAttnums *a, bool table)
 	a->contact_email = attnum_of(desc, "contact_email", true);
 	a->updated_at = attnum_of(desc, "updated_at", table);
 	a->closed_at = attnum_of(desc, "closed_at", table);
+	if (!table)
+		return;
+	check_type(desc, a->id, INT8OID);
+	check_type(desc, a->title, TEXTOID);
+	check_type(desc, a->status, TEXTOID);
+	check_type(desc, a->user_id, INT8OID);
+	check_type(desc, a->pipeline_id, INT8OID);
+	check_type(desc, a->step_id, INT8OID);
+	check_type(desc, a->contact_email, TEXTOID);
+	check_type(desc, a->updated_at, TIMESTAMPTZOID);
+	check_type(desc, a->closed_at, TIMESTAMPTZOID);
 }
 
 const LeadAttnums *

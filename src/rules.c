@@ -987,6 +987,19 @@ check_options(HeapTuple tuple, TupleDesc desc, const char *name, const char *eve
 					 errmsg("date_offset of automation \"%s\" needs the lead.date.reached event", name),
 					 errdetail("Its event is %s.", event),
 					 errhint("date_offset says when a date rule fires: e.g. '-3 days' before its date column.")));
+		if (!offset_null)
+		{
+			Interval	limit = {0, 0, 100 * MONTHS_PER_YEAR};
+			Interval   *neg = DatumGetIntervalP(DirectFunctionCall1(interval_um,
+																	IntervalPGetDatum(&limit)));
+
+			if (DatumGetBool(DirectFunctionCall2(interval_gt, offset, IntervalPGetDatum(&limit))) ||
+				DatumGetBool(DirectFunctionCall2(interval_lt, offset, IntervalPGetDatum(neg))))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("date_offset of automation \"%s\" must be within 100 years", name),
+						 errdetail("It is %s.", DatumGetCString(DirectFunctionCall1(interval_out, offset)))));
+		}
 	}
 	if (on_creation && event &&
 		strcmp(event, "lead.status.changed.to") != 0 && strcmp(event, "lead.step.changed.to") != 0)
