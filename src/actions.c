@@ -8,6 +8,10 @@
  */
 #include "nocrm.h"
 
+#include "common/hashfn.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+
 #include "catalog/dependency.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
@@ -307,6 +311,78 @@ change_tags(Rule *rule, RuleAction *action, LeadState *lead)
 				   "DELETE FROM nocrm.tags WHERE lead_id = $1 AND name = ANY ($2)",
 				   2, types);
 	(void) exec_one(add ? plan_add_tags : plan_remove_tags, args, NULL, NULL, NULL);
+}
+
+/*
+ * set_field's statements, prepared once per statement text (a delayed
+ * action's definition may differ from its rule's current one).
+ */
+typedef struct SetFieldPlan
+{
+	uint32		key;			/* hash of the text */
+	char	   *sql;
+	SPIPlanPtr	plan;
+} SetFieldPlan;
+
+static HTAB *set_field_plans = NULL;
+
+static SPIPlanPtr
+set_field_plan(RuleAction *action)
+{
+	uint32		key = hash_bytes((const unsigned char *) action->sql, strlen(action->sql));
+	SetFieldPlan *entry;
+	bool		found;
+	Oid			types[1] = {INT8OID};
+
+	if (set_field_plans == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(uint32);
+		ctl.entrysize = sizeof(SetFieldPlan);
+		ctl.hcxt = TopMemoryContext;
+		set_field_plans = hash_create("nocrm set_field plans", 64, &ctl,
+									  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+	entry = hash_search(set_field_plans, &key, HASH_ENTER, &found);
+	if (found && strcmp(entry->sql, action->sql) != 0)
+	{
+		/* another statement with the same hash: this one takes the slot */
+		SPI_freeplan(entry->plan);
+		pfree(entry->sql);
+		found = false;
+	}
+	if (!found)
+	{
+		entry->plan = NULL;
+		entry->sql = MemoryContextStrdup(TopMemoryContext, action->sql);
+	}
+	if (entry->plan == NULL)
+		nocrm_plan(&entry->plan, action->sql, 1, types);
+	return entry->plan;
+}
+
+/* set_field: one UPDATE of the column, only when its value changes. */
+static void
+set_field(Rule *rule, RuleAction *action, LeadState *lead)
+{
+	Datum		args[1] = {Int64GetDatum(lead->id)};
+	SPIPlanPtr	plan = set_field_plan(action);
+	int			ret = SPI_execute_plan(plan, args, NULL, false, 0);
+	bool		isnull;
+
+	if (ret != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "set_field failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+	{
+		action_history(rule, action, lead, NULL, NULL,
+					   psprintf("%s already has that value", action->field));
+		return;
+	}
+	action_history(rule, action, lead,
+				   DatumGetJsonbPCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)),
+				   DatumGetJsonbPCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull)),
+				   NULL);
 }
 
 static void
@@ -934,6 +1010,9 @@ nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *e
 			break;
 		case ACT_WEBHOOK:
 			webhook(rule, action, lead, ev);
+			break;
+		case ACT_SET_FIELD:
+			set_field(rule, action, lead);
 			break;
 		case ACT_COUNT:
 			elog(ERROR, "unexpected action kind");

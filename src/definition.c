@@ -11,6 +11,9 @@
 #include "utils/formatting.h"
 #include "utils/lsyscache.h"
 #include "utils/typcache.h"
+#include "utils/syscache.h"
+#include "access/htup_details.h"
+#include "catalog/pg_attribute.h"
 #include "utils/datetime.h"
 #include "utils/timestamp.h"
 
@@ -41,6 +44,7 @@ const char *const nocrm_action_names[ACT_COUNT] = {
 	[ACT_NOTIFY] = "notify",
 	[ACT_SEND_EMAIL] = "send_email",
 	[ACT_WEBHOOK] = "webhook",
+	[ACT_SET_FIELD] = "set_field",
 };
 
 /* Arguments each action accepts besides "type" and "delay"; first ones required. */
@@ -61,6 +65,7 @@ static const struct
 	[ACT_NOTIFY] = {{"user", "message"}, {"channels"}},
 	[ACT_SEND_EMAIL] = {{"template"}, {"to"}},
 	[ACT_WEBHOOK] = {{"url"}, {NULL}},
+	[ACT_SET_FIELD] = {{"field", "value"}, {NULL}},
 };
 
 #define STATUS_LIST "todo, standby, won, lost, cancelled"
@@ -580,6 +585,8 @@ action_arg(DefContext *cx, JsonbContainer *c, int no, ActionKind kind, const cha
 	return getKeyJsonValueFromContainer(c, key, strlen(key), NULL);
 }
 
+static void compile_set_field(DefContext *cx, JsonbValue *field, JsonbValue *value, RuleAction *a);
+
 static void
 compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAction *a)
 {
@@ -826,6 +833,10 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 				}
 				break;
 			}
+		case ACT_SET_FIELD:
+			compile_set_field(cx, action_arg(cx, c, no, a->kind, "field"),
+							  action_arg(cx, c, no, a->kind, "value"), a);
+			break;
 		case ACT_WEBHOOK:
 			{
 				JsonbValue *url = action_arg(cx, c, no, a->kind, "url");
@@ -1103,6 +1114,147 @@ compile_field(DefContext *cx, JsonbContainer *obj, NocrmEvent event, FieldCond *
 		if (to && !f->to_null)
 			field_value(cx, f, to, &f->to);
 	}
+}
+
+/* Columns set_field leaves to the engine or to their own actions. */
+static const char *const managed_columns[][2] = {
+	{"id", NULL}, {"created_at", NULL}, {"updated_at", NULL}, {"closed_at", NULL},
+	{"status", "set_status"}, {"user_id", "assign"}, {"pipeline_id", "set_step"}, {"step_id", "set_step"},
+};
+
+static bool
+column_not_null(Oid relid, AttrNumber attnum)
+{
+	HeapTuple	tup = SearchSysCache2(ATTNUM, ObjectIdGetDatum(relid), Int16GetDatum(attnum));
+	bool		notnull;
+
+	if (!HeapTupleIsValid(tup))
+		return false;
+	notnull = ((Form_pg_attribute) GETSTRUCT(tup))->attnotnull;
+	ReleaseSysCache(tup);
+	return notnull;
+}
+
+/* A constant, or now() + offset, as SQL text of the column's type. */
+static char *
+value_sql(DefContext *cx, FieldCond *f, JsonbValue *v)
+{
+	FieldValue	fv;
+	Oid			output;
+	bool		varlena;
+
+	field_value(cx, f, v, &fv);
+	if (fv.relative)
+		return psprintf("(now() + %s::interval)::%s",
+						quote_literal_cstr(DatumGetCString(DirectFunctionCall1(interval_out,
+																			   IntervalPGetDatum(&fv.offset)))),
+						format_type_be(f->typid));
+	getTypeOutputInfo(f->typid, &output, &varlena);
+	return psprintf("%s::%s", quote_literal_cstr(OidOutputFunctionCall(output, fv.value)),
+					format_type_be(f->typid));
+}
+
+/*
+ * {"type": "set_field", "field": col, "value": ...}: the value a constant
+ * (typed by the column), null, {"now": interval}, or {"field": other} with
+ * an optional "plus" or "times".  The UPDATE is built and type-checked
+ * here, once; it changes the row only when the value differs.
+ */
+static void
+compile_set_field(DefContext *cx, JsonbValue *field, JsonbValue *value, RuleAction *a)
+{
+	FieldCond	f;
+	char	   *expr;
+	char	   *type;
+	char	   *col;
+	MemoryContext oldcontext = CurrentMemoryContext;
+
+	if (field->type != jbvString)
+		invalid(cx, psprintf("field must be a column name, not %s", jtype(field)), NULL);
+	memset(&f, 0, sizeof(f));
+	if (!nocrm_field_cond_init(&f, nocrm_leads_relid(), jstring(field)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("invalid automation \"%s\": nocrm.leads has no column %s", cx->automation,
+						quote_identifier(jstring(field))),
+				 errdetail("The problem is in %s.", cx->where),
+				 errhint("set_field sets any column of nocrm.leads, including ones you added.")));
+	for (int i = 0; i < lengthof(managed_columns); i++)
+		if (strcmp(f.column, managed_columns[i][0]) == 0)
+			invalid(cx, psprintf("set_field cannot set %s", f.column),
+					managed_columns[i][1]
+					? psprintf("Use the %s action.", managed_columns[i][1])
+					: "The engine keeps it.");
+	if (get_attgenerated(nocrm_leads_relid(), f.attnum))
+		invalid(cx, psprintf("column %s is generated", f.column), NULL);
+	a->field = f.column;
+	cx->where = psprintf("action %d (set_field), argument \"value\"", a->action_no + 1);
+	col = (char *) quote_identifier(f.column);
+	type = format_type_be(f.typid);
+
+	if (value->type == jbvNull)
+	{
+		if (column_not_null(nocrm_leads_relid(), f.attnum))
+			invalid(cx, psprintf("column %s is NOT NULL: it cannot be cleared", f.column), NULL);
+		expr = pstrdup("NULL");
+	}
+	else if (value->type == jbvBinary && JsonContainerIsObject(value->val.binary.data) &&
+			 getKeyJsonValueFromContainer(value->val.binary.data, "field", 5, NULL))
+	{
+		JsonbContainer *o = value->val.binary.data;
+		JsonbValue *from = getKeyJsonValueFromContainer(o, "field", 5, NULL);
+		JsonbValue *plus = getKeyJsonValueFromContainer(o, "plus", 4, NULL);
+		JsonbValue *times = getKeyJsonValueFromContainer(o, "times", 5, NULL);
+		FieldCond	src;
+
+		memset(&src, 0, sizeof(src));
+		if (from->type != jbvString || !nocrm_field_cond_init(&src, nocrm_leads_relid(), jstring(from)))
+			invalid(cx, "\"value\": {\"field\": ...} names no column of nocrm.leads", NULL);
+		if ((plus && times) || JsonContainerSize(o) != 1 + (plus != NULL) + (times != NULL))
+			invalid(cx, "a computed value is {\"field\": column} with at most one of \"plus\" and \"times\"",
+					"E.g. {\"field\": \"amount\", \"times\": 0.1} or {\"field\": \"next_action_at\", \"plus\": \"3 days\"}.");
+		if ((plus && plus->type != jbvString && plus->type != jbvNumeric) ||
+			(times && times->type != jbvNumeric))
+			invalid(cx, "\"plus\" takes a number or an interval, \"times\" a number", NULL);
+		expr = psprintf("l.%s", quote_identifier(src.column));
+		if (plus)
+			expr = psprintf("(%s + %s)", expr, plus->type == jbvString
+							? psprintf("%s::interval", quote_literal_cstr(jstring(plus)))
+							: DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(plus->val.numeric))));
+		if (times)
+			expr = psprintf("(%s * %s)", expr,
+							DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(times->val.numeric))));
+	}
+	else
+		expr = value_sql(cx, &f, value);
+
+	/* Type-checked now: the statement must plan. */
+	PG_TRY();
+	{
+		SPIPlanPtr	plan = SPI_prepare(psprintf("SELECT (%s)::%s FROM nocrm.leads l", expr, type), 0, NULL);
+
+		if (plan == NULL)
+			elog(ERROR, "%s", SPI_result_code_string(SPI_result));
+		SPI_freeplan(plan);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		invalid(cx, psprintf("the value cannot be stored in %s (%s): %s", f.column, type, edata->message),
+				NULL);
+	}
+	PG_END_TRY();
+
+	a->sql = psprintf("WITH old AS (SELECT l.%s AS v FROM nocrm.leads l WHERE l.id = $1 FOR UPDATE)"
+					  " UPDATE nocrm.leads l SET %s = (%s)::%s FROM old"
+					  " WHERE l.id = $1 AND l.%s IS DISTINCT FROM (%s)::%s"
+					  " RETURNING jsonb_build_object(%s, old.v), jsonb_build_object(%s, l.%s)",
+					  col, col, expr, type, col, expr, type,
+					  quote_literal_cstr(f.column), quote_literal_cstr(f.column), col);
 }
 
 static bool

@@ -238,7 +238,7 @@ nocrm_lead_row(LeadState *lead, TupleDesc *desc)
 	if (lead->row == NULL && !lead->deleted)
 	{
 		nocrm_plan(&plan, "SELECT l FROM nocrm.leads l WHERE l.id = $1", 1, argtypes);
-		ret = SPI_execute_plan(plan, args, NULL, true, 1);
+		ret = SPI_execute_plan(plan, args, NULL, false, 1);	/* sees this statement's writes */
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "reading lead failed: %s", SPI_result_code_string(ret));
 		if (SPI_processed == 0)

@@ -57,6 +57,7 @@ typedef enum ActionKind
 	ACT_NOTIFY,
 	ACT_SEND_EMAIL,
 	ACT_WEBHOOK,
+	ACT_SET_FIELD,
 	ACT_COUNT
 } ActionKind;
 
@@ -91,6 +92,8 @@ typedef struct RuleAction
 	const char *template_name;	/* send_email */
 	const char *to;				/* send_email recipient, NULL = lead contact */
 	const char *url;			/* webhook */
+	const char *field;			/* set_field: the column */
+	const char *sql;			/* set_field: its UPDATE, built when compiled */
 	bool		recheck;		/* delayed: check conditions again when due */
 	bool		respect_working_hours;	/* queued: wait for the owner's working time */
 	bool		only_working_hours; /* groups: skip members outside working hours */

@@ -325,6 +325,8 @@ rule_copy(Rule *src)
 		a->template_name = copy_string(from->template_name);
 		a->to = copy_string(from->to);
 		a->url = copy_string(from->url);
+		a->field = copy_string(from->field);
+		a->sql = copy_string(from->sql);
 		a->definition = copy_jsonb(from->definition);
 	}
 	return r;
