@@ -457,6 +457,8 @@ def gen_definition(rng):
     elif event == "lead.step.changed.to":
         target = str(rng.choice(STEPS)) if rng.random() < 0.9 else rng.choice(
             ["", "7", "0", "Preventivo ", "12345678901234567890", "-1"])
+    elif event == "lead.date.reached":
+        target = rng.choice(DATE_COLUMNS) if rng.random() < 0.9 else rng.choice(BAD_DATE_TARGETS)
     elif rng.random() < 0.02:
         target = rng.choice(["won", "", "Nuovo"])
     name = rng.choice(["auto", "Welcome new leads", "A" * 300, "x'y", "日本", "\n", ""]) \
@@ -531,7 +533,7 @@ def good_value(rng, kind):
 
 def bad_value(rng):
     r = rng.random()
-    if r < 0.5:
+    if r < 0.62:
         return rng.choice([
             None, "", " ", "NaN", "Infinity", "-Infinity", "nan", "now", "today", "tomorrow", "yesterday",
             "2024-02-30", "294277-01-01", "5874898-01-01", "4714-11-24 BC", "allballs", "1e1000", "abc",
@@ -574,7 +576,7 @@ def gen_field_cond(rng, event, valid):
         lo, hi = val(), val()
         if valid:
             lo, hi = {"numeric": (0, 1000), "float": (-1.5, 2), "int": (10, 90), "bigint": (1, 4),
-                      "ts": ({"now": "-30 days"}, {"now": "30 days"}), "date": ("2020-01-01", "2030-12-31"),
+                      "ts": ("2020-01-01", "2030-12-31 23:00:00+00"), "date": ("2020-01-01", "2030-12-31"),
                       "enum": ("cold", "warm"), "bool": (False, True), "text": ("a", "m"),
                       "jsonb": ("1", "2"), "array": ("{a}", "{b}")}[kind]
             c["value"] = [lo, hi]
@@ -584,6 +586,8 @@ def gen_field_cond(rng, event, valid):
         n = rng.choice([1, 2, 3, 5])
         vals = [val() for _ in range(n)]
         if valid:
+            # {"now": ...} stands alone: a list element that is an object is refused
+            vals = [v if not isinstance(v, dict) else "2026-12-31" for v in vals]
             c["values"] = vals
         else:
             r = rng.random()
@@ -1580,7 +1584,7 @@ class Generator:
                 ("fz_flag", "int USING fz_flag::int"), ("fz_flag", "text"), ("amount", "numeric"),
                 ("amount", "float8"), ("probability", "bigint"), ("probability", "text"),
                 ("next_action_at", "timestamp"), ("next_action_at", "date"), ("contact_email", "varchar(10)"),
-                ("closed_at", "timestamp"), ("fz_spare", "int USING 0"), ("description", "varchar(3)")])
+                ("closed_at", "timestamp"), ("closed_at", "text"), ("updated_at", "text"), ("updated_at", "date"), ("fz_spare", "int USING 0"), ("description", "varchar(3)")])
             return "ALTER TABLE nocrm.leads ALTER COLUMN %s TYPE %s;" % (col, typ)
         if r < 0.85:
             col = rng.choice(self.READ_COLUMNS)
@@ -1595,8 +1599,51 @@ class Generator:
             "ALTER COLUMN fz_kind SET DEFAULT 'hot'", "ALTER COLUMN fz_code SET NOT NULL", "DROP COLUMN fz_kind CASCADE",
             "ADD CONSTRAINT fz_c CHECK (fz_n IS NULL OR fz_n > 0)", "DROP COLUMN IF EXISTS nope"])
 
+    def oracle_cond(self, rng, depth=0):
+        """Field conditions and groups only (no tags, no changed): what fuzz.cond_holds judges."""
+        c = gen_field_cond(rng, "lead.creation", True)
+        if c["op"] in ("contains", "starts_with") and not isinstance(c.get("value"), str):
+            c["value"] = "a"
+        if depth < 3:
+            for g in ("all", "any", "not"):
+                if rng.random() < 0.2:
+                    c[g] = self.oracle_cond(rng, depth + 1) if g == "not" else \
+                        [self.oracle_cond(rng, depth + 1) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.15 and depth == 0:
+            c = {rng.choice(["all", "any"]): [c, self.oracle_cond(rng, 1)]}
+        return c
+
+    def oracle(self, i, rng):
+        """A differential case: the engine's verdict (tag written by the rule, and explain)
+        against the SQL meaning of the same field conditions."""
+        cond = self.oracle_cond(rng)
+        ctext = dumps(cond)
+        stmts = ["UPDATE nocrm.automations SET enabled = false WHERE enabled;"]
+        if rng.random() < 0.5:
+            stmts.append("SET LOCAL nocrm.history = %s;" % rng.choice(["actions", "'all'", "none"]))
+        stmts.append("INSERT INTO nocrm.automations (name, event, conditions, actions, position) VALUES "
+                     "('oracle', 'lead.any_update', %s, '[{\"type\": \"add_tags\", \"tags\": [\"oracle-hit\"]}]', %d);"
+                     % (jlit(ctext), rng.choice([0, -5, 2147483647])))
+        if rng.random() < 0.5:
+            cols, vals = self.lead_row(rng, bad_p=0)
+            stmts.append("INSERT INTO nocrm.leads (%s) VALUES (%s);" % (", ".join(cols), ", ".join(vals)))
+            cols = [c for c in cols if c not in ("title", "pipeline_id", "step_id", "status")]
+            upd = ["description = 'oracle ' || clock_timestamp()"]
+            if cols and rng.random() < 0.7:
+                c = rng.choice(cols)
+                upd.append("%s = %s" % (c, self.extreme_value(rng, c, 0)))
+            stmts.append("UPDATE nocrm.leads SET %s WHERE id = currval('nocrm.leads_id_seq');" % ", ".join(upd))
+            stmts.append("SELECT fuzz.check_oracle(ARRAY[currval('nocrm.leads_id_seq')], %s, 'oracle');" % jlit(ctext))
+        else:
+            stmts.append("UPDATE nocrm.leads SET description = 'oracle ' || id WHERE id <= 60;")
+            stmts.append("SELECT fuzz.check_oracle(ARRAY(SELECT id FROM nocrm.leads WHERE id <= 60 ORDER BY id), %s, "
+                         "'oracle');" % jlit(ctext))
+        return Case("rules", i, " ".join(stmts))
+
     def rules(self, i):
         rng = case_rng(self.seed, "rules", i)
+        if rng.random() < 0.25:
+            return self.oracle(i, rng)
         state = {}
         stmts = [self.valid_rule_sql(rng) for _ in range(rng.choice([0, 0, 1, 2]))]
         for _ in range(rng.randint(2, 8)):
@@ -1866,6 +1913,103 @@ BEGIN
     END IF;
 END $fn$;
 
+-- Oracle of field conditions and groups (rules phase): what a condition object
+-- holding only "field"/"op"/"value(s)" and all/any/not means, in plain SQL on
+-- the lead's row, by the column's own type (docs/reference.md, Field conditions).
+CREATE FUNCTION fuzz.cond_lit(v jsonb, typ text) RETURNS text LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT CASE WHEN jsonb_typeof(v) = 'object' THEN format('(now() + %L::interval)', v->>'now')
+                ELSE format('%L::%s', v #>> '{}', typ) END
+$fn$;
+CREATE FUNCTION fuzz.cond_holds(lead bigint, c jsonb) RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+    col text := c->>'field';
+    op text := c->>'op';
+    typ text;
+    istext boolean;
+    x text;
+    lits text;
+    expr text;
+    r boolean := true;
+    sub jsonb;
+BEGIN
+    IF col IS NOT NULL THEN
+        SELECT format_type(a.atttypid, NULL), t.typcategory = 'S' INTO typ, istext
+          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+         WHERE a.attrelid = 'nocrm.leads'::regclass AND a.attname = col AND NOT a.attisdropped;
+        x := format('%I', col);
+        IF op IN ('in', 'not_in') THEN
+            SELECT string_agg(fuzz.cond_lit(e, typ), ', ') INTO lits
+              FROM jsonb_array_elements(coalesce(c->'values', c->'value')) e;
+        END IF;
+        expr := CASE
+            WHEN op IN ('=', '==', 'eq') THEN x || ' = ' || fuzz.cond_lit(c->'value', typ)
+            WHEN op IN ('!=', '<>', 'ne') THEN x || ' <> ' || fuzz.cond_lit(c->'value', typ)
+            WHEN op IN ('<', 'lt') THEN x || ' < ' || fuzz.cond_lit(c->'value', typ)
+            WHEN op IN ('<=', 'le') THEN x || ' <= ' || fuzz.cond_lit(c->'value', typ)
+            WHEN op IN ('>', 'gt') THEN x || ' > ' || fuzz.cond_lit(c->'value', typ)
+            WHEN op IN ('>=', 'ge') THEN x || ' >= ' || fuzz.cond_lit(c->'value', typ)
+            WHEN op = 'between' THEN x || ' BETWEEN ' || fuzz.cond_lit(c->'value'->0, typ) || ' AND '
+                                     || fuzz.cond_lit(c->'value'->1, typ)
+            WHEN op = 'in' THEN x || ' IN (' || lits || ')'
+            WHEN op = 'not_in' THEN x || ' NOT IN (' || lits || ')'
+            WHEN op = 'is_empty' THEN x || ' IS NULL' || CASE WHEN istext THEN ' OR ' || x || '::text = ''''' ELSE '' END
+            WHEN op = 'is_not_empty' THEN x || ' IS NOT NULL' || CASE WHEN istext THEN ' AND ' || x || '::text <> ''''' ELSE '' END
+            WHEN op = 'contains' THEN format('strpos(lower(%s), lower(%L)) > 0', x, c->>'value')
+            WHEN op = 'starts_with' THEN format('starts_with(lower(%s), lower(%L))', x, c->>'value')
+        END;
+        IF expr IS NULL THEN
+            RAISE EXCEPTION 'oracle: cannot judge %', c USING ERRCODE = 'FZ006';
+        END IF;
+        EXECUTE format('SELECT coalesce((%s), false) FROM nocrm.leads WHERE id = $1', expr) INTO r USING lead;
+        r := coalesce(r, false);
+    END IF;
+    IF r AND c ? 'all' THEN
+        FOR sub IN SELECT jsonb_array_elements(c->'all') LOOP
+            r := r AND fuzz.cond_holds(lead, sub);
+        END LOOP;
+    END IF;
+    IF r AND c ? 'any' THEN
+        r := false;
+        FOR sub IN SELECT jsonb_array_elements(c->'any') LOOP
+            r := r OR fuzz.cond_holds(lead, sub);
+        END LOOP;
+    END IF;
+    IF r AND c ? 'not' THEN
+        r := NOT fuzz.cond_holds(lead, c->'not');
+    END IF;
+    RETURN r;
+END $fn$;
+-- The rule named rule_name (event lead.any_update, action: tag "oracle-hit")
+-- must have tagged exactly the leads where its conditions hold, and explain()
+-- must agree on the first lead.
+CREATE FUNCTION fuzz.check_oracle(leads bigint[], cond jsonb, rule_name text) RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    l bigint;
+    want boolean;
+    tagged boolean;
+    rsn text;
+    val text;
+BEGIN
+    FOREACH l IN ARRAY leads LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM nocrm.leads WHERE id = l);
+        want := fuzz.cond_holds(l, cond);
+        tagged := EXISTS (SELECT 1 FROM nocrm.tags WHERE lead_id = l AND name = 'oracle-hit');
+        IF want IS DISTINCT FROM tagged THEN
+            EXECUTE format('SELECT (SELECT row_to_json(x)::text FROM nocrm.leads x WHERE id = %s)', l) INTO val;
+            RAISE EXCEPTION 'oracle: the write path says %, SQL says % for lead %', tagged, want, l
+                USING ERRCODE = 'FZ005', DETAIL = left(cond::text || ' on ' || val, 900);
+        END IF;
+        IF l = leads[1] THEN
+            SELECT reason INTO rsn FROM nocrm.explain(l, 'lead.any_update') WHERE name = rule_name;
+            IF (rsn IS NULL OR rsn NOT LIKE 'condition%') IS DISTINCT FROM want THEN
+                EXECUTE format('SELECT (SELECT row_to_json(x)::text FROM nocrm.leads x WHERE id = %s)', l) INTO val;
+                RAISE EXCEPTION 'oracle: explain says % (%), SQL says % for lead %', rsn IS NULL, rsn, want, l
+                    USING ERRCODE = 'FZ005', DETAIL = left(cond::text || ' on ' || val, 900);
+            END IF;
+        END IF;
+    END LOOP;
+END $fn$;
+
 CREATE FUNCTION fuzz.fail(msg text) RETURNS void LANGUAGE plpgsql AS $fn$
 BEGIN
     RAISE EXCEPTION '%', msg USING ERRCODE = 'FZ002';
@@ -2087,7 +2231,9 @@ class Runner:
         if case.phase == "leads" and "C" in flags:
             return False      # raised inside the extension's triggers on a lead write
         if case.phase == "rules":
-            if "C" in flags and code not in ("2BP01",):
+            ctx = msg.split(" | ", 2)[2] if msg.count(" | ") >= 2 else ""
+            # a context that is only the literal's own position ("JSON data, line 1") is not the extension
+            if "C" in flags and code not in ("2BP01",) and re.search(r"SQL statement|function nocrm|trigger", ctx):
                 self.in_extension[(code, normalize(msg))] += 1
                 self.in_extension_case.setdefault((code, normalize(msg)), case)
             return code[:2] in RULES_OK_CLASSES or code in RULES_OK
@@ -2450,6 +2596,7 @@ def run_single(args):
 
 def run_replay(args):
     """Runs every corpus/found/*.sql and seeds/*.json as-is; reports crashes."""
+    args.no_corpus = True         # a replayed file that crashes is already in the corpus
     r = Runner(args)
     r.start()
     files = []
