@@ -8,6 +8,7 @@ OBJS = \
 	src/definition.o \
 	src/delivery.o \
 	src/dispatch.o \
+	src/due.o \
 	src/enrollment.o \
 	src/drain.o \
 	src/events.o \

@@ -417,6 +417,8 @@ extern void nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, cons
 extern bool nocrm_date_rules_exist(void);
 extern void nocrm_schedule_dates(int64 lead_id, HeapTuple oldtup, HeapTuple newtup, TupleDesc desc);
 extern bool nocrm_dates_row_changed(struct TupleTableSlot *oldslot, struct TupleTableSlot *newslot);
+
+/* due.c: date rules that fell due, fired (the drain, fire_due_date_rules()) */
 extern int	nocrm_fire_due_dates(int max);
 
 /* secrets.c: credentials in the user mapping of server nocrm_credentials */
