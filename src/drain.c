@@ -79,6 +79,7 @@ typedef struct QueueItem
 
 static SPIPlanPtr plan_claim,
 			plan_record,
+			plan_held,
 			plan_lock_actions,
 			plan_taken_back,
 			plan_prune;
@@ -614,31 +615,47 @@ record(QueueItem *items, int n, const char *token, bool actions)
 			   "    FROM o"
 			   "   WHERE q.id = o.id AND q.id IN (SELECT id FROM mine)"
 			   "  RETURNING q.id)"
-			   " SELECT o.id FROM o JOIN nocrm.queue q ON q.id = o.id"
-			   "  WHERE q.claim_token = $6 AND o.id NOT IN (SELECT id FROM written)",
+			   " SELECT count(*) FROM written",
 			   8, types);
 	nocrm_exec_plan(plan_record, args, NULL, SPI_OK_SELECT, "recording deliveries failed");
-
-	for (int i = 0; i < n; i++)
 	{
-		QueueItem  *item = &items[i];
-		bool		held = false;
+		bool		isnull;
+		int64		written = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														  SPI_tuptable->tupdesc, 1, &isnull));
 
-		if (item->recorded || (item->kind == ITEM_ACTION) != actions)
-			continue;
-		for (uint64 j = 0; j < SPI_processed && !held; j++)
+		SPI_freetuptable(SPI_tuptable);
+		if (written < m)
 		{
-			bool		isnull;
+			/*
+			 * Rare: some were not written.  Those still under our token are
+			 * locked by someone else (try again); the others are gone.
+			 */
+			Oid			held_types[2] = {INT8ARRAYOID, UUIDOID};
+			Datum		held_args[2] = {args[0], args[5]};
 
-			held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[j], SPI_tuptable->tupdesc,
-											   1, &isnull)) == item->id;
+			nocrm_plan(&plan_held,
+					   "SELECT id FROM nocrm.queue WHERE id = ANY ($1) AND claim_token = $2",
+					   2, held_types);
+			nocrm_exec_plan(plan_held, held_args, NULL, SPI_OK_SELECT, "reading the queue failed");
 		}
-		if (held)
-			left++;
-		else
-			item->recorded = true;
+		for (int i = 0; i < n; i++)
+		{
+			QueueItem  *item = &items[i];
+			bool		held = false;
+
+			if (item->recorded || (item->kind == ITEM_ACTION) != actions)
+				continue;
+			for (uint64 j = 0; written < m && j < SPI_processed && !held; j++)
+				held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[j], SPI_tuptable->tupdesc,
+												   1, &isnull)) == item->id;
+			if (held)
+				left++;
+			else
+				item->recorded = true;
+		}
+		if (written < m)
+			SPI_freetuptable(SPI_tuptable);
 	}
-	SPI_freetuptable(SPI_tuptable);
 	return left;
 }
 

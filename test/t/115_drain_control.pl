@@ -145,6 +145,27 @@ is(row($third)->{state}, 'done', 'the third item was delivered');
 is(sql($node, 'SELECT count(*) FROM nocrm.queue WHERE claim_token IS NOT NULL AND state <> \'processing\' AND id IN (' . join(',', $first, $third) . ')'),
 	0, 'recorded rows carry no claim token');
 
+# A session holds the row locked when the drain records: the drain waits for
+# no lock, tries again, and records once the lock is gone.
+$sink->control('reset');
+my ($locked_row) = hooks($sink->url('/slow/1000'), 'Held');
+$drain = start_drain($node);
+ok(wait_for(sub { received($sink, $locked_row) == 1 }, 30, 'the webhook to arrive'), 'the drain is sending');
+my $locker = $node->background_psql('postgres');
+$locker->query_safe("BEGIN; SELECT id FROM nocrm.queue WHERE id = $locked_row FOR UPDATE");
+ok( wait_for(
+		sub {
+			sql($node, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CALL nocrm.drain%' AND wait_event = 'Extension'") > 0
+			  && sql($node, "SELECT state FROM nocrm.queue WHERE id = $locked_row") eq 'processing';
+		},
+		30, 'the drain to wait between its tries to record'),
+	'the delivery is over and the drain waits (the row is locked), without blocking on the lock');
+$locker->query_safe('COMMIT');
+$locker->quit;
+ok(finish_drain($drain), 'the drain finished') or diag $drain->{stderr};
+unlike($drain->{stderr}, qr/could not record/, 'without a warning');
+is(row($locked_row)->{state}, 'done', 'the outcome was recorded once the lock was gone');
+
 # --- stop_worker() stops a drain mid-transfer ---------------------------------------
 
 $sink->control('reset');
