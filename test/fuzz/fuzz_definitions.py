@@ -1627,7 +1627,7 @@ class Generator:
         if rng.random() < 0.5:
             cols, vals = self.lead_row(rng, bad_p=0)
             stmts.append("INSERT INTO nocrm.leads (%s) VALUES (%s);" % (", ".join(cols), ", ".join(vals)))
-            cols = [c for c in cols if c not in ("title", "pipeline_id", "step_id", "status")]
+            cols = [c for c in cols if c not in ("title", "pipeline_id", "step_id", "status", "description")]
             upd = ["description = 'oracle ' || clock_timestamp()"]
             if cols and rng.random() < 0.7:
                 c = rng.choice(cols)
