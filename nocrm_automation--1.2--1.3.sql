@@ -234,16 +234,19 @@ BEGIN
         SELECT string_agg(format('%s "%s"', a.id, a.name), ', ' ORDER BY a.id) INTO readers
           FROM nocrm.automations a
          WHERE jsonb_path_exists(a.conditions, '$.** ? (@.field == $column)',
+                                 jsonb_build_object('column', dropped.address_names[3]))
+            OR (a.event = 'lead.date.reached' AND a.target = dropped.address_names[3])
+            OR jsonb_path_exists(a.actions, '$[*] ? (@.type == "set_field" && (@.field == $column || @.value.field == $column))',
                                  jsonb_build_object('column', dropped.address_names[3]));
         IF readers IS NOT NULL THEN
-            RAISE EXCEPTION 'cannot drop column % of nocrm.leads: automations read it', dropped.address_names[3]
+            RAISE EXCEPTION 'cannot drop column % of nocrm.leads: automations use it', dropped.address_names[3]
                 USING ERRCODE = 'dependent_objects_still_exist',
-                      DETAIL = format('Field conditions of automations %s name it.', readers),
+                      DETAIL = format('Automations %s read or set it (field conditions, date rules, set_field).', readers),
                       HINT = 'Change or delete those automations first.';
         END IF;
     END LOOP;
 END $$;
-COMMENT ON FUNCTION nocrm.protect_rule_columns() IS 'Event trigger: refuses to drop a column of nocrm.leads that a field condition reads.';
+COMMENT ON FUNCTION nocrm.protect_rule_columns() IS 'Event trigger: refuses to drop a column of nocrm.leads that an automation reads or sets (field condition, date rule target, set_field).';
 REVOKE ALL ON FUNCTION nocrm.protect_rule_columns() FROM PUBLIC;
 CREATE EVENT TRIGGER nocrm_protect_rule_columns ON sql_drop
     EXECUTE FUNCTION nocrm.protect_rule_columns();

@@ -125,3 +125,8 @@ SELECT nocrm.set_date_offset(:far_rule, '101 years');
 SELECT nocrm.set_date_offset(:far_rule, '-101 years');
 \set SHOW_CONTEXT errors
 SELECT nocrm.set_date_offset(:far_rule, '-100 years');
+
+-- 9. A date rule's column cannot be dropped while the rule exists.
+\set SHOW_CONTEXT never
+ALTER TABLE nocrm.leads DROP COLUMN renew_on;
+\set SHOW_CONTEXT errors

@@ -161,3 +161,17 @@ INSERT INTO nocrm.leads (title) VALUES ('x');
 ROLLBACK;
 INSERT INTO nocrm.leads (title, status) VALUES ('after the rollback', 'won');
 SELECT closed_at IS NOT NULL AS closed FROM nocrm.leads WHERE title = 'after the rollback';
+
+-- 8. Offsets from now: negative, zero, inside between (fuzz finding: refused before).
+SELECT nocrm.create_automation(name => 'Due soon', event => 'lead.any_update',
+  conditions => '{"field": "next_action_at", "op": "between", "value": [{"now": "-1 day"}, {"now": "0 days"}]}',
+  actions => '[{"type": "add_tags", "tags": ["due"]}]');
+INSERT INTO nocrm.leads (title) VALUES ('due a');
+UPDATE nocrm.leads SET next_action_at = now() - interval '2 hours' WHERE title = 'due a';
+INSERT INTO nocrm.leads (title) VALUES ('due b');
+UPDATE nocrm.leads SET next_action_at = now() - interval '3 days' WHERE title = 'due b';
+SELECT l.title, t.name FROM nocrm.leads l JOIN nocrm.tags t ON t.lead_id = l.id WHERE l.title LIKE 'due %';
+\set SHOW_CONTEXT never
+SELECT nocrm.check_automation('x', 'lead.creation', NULL, '{"field": "next_action_at", "op": "<", "value": {"now": "-101 years"}}', '[{"type": "comment", "body": "x"}]');
+SELECT nocrm.check_automation('x', 'lead.creation', NULL, '{"field": "next_action_at", "op": "<", "value": {"now": "soon"}}', '[{"type": "comment", "body": "x"}]');
+\set SHOW_CONTEXT errors

@@ -72,3 +72,8 @@ SELECT nocrm.create_automation(name => 'Too likely', event => 'lead.creation',
 INSERT INTO nocrm.leads (title) VALUES ('Over');
 \set VERBOSITY default
 SELECT count(*) AS over_leads FROM nocrm.leads WHERE title = 'Over';
+
+-- A column set_field writes cannot be dropped while the rule exists.
+\set SHOW_CONTEXT never
+ALTER TABLE nocrm.leads DROP COLUMN commission;
+\set SHOW_CONTEXT errors

@@ -129,21 +129,31 @@ nocrm_schedule_dates(int64 lead_id, HeapTuple oldtup, HeapTuple newtup, TupleDes
 	int			n;
 	Rule	  **rules = nocrm_rules_for_event(EV_DATE_REACHED, &n);
 
-	for (int i = 0; i < n; i++)
+	/* the writes below may reload the cache: keep these rules alive */
+	nocrm_rules_pin();
+	PG_TRY();
 	{
-		Rule	   *rule = rules[i];
-		bool		newnull,
-					oldnull = true;
-		Datum		new = heap_getattr(newtup, rule->date_attnum, desc, &newnull);
-		Datum		old = oldtup ? heap_getattr(oldtup, rule->date_attnum, desc, &oldnull) : (Datum) 0;
+		for (int i = 0; i < n; i++)
+		{
+			Rule	   *rule = rules[i];
+			bool		newnull,
+						oldnull = true;
+			Datum		new = heap_getattr(newtup, rule->date_attnum, desc, &newnull);
+			Datum		old = oldtup ? heap_getattr(oldtup, rule->date_attnum, desc, &oldnull) : (Datum) 0;
 
-		if (same_date(old, oldnull, new, newnull))
-			continue;
-		if (oldtup)
-			unschedule(rule, lead_id);
-		if (!newnull)
-			schedule(rule, lead_id, new);
+			if (same_date(old, oldnull, new, newnull))
+				continue;
+			if (oldtup)
+				unschedule(rule, lead_id);
+			if (!newnull)
+				schedule(rule, lead_id, new);
+		}
 	}
+	PG_FINALLY();
+	{
+		nocrm_rules_unpin();
+	}
+	PG_END_TRY();
 }
 
 /* For the gate: does this row set or change a date rule's column? */

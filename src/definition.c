@@ -394,7 +394,7 @@ check_template(DefContext *cx, JsonbValue *v)
 
 /* A positive interval, e.g. "2 hours" or "P1D", parsed without throwing. */
 static void
-parse_delay(DefContext *cx, JsonbValue *v, Interval *out)
+parse_interval(DefContext *cx, JsonbValue *v, Interval *out, const char *what)
 {
 	char	   *str;
 	char		workbuf[256];
@@ -404,11 +404,10 @@ parse_delay(DefContext *cx, JsonbValue *v, Interval *out)
 	int			dtype = 0;
 	int			dterr;
 	struct pg_itm_in itm_in;
-	Interval	zero = {0};
-
 	if (v->type != jbvString)
-		invalid(cx, psprintf("delay must be an interval string such as \"2 hours\", not %s",
-							 jtype(v)), "Write the delay as text, e.g. \"30 minutes\".");
+		invalid(cx, psprintf("%s must be an interval string such as \"2 hours\", not %s",
+							 what, jtype(v)),
+				psprintf("Write the %s as text, e.g. \"30 minutes\".", what));
 	str = jstring(v);
 	memset(&itm_in, 0, sizeof(itm_in));
 	dterr = ParseDateTime(str, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf);
@@ -422,10 +421,21 @@ parse_delay(DefContext *cx, JsonbValue *v, Interval *out)
 	if (dterr != 0 || dtype != DTK_DELTA || itmin2interval(&itm_in, out) != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_DATETIME_FORMAT),
-				 errmsg("invalid automation \"%s\": bad delay %s", cx->automation,
+				 errmsg("invalid automation \"%s\": bad %s %s", cx->automation, what,
 						quote_literal_cstr(str)),
 				 errdetail("The problem is in %s.", cx->where),
-				 errhint("Write the delay as a PostgreSQL interval, e.g. \"30 minutes\", \"2 hours\" or \"3 days\".")));
+				 errhint("Write the %s as a PostgreSQL interval, e.g. \"30 minutes\", \"2 hours\" or \"%s\".",
+						 what, strcmp(what, "delay") == 0 ? "3 days" : "-3 days")));
+}
+
+static void
+parse_delay(DefContext *cx, JsonbValue *v, Interval *out)
+{
+	Interval	zero = {0};
+	char	   *str;
+
+	parse_interval(cx, v, out, "delay");
+	str = jstring(v);
 	if (!DatumGetBool(DirectFunctionCall2(interval_gt, IntervalPGetDatum(out),
 										  IntervalPGetDatum(&zero))))
 		invalid(cx, psprintf("delay %s is not positive", quote_literal_cstr(str)),
@@ -969,7 +979,16 @@ field_value(DefContext *cx, FieldCond *f, JsonbValue *v, FieldValue *out)
 								 format_type_be(f->typid), is_time ? "date or {\"now\": \"<interval>\"}" : "value"),
 					is_time ? "E.g. {\"now\": \"-3 days\"} means three days before the time it is checked." : NULL);
 		out->relative = true;
-		parse_delay(cx, offset, &out->offset);
+		parse_interval(cx, offset, &out->offset, "offset from now");
+		{
+			Interval	limit = {0, 0, 100 * MONTHS_PER_YEAR};
+			Datum		neg = DirectFunctionCall1(interval_um, IntervalPGetDatum(&limit));
+
+			if (DatumGetBool(DirectFunctionCall2(interval_gt, IntervalPGetDatum(&out->offset),
+												 IntervalPGetDatum(&limit))) ||
+				DatumGetBool(DirectFunctionCall2(interval_lt, IntervalPGetDatum(&out->offset), neg)))
+				invalid(cx, "an offset from now must be within 100 years", NULL);
+		}
 		return;
 	}
 	if (v->type == jbvNull)
@@ -1070,11 +1089,11 @@ compile_field(DefContext *cx, JsonbContainer *obj, NocrmEvent event, FieldCond *
 			if (!value || value->type != jbvBinary || !JsonContainerIsArray(value->val.binary.data) ||
 				JsonContainerSize(value->val.binary.data) != 2)
 				invalid(cx, "\"between\" needs \"value\": [low, high]", NULL);
-			items = jlist(cx, value, &n);
+			/* elements may be {"now": ...}: not a jlist */
 			f->nvalues = 2;
 			f->values = palloc0(sizeof(FieldValue) * 2);
-			field_value(cx, f, &items[0], &f->values[0]);
-			field_value(cx, f, &items[1], &f->values[1]);
+			field_value(cx, f, getIthJsonbValueFromContainer(value->val.binary.data, 0), &f->values[0]);
+			field_value(cx, f, getIthJsonbValueFromContainer(value->val.binary.data, 1), &f->values[1]);
 			break;
 		default:
 			if (!value)

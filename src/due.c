@@ -35,17 +35,14 @@ skip_recorded(Rule *rule, LeadState *lead, RaisedEvent *ev, const char *why)
 	nocrm_flush_writes();
 }
 
-/* One firing; NULL when the rule ran, else why not. */
+/* One firing, the rule pinned (its SPI work may reload the cache); NULL when it ran. */
 static const char *
-fire(DueFiring *due)
+fire_pinned(DueFiring *due, Rule *rule)
 {
-	Rule	   *rule = nocrm_rule_by_id(due->automation_id);
 	LeadState	lead;
 	RaisedEvent ev;
 	const char *why = NULL;
 
-	if (rule == NULL)
-		return "the automation is disabled";
 	if (rule->event != EV_DATE_REACHED)
 		return "the automation is no longer a date rule";
 	if (!nocrm_lead_fetch_locked(due->lead_id, &lead))
@@ -66,6 +63,27 @@ fire(DueFiring *due)
 	}
 	nocrm_run_rule_alone(rule, &lead, &ev);
 	return NULL;
+}
+
+static const char *
+fire(DueFiring *due)
+{
+	Rule	   *rule = nocrm_rule_by_id(due->automation_id);
+	const char *why;
+
+	if (rule == NULL)
+		return "the automation is disabled, or no longer compiles";
+	nocrm_rules_pin();
+	PG_TRY();
+	{
+		why = fire_pinned(due, rule);
+	}
+	PG_FINALLY();
+	{
+		nocrm_rules_unpin();
+	}
+	PG_END_TRY();
+	return why;
 }
 
 static void
