@@ -35,7 +35,9 @@ EXTENSION = nocrm_automation
 DATA = nocrm_automation--1.0.sql nocrm_automation--1.0--1.1.sql nocrm_automation--1.1--1.2.sql nocrm_automation--1.2--1.3.sql
 PGFILEDESC = "nocrm_automation - CRM automations inside PostgreSQL"
 
-PG_CPPFLAGS = -I$(srcdir)/src
+# The version of the control file, for the build (e.g. the webhooks' User-Agent).
+NOCRM_VERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" $(srcdir)/nocrm_automation.control)
+PG_CPPFLAGS = -I$(srcdir)/src -DNOCRM_VERSION='"$(NOCRM_VERSION)"'
 SHLIB_LINK = -lcurl
 # -Wclobbered fires on PG_TRY/PG_FINALLY's own _do_rethrow variable in PostgreSQL 15 headers.
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare -Wno-clobbered

@@ -80,6 +80,8 @@ typedef struct DefContext
 	const char *where;			/* "conditions.owner", "action 2 (notify)" ... */
 } DefContext;
 
+static void invalid(DefContext *cx, const char *msg, const char *hint) pg_attribute_noreturn();
+
 static void
 invalid(DefContext *cx, const char *msg, const char *hint)
 {

@@ -1033,7 +1033,7 @@ nocrm_post_json(DeliveryHandles *h, const char *url, const char *body,
 	HTTP_SETOPT(CURLOPT_POSTFIELDS, body);
 	HTTP_SETOPT(CURLOPT_POSTFIELDSIZE, (long) strlen(body));
 	HTTP_SETOPT(CURLOPT_HTTPHEADER, headers);
-	HTTP_SETOPT(CURLOPT_USERAGENT, "nocrm_automation/1.0");
+	HTTP_SETOPT(CURLOPT_USERAGENT, "nocrm_automation/" NOCRM_VERSION);
 	HTTP_SETOPT(CURLOPT_WRITEFUNCTION, discard_body);
 	HTTP_SETOPT(CURLOPT_WRITEDATA, &answer);
 	HTTP_SETOPT(CURLOPT_ERRORBUFFER, errbuf);
