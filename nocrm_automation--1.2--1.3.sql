@@ -763,3 +763,47 @@ BEGIN
     END LOOP;
     RETURN out;
 END $$;
+-- ==== email as the owner ====
+-- send_email and notify's email channel may send From the lead owner
+-- ("from": "owner") when an admin marked the owner's address as verified,
+-- else with Reply-To the owner.  MAIL FROM stays nocrm.mail_from.
+ALTER TABLE nocrm.users
+    ADD COLUMN sender_verified boolean NOT NULL DEFAULT false,
+    ADD COLUMN sender_name text
+        CONSTRAINT users_sender_name_check
+        CHECK (btrim(sender_name) <> '' AND sender_name !~ '[[:cntrl:]]' AND octet_length(sender_name) <= 200),
+    ADD CONSTRAINT users_sender_needs_email CHECK (NOT sender_verified OR email IS NOT NULL);
+COMMENT ON COLUMN nocrm.users.sender_verified IS 'Set by an admin once this address may be sent from by the CRM''s mail server (SPF/DKIM of its domain): then "from": "owner" puts it in From. Cleared when email changes.';
+COMMENT ON COLUMN nocrm.users.sender_name IS 'Display name in From/Reply-To when mail is sent as this user; NULL = name.';
+
+-- Not SECURITY DEFINER: current_user is who writes the row.
+CREATE FUNCTION nocrm.guard_sender_verified() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    -- a new address is not verified, whoever changes it
+    IF TG_OP = 'UPDATE' AND OLD.sender_verified AND NEW.sender_verified
+       AND lower(NEW.email) IS DISTINCT FROM lower(OLD.email) THEN
+        NEW.sender_verified := false;
+    END IF;
+    IF NEW.sender_verified AND (TG_OP = 'INSERT' OR NOT OLD.sender_verified)
+       AND NOT pg_has_role(current_user, 'nocrm_admin', 'USAGE')
+       AND NOT pg_has_role(current_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE') THEN
+        RAISE EXCEPTION 'only an admin can mark a user as a verified sender'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('User %s would send email From %s.', NEW.id, NEW.email),
+                  HINT = 'An admin (nocrm_admin) sets users.sender_verified once the mail server may send for that address (SPF, DKIM of its domain).';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER nocrm_guard_sender_verified BEFORE INSERT OR UPDATE OF sender_verified, email ON nocrm.users
+    FOR EACH ROW EXECUTE FUNCTION nocrm.guard_sender_verified();
+REVOKE ALL ON FUNCTION nocrm.guard_sender_verified() FROM PUBLIC;
+
+-- The message of a queue row, with the From and Reply-To its payload carries.
+CREATE FUNCTION nocrm.email_message(recipient text, subject text, body text,
+                                    idempotency_key text, payload jsonb)
+RETURNS text
+    AS 'MODULE_PATHNAME', 'nocrm_email_message' LANGUAGE C STRICT;
+COMMENT ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) IS 'The RFC 5322 message the drain would send now for an email queue row''s payload (its "from", "from_name", "reply_to", "reply_to_name"): for previews and tests.';
+REVOKE ALL ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) TO nocrm_admin;

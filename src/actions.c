@@ -43,7 +43,8 @@ static SPIPlanPtr plan_assign,
 			plan_notify_payload,
 			plan_enqueue,
 			plan_webhook_payload,
-			plan_owner_working;
+			plan_owner_working,
+			plan_sender;
 
 static const char *
 action_event(RuleAction *action)
@@ -812,6 +813,9 @@ render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	return message;
 }
 
+static Jsonb *sender_payload(Rule *rule, RuleAction *action, LeadState *lead, const char **detail);
+static Jsonb *with_sender(Jsonb *payload, Jsonb *sender);
+
 static void
 notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 {
@@ -869,11 +873,156 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 						   psprintf("skipped email: user %lld has no email", (long long) user_id));
 			continue;
 		}
-		id = enqueue(rule, action, lead, ev, channel,
-					 ch == CHANNEL_EMAIL ? email : psprintf("%lld", (long long) user_id),
+		if (ch == CHANNEL_EMAIL)
+		{
+			const char *detail;
+			Jsonb	   *p = DatumGetJsonbPCopy(payload);
+			Jsonb	   *sender;
+
+			/* the owner's query replaces SPI_tuptable: keep what we read first */
+			email = pstrdup(email);
+			sender = sender_payload(rule, action, lead, &detail);
+			id = enqueue(rule, action, lead, ev, channel, email, with_sender(p, sender), NULL);
+			action_history(rule, action, lead, NULL, queued_json(id),
+						   detail ? psprintf("email; %s", detail) : channel);
+			continue;
+		}
+		id = enqueue(rule, action, lead, ev, channel, psprintf("%lld", (long long) user_id),
 					 DatumGetJsonbP(payload), NULL);
 		action_history(rule, action, lead, NULL, queued_json(id), channel);
 	}
+}
+
+/*
+ * From and Reply-To of an email as the action's "from" and "reply_to" ask,
+ * with the lead's owner as of now: payload keys "from", "from_name",
+ * "reply_to", "reply_to_name" (none: nocrm.mail_from, as before).  *detail
+ * says what was chosen and why, for the history row.  The owner's address
+ * goes into From only when an admin set users.sender_verified; otherwise
+ * From stays nocrm.mail_from and the owner becomes Reply-To.
+ */
+static Jsonb *
+sender_payload(Rule *rule, RuleAction *action, LeadState *lead, const char **detail)
+{
+	const char *keys[4];
+	const char *values[4];
+	int			n = 0;
+	LeadState	current;
+	char	   *email = NULL,
+			   *name = NULL;
+	bool		verified = false,
+				active = false,
+				found = false;
+	const char *why = NULL;		/* the owner cannot be used: why */
+	const char *reply_to = action->reply_to;
+	const char *reply_to_name = NULL;
+	StringInfoData d;
+
+	*detail = NULL;
+	if (!action->from_owner && !action->reply_to_owner && !action->reply_to)
+		return NULL;
+	if (lead_now(rule, action, lead, &current))
+		lead = &current;		/* a deleted lead: the owner it had */
+	if (action->from_owner || action->reply_to_owner)
+	{
+		if (!lead->has_owner)
+			why = "the lead has no owner";
+		else
+		{
+			Oid			types[1] = {INT8OID};
+			Datum		args[1] = {Int64GetDatum(lead->owner_id)};
+
+			nocrm_plan(&plan_sender,
+					   "SELECT u.email, coalesce(u.sender_name, u.name), u.sender_verified, u.active"
+					   "  FROM nocrm.users u WHERE u.id = $1", 1, types);
+			found = exec_one(plan_sender, args, NULL, NULL, NULL);
+			if (found)
+			{
+				HeapTuple	tup = SPI_tuptable->vals[0];
+				TupleDesc	desc = SPI_tuptable->tupdesc;
+				bool		isnull;
+
+				email = SPI_getvalue(tup, desc, 1);
+				name = SPI_getvalue(tup, desc, 2);
+				verified = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
+				active = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
+			}
+			if (!found)
+				why = psprintf("owner %lld no longer exists", (long long) lead->owner_id);
+			else if (!active)
+				why = psprintf("owner %lld is inactive", (long long) lead->owner_id);
+			else if (email == NULL || nocrm_address_problem(email) != NULL)
+				why = psprintf("owner %lld has no usable email", (long long) lead->owner_id);
+		}
+	}
+
+	initStringInfo(&d);
+	if (action->from_owner && why == NULL && verified)
+	{
+		keys[n] = "from";
+		values[n++] = email;
+		keys[n] = "from_name";
+		values[n++] = name;
+		appendStringInfo(&d, "From the owner <%s>", email);
+	}
+	else if (action->from_owner)
+	{
+		appendStringInfoString(&d, "From nocrm.mail_from: ");
+		if (why)
+			appendStringInfoString(&d, why);
+		else
+		{
+			appendStringInfo(&d, "owner %lld is not a verified sender (users.sender_verified)",
+							 (long long) lead->owner_id);
+			/* replies still reach the owner */
+			if (reply_to == NULL)
+			{
+				reply_to = email;
+				reply_to_name = name;
+				appendStringInfo(&d, "; Reply-To the owner <%s>", email);
+			}
+		}
+	}
+	if (action->reply_to_owner && !(action->from_owner && why == NULL))
+	{
+		if (d.len > 0)
+			appendStringInfoString(&d, "; ");
+		if (why)
+			appendStringInfo(&d, "no Reply-To: %s", why);
+		else
+		{
+			reply_to = email;
+			reply_to_name = name;
+			appendStringInfo(&d, "Reply-To the owner <%s>", email);
+		}
+	}
+	if (action->reply_to && reply_to == action->reply_to)
+	{
+		if (d.len > 0)
+			appendStringInfoString(&d, "; ");
+		appendStringInfo(&d, "Reply-To <%s>", action->reply_to);
+	}
+	if (reply_to)
+	{
+		keys[n] = "reply_to";
+		values[n++] = reply_to;
+		if (reply_to_name)
+		{
+			keys[n] = "reply_to_name";
+			values[n++] = reply_to_name;
+		}
+	}
+	*detail = d.data;
+	return n > 0 ? payload_json(keys, values, n) : NULL;
+}
+
+static Jsonb *
+with_sender(Jsonb *payload, Jsonb *sender)
+{
+	if (sender == NULL)
+		return payload;
+	return DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(payload),
+											  JsonbPGetDatum(sender)));
 }
 
 static void
@@ -882,6 +1031,8 @@ send_email(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 	const char *to = action->to ? action->to : lead->contact_email;
 	const char *keys[2] = {"template", "to"};
 	const char *values[2] = {action->template_name, to};
+	const char *detail;
+	Jsonb	   *sender;
 	int64		id;
 
 	if (to == NULL || to[0] == '\0')
@@ -890,8 +1041,10 @@ send_email(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 					   "skipped: the lead has no contact_email and the action no \"to\"");
 		return;
 	}
-	id = enqueue(rule, action, lead, ev, "email", to, payload_json(keys, values, 2), NULL);
-	action_history(rule, action, lead, NULL, queued_json(id), NULL);
+	sender = sender_payload(rule, action, lead, &detail);
+	id = enqueue(rule, action, lead, ev, "email", to,
+				 with_sender(payload_json(keys, values, 2), sender), NULL);
+	action_history(rule, action, lead, NULL, queued_json(id), detail);
 }
 
 /* Queues a signed POST of the lead and event; the drain sends it. */

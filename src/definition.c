@@ -51,7 +51,7 @@ const char *const nocrm_action_names[ACT_COUNT] = {
 static const struct
 {
 	const char *required[2];
-	const char *optional[2];
+	const char *optional[3];
 }			action_args[ACT_COUNT] = {
 	[ACT_ASSIGN] = {{"user"}, {NULL}},
 	[ACT_ASSIGN_ROUND_ROBIN] = {{"users"}, {"only_working_hours", "fallback"}},
@@ -62,8 +62,8 @@ static const struct
 	[ACT_SET_STATUS] = {{"status"}, {NULL}},
 	[ACT_SET_STEP] = {{"step"}, {NULL}},
 	[ACT_COMMENT] = {{"body"}, {NULL}},
-	[ACT_NOTIFY] = {{"user", "message"}, {"channels"}},
-	[ACT_SEND_EMAIL] = {{"template"}, {"to"}},
+	[ACT_NOTIFY] = {{"user", "message"}, {"channels", "from", "reply_to"}},
+	[ACT_SEND_EMAIL] = {{"template"}, {"to", "from", "reply_to"}},
 	[ACT_WEBHOOK] = {{"url"}, {NULL}},
 	[ACT_SET_FIELD] = {{"field", "value"}, {NULL}},
 };
@@ -599,6 +599,56 @@ action_arg(DefContext *cx, JsonbContainer *c, int no, ActionKind kind, const cha
 
 static void compile_set_field(DefContext *cx, JsonbValue *field, JsonbValue *value, RuleAction *a);
 
+static bool
+is_string(JsonbValue *v, const char *s)
+{
+	return v->type == jbvString && v->val.string.len == (int) strlen(s) &&
+		strncmp(v->val.string.val, s, v->val.string.len) == 0;
+}
+
+/*
+ * "from": "owner" and "reply_to": "owner" or an address, of send_email and
+ * of notify's email channel.  The owner is read when the email is queued.
+ */
+static void
+compile_sender(DefContext *cx, JsonbContainer *c, int no, NocrmEvent event, RuleAction *a)
+{
+	JsonbValue *from = action_arg(cx, c, no, a->kind, "from");
+	JsonbValue *reply_to;
+
+	if (from)
+	{
+		if (!is_string(from, "owner"))
+			invalid(cx, psprintf("unknown from %s", from->type == jbvString ? jdisplay(from) : jtype(from)),
+					"Write \"from\": \"owner\" to send from the lead owner's address (when users.sender_verified), or leave it out to send from nocrm.mail_from.");
+		a->from_owner = true;
+	}
+	reply_to = action_arg(cx, c, no, a->kind, "reply_to");
+	if (reply_to)
+	{
+		if (reply_to->type != jbvString)
+			invalid(cx, psprintf("reply_to must be \"owner\" or an email address, not %s", jtype(reply_to)),
+					"Write \"reply_to\": \"owner\" or \"reply_to\": \"sales@acme.example\".");
+		if (is_string(reply_to, "owner"))
+			a->reply_to_owner = true;
+		else
+		{
+			a->reply_to = jstring(reply_to);
+			if (nocrm_address_problem(a->reply_to) != NULL)
+				invalid(cx, psprintf("reply_to %s is not \"owner\" and cannot be used as an address: %s",
+									 quote_literal_cstr(a->reply_to), nocrm_address_problem(a->reply_to)),
+						"Write \"reply_to\": \"owner\", or one address as user@domain, without name, brackets or line breaks.");
+		}
+	}
+	if ((a->from_owner || a->reply_to_owner) && event == EV_UNASSIGNED)
+		invalid(cx, psprintf("%s \"owner\" on lead.unassigned: the lead has no owner then",
+							 a->from_owner ? "from" : "reply_to"),
+				"Leave it out, or name an address in \"reply_to\".");
+	if ((from || reply_to) && a->kind == ACT_NOTIFY && !(a->channels & CHANNEL_EMAIL))
+		invalid(cx, psprintf("%s applies only to notify's email channel", from ? "from" : "reply_to"),
+				"Add \"email\" to \"channels\", or leave it out.");
+}
+
 static void
 compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAction *a)
 {
@@ -654,17 +704,22 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 		if (strcmp(key, "type") != 0 && strcmp(key, "delay") != 0 && strcmp(key, "recheck") != 0 &&
 			strcmp(key, "respect_working_hours") != 0 &&
 			!is_key(key, action_args[kind].required, 2) &&
-			!is_key(key, action_args[kind].optional, 2))
+			!is_key(key, action_args[kind].optional, 3))
+		{
+			StringInfoData takes;
+
+			initStringInfo(&takes);
+			appendStringInfo(&takes, "%s takes %s", nocrm_action_names[kind],
+							 action_args[kind].required[0]);
+			if (action_args[kind].required[1])
+				appendStringInfo(&takes, ", %s", action_args[kind].required[1]);
+			for (int i = 0; i < 3 && action_args[kind].optional[i]; i++)
+				appendStringInfo(&takes, "%s%s", i == 0 ? " and optionally " : ", ",
+								 action_args[kind].optional[i]);
 			invalid(cx, psprintf("unknown argument %s for action %s",
 								 quote_literal_cstr(key), nocrm_action_names[kind]),
-					psprintf("%s takes %s%s%s%s%s%s%s.", nocrm_action_names[kind],
-							 action_args[kind].required[0],
-							 action_args[kind].required[1] ? ", " : "",
-							 action_args[kind].required[1] ? action_args[kind].required[1] : "",
-							 action_args[kind].optional[0] ? " and optionally " : "",
-							 action_args[kind].optional[0] ? action_args[kind].optional[0] : "",
-							 action_args[kind].optional[1] ? ", " : "",
-							 action_args[kind].optional[1] ? action_args[kind].optional[1] : ""));
+					psprintf("%s.", takes.data));
+		}
 	}
 	for (int i = 0; i < 2; i++)
 	{
@@ -817,6 +872,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 				ch = action_arg(cx, c, no, a->kind, "channels");
 				if (ch)
 					check_channels(cx, ch, &a->channels);
+				compile_sender(cx, c, no, event, a);
 				break;
 			}
 		case ACT_SEND_EMAIL:
@@ -843,6 +899,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 											 nocrm_address_problem(a->to)),
 								"Give one address as user@domain; a non-ASCII domain must fit IDNA (labels of at most 63 characters once encoded).");
 				}
+				compile_sender(cx, c, no, event, a);
 				break;
 			}
 		case ACT_SET_FIELD:

@@ -456,21 +456,21 @@ append_text_header(StringInfo msg, const char *name, const char *value)
 	appendStringInfoString(msg, "\r\n");
 }
 
-/* From: the display name (quoted, or encoded words) and the address. */
+/* A mailbox header (From, Reply-To): the display name (quoted, or encoded words) and the address. */
 static void
-append_from(StringInfo msg, const char *addr)
+append_mailbox(StringInfo msg, const char *header, const char *display, const char *addr)
 {
-	char	   *name = one_line(nocrm_mail_from_name);
+	char	   *name = one_line(display);
 	int			col;
 
 	if (name[0] == '\0')
 	{
-		appendStringInfo(msg, "From: %s\r\n", addr);
+		appendStringInfo(msg, "%s: %s\r\n", header, addr);
 		return;
 	}
 	if (is_ascii_printable(name) && strstr(name, "=?") == NULL)
 	{
-		appendStringInfoString(msg, "From: \"");
+		appendStringInfo(msg, "%s: \"", header);
 		for (const char *p = name; *p; p++)
 		{
 			if (*p == '"' || *p == '\\')
@@ -480,11 +480,18 @@ append_from(StringInfo msg, const char *addr)
 		appendStringInfo(msg, "\" <%s>\r\n", addr);
 		return;
 	}
-	appendStringInfoString(msg, "From:");
-	col = append_words(msg, 5, name);
+	appendStringInfo(msg, "%s:", header);
+	col = append_words(msg, strlen(header) + 1, name);
 	if (col + strlen(addr) + 3 > LINE_MAX_CHARS)
 		appendStringInfoString(msg, "\r\n");
 	appendStringInfo(msg, " <%s>\r\n", addr);
+}
+
+/* The address as written in a header: checked ones IDNA-encoded, others on one line. */
+static char *
+header_address(const char *addr)
+{
+	return nocrm_address_problem(addr) == NULL ? wire_address(addr, NULL) : one_line(addr);
 }
 
 /*
@@ -494,19 +501,20 @@ append_from(StringInfo msg, const char *addr)
  * SMTPUTF8), a non-ASCII domain IDNA-encoded.  Marked as automatic mail
  * (RFC 3834) so that out-of-office replies do not answer it.
  */
-char *
-nocrm_build_message(const char *from, const char *to, const char *subject,
-					const char *body, const char *idempotency_key)
+static char *
+build_message(const char *from, const char *from_name, const char *reply_to,
+			  const char *reply_to_name, const char *id_from, const char *to,
+			  const char *subject, const char *body, const char *idempotency_key)
 {
 	StringInfoData msg;
 	StringInfoData text;
 	char		date[64];
 	time_t		now = time(NULL);
 	struct tm	tm;
-	bool		from_ok = nocrm_address_problem(from) == NULL;
-	char	   *from_wire = from_ok ? wire_address(from, NULL) : one_line(from);
-	char	   *to_wire = nocrm_address_problem(to) == NULL ? wire_address(to, NULL) : one_line(to);
-	const char *domain = from_ok ? strchr(from_wire, '@') + 1 : "nocrm.invalid";
+	bool		id_ok = nocrm_address_problem(id_from) == NULL;
+	char	   *from_wire = header_address(from);
+	char	   *to_wire = header_address(to);
+	const char *domain = id_ok ? strchr(wire_address(id_from, NULL), '@') + 1 : "nocrm.invalid";
 	char	   *encoded;
 	int			len;
 
@@ -521,7 +529,9 @@ nocrm_build_message(const char *from, const char *to, const char *subject,
 
 	initStringInfo(&msg);
 	appendStringInfo(&msg, "Date: %s\r\n", date);
-	append_from(&msg, from_wire);
+	append_mailbox(&msg, "From", from_name, from_wire);
+	if (reply_to)
+		append_mailbox(&msg, "Reply-To", reply_to_name, header_address(reply_to));
 	appendStringInfo(&msg, "To: %s\r\n", to_wire);
 	append_text_header(&msg, "Subject", subject);
 	appendStringInfo(&msg, "Message-ID: <%s@%s>\r\n", idempotency_key, domain);
@@ -553,9 +563,56 @@ nocrm_build_message(const char *from, const char *to, const char *subject,
 	return msg.data;
 }
 
+char *
+nocrm_build_message(const char *from, const char *to, const char *subject,
+					const char *body, const char *idempotency_key)
+{
+	return build_message(from, nocrm_mail_from_name, NULL, NULL, from, to, subject, body,
+						 idempotency_key);
+}
+
+/* A string member of a queue payload, or NULL. */
+static char *
+payload_string(Jsonb *payload, const char *key)
+{
+	JsonbValue *v;
+
+	if (payload == NULL || !JB_ROOT_IS_OBJECT(payload))
+		return NULL;
+	v = getKeyJsonValueFromContainer(&payload->root, key, strlen(key), NULL);
+	if (v == NULL || v->type != jbvString)
+		return NULL;
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
 /*
- * nocrm.email_message(recipient, subject, body, idempotency_key): the
- * message the drain would send now, for previews and tests.
+ * The message of an email queue row: From and Reply-To as the action chose
+ * them when it queued the row (payload "from", "from_name", "reply_to",
+ * "reply_to_name"), else nocrm.mail_from.  The Message-ID keeps the domain
+ * of nocrm.mail_from, and MAIL FROM is always nocrm.mail_from (send_mail).
+ */
+char *
+nocrm_build_queued_message(Jsonb *payload, const char *to, const char *subject,
+						   const char *body, const char *idempotency_key)
+{
+	char	   *from = payload_string(payload, "from");
+	char	   *reply_to = payload_string(payload, "reply_to");
+
+	/* checked when queued; an address edited into the row since is not used */
+	if (from && nocrm_address_problem(from) != NULL)
+		from = NULL;
+	if (reply_to && nocrm_address_problem(reply_to) != NULL)
+		reply_to = NULL;
+	return build_message(from ? from : nocrm_mail_from,
+						 from ? payload_string(payload, "from_name") : nocrm_mail_from_name,
+						 reply_to, payload_string(payload, "reply_to_name"),
+						 nocrm_mail_from, to, subject, body, idempotency_key);
+}
+
+/*
+ * nocrm.email_message(recipient, subject, body, idempotency_key [, payload]):
+ * the message the drain would send now, for previews and tests; with a
+ * queue row's payload, with the From and Reply-To it carries.
  */
 Datum
 nocrm_email_message(PG_FUNCTION_ARGS)
@@ -571,10 +628,11 @@ nocrm_email_message(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("nocrm.mail_from is not a valid address: \"%s\"", nocrm_mail_from)));
-	PG_RETURN_TEXT_P(cstring_to_text(nocrm_build_message(nocrm_mail_from, to,
-														 text_to_cstring(PG_GETARG_TEXT_PP(1)),
-														 text_to_cstring(PG_GETARG_TEXT_PP(2)),
-														 text_to_cstring(PG_GETARG_TEXT_PP(3)))));
+	PG_RETURN_TEXT_P(cstring_to_text(nocrm_build_queued_message(PG_NARGS() > 4 ? PG_GETARG_JSONB_P(4) : NULL,
+																to,
+																text_to_cstring(PG_GETARG_TEXT_PP(1)),
+																text_to_cstring(PG_GETARG_TEXT_PP(2)),
+																text_to_cstring(PG_GETARG_TEXT_PP(3)))));
 }
 
 static void
@@ -793,6 +851,7 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 			   *helo;
 	bool		utf8 = false;
 	bool		from_utf8;
+	bool		header_utf8;
 	struct curl_slist *connect_list = NULL;
 	SmtpTrace	trace;
 
@@ -834,7 +893,10 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 	if (connect_to)
 		connect_list = curl_slist_append(NULL, connect_to);
 	from_utf8 = !is_ascii(nocrm_mail_from, strchr(nocrm_mail_from, '@') - nocrm_mail_from);
-	buf.needs_smtputf8 = utf8 || from_utf8;
+	/* names are encoded words: raw UTF-8 in the headers is a From or Reply-To local part */
+	header_utf8 = !is_ascii(message, strstr(message, "\r\n\r\n") ?
+							strstr(message, "\r\n\r\n") - message : strlen(message));
+	buf.needs_smtputf8 = utf8 || from_utf8 || header_utf8;
 	buf.server_smtputf8 = &smtputf8_offered;
 	for (int attempt = 0; attempt < 2; attempt++)
 	{
@@ -900,6 +962,15 @@ nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, Deliver
 	if (res == CURLE_OK)
 	{
 		r->ok = true;
+		goto out;
+	}
+	if (buf.refused && !utf8 && !from_utf8)
+	{
+		/* the owner's address the action put in From or Reply-To */
+		r->permanent = true;
+		r->error = pstrdup("SMTP: the From or Reply-To address has a non-ASCII local part, which "
+						   "needs SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url does not "
+						   "offer it; the message was not sent");
 		goto out;
 	}
 	if (buf.refused && !utf8)

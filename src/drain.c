@@ -333,8 +333,9 @@ deliver(DeliveryHandles *h, QueueItem *item)
 	{
 		case ITEM_EMAIL:
 			nocrm_send_mail(h, item->recipient,
-							nocrm_build_message(nocrm_mail_from, item->recipient, item->subject,
-												item->body, item->idempotency_key),
+							nocrm_build_queued_message(item->payload, item->recipient,
+													   item->subject, item->body,
+													   item->idempotency_key),
 							&r);
 			break;
 		case ITEM_MOBILE:

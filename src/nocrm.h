@@ -91,6 +91,9 @@ typedef struct RuleAction
 	int			channels;		/* notify */
 	const char *template_name;	/* send_email */
 	const char *to;				/* send_email recipient, NULL = lead contact */
+	bool		from_owner;		/* send_email, notify email: "from": "owner" */
+	bool		reply_to_owner; /* "reply_to": "owner" */
+	const char *reply_to;		/* "reply_to": an address */
 	const char *url;			/* webhook */
 	const char *field;			/* set_field: the column */
 	const char *sql;			/* set_field: its UPDATE, built when compiled */
@@ -595,6 +598,8 @@ extern bool nocrm_valid_address(const char *addr);
 extern const char *nocrm_address_problem(const char *addr);
 extern char *nocrm_build_message(const char *from, const char *to, const char *subject,
 								 const char *body, const char *idempotency_key);
+extern char *nocrm_build_queued_message(Jsonb *payload, const char *to, const char *subject,
+										const char *body, const char *idempotency_key);
 extern void nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message,
 							DeliveryResult *r);
 extern void nocrm_post_json(DeliveryHandles *h, const char *url, const char *body,

@@ -324,6 +324,7 @@ rule_copy(Rule *src)
 		a->text = copy_string(from->text);
 		a->template_name = copy_string(from->template_name);
 		a->to = copy_string(from->to);
+		a->reply_to = copy_string(from->reply_to);
 		a->url = copy_string(from->url);
 		a->field = copy_string(from->field);
 		a->sql = copy_string(from->sql);
