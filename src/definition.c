@@ -619,7 +619,8 @@ compile_sender(DefContext *cx, JsonbContainer *c, int no, NocrmEvent event, Rule
 	if (from)
 	{
 		if (!is_string(from, "owner"))
-			invalid(cx, psprintf("unknown from %s", from->type == jbvString ? jdisplay(from) : jtype(from)),
+			invalid(cx, from->type == jbvString ? psprintf("unknown from %s", jdisplay(from)) :
+					psprintf("from must be \"owner\", not %s", jtype(from)),
 					"Write \"from\": \"owner\" to send from the lead owner's address (when users.sender_verified), or leave it out to send from nocrm.mail_from.");
 		a->from_owner = true;
 	}
