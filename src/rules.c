@@ -556,7 +556,13 @@ nocrm_rule_by_id(int32 id)
 	return NULL;
 }
 
-/* The enabled rules for an event, by position and id.  Needs an SPI connection. */
+/*
+ * The enabled rules for an event, by position and id.  A reload connects to
+ * SPI itself: an invalidation (a concurrent ANALYZE of nocrm.leads) can
+ * arrive after the caller's own connection ended, and reading through a
+ * connection the caller does not own (a PL/pgSQL function's, whose INSERT
+ * is running this trigger) would free that statement's executor state.
+ */
 Rule	  **
 nocrm_rules_for_event(NocrmEvent event, int *nrules)
 {
@@ -564,7 +570,10 @@ nocrm_rules_for_event(NocrmEvent event, int *nrules)
 	{
 		PG_TRY();
 		{
+			if (SPI_connect() != SPI_OK_CONNECT)
+				elog(ERROR, "SPI_connect failed");
 			load_rules();
+			SPI_finish();
 		}
 		PG_CATCH();
 		{

@@ -168,11 +168,20 @@ load(void)
 	loaded = true;
 }
 
+/*
+ * Through a connection of its own: the generation can move after the
+ * caller's connection ended (see nocrm_rules_for_event).
+ */
 static void
 ensure_loaded(void)
 {
 	if (!loaded || loaded_generation != nocrm_rules_generation())
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
 		load();
+		SPI_finish();
+	}
 }
 
 /* Can steps and triggers be read without SPI? */
