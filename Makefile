@@ -24,6 +24,8 @@ OBJS = \
 	src/restore.o \
 	src/rules.o \
 	src/runlog.o \
+	src/wake.o \
+	src/worker.o \
 	src/secrets.o \
 	src/spi_plans.o \
 	src/stages.o \

@@ -549,6 +549,8 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	Datum		result;
 	bool		isnull;
 
+	/* the commit wakes the background worker (wake.c) */
+	nocrm_wake_note_queued();
 	if (!action->respect_working_hours && lead->snapshot == NULL)
 		return enqueue_batched(rule, action, lead, ev, kind, recipient, payload, run_after, actor);
 

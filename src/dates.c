@@ -98,6 +98,8 @@ schedule(Rule *rule, int64 lead_id, Datum value)
 			   " VALUES ($1, $2, $3, $4)"
 			   " ON CONFLICT (automation_id, lead_id, date_value) DO NOTHING", 4, argtypes);
 	nocrm_exec_plan(plan_schedule, args, NULL, SPI_OK_INSERT, "scheduling a date rule");
+	/* the background worker may sleep past its due time otherwise */
+	nocrm_wake_note_queued();
 }
 
 static void

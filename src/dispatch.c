@@ -44,6 +44,7 @@ dispatch_xact_callback(XactEvent event, void *arg)
 		nocrm_preassign_xact_end();
 		nocrm_buffers_xact_end();
 		nocrm_plans_xact_end();
+		nocrm_wake_xact_end(event == XACT_EVENT_COMMIT);
 	}
 }
 

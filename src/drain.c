@@ -3,6 +3,7 @@
  *
  * pg_cron starts one run a minute; a run keeps going until its run time is
  * up, so mail leaves within a poll interval of the commit that queued it.
+ * The background worker (worker.c) runs the same loop, nocrm_drain_run().
  * Each round: claim a batch (FOR UPDATE SKIP LOCKED, with a lease) and
  * commit; run delayed actions in one transaction; send emails and POSTs
  * with no transaction work in flight; record the outcomes and commit.  A
@@ -950,7 +951,26 @@ Datum
 nocrm_drain(PG_FUNCTION_ARGS)
 {
 	CallContext *call = (CallContext *) fcinfo->context;
-	double		run_time = PG_ARGISNULL(0) ? nocrm_drain_run_seconds : PG_GETARG_FLOAT8(0);
+
+	if (call == NULL || !IsA(call, CallContext) || call->atomic)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("nocrm.drain() must be run with CALL outside a transaction block"),
+				 errdetail("It commits after each batch and sends mail between transactions."),
+				 errhint("Run CALL nocrm.drain(); on its own, as pg_cron does.")));
+	nocrm_drain_run(PG_ARGISNULL(0) ? nocrm_drain_run_seconds : PG_GETARG_FLOAT8(0),
+					PG_ARGISNULL(0));
+	PG_RETURN_VOID();
+}
+
+/*
+ * One drain run, for CALL nocrm.drain() and the background worker (worker.c):
+ * in a transaction with no snapshot set, which it commits after each step.
+ * by_minute: also stop just before the next whole minute (pg_cron's next run).
+ */
+void
+nocrm_drain_run(double run_time, bool by_minute)
+{
 	TimestampTz deadline;
 	MemoryContext keep;
 	MemoryContext outer;
@@ -959,19 +979,13 @@ nocrm_drain(PG_FUNCTION_ARGS)
 	Datum		lock_key[2];
 	volatile bool locked = false;
 
-	if (call == NULL || !IsA(call, CallContext) || call->atomic)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
-				 errmsg("nocrm.drain() must be run with CALL outside a transaction block"),
-				 errdetail("It commits after each batch and sends mail between transactions."),
-				 errhint("Run CALL nocrm.drain(); on its own, as pg_cron does.")));
 	/* A standby drains nothing; its queue runs once it is promoted. */
 	if (RecoveryInProgress())
 	{
 		ereport(NOTICE,
 				(errmsg("nocrm.drain() does nothing on a standby"),
 				 errdetail("The queue is drained on the primary; after promotion, here.")));
-		PG_RETURN_VOID();
+		return;
 	}
 	if (run_time < 0)
 		ereport(ERROR,
@@ -986,7 +1000,7 @@ nocrm_drain(PG_FUNCTION_ARGS)
 	disable_timeout(STATEMENT_TIMEOUT, false);
 
 	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) (run_time * 1000));
-	if (PG_ARGISNULL(0))
+	if (by_minute)
 	{
 		/*
 		 * pg_cron starts a run every whole minute: stop half a second before
@@ -1006,7 +1020,7 @@ nocrm_drain(PG_FUNCTION_ARGS)
 	if (!drain_enabled_here())
 	{
 		SPI_finish();
-		PG_RETURN_VOID();
+		return;
 	}
 
 	lock_key[0] = Int32GetDatum((int32) queue_relid);
@@ -1102,5 +1116,4 @@ nocrm_drain(PG_FUNCTION_ARGS)
 	}
 	PG_END_TRY();
 	SPI_finish();
-	PG_RETURN_VOID();
 }

@@ -38,6 +38,8 @@ int			nocrm_drain_batch_size = 100;
 int			nocrm_drain_run_seconds = 60;
 int			nocrm_drain_poll_ms = 200;
 int			nocrm_drain_enabled = DRAIN_ENABLED_AUTO;
+char	   *nocrm_worker_database = NULL;
+char	   *nocrm_worker_role = NULL;
 int			nocrm_lease_seconds = 300;
 int			nocrm_max_attempts = 8;
 int			nocrm_retry_base_seconds = 30;
@@ -273,6 +275,14 @@ nocrm_define_gucs(void)
 							 "auto drains unless nocrm.queue is replicated into this database by a subscription.",
 							 &nocrm_drain_enabled, DRAIN_ENABLED_AUTO, drain_enabled_options,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
+	/* The background worker (worker.c): a change makes it restart with the new ones. */
+	DefineCustomStringVariable("nocrm.worker_database",
+							   "Database whose queue the background worker drains; empty = no worker.",
+							   "Needs shared_preload_libraries = 'nocrm_automation'.",
+							   &nocrm_worker_database, "", PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.worker_role",
+							   "Role the background worker connects as; empty = the bootstrap superuser.",
+							   NULL, &nocrm_worker_role, "", PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("nocrm.lease_time",
 							"How long a claimed item is reserved; after that another drain may take it.",
 							NULL, &nocrm_lease_seconds, 300, 1, 86400,
@@ -303,6 +313,7 @@ void
 _PG_init(void)
 {
 	nocrm_define_gucs();
+	nocrm_worker_register();
 	nocrm_rules_init();
 	nocrm_dispatch_init();
 	nocrm_lead_init();

@@ -310,6 +310,8 @@ extern int	nocrm_drain_batch_size;
 extern int	nocrm_drain_run_seconds;
 extern int	nocrm_drain_poll_ms;
 extern int	nocrm_drain_enabled;
+extern char *nocrm_worker_database;
+extern char *nocrm_worker_role;
 
 #define DRAIN_ENABLED_AUTO	0
 #define DRAIN_ENABLED_ON	1
@@ -430,6 +432,20 @@ extern void nocrm_credentials_load(struct DeliveryHandles *h);
 
 /* enrollment.c: once_per_lead and at_most_every */
 extern bool nocrm_enrollment_admits(Rule *rule, int64 lead_id, bool record, const char **why);
+
+/* drain.c: one drain run (CALL nocrm.drain() and the background worker) */
+extern void nocrm_drain_run(double run_time, bool by_minute);
+
+/* wake.c: the background worker's shared state, woken at commit of queued work */
+extern void nocrm_wake_shmem_request(void);
+extern void nocrm_wake_shmem_startup(void);
+extern void nocrm_wake_note_queued(void);
+extern void nocrm_wake_xact_end(bool committed);
+extern void nocrm_wake_attach(bool attach);
+extern uint32 nocrm_wake_count(void);
+
+/* worker.c: the background worker (shared_preload_libraries) */
+extern void nocrm_worker_register(void);
 
 /* dispatch.c: run the rules for raised events */
 extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
