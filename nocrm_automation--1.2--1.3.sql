@@ -229,7 +229,7 @@ BEGIN
         RETURN;
     END IF;
     FOR dropped IN SELECT * FROM pg_event_trigger_dropped_objects()
-                    WHERE object_type = 'table column' AND original
+                    WHERE object_type = 'table column'
                       AND address_names[1] = 'nocrm' AND address_names[2] = 'leads' LOOP
         SELECT string_agg(format('%s "%s"', a.id, a.name), ', ' ORDER BY a.id) INTO readers
           FROM nocrm.automations a

@@ -175,3 +175,15 @@ SELECT l.title, t.name FROM nocrm.leads l JOIN nocrm.tags t ON t.lead_id = l.id 
 SELECT nocrm.check_automation('x', 'lead.creation', NULL, '{"field": "next_action_at", "op": "<", "value": {"now": "-101 years"}}', '[{"type": "comment", "body": "x"}]');
 SELECT nocrm.check_automation('x', 'lead.creation', NULL, '{"field": "next_action_at", "op": "<", "value": {"now": "soon"}}', '[{"type": "comment", "body": "x"}]');
 \set SHOW_CONTEXT errors
+
+-- 9. A column dropped by a cascade (DROP DOMAIN ... CASCADE) is protected too.
+CREATE DOMAIN public.score AS integer CHECK (VALUE >= 0);
+ALTER TABLE nocrm.leads ADD COLUMN score public.score;
+SELECT nocrm.create_automation(name => 'High score', event => 'lead.creation',
+  conditions => '{"field": "score", "op": ">=", "value": 50}', actions => '[{"type": "add_tags", "tags": ["hot"]}]');
+\set SHOW_CONTEXT never
+\set VERBOSITY terse
+DROP DOMAIN public.score CASCADE;
+\set VERBOSITY default
+\set SHOW_CONTEXT errors
+SELECT count(*) AS score_column FROM pg_attribute WHERE attrelid = 'nocrm.leads'::regclass AND attname = 'score';
