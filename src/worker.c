@@ -39,6 +39,9 @@ PGDLLEXPORT void nocrm_worker_main(Datum arg);
 /* Seconds before the postmaster starts a worker that exited again. */
 #define WORKER_RESTART_SECONDS 5
 
+/* the portal a run is in, while it runs: an error marks it failed, as PortalRun does */
+static Portal run_portal = NULL;
+
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
@@ -176,6 +179,7 @@ drain_once(void)
 			portal = CreatePortal("nocrm drain worker", true, true);
 			portal->visible = false;
 			portal->status = PORTAL_ACTIVE;
+			run_portal = portal;
 			ActivePortal = portal;
 			PortalContext = portal->portalContext;
 			MemoryContextSwitchTo(PortalContext);
@@ -186,6 +190,7 @@ drain_once(void)
 			portal->portalSnapshot = NULL;
 			ActivePortal = NULL;
 			PortalContext = NULL;
+			run_portal = NULL;
 			portal->status = PORTAL_DONE;
 			PortalDrop(portal, false);
 			MemoryContextSwitchTo(cxt);
@@ -205,7 +210,11 @@ drain_once(void)
 	{
 		/* a cancel (nocrm.stop_worker()) or an error: this run ends, the worker goes on */
 		MemoryContextSwitchTo(cxt);
-		ActivePortal = NULL;	/* the abort drops the portal */
+		/* failed, the abort's cleanup drops it (an active one it would keep) */
+		if (run_portal != NULL)
+			MarkPortalFailed(run_portal);
+		run_portal = NULL;
+		ActivePortal = NULL;
 		PortalContext = NULL;
 		EmitErrorReport();
 		FlushErrorState();
@@ -259,8 +268,17 @@ nocrm_worker_main(Datum arg)
 		/* a commit woke us while we drained: its rows may have come after the last claim */
 		if (nocrm_wake_count() != seen && sleep_ms != WORKER_ERROR_PAUSE_MS)
 			continue;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+		/*
+		 * After a cancel, the whole pause: stop_worker() cancels every 50 ms
+		 * until it gets its lock, and a run started at each of its wakes
+		 * would keep it waiting.
+		 */
+		(void) WaitLatch(MyLatch,
+						 (sleep_ms == WORKER_ERROR_PAUSE_MS ? 0 : WL_LATCH_SET) |
+						 WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 sleep_ms, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+		/* a cancel while idle has nothing to cancel (outside a run it would end the worker) */
+		QueryCancelPending = false;
 	}
 }

@@ -115,6 +115,31 @@ $stopper->finish;
 ok(wait_for(sub { mails_for('While stopped') == 1 }, 30, 'the email after stop_worker() ended'),
 	'once stop_worker() has committed, the worker (still configured) resumes');
 
+# --- stop_worker() in the middle of a run: the run ends, the worker goes on ----------
+
+sql($node, q{SELECT nocrm.create_automation(name => 'slow', event => 'lead.creation',
+  conditions => '{"status": "lost"}',
+  actions => '[{"type": "send_email", "template": "notification", "to": "slow8000-x@client.example"}]')});
+my $before = worker_pid();
+sql($node, "INSERT INTO nocrm.leads (title, status) VALUES ('Slow', 'lost')");
+ok(wait_for(sub { sql($node, "SELECT drains_running FROM nocrm.queue_status") eq '1'
+		  && sql($node, "SELECT count(*) FROM nocrm.queue WHERE recipient = 'slow8000-x\@client.example' AND state = 'processing'") eq '1' },
+		30, 'the worker sending to the slow receiver'),
+	'the worker is in the middle of a slow delivery');
+sql($node, 'SELECT nocrm.stop_worker()');
+is(sql($node, "SELECT drains_running FROM nocrm.queue_status"), '0', 'stop_worker() ended the run');
+is(sql($node, "SELECT state FROM nocrm.queue WHERE recipient = 'slow8000-x\@client.example'"), 'pending',
+	'the item cut short is pending again');
+sql($node, "UPDATE nocrm.automations SET enabled = false WHERE name = 'slow'");
+sql($node, "SELECT nocrm.cancel_queue_item(id) FROM nocrm.queue WHERE recipient = 'slow8000-x\@client.example'");
+is(worker_pid(), $before, 'the worker process is the same (the cancel ended the run, not the worker)');
+sql($node, "INSERT INTO nocrm.leads (title) VALUES ('After cancel')");
+ok(wait_for(sub { mails_for('After cancel') == 1 }, 30, 'the email after the cancelled run'),
+	'and its next run delivers');
+sql($node, "SELECT pg_cancel_backend(" . worker_pid() . ")");    # idle: nothing to cancel
+sleep 1;
+is(worker_pid(), $before, 'a cancel while the worker is idle does not end it');
+
 # --- nocrm.drain_enabled = off (reload): it sends nothing; on again: it does --------
 
 NocrmTest::set_nocrm_conf($node, drain_enabled => 'off');
