@@ -1090,6 +1090,20 @@ event_has_old_version(NocrmEvent event)
 		event == EV_UNASSIGNED || event == EV_CONTENT_CHANGED || event == EV_ANY_UPDATE;
 }
 
+/* The column of nocrm.leads a definition names, typed; 42703 if there is none. */
+static void
+lead_column(DefContext *cx, const char *name, FieldCond *f, const char *hint)
+{
+	memset(f, 0, sizeof(*f));
+	if (!nocrm_field_cond_init(f, nocrm_leads_relid(), name))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("invalid automation \"%s\": nocrm.leads has no column %s", cx->automation,
+						quote_identifier(name)),
+				 errdetail("The problem is in %s.", cx->where),
+				 errhint("%s", hint)));
+}
+
 /* {"field": "amount", "op": ">", "value": 1000} and friends. */
 static void
 compile_field(DefContext *cx, JsonbContainer *obj, NocrmEvent event, FieldCond *f)
@@ -1105,15 +1119,9 @@ compile_field(DefContext *cx, JsonbContainer *obj, NocrmEvent event, FieldCond *
 	if (field == NULL || field->type != jbvString)
 		invalid(cx, "a field condition needs \"field\", a column name of nocrm.leads",
 				"Write e.g. {\"field\": \"amount\", \"op\": \">\", \"value\": 1000}.");
-	memset(f, 0, sizeof(*f));
 	cx->where = psprintf("%s (field %s)", cx->where, quote_literal_cstr(jstring(field)));
-	if (!nocrm_field_cond_init(f, nocrm_leads_relid(), jstring(field)))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_COLUMN),
-				 errmsg("invalid automation \"%s\": nocrm.leads has no column %s", cx->automation,
-						quote_identifier(jstring(field))),
-				 errdetail("The problem is in %s.", cx->where),
-				 errhint("Conditions may name any column of nocrm.leads, including ones you added.")));
+	lead_column(cx, jstring(field), f,
+				"Conditions may name any column of nocrm.leads, including ones you added.");
 	f->op = field_op(cx, getKeyJsonValueFromContainer(obj, "op", 2, NULL));
 	f->text = psprintf("%s %s%s%s", f->column, nocrm_field_op_names[f->op],
 					   value || values ? " " : "", value || values ? jtext(values ? values : value) : "");
@@ -1250,14 +1258,8 @@ compile_set_field(DefContext *cx, JsonbValue *field, JsonbValue *value, RuleActi
 
 	if (field->type != jbvString)
 		invalid(cx, psprintf("field must be a column name, not %s", jtype(field)), NULL);
-	memset(&f, 0, sizeof(f));
-	if (!nocrm_field_cond_init(&f, nocrm_leads_relid(), jstring(field)))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_COLUMN),
-				 errmsg("invalid automation \"%s\": nocrm.leads has no column %s", cx->automation,
-						quote_identifier(jstring(field))),
-				 errdetail("The problem is in %s.", cx->where),
-				 errhint("set_field sets any column of nocrm.leads, including ones you added.")));
+	lead_column(cx, jstring(field), &f,
+				"set_field sets any column of nocrm.leads, including ones you added.");
 	for (int i = 0; i < lengthof(managed_columns); i++)
 		if (strcmp(f.column, managed_columns[i][0]) == 0)
 			invalid(cx, psprintf("set_field cannot set %s", f.column),
@@ -1476,14 +1478,8 @@ date_target(DefContext *cx, const char *target, Rule *rule)
 	if (target == NULL || target[0] == '\0')
 		invalid(cx, "event lead.date.reached needs a target: the date column",
 				"E.g. target => 'next_action_at', with date_offset => '-3 days' for three days before it.");
-	memset(&f, 0, sizeof(f));
-	if (!nocrm_field_cond_init(&f, nocrm_leads_relid(), target))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_COLUMN),
-				 errmsg("invalid automation \"%s\": nocrm.leads has no column %s", cx->automation,
-						quote_identifier(target)),
-				 errdetail("The problem is in %s.", cx->where),
-				 errhint("The target of lead.date.reached is a date, timestamp or timestamptz column.")));
+	lead_column(cx, target, &f,
+				"The target of lead.date.reached is a date, timestamp or timestamptz column.");
 	base = getBaseType(f.typid);
 	if (base != DATEOID && base != TIMESTAMPOID && base != TIMESTAMPTZOID)
 		invalid(cx, psprintf("column %s is %s, not a date or time", target, format_type_be(f.typid)),

@@ -661,6 +661,8 @@ typedef struct WhereInput
 	const char *failed;			/* out: first condition that did not hold */
 } WhereInput;
 
+extern void *nocrm_copy_bytes(const void *src, Size size);
+extern const char *nocrm_copy_string(const char *s);
 extern void nocrm_copy_condition_keys(Rule *dst, const Rule *src);
 extern CondNode *nocrm_where_copy(const CondNode *node);
 extern const FieldCond *nocrm_where_guard(const CondNode *node);

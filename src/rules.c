@@ -273,61 +273,43 @@ nocrm_rule_columns(void)
 		" NULL::interval, false, '0'::interval";
 }
 
-static const char *
-copy_string(const char *s)
-{
-	return s ? pstrdup(s) : NULL;
-}
-
-static void *
-copy_array(const void *src, Size size)
-{
-	void	   *dst;
-
-	if (src == NULL)
-		return NULL;
-	dst = palloc(size > 0 ? size : 1);
-	memcpy(dst, src, size);
-	return dst;
-}
-
 static Jsonb *
 copy_jsonb(Jsonb *j)
 {
-	return j ? (Jsonb *) copy_array(j, VARSIZE(j)) : NULL;
+	return j ? (Jsonb *) nocrm_copy_bytes(j, VARSIZE(j)) : NULL;
 }
 
 /* A compiled rule copied into the current context, without compile garbage. */
 static Rule *
 rule_copy(Rule *src)
 {
-	Rule	   *r = copy_array(src, sizeof(Rule));
+	Rule	   *r = nocrm_copy_bytes(src, sizeof(Rule));
 
-	r->name = copy_string(src->name);
-	r->target_steps = copy_array(src->target_steps, sizeof(int64) * src->ntarget_steps);
+	r->name = nocrm_copy_string(src->name);
+	r->target_steps = nocrm_copy_bytes(src->target_steps, sizeof(int64) * src->ntarget_steps);
 	nocrm_copy_condition_keys(r, src);
 	r->guard = r->where ? nocrm_where_guard(r->where) : NULL;
 	r->where_reads_tags = r->where && nocrm_where_reads_tags(r->where);
 	r->actions_json = copy_jsonb(src->actions_json);
-	r->actions = copy_array(src->actions, sizeof(RuleAction) * src->nactions);
+	r->actions = nocrm_copy_bytes(src->actions, sizeof(RuleAction) * src->nactions);
 	for (int i = 0; i < src->nactions; i++)
 	{
 		RuleAction *a = &r->actions[i];
 		RuleAction *from = &src->actions[i];
 
-		a->users = copy_array(from->users, sizeof(int64) * from->nusers);
+		a->users = nocrm_copy_bytes(from->users, sizeof(int64) * from->nusers);
 		if (from->tags != (Datum) 0)
-			a->tags = PointerGetDatum(copy_array(DatumGetPointer(from->tags),
+			a->tags = PointerGetDatum(nocrm_copy_bytes(DatumGetPointer(from->tags),
 												 VARSIZE(DatumGetPointer(from->tags))));
-		a->status = copy_string(from->status);
-		a->step_name = copy_string(from->step_name);
-		a->text = copy_string(from->text);
-		a->template_name = copy_string(from->template_name);
-		a->to = copy_string(from->to);
-		a->reply_to = copy_string(from->reply_to);
-		a->url = copy_string(from->url);
-		a->field = copy_string(from->field);
-		a->sql = copy_string(from->sql);
+		a->status = nocrm_copy_string(from->status);
+		a->step_name = nocrm_copy_string(from->step_name);
+		a->text = nocrm_copy_string(from->text);
+		a->template_name = nocrm_copy_string(from->template_name);
+		a->to = nocrm_copy_string(from->to);
+		a->reply_to = nocrm_copy_string(from->reply_to);
+		a->url = nocrm_copy_string(from->url);
+		a->field = nocrm_copy_string(from->field);
+		a->sql = nocrm_copy_string(from->sql);
 		a->definition = copy_jsonb(from->definition);
 	}
 	return r;

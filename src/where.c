@@ -16,8 +16,9 @@
 
 /* ---------------------------------------------------------------- copying */
 
-static void *
-copy_bytes(const void *src, Size size)
+/* size bytes of src (NULL stays NULL), in CurrentMemoryContext. */
+void *
+nocrm_copy_bytes(const void *src, Size size)
 {
 	void	   *dst;
 
@@ -28,8 +29,8 @@ copy_bytes(const void *src, Size size)
 	return dst;
 }
 
-static const char *
-copy_str(const char *s)
+const char *
+nocrm_copy_string(const char *s)
 {
 	return s ? pstrdup(s) : NULL;
 }
@@ -54,9 +55,9 @@ nocrm_copy_condition_keys(Rule *dst, const Rule *src)
 {
 	dst->has_tags = copy_strs(src->has_tags, src->nhas_tags);
 	dst->lacks_tags = copy_strs(src->lacks_tags, src->nlacks_tags);
-	dst->owners = copy_bytes(src->owners, sizeof(int64) * src->nowners);
-	dst->pipelines = copy_bytes(src->pipelines, sizeof(int64) * src->npipelines);
-	dst->steps = copy_bytes(src->steps, sizeof(int64) * src->nsteps);
+	dst->owners = nocrm_copy_bytes(src->owners, sizeof(int64) * src->nowners);
+	dst->pipelines = nocrm_copy_bytes(src->pipelines, sizeof(int64) * src->npipelines);
+	dst->steps = nocrm_copy_bytes(src->steps, sizeof(int64) * src->nsteps);
 	dst->where = src->where ? nocrm_where_copy(src->where) : NULL;
 }
 
@@ -75,10 +76,10 @@ copy_node(CondNode *dst, const CondNode *src)
 	{
 		FieldCond  *f = &dst->field;
 
-		f->column = copy_str(f->column);
-		f->needle = copy_str(f->needle);
-		f->text = copy_str(f->text);
-		f->values = copy_bytes(f->values, sizeof(FieldValue) * f->nvalues);
+		f->column = nocrm_copy_string(f->column);
+		f->needle = nocrm_copy_string(f->needle);
+		f->text = nocrm_copy_string(f->text);
+		f->values = nocrm_copy_bytes(f->values, sizeof(FieldValue) * f->nvalues);
 		for (int i = 0; i < f->nvalues; i++)
 			copy_value(f, &f->values[i]);
 		if (f->has_from && !f->from_null)
@@ -88,7 +89,7 @@ copy_node(CondNode *dst, const CondNode *src)
 	}
 	else if (src->kind == CN_KEYS)
 	{
-		dst->keys = copy_bytes(src->keys, sizeof(Rule));
+		dst->keys = nocrm_copy_bytes(src->keys, sizeof(Rule));
 		nocrm_copy_condition_keys(dst->keys, src->keys);
 	}
 	if (src->nchildren > 0)
