@@ -154,9 +154,17 @@ nocrm_field_holds(FieldCond *f, Datum value, bool isnull)
 				return f->op == FOP_IN ? found : !found;
 			}
 		case FOP_CONTAINS:
-			return strstr(lowered(f, value), f->needle) != NULL;
 		case FOP_STARTS_WITH:
-			return strncmp(lowered(f, value), f->needle, strlen(f->needle)) == 0;
+			{
+				/* freed at once: the gate judges every row of a statement */
+				char	   *text = lowered(f, value);
+				bool		held = f->op == FOP_CONTAINS
+					? strstr(text, f->needle) != NULL
+					: strncmp(text, f->needle, strlen(f->needle)) == 0;
+
+				pfree(text);
+				return held;
+			}
 		default:
 			elog(ERROR, "nocrm: unexpected field operator %d", (int) f->op);
 	}
