@@ -29,6 +29,7 @@ OBJS = \
 	src/secrets.o \
 	src/spi_plans.o \
 	src/stages.o \
+	src/tagset.o \
 	src/templates.o \
 	src/where.o \
 	src/writebuf.o

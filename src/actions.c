@@ -200,6 +200,51 @@ distinct_tags(RuleAction *action, int *n, Datum **names)
  * its log row.  Repeats are dropped and the order restored here, in C: the
  * statement is a plain INSERT (or DELETE) ... RETURNING, run once per lead.
  */
+/*
+ * add_tags for a lead of a bulk statement whose tags are loaded (tagset.c):
+ * decided in memory, written with the statement's other tags.  False when
+ * the lead takes the per-lead statement.
+ */
+static bool
+add_tags_in_bulk(Rule *rule, RuleAction *action, LeadState *lead)
+{
+	Datum	   *names;
+	int			n;
+	JsonbParseState *state = NULL;
+	int			added = 0;
+
+	if (lead->deleted || !nocrm_tagset_covers(lead->id))
+		return false;
+	(void) distinct_tags(action, &n, &names);
+	for (int i = 0; i < n; i++)
+		if (!nocrm_tagset_fits(TextDatumGetCString(names[i])))
+			return false;
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	nocrm_jsonb_key(&state, "tags");
+	pushJsonbValue(&state, WJB_BEGIN_ARRAY, NULL);
+	for (int i = 0; i < n; i++)
+	{
+		char	   *tag = TextDatumGetCString(names[i]);
+		JsonbValue	v;
+
+		if (nocrm_tagset_present(lead->id, tag, false))
+			continue;
+		nocrm_tagset_add(lead->id, names[i]);
+		v.type = jbvString;
+		v.val.string.val = tag;
+		v.val.string.len = strlen(tag);
+		pushJsonbValue(&state, WJB_ELEM, &v);
+		added++;
+	}
+	pushJsonbValue(&state, WJB_END_ARRAY, NULL);
+	if (added == 0)
+		action_history(rule, action, lead, NULL, NULL, "the lead already has these tags");
+	else
+		action_history(rule, action, lead, NULL,
+					   JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL)), NULL);
+	return true;
+}
+
 static void
 change_tags_quietly(Rule *rule, RuleAction *action, LeadState *lead, bool add)
 {
@@ -274,9 +319,13 @@ change_tags(Rule *rule, RuleAction *action, LeadState *lead)
 	/* the tag triggers' WHEN clause (nocrm.child_event_wanted) asks the same */
 	if (!nocrm_event_listened(EV_ANY_UPDATE))
 	{
+		if (add && add_tags_in_bulk(rule, action, lead))
+			return;
+		nocrm_tagset_settle();
 		change_tags_quietly(rule, action, lead, add);
 		return;
 	}
+	nocrm_tagset_settle();
 
 	/*
 	 * Work out which tags change first, so the log row precedes the tag
@@ -1114,6 +1163,10 @@ nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *e
 		return;
 	}
 
+	/* what reads or writes the lead (and user triggers there) sees the waiting tags */
+	if (action->kind != ACT_ADD_TAGS && action->kind != ACT_NOTIFY &&
+		action->kind != ACT_SEND_EMAIL)
+		nocrm_tagset_settle();
 	switch (action->kind)
 	{
 		case ACT_ASSIGN:

@@ -182,6 +182,10 @@ nocrm_flush_assignments_trigger(PG_FUNCTION_ARGS)
 {
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		elog(ERROR, "nocrm_flush_assignments_trigger: not called as a trigger");
+	/* attached to nocrm's own tables only; a write to tags may stale the tag set */
+	if (strcmp(RelationGetRelationName(((TriggerData *) fcinfo->context)->tg_relation), "tags") == 0 &&
+		nocrm_tagset_tags_written())
+		return PointerGetDatum(NULL);	/* the batch itself: its writer goes on */
 	nocrm_flush_writes();
 	return PointerGetDatum(NULL);
 }

@@ -43,6 +43,7 @@ dispatch_xact_callback(XactEvent event, void *arg)
 		nocrm_assign_xact_end();
 		nocrm_preassign_xact_end();
 		nocrm_buffers_xact_end();
+		nocrm_tagset_xact_end();
 		nocrm_plans_xact_end();
 		nocrm_wake_xact_end(event == XACT_EVENT_COMMIT);
 	}
@@ -57,6 +58,7 @@ dispatch_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 		nocrm_assign_subxact_abort(mySubid);
 		nocrm_preassign_subxact_abort(mySubid);
 		nocrm_buffers_subxact_abort(mySubid);
+		nocrm_tagset_subxact_abort();
 	}
 	else if (event == SUBXACT_EVENT_COMMIT_SUB)
 		nocrm_assign_subxact_commit(mySubid, parentSubid);

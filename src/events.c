@@ -495,6 +495,51 @@ next_row(Tuplestorestate *table, int readptr, TupleTableSlot *slot)
 	return tuplestore_gettupleslot(table, true, false, slot);
 }
 
+/* Could a row of a bulk statement add tags quietly (tagset.c)? */
+static bool
+bulk_tags_possible(void)
+{
+	if (!nocrm_automations_enabled || nocrm_event_listened(EV_ANY_UPDATE))
+		return false;
+	for (int e = 0; e < EV_COUNT; e++)
+	{
+		int			n;
+		Rule	  **rules = nocrm_rules_for_event((NocrmEvent) e, &n);
+
+		for (int r = 0; r < n; r++)
+			for (int a = 0; a < rules[r]->nactions; a++)
+				if (rules[r]->actions[a].kind == ACT_ADD_TAGS)
+					return true;
+	}
+	return false;
+}
+
+/* Loads the tags of the statement's next TAGSET_CHUNK leads. */
+static void
+load_tag_chunk(Tuplestorestate *table, int readptr, TupleTableSlot *slot, int attno)
+{
+	int64	   *ids = palloc(sizeof(int64) * TAGSET_CHUNK);
+	int			n = 0;
+
+	while (n < TAGSET_CHUNK && next_row(table, readptr, slot))
+	{
+		bool		isnull;
+		Datum		id = slot_getattr(slot, attno, &isnull);
+
+		if (!isnull)
+			ids[n++] = DatumGetInt64(id);
+		ExecClearTuple(slot);
+	}
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	nocrm_tagset_load(ids, n);
+	SPI_finish();
+	pfree(ids);
+}
+
+/* A bulk statement's trigger owns the tag set; nested statements leave it alone. */
+static bool tag_chunks_owned = false;
+
 /*
  * AFTER INSERT, UPDATE or DELETE ON nocrm.leads, for each statement, with
  * its transition tables: each row that passes the gate has its events
@@ -519,6 +564,9 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 	MemoryContext rowcontext,
 				caller = CurrentMemoryContext;
 	const LeadAttnums *cols;
+	int			aheadptr = 0;
+	TupleTableSlot *aheadslot = NULL;
+	int64		nrows = 0;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
 		!TRIGGER_FIRED_AFTER(trigdata->tg_event))
@@ -536,7 +584,15 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 	if ((op != 'I' && oldslot == NULL) || (op != 'D' && newslot == NULL))
 		elog(ERROR, "nocrm_lead_statement_trigger: the trigger must have its transition tables");
 	rowcontext = AllocSetContextCreate(caller, "nocrm lead row", ALLOCSET_DEFAULT_SIZES);
+	if (op != 'D' && !tag_chunks_owned &&
+		tuplestore_tuple_count(trigdata->tg_newtable) >= TAGSET_MIN_ROWS && bulk_tags_possible())
+	{
+		aheadslot = transition_reader(trigdata->tg_newtable, desc, &aheadptr);
+		tag_chunks_owned = true;
+	}
 
+	PG_TRY();
+	{
 	for (;;)
 	{
 		HeapTuple	oldtup = NULL,
@@ -555,6 +611,11 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		/* OLD and NEW TABLE of an UPDATE hold each row's versions in the same order */
 		if (newslot && !next_row(trigdata->tg_newtable, newptr, newslot))
 			break;
+		if (aheadslot && nrows++ % TAGSET_CHUNK == 0)
+		{
+			nocrm_tagset_settle();
+			load_tag_chunk(trigdata->tg_newtable, aheadptr, aheadslot, cols->id);
+		}
 		nocrm_plans_note_row();
 		if (!(op == 'I' && preassigned_row(newslot, cols)) &&
 			!nocrm_lead_row_wanted(op, oldslot, newslot, cols))
@@ -568,7 +629,19 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		lead_row_events(op, oldtup, newtup, desc);
 		SPI_finish();
 	}
+	}
+	PG_FINALLY();
+	{
+		if (aheadslot)
+		{
+			tag_chunks_owned = false;
+			nocrm_tagset_forget();
+		}
+	}
+	PG_END_TRY();
 	MemoryContextSwitchTo(caller);
+	if (aheadslot)
+		ExecDropSingleTupleTableSlot(aheadslot);
 	if (oldslot)
 		ExecDropSingleTupleTableSlot(oldslot);
 	if (newslot)

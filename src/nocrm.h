@@ -510,6 +510,20 @@ extern void nocrm_buffers_xact_end(void);
 extern void nocrm_buffers_subxact_abort(SubTransactionId subid);
 extern int	nocrm_buffered_rows(void);
 
+/* tagset.c: add_tags of a bulk statement, written in batches */
+#define TAGSET_CHUNK		10000	/* leads whose tags are loaded at once */
+#define TAGSET_MIN_ROWS		64		/* smaller statements take the per-lead path */
+extern void nocrm_tagset_load(int64 *ids, int n);
+extern bool nocrm_tagset_covers(int64 lead_id);
+extern bool nocrm_tagset_fits(const char *name);
+extern bool nocrm_tagset_present(int64 lead_id, const char *name, bool enter);
+extern void nocrm_tagset_add(int64 lead_id, Datum name);
+extern void nocrm_tagset_settle(void);
+extern void nocrm_tagset_forget(void);
+extern bool nocrm_tagset_tags_written(void);
+extern void nocrm_tagset_subxact_abort(void);
+extern void nocrm_tagset_xact_end(void);
+
 /* history.c */
 extern void nocrm_history(int64 lead_id, const char *event, int32 automation_id,
 						  Jsonb *old_value, Jsonb *new_value, const char *detail);

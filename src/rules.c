@@ -631,6 +631,7 @@ count_tags(int64 lead_id, const char **tags, int ntags)
 	bool		isnull;
 	int			ret;
 
+	nocrm_tagset_settle();
 	for (int i = 0; i < ntags; i++)
 		elems[i] = CStringGetTextDatum(tags[i]);
 	args[0] = Int64GetDatum(lead_id);

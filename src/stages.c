@@ -456,6 +456,7 @@ nocrm_stage_triggers(LeadState *lead, RaisedEvent *ev, const char *custom_code)
 		Datum		args[2] = {Int64GetDatum(lead->id), Int64GetDatum(d->step_id)};
 		int			ret;
 
+		nocrm_tagset_settle();
 		nocrm_plan(&plan_move, "UPDATE nocrm.leads SET step_id = $2 WHERE id = $1", 2, types);
 		nocrm_chain_enter(-d->id);
 		PG_TRY();

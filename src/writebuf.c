@@ -26,6 +26,7 @@ static MemoryContext buffer_context = NULL;	/* child of TopTransactionContext */
 static WriteBuffer *registered[8];
 static int	nregistered = 0;
 static int	total_rows = 0;
+static bool flushing = false;
 
 static void
 buffer_reset(WriteBuffer *buf)
@@ -85,20 +86,21 @@ nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls)
 		nocrm_buffers_flush();
 }
 
+/* Writes the buffer's first n rows. */
 static void
-flush_one(WriteBuffer *buf)
+flush_one(WriteBuffer *buf, int n)
 {
 	Datum	   *args = palloc(sizeof(Datum) * buf->ncols);
 	Oid		   *argtypes = palloc(sizeof(Oid) * buf->ncols);
-	int			dims[1] = {buf->n};
+	int			dims[1] = {n};
 	int			lbs[1] = {1};
 
 	for (int c = 0; c < buf->ncols; c++)
 	{
-		Datum	   *col = palloc(sizeof(Datum) * buf->n);
-		bool	   *colnulls = palloc(sizeof(bool) * buf->n);
+		Datum	   *col = palloc(sizeof(Datum) * n);
+		bool	   *colnulls = palloc(sizeof(bool) * n);
 
-		for (int r = 0; r < buf->n; r++)
+		for (int r = 0; r < n; r++)
 		{
 			col[r] = buf->values[r * buf->ncols + c];
 			colnulls[r] = buf->nulls[r * buf->ncols + c];
@@ -114,29 +116,67 @@ flush_one(WriteBuffer *buf)
 	nocrm_exec_plan(buf->plan, args, NULL, SPI_OK_INSERT, buf->what);
 }
 
-/* Writes every waiting row. */
+/* Drops the first n rows (written); rows made while they were written stay. */
+static void
+drop_written(WriteBuffer *buf, int n)
+{
+	int			left = buf->n - n;
+
+	if (left > 0)
+	{
+		memmove(buf->values, &buf->values[n * buf->ncols], sizeof(Datum) * left * buf->ncols);
+		memmove(buf->nulls, &buf->nulls[n * buf->ncols], sizeof(bool) * left * buf->ncols);
+		memmove(buf->subids, &buf->subids[n], sizeof(SubTransactionId) * left);
+	}
+	buf->n = left;
+	total_rows -= n;
+}
+
+static bool
+any_rows(void)
+{
+	for (int i = 0; i < nregistered; i++)
+		if (registered[i]->n > 0)
+			return true;
+	return false;
+}
+
+/*
+ * Writes every waiting row.  A buffer's INSERT can fire triggers that make
+ * rows (a user's trigger) or flush again (the tags statement trigger): the
+ * nested call returns at once, and the rows are written by the next pass.
+ */
 void
 nocrm_buffers_flush(void)
 {
-	bool		any = false;
-
-	for (int i = 0; i < nregistered; i++)
-		any |= registered[i]->n > 0;
-	if (!any)
+	if (flushing || !any_rows())
 		return;
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	for (int i = 0; i < nregistered; i++)
+	flushing = true;
+	PG_TRY();
 	{
-		WriteBuffer *buf = registered[i];
+		while (any_rows())
+			for (int i = 0; i < nregistered; i++)
+			{
+				WriteBuffer *buf = registered[i];
+				int			n = buf->n;
 
-		if (buf->n == 0)
-			continue;
-		flush_one(buf);
-		buffer_reset(buf);
+				if (n == 0)
+					continue;
+				flush_one(buf, n);
+				drop_written(buf, n);
+			}
 	}
+	PG_FINALLY();
+	{
+		flushing = false;
+	}
+	PG_END_TRY();
 	SPI_finish();
 	total_rows = 0;
+	for (int i = 0; i < nregistered; i++)
+		buffer_reset(registered[i]);
 	MemoryContextReset(buffer_context);
 }
 
@@ -146,6 +186,7 @@ nocrm_buffers_xact_end(void)
 {
 	buffer_context = NULL;
 	total_rows = 0;
+	flushing = false;
 	for (int i = 0; i < nregistered; i++)
 		buffer_reset(registered[i]);
 }
