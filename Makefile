@@ -21,6 +21,7 @@ OBJS = \
 	src/jsonb.o \
 	src/lead.o \
 	src/preassign.o \
+	src/relay.o \
 	src/restore.o \
 	src/rules.o \
 	src/runlog.o \

@@ -746,8 +746,7 @@ notify_in_bulk(WriteBuffer *buf)
 			first = Min(first, id);
 			last = Max(last, id);
 		}
-		Async_Notify("nocrm_notifications",
-					 psprintf("{\"user_id\" : " INT64_FORMAT ", \"count\" : " INT64_FORMAT
+		nocrm_relay_notify(psprintf("{\"user_id\" : " INT64_FORMAT ", \"count\" : " INT64_FORMAT
 							  ", \"first_id\" : " INT64_FORMAT ", \"last_id\" : " INT64_FORMAT
 							  ", \"bulk\" : true}", users[u], count, first, last));
 	}
@@ -791,7 +790,7 @@ browser_notification(int64 user_id, int64 lead_id, int32 automation_id, const ch
 	escape_json(&payload, truncated ? pnstrdup(message, pg_mbcharcliplen(message, len, 1000))
 				: message);
 	appendStringInfo(&payload, ", \"truncated\" : %s}", truncated ? "true" : "false");
-	Async_Notify("nocrm_notifications", payload.data);
+	nocrm_relay_notify(payload.data);
 	return id;
 }
 

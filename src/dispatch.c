@@ -35,6 +35,9 @@ dispatch_xact_callback(XactEvent event, void *arg)
 		nocrm_buffers_flush();
 		PopActiveSnapshot();
 	}
+	/* after the flush, whose notifications may add payloads */
+	if (event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PRE_PREPARE)
+		nocrm_relay_pre_commit(event == XACT_EVENT_PRE_PREPARE);
 	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_COMMIT ||
 		event == XACT_EVENT_PARALLEL_ABORT || event == XACT_EVENT_PREPARE)
 	{
@@ -46,6 +49,7 @@ dispatch_xact_callback(XactEvent event, void *arg)
 		nocrm_tagset_xact_end();
 		nocrm_plans_xact_end();
 		nocrm_wake_xact_end(event == XACT_EVENT_COMMIT);
+		nocrm_relay_xact_end(event == XACT_EVENT_COMMIT);
 	}
 }
 
@@ -59,6 +63,7 @@ dispatch_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 		nocrm_preassign_subxact_abort(mySubid);
 		nocrm_buffers_subxact_abort(mySubid);
 		nocrm_tagset_subxact_abort();
+		nocrm_relay_subxact_abort(mySubid);
 	}
 	else if (event == SUBXACT_EVENT_COMMIT_SUB)
 		nocrm_assign_subxact_commit(mySubid, parentSubid);

@@ -444,6 +444,15 @@ extern void nocrm_wake_xact_end(bool committed);
 extern void nocrm_wake_attach(bool attach);
 extern uint32 nocrm_wake_count(void);
 
+/* relay.c: browser notifications' NOTIFYs sent after commit by a worker */
+extern void nocrm_relay_shmem_request(void);
+extern void nocrm_relay_shmem_startup(void);
+extern void nocrm_relay_register(void);
+extern void nocrm_relay_notify(const char *payload);
+extern void nocrm_relay_pre_commit(bool prepare);
+extern void nocrm_relay_xact_end(bool committed);
+extern void nocrm_relay_subxact_abort(SubTransactionId subid);
+
 /* worker.c: the background worker (shared_preload_libraries) */
 extern void nocrm_worker_register(void);
 

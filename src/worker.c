@@ -51,6 +51,7 @@ worker_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	nocrm_wake_shmem_request();
+	nocrm_relay_shmem_request();
 }
 
 static void
@@ -59,6 +60,7 @@ worker_shmem_startup(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 	nocrm_wake_shmem_startup();
+	nocrm_relay_shmem_startup();
 }
 
 /* From _PG_init: only a preloaded library has a worker (and shared memory). */
@@ -84,6 +86,7 @@ nocrm_worker_register(void)
 	strlcpy(worker.bgw_name, "nocrm_automation drain worker", BGW_MAXLEN);
 	strlcpy(worker.bgw_type, "nocrm drain worker", BGW_MAXLEN);
 	RegisterBackgroundWorker(&worker);
+	nocrm_relay_register();
 }
 
 static void
