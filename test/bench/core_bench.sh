@@ -56,6 +56,9 @@
 #   BASELINE_SO=path   a nocrm_automation.so to measure as engine@baseline
 #                      (built from the same extension SQL as the installed one)
 #   KEEP=1             keep the work directory (logs, data) after the run
+#   RELAY=0            no notify relay for the engine database (default 1: the
+#                      library preloaded, nocrm.worker_database = engine; off
+#                      with BASELINE_SO)
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -67,7 +70,7 @@ while [ $# -gt 0 ]; do
         --rows) [ $# -ge 2 ] && [[ $2 =~ ^[1-9][0-9]*$ ]] || { echo "core_bench: --rows needs a positive integer" >&2; exit 2; }
                 ROWS=$2; shift 2 ;;
         --quick) QUICK=1; ROWS=${ROWS:-2000}; shift ;;
-        REPEATS=*|PGB_T=*|PGB_ROWS=*|BASELINE_SO=*|KEEP=*) export "${1?}"; shift ;;
+        REPEATS=*|PGB_T=*|PGB_ROWS=*|BASELINE_SO=*|KEEP=*|RELAY=*) export "${1?}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "usage: $0 [--quick] [--rows N] [NAME=VALUE ...]   ($0 --help)" >&2; exit 2 ;;
     esac
@@ -98,7 +101,8 @@ bench_preamble core_bench
 WORK="$(mktemp -d /tmp/nocrm_cbench.XXXXXX)"
 chmod 755 "$WORK"
 PGDATA="$WORK/data"
-# Copies: a `make install` during the run must not change what is measured.
+# Copies: a `make install` during the run must not change what is measured
+# (with the relay, the server preloaded the installed one at its start).
 mkdir -p "$WORK/lib/installed" "$WORK/lib/baseline"
 cp "$EXT_SO" "$WORK/lib/installed/nocrm_automation.so"
 SO_MD5="$(md5sum <"$WORK/lib/installed/nocrm_automation.so" | cut -c1-12)"
@@ -130,7 +134,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log "rows=$ROWS, pgbench ${PGB_T}s, repeats=$REPEATS, variants: $VARIANTS"
+# The engine database has the notify relay (relay.c): the library preloaded,
+# nocrm.worker_database = engine.  Not with BASELINE_SO: a backend cannot load
+# two builds of the library.  Nothing is delivered (drain_enabled = off).
+if [ -z "$BASELINE_SO" ] && [ "${RELAY:-1}" = 1 ]; then
+    PRELOAD="pg_stat_statements,nocrm_automation"; WORKER_DB=engine
+else
+    PRELOAD="pg_stat_statements"; WORKER_DB=""
+fi
+log "rows=$ROWS, pgbench ${PGB_T}s, repeats=$REPEATS, variants: $VARIANTS, preload: $PRELOAD"
 # pg_stat_statements is loaded for the whole run but tracks nothing
 # (track = none) except in the one session that sets track = all: its
 # per-statement bookkeeping must not weigh on the timed runs.
@@ -140,8 +152,10 @@ shared_buffers = 256MB
 max_wal_size = 4GB
 checkpoint_timeout = 30min
 synchronous_commit = on
-shared_preload_libraries = 'pg_stat_statements'
+shared_preload_libraries = '$PRELOAD'
 pg_stat_statements.track = none
+nocrm.worker_database = '$WORKER_DB'
+nocrm.drain_enabled = off
 pg_stat_statements.max = 10000
 EOF
 LOGFILE="$WORK/postgres.log"
@@ -173,7 +187,8 @@ SET client_min_messages = warning;
 CREATE EXTENSION nocrm_automation;
 CREATE EXTENSION pg_stat_statements;
 $BENCH_CRM_SQL
-UPDATE pg_catalog.pg_proc SET probin = '$WORK/lib/${SO[$v]}/nocrm_automation.so' WHERE probin = '\$libdir/nocrm_automation';
+$( [ -n "$WORKER_DB" ] && [ "${SO[$v]}" = installed ] ||
+   echo "UPDATE pg_catalog.pg_proc SET probin = '$WORK/lib/${SO[$v]}/nocrm_automation.so' WHERE probin = '\$libdir/nocrm_automation';" )
 EOF
     set_history "$v" actions
     case $v in
@@ -282,6 +297,14 @@ for rep in $(seq 1 "$REPEATS"); do
         R[ins,$v]+="$ins "; R[upd,$v]+="$upd "; R[step,$v]+="$step "; R[wal,$v]+="$wal "
         log "bulk $v ($rep/$REPEATS): insert ${ins}s, status ${upd}s, step ${step}s, WAL ${wal} B/lead"
     done
+    # the engine without its own records (history and run log): what the rules alone cost
+    set_history engine none
+    reset_data engine
+    read -r ins upd step wal < <(measure_bulk engine "$ROWS") || :
+    [ -n "${wal:-}" ] || die "bulk engine (history = none) failed"
+    R[ins,engine:none]+="$ins "; R[upd,engine:none]+="$upd "; R[step,engine:none]+="$step "; R[wal,engine:none]+="$wal "
+    log "bulk engine history=none ($rep/$REPEATS): insert ${ins}s, status ${upd}s, step ${step}s, WAL ${wal} B/lead"
+    set_history engine actions
 done
 
 # ---------------------------------------------------- pg_stat_statements ---
@@ -394,6 +417,7 @@ TREE="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- Machine: nproc=$(nproc), CPU: $CPU_MODEL"
     echo "- $PGVER; shared_buffers=256MB, max_wal_size=4GB, synchronous_commit=on; one server, one database per variant"
+    echo "- shared_preload_libraries = '$PRELOAD', nocrm.worker_database = '$WORKER_DB' (the notify relay sends the engine's NOTIFYs after commit), drain off"
     echo "- engine: installed nocrm_automation.so at start, md5 $SO_MD5…; tree $TREE"
     if [ -n "$BASELINE_SO" ]; then
         echo "- engine@baseline: $BASELINE_SO, md5 $BASE_MD5…$( [ -f "$(dirname "$BASELINE_SO")/COMMIT" ] && echo " (COMMIT $(head -c 12 "$(dirname "$BASELINE_SO")/COMMIT"))")"
@@ -420,8 +444,9 @@ TREE="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
     echo
     echo "| variant | insert s | ÷bare | ÷handwritten | status s | ÷bare | ÷handwritten | step s | ÷bare | ÷handwritten | WAL B/lead (insert) |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    for v in $VARIANTS; do
+    for v in $VARIANTS engine:none; do
         line="| $v"
+        [ "$v" = engine:none ] && line="| engine, nocrm.history = none"
         for k in ins upd step; do
             line+=" | $(m $k,$v) | $(ratio "$(m $k,$v)" "$(m $k,bare)") | $(ratio "$(m $k,$v)" "$(m $k,handwritten)")"
         done
@@ -430,6 +455,8 @@ TREE="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
     echo
     echo "÷bare, ÷handwritten: this variant's time over bare's / handwritten's (engine rows: engine/bare, engine/handwritten)."
     echo "Bare writes the first step itself (the same rows and foreign key checks) but no owner, tags, queue or notifications."
+    echo "*engine, nocrm.history = none*: the same database and rules without the engine's own records (no lead_history,"
+    echo "no automation_runs rows): the difference to *engine* is the cost of the audit trail, which handwritten does not keep."
     if [ -n "$BASELINE_SO" ]; then
         echo
         echo "engine ÷ engine@baseline: insert $(ratio "$(m ins,engine)" "$(m ins,engine@baseline)"),"
