@@ -110,6 +110,12 @@ SELECT * FROM pg_temp.event_calls();
 COMMIT;
 SELECT event, new_value FROM nocrm.lead_history
  WHERE lead_id = (SELECT id FROM nocrm.leads WHERE title = 'Sales lead') AND event = 'lead.content_has_changed';
+-- ... but no rule is judged for a row that history alone wants: both
+-- creations are recorded, the Onboarding rule fires for its lead only.
+INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('History only', 1), ('History and rule', 2);
+SELECT l.title, h.event, h.automation_id, h.new_value FROM nocrm.lead_history h JOIN nocrm.leads l ON l.id = h.lead_id
+ WHERE l.title IN ('History only', 'History and rule') ORDER BY h.id;
+SELECT * FROM pg_temp.event_calls();
 SET nocrm.history = actions;
 
 -- ... and nothing when automations are switched off.

@@ -353,6 +353,9 @@ nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents)
 
 		if (!nocrm_automations_enabled)
 			continue;
+		/* a row the gate let through for its history only: no rule can match */
+		if (nocrm_chain_depth() == 0 && !nocrm_gate_row_rules_wanted())
+			continue;
 
 		rules = nocrm_rules_for_change(ev, &nrules);
 		if (nrules == 0)

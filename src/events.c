@@ -627,11 +627,13 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
 		lead_row_events(op, oldtup, newtup, desc);
+		nocrm_gate_row_done();
 		SPI_finish();
 	}
 	}
 	PG_FINALLY();
 	{
+		nocrm_gate_row_done();
 		if (aheadslot)
 		{
 			tag_chunks_owned = false;

@@ -85,6 +85,7 @@ count(GateKind kind, bool wanted)
 }
 
 static MemoEntry memo[MEMO_SIZE];
+static bool row_rules_wanted = true;	/* see nocrm_gate_row_rules_wanted() */
 static uint64 memo_generation = 0;
 static bool memo_primed = false;
 
@@ -273,13 +274,13 @@ where_row_matters(GateKey *k, WhereEvents where, TupleTableSlot *oldslot,
 }
 
 static bool
-lead_wanted(GateKey *k, TupleTableSlot *oldslot, TupleTableSlot *newslot)
+lead_wanted(GateKey *k, TupleTableSlot *oldslot, TupleTableSlot *newslot, bool history_counts)
 {
 	MemoEntry  *entry;
 	bool		wanted;
 	WhereEvents where = 0;
 
-	if (everything_matters())
+	if (history_counts && everything_matters())
 		return true;
 	if (!nocrm_automations_enabled)
 	{
@@ -351,16 +352,21 @@ side_from_args(FunctionCallInfo fcinfo, int first, int stride, LeadSide *side)
 
 static bool
 gate(char op, const LeadSide *old, const LeadSide *new, TupleTableSlot *oldslot,
-	 TupleTableSlot *newslot)
+	 TupleTableSlot *newslot, bool history_counts)
 {
 	GateKey		k;
+	bool		wanted;
 
 	memset(&k, 0, sizeof(k));
 	k.op = op;
 	k.old = *old;
 	k.new = *new;
-	return count(op == 'I' ? GATE_LEAD_INSERT : op == 'U' ? GATE_LEAD_UPDATE : GATE_LEAD_DELETE,
-				 lead_wanted(&k, oldslot, newslot));
+	wanted = lead_wanted(&k, oldslot, newslot, history_counts);
+	/* the counters count rows queued for events, which history alone does */
+	if (history_counts)
+		(void) count(op == 'I' ? GATE_LEAD_INSERT : op == 'U' ? GATE_LEAD_UPDATE : GATE_LEAD_DELETE,
+					 wanted);
+	return wanted;
 }
 
 /* The lead gate for one row of a statement (the statement trigger's loop). */
@@ -375,7 +381,28 @@ nocrm_lead_row_wanted(char op, TupleTableSlot *oldslot, TupleTableSlot *newslot,
 		side_from_slot(oldslot, cols, &old);
 	if (newslot)
 		side_from_slot(newslot, cols, &new);
-	return gate(op, &old, &new, oldslot, newslot);
+	if (!gate(op, &old, &new, oldslot, newslot, true))
+		return false;
+	/* wanted for history alone: no rule needs to be judged for it */
+	row_rules_wanted = !everything_matters() || gate(op, &old, &new, oldslot, newslot, false);
+	return true;
+}
+
+/*
+ * Does a rule or stage trigger care about the row the statement trigger is
+ * dispatching?  False only for a row that nocrm.history = all alone wants.
+ */
+bool
+nocrm_gate_row_rules_wanted(void)
+{
+	return row_rules_wanted;
+}
+
+/* The statement trigger is done with its row: events raised elsewhere are judged in full. */
+void
+nocrm_gate_row_done(void)
+{
+	row_rules_wanted = true;
 }
 
 /* nocrm.lead_insert_wanted(status, user_id, pipeline_id, step_id) */
@@ -385,7 +412,7 @@ nocrm_lead_insert_wanted(PG_FUNCTION_ARGS)
 	LeadSide	new;
 
 	side_from_args(fcinfo, 0, 1, &new);
-	PG_RETURN_BOOL(gate('I', &no_lead, &new, NULL, NULL));
+	PG_RETURN_BOOL(gate('I', &no_lead, &new, NULL, NULL, true));
 }
 
 /* nocrm.lead_delete_wanted(status, user_id, pipeline_id, step_id) of the old row */
@@ -395,7 +422,7 @@ nocrm_lead_delete_wanted(PG_FUNCTION_ARGS)
 	LeadSide	old;
 
 	side_from_args(fcinfo, 0, 1, &old);
-	PG_RETURN_BOOL(gate('D', &old, &no_lead, NULL, NULL));
+	PG_RETURN_BOOL(gate('D', &old, &no_lead, NULL, NULL, true));
 }
 
 /*
@@ -410,7 +437,7 @@ nocrm_lead_update_wanted(PG_FUNCTION_ARGS)
 
 	side_from_args(fcinfo, 0, 2, &old);
 	side_from_args(fcinfo, 1, 2, &new);
-	PG_RETURN_BOOL(gate('U', &old, &new, NULL, NULL));
+	PG_RETURN_BOOL(gate('U', &old, &new, NULL, NULL, true));
 }
 
 /*

@@ -488,6 +488,8 @@ extern bool nocrm_restoring(void);
 /* gate.c: which row changes need the event triggers at all */
 extern void nocrm_gate_caches_ready(bool rules);
 extern bool nocrm_event_listened(NocrmEvent event);
+extern bool nocrm_gate_row_rules_wanted(void);
+extern void nocrm_gate_row_done(void);
 extern bool nocrm_lead_row_wanted(char op, struct TupleTableSlot *oldslot,
 								  struct TupleTableSlot *newslot,
 								  const LeadAttnums *cols);
