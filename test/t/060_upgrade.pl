@@ -335,8 +335,8 @@ my $working_sql = q{SELECT string_agg(u.id || ' ' || t || ' ' || nocrm.is_workin
                       FROM (SELECT id FROM nocrm.users UNION ALL SELECT 999) u,
                            generate_series(timestamptz '2027-03-25 00:00+00', '2027-04-02 00:00+00', interval '97 minutes') t};
 my $working_1_2 = sq($working_sql);
-like($working_1_2, qr/ t 2027-/, '1.2: someone works sometimes');
-like($working_1_2, qr/ f 2027-/, '1.2: someone is off sometimes');
+like($working_1_2, qr/ true 2027-/, '1.2: someone works sometimes');
+like($working_1_2, qr/ false 2027-/, '1.2: someone is off sometimes');
 my $columns_1_2 = columns_now();
 my $data_1_2 = data_digest_of($columns_1_2);
 like($data_1_2, qr/^leads: [1-9][0-9]* [0-9a-f]{32}$/m, 'the 1.2 data digest covers the rows');
