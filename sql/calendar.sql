@@ -268,6 +268,15 @@ DELETE FROM nocrm.business_hours WHERE weekday = 5 AND starts = '14:00';
 SELECT nocrm.delay_until(NULL, '1 business day', '2026-12-10 15:00+01') AT TIME ZONE 'Europe/Rome' AS thursday_plus_one,
        nocrm.delay_until(NULL, '1 business day', '2026-12-10 11:00+01') AT TIME ZONE 'Europe/Rome' AS thursday_morning_plus_one;
 
+-- A calendar with next to no working time: an error, not an endless walk.
+BEGIN;
+DELETE FROM nocrm.business_hours;
+INSERT INTO nocrm.business_hours VALUES (1, '09:00', '09:00:00.000001');   -- a microsecond on Mondays
+SELECT pg_temp.try($$SELECT nocrm.delay_until(NULL, '1 business hour', '2026-12-07 10:00+01')$$) AS one_microsecond_a_week;
+INSERT INTO nocrm.holidays SELECT d, 'closed' FROM generate_series(date '2026-12-14', '2037-01-05', '7 days') d;
+SELECT pg_temp.try($$SELECT nocrm.next_working_time(NULL, '2026-12-08 10:00+01')$$) AS every_monday_a_holiday;
+ROLLBACK;
+
 ------------------------------------------------------------------------
 -- 12. Without the calendar row (hours and holidays kept, not used): a
 --     business delay on an unowned lead is plain time, and says so.

@@ -28,7 +28,8 @@ PG_FUNCTION_INFO_V1(nocrm_delay_until_sql);
 PG_FUNCTION_INFO_V1(nocrm_business_calendar_changed);
 
 /* How far the calendar walks look ahead before giving up. */
-#define MAX_WALK_DAYS		3660	/* 10 years of local days */
+#define MAX_WALK_DAYS		3660	/* 10 years of local days, for the next opening */
+#define MAX_DUE_DAYS		36525	/* 100 years, for a business delay's end */
 #define MAX_ABSENCE_ROUNDS	200		/* as next_working_time always did */
 
 /* An open period of a local day, in microseconds from midnight; end <= 24:00. */
@@ -207,26 +208,13 @@ company_calendar(void)
 	return company;
 }
 
-bool
-nocrm_company_calendar_configured(void)
-{
-	return company_calendar() != NULL;
-}
-
-typedef enum Whose
-{
-	WHOSE_ALWAYS,				/* an unknown user, or nobody without a company calendar */
-	WHOSE_USER,					/* the user's own working hours */
-	WHOSE_COMPANY				/* the company calendar */
-} Whose;
-
 /*
  * The calendar that applies to a user (or to nobody, has_user false): their
  * own hours, else the company calendar.  NULL = any time is working time.
  * *known: the user exists (their absences count).
  */
 static Calendar *
-calendar_for(bool has_user, int64 user_id, Whose *whose, bool *known)
+calendar_for(bool has_user, int64 user_id, bool *known)
 {
 	Oid			types[1] = {INT8OID};
 	Datum		args[1] = {Int64GetDatum(user_id)};
@@ -237,11 +225,7 @@ calendar_for(bool has_user, int64 user_id, Whose *whose, bool *known)
 
 	*known = false;
 	if (!has_user)
-	{
-		cal = company_calendar();
-		*whose = cal ? WHOSE_COMPANY : WHOSE_ALWAYS;
-		return cal;
-	}
+		return company_calendar();
 
 	connect_spi();
 	nocrm_plan(&plan_user_hours,
@@ -256,8 +240,7 @@ calendar_for(bool has_user, int64 user_id, Whose *whose, bool *known)
 	if (n == 0)
 	{
 		SPI_finish();
-		*whose = WHOSE_ALWAYS;
-		return NULL;
+		return NULL;			/* an unknown user works at any time */
 	}
 	*known = true;
 	(void) SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
@@ -265,9 +248,7 @@ calendar_for(bool has_user, int64 user_id, Whose *whose, bool *known)
 	{
 		/* no hours of their own */
 		SPI_finish();
-		cal = company_calendar();
-		*whose = cal ? WHOSE_COMPANY : WHOSE_ALWAYS;
-		return cal;
+		return company_calendar();
 	}
 	{
 		MemoryContext old = MemoryContextSwitchTo(context_for(&user_cxt));
@@ -280,7 +261,6 @@ calendar_for(bool has_user, int64 user_id, Whose *whose, bool *known)
 		MemoryContextSwitchTo(old);
 	}
 	SPI_finish();
-	*whose = WHOSE_USER;
 	return cal;
 }
 
@@ -458,12 +438,29 @@ open_until(Calendar *cal, TimestampTz t)
 	return end;
 }
 
+static void
+too_far(TimestampTz start) pg_attribute_noreturn();
+
+static void
+too_far(TimestampTz start)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("the business delay would end more than 100 years after %s",
+					timestamptz_to_str(start)),
+			 errdetail("The calendar has too little working time for it."),
+			 errhint("Use a shorter delay, or check the working hours and nocrm.holidays.")));
+}
+
 /* t plus usecs of working time. */
 static TimestampTz
 add_working_time(Calendar *cal, TimestampTz t, int64 usecs)
 {
+	TimestampTz limit = t + (int64) MAX_DUE_DAYS * USECS_PER_DAY;
+	TimestampTz start = t;
+
 	t = next_open(cal, t);
-	for (int64 rounds = 0; rounds < (int64) MAX_WALK_DAYS * 48; rounds++)
+	while (t < limit)
 	{
 		TimestampTz end = open_until(cal, t);
 
@@ -472,7 +469,7 @@ add_working_time(Calendar *cal, TimestampTz t, int64 usecs)
 		usecs -= end - t;
 		t = next_open(cal, end);
 	}
-	no_open_time(t);
+	too_far(start);
 }
 
 /*
@@ -488,6 +485,7 @@ add_business_days(Calendar *cal, TimestampTz t, int64 days)
 	int64		tod;
 	int			isodow;
 	int			walked = 0;
+	TimestampTz start = t;
 
 	t = next_open(cal, t);
 	local_of(cal, t, &date, &tod, &isodow);
@@ -496,8 +494,8 @@ add_business_days(Calendar *cal, TimestampTz t, int64 days)
 		int			n;
 
 		date++;
-		if (++walked > MAX_WALK_DAYS + 3660)
-			no_open_time(t);
+		if (++walked > MAX_DUE_DAYS)
+			too_far(start);
 		(void) day_spans(cal, date, &n);
 		if (n > 0)
 			days--;
@@ -631,9 +629,8 @@ TimestampTz
 nocrm_business_due(bool has_user, int64 user_id, TimestampTz start, int unit, int64 amount,
 				   bool *plain)
 {
-	Whose		whose;
 	bool		known;
-	Calendar   *cal = calendar_for(has_user, user_id, &whose, &known);
+	Calendar   *cal = calendar_for(has_user, user_id, &known);
 
 	*plain = cal == NULL;
 	if (cal == NULL)
@@ -649,9 +646,8 @@ TimestampTz
 nocrm_next_working_time(bool has_user, int64 user_id, TimestampTz after)
 {
 	Oid			types[2] = {INT8OID, TIMESTAMPTZOID};
-	Whose		whose;
 	bool		known;
-	Calendar   *cal = calendar_for(has_user, user_id, &whose, &known);
+	Calendar   *cal = calendar_for(has_user, user_id, &known);
 	TimestampTz t = after;
 
 	if (has_user && !known)
@@ -692,10 +688,9 @@ nocrm_next_working_time(bool has_user, int64 user_id, TimestampTz after)
 bool
 nocrm_is_working(bool has_user, int64 user_id, TimestampTz at)
 {
-	Whose		whose;
 	bool		known;
 
-	return open_at(calendar_for(has_user, user_id, &whose, &known), at);
+	return open_at(calendar_for(has_user, user_id, &known), at);
 }
 
 /*
@@ -709,7 +704,7 @@ nocrm_calendar_check_rule(const char *name, RuleAction *actions, int nactions)
 	{
 		if (actions[i].business_unit == BUSINESS_NONE)
 			continue;
-		if (nocrm_company_calendar_configured())
+		if (company_calendar() != NULL)
 			return;
 		ereport(WARNING,
 				(errcode(ERRCODE_WARNING),

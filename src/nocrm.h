@@ -349,7 +349,6 @@ extern TimestampTz nocrm_business_due(bool has_user, int64 user_id, TimestampTz 
 									  int64 amount, bool *plain);
 extern TimestampTz nocrm_next_working_time(bool has_user, int64 user_id, TimestampTz after);
 extern bool nocrm_is_working(bool has_user, int64 user_id, TimestampTz at);
-extern bool nocrm_company_calendar_configured(void);
 extern void nocrm_calendar_check_rule(const char *name, RuleAction *actions, int nactions);
 
 /* spi_plans.c */
