@@ -929,6 +929,8 @@ CREATE TRIGGER nocrm_business_calendar_changed AFTER INSERT OR UPDATE OR DELETE 
 CREATE TRIGGER nocrm_business_calendar_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nocrm.holidays
     FOR EACH STATEMENT EXECUTE FUNCTION nocrm.business_calendar_changed();
 
+COMMENT ON TABLE nocrm.working_hours IS 'Working hours per ISO weekday (1 = Monday) in the user''s time zone; several rows a day are allowed. No rows = the company calendar (nocrm.business_calendar), or always working without one.';
+
 -- The working-time functions, now with the company calendar for users
 -- without hours (and for user_id NULL: nobody, e.g. a lead without owner).
 CREATE OR REPLACE FUNCTION nocrm.is_working(user_id bigint, at timestamptz DEFAULT now()) RETURNS boolean
