@@ -3,6 +3,7 @@ MODULE_big = nocrm_automation
 OBJS = \
 	src/actions.o \
 	src/assign.o \
+	src/calendar.o \
 	src/chain.o \
 	src/dates.o \
 	src/definition.o \

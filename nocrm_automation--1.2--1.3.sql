@@ -807,3 +807,247 @@ RETURNS text
 COMMENT ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) IS 'The RFC 5322 message the drain would send now for an email queue row''s payload (its "from", "from_name", "reply_to", "reply_to_name"): for previews and tests.';
 REVOKE ALL ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) TO nocrm_admin;
+
+-- ==== business calendar ====
+-- The company calendar: a time zone, weekly hours and holidays.  Users
+-- without working hours of their own, and leads without owner, follow it
+-- (is_working, next_working_time, respect_working_hours, only_working_hours);
+-- delays may count business time ("2 business hours", "3 business days").
+-- Without its row everything works as before.  The arithmetic is C
+-- (src/calendar.c), which is now is_working() and next_working_time() too.
+CREATE TABLE nocrm.business_calendar (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    timezone   text NOT NULL CHECK (nocrm.is_timezone(timezone))
+);
+COMMENT ON TABLE nocrm.business_calendar IS 'The company calendar, at most one row: its time zone. While the row exists, users without working hours and leads without owner follow nocrm.business_hours and nocrm.holidays; without it they work at any time.';
+
+CREATE TABLE nocrm.business_hours (
+    weekday  integer NOT NULL CHECK (weekday BETWEEN 1 AND 7),
+    starts   time NOT NULL,
+    ends     time NOT NULL,
+    PRIMARY KEY (weekday, starts),
+    CHECK (starts < ends)
+);
+COMMENT ON TABLE nocrm.business_hours IS 'The company''s weekly hours per ISO weekday (1 = Monday), in the calendar''s time zone, from starts (included) to ends (excluded, 24:00 allowed); several periods a day, none overlapping. No rows: open all day on every day that is not a holiday.';
+
+CREATE TABLE nocrm.holidays (
+    day   date PRIMARY KEY CHECK (isfinite(day)),
+    name  text NOT NULL CHECK (btrim(name) <> '')
+);
+COMMENT ON TABLE nocrm.holidays IS 'Days the company is closed all day (local dates in the calendar''s time zone). Users with working hours of their own do not follow them (give them an absence).';
+
+-- Bad rows are refused with a reason, before the constraints (which stay as
+-- the last word); a restore loads what the source accepted.
+CREATE FUNCTION nocrm.business_calendar_validate() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    other record;
+    days text[] := ARRAY['Monday', 'Tuesday', 'Wednesday', 'Thursday', 'Friday', 'Saturday', 'Sunday'];
+BEGIN
+    IF TG_TABLE_NAME = 'business_calendar' THEN
+        IF NEW.timezone IS NOT NULL AND NOT nocrm.is_timezone(NEW.timezone) THEN
+            RAISE EXCEPTION 'unknown time zone "%"', NEW.timezone
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'The company calendar''s time zone must be a name of pg_timezone_names.',
+                      HINT = 'E.g. Europe/Rome, America/New_York or UTC.';
+        END IF;
+        IF TG_OP = 'INSERT' AND EXISTS (SELECT 1 FROM nocrm.business_calendar) THEN
+            RAISE EXCEPTION 'the company calendar exists already'
+                USING ERRCODE = 'unique_violation',
+                      DETAIL = format('nocrm.business_calendar has its one row, in time zone %s.',
+                                      (SELECT c.timezone FROM nocrm.business_calendar c)),
+                      HINT = 'Change it: UPDATE nocrm.business_calendar SET timezone = ''Europe/Rome''.';
+        END IF;
+        RETURN NEW;
+    END IF;
+
+    IF NOT EXISTS (SELECT 1 FROM nocrm.business_calendar) THEN
+        RAISE EXCEPTION 'there is no company calendar yet'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('nocrm.%s is read in the company calendar''s time zone, and nocrm.business_calendar has no row.', TG_TABLE_NAME),
+                  HINT = 'Create it first: INSERT INTO nocrm.business_calendar (timezone) VALUES (''Europe/Rome'').';
+    END IF;
+
+    IF TG_TABLE_NAME = 'holidays' THEN
+        IF NEW.day IS NOT NULL AND NOT isfinite(NEW.day) THEN
+            RAISE EXCEPTION 'a holiday must be a date, not %', NEW.day
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'nocrm.holidays holds days the company is closed.';
+        END IF;
+        IF NEW.name IS NOT NULL AND btrim(NEW.name) = '' THEN
+            RAISE EXCEPTION 'the holiday on % needs a name', NEW.day
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'nocrm.holidays.name is blank.',
+                      HINT = 'E.g. ''Natale''.';
+        END IF;
+        RETURN NEW;
+    END IF;
+
+    -- business_hours
+    IF NEW.weekday IS NOT NULL AND NEW.weekday NOT BETWEEN 1 AND 7 THEN
+        RAISE EXCEPTION 'weekday % is not a day of the week', NEW.weekday
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Weekdays are ISO: 1 = Monday ... 7 = Sunday.';
+    END IF;
+    IF NEW.starts >= NEW.ends THEN
+        RAISE EXCEPTION 'business hours must end after they start'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('On %s the period would start at %s and end at %s.',
+                                  days[NEW.weekday], NEW.starts, NEW.ends),
+                  HINT = 'A period cannot cross midnight: write two rows (e.g. 22:00-24:00, then 00:00-06:00 the next day).';
+    END IF;
+    SELECT h.starts, h.ends INTO other FROM nocrm.business_hours h
+     WHERE h.weekday = NEW.weekday AND h.starts < NEW.ends AND NEW.starts < h.ends
+       AND (TG_OP = 'INSERT' OR (h.weekday, h.starts) IS DISTINCT FROM (OLD.weekday, OLD.starts))
+     ORDER BY h.starts LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'business hours overlap'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('On %s, %s-%s overlaps %s-%s.', days[NEW.weekday],
+                                  NEW.starts, NEW.ends, other.starts, other.ends),
+                  HINT = 'Make them one row, or move one.';
+    END IF;
+    RETURN NEW;
+END $$;
+COMMENT ON FUNCTION nocrm.business_calendar_validate() IS 'Trigger: checks a row of the company calendar (time zone, one calendar, weekday, start before end, no overlap, named holidays).';
+CREATE TRIGGER nocrm_business_calendar_validate BEFORE INSERT OR UPDATE ON nocrm.business_calendar
+    FOR EACH ROW WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.business_calendar_validate();
+CREATE TRIGGER nocrm_business_calendar_validate BEFORE INSERT OR UPDATE ON nocrm.business_hours
+    FOR EACH ROW WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.business_calendar_validate();
+CREATE TRIGGER nocrm_business_calendar_validate BEFORE INSERT OR UPDATE ON nocrm.holidays
+    FOR EACH ROW WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.business_calendar_validate();
+
+-- The calendar is read once per transaction; a change is seen at once by
+-- the transaction that makes it.
+CREATE FUNCTION nocrm.business_calendar_changed() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'nocrm_business_calendar_changed' LANGUAGE C;
+COMMENT ON FUNCTION nocrm.business_calendar_changed() IS 'Trigger: the company calendar changed, this transaction reads it again.';
+CREATE TRIGGER nocrm_business_calendar_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nocrm.business_calendar
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.business_calendar_changed();
+CREATE TRIGGER nocrm_business_calendar_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nocrm.business_hours
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.business_calendar_changed();
+CREATE TRIGGER nocrm_business_calendar_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nocrm.holidays
+    FOR EACH STATEMENT EXECUTE FUNCTION nocrm.business_calendar_changed();
+
+COMMENT ON TABLE nocrm.working_hours IS 'Working hours per ISO weekday (1 = Monday) in the user''s time zone; several rows a day are allowed. No rows = the company calendar (nocrm.business_calendar), or always working without one.';
+
+-- The working-time functions, now with the company calendar for users
+-- without hours (and for user_id NULL: nobody, e.g. a lead without owner).
+CREATE OR REPLACE FUNCTION nocrm.is_working(user_id bigint, at timestamptz DEFAULT now()) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'nocrm_is_working_sql' LANGUAGE C STABLE;
+COMMENT ON FUNCTION nocrm.is_working(bigint, timestamptz) IS 'Whether the time falls in the user''s working hours, in their time zone; for a user without hours (or NULL) the company calendar''s, true without one. True for an unknown user.';
+CREATE OR REPLACE FUNCTION nocrm.next_working_time(user_id bigint, after timestamptz DEFAULT now())
+RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'nocrm_next_working_time_sql' LANGUAGE C STABLE;
+COMMENT ON FUNCTION nocrm.next_working_time(bigint, timestamptz) IS 'When the user next works and is not away, from a given time (the time itself if they do): their hours, else the company calendar (also for NULL), else any time. "after" for an unknown user.';
+CREATE FUNCTION nocrm.delay_until(user_id bigint, delay text, after timestamptz DEFAULT now())
+RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'nocrm_delay_until_sql' LANGUAGE C STABLE;
+COMMENT ON FUNCTION nocrm.delay_until(bigint, text, timestamptz) IS 'When an action with this "delay" (an interval, or "N business minutes|hours|days" on the user''s hours, else the company calendar, else plain time) queued at "after" falls due; "after" for a NULL delay.';
+REVOKE ALL ON FUNCTION nocrm.delay_until(bigint, text, timestamptz), nocrm.business_calendar_validate(),
+    nocrm.business_calendar_changed() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.delay_until(bigint, text, timestamptz) TO nocrm_agent;
+
+GRANT SELECT ON nocrm.business_calendar, nocrm.business_hours, nocrm.holidays TO nocrm_agent;
+GRANT SELECT, INSERT, UPDATE, DELETE ON nocrm.business_calendar, nocrm.business_hours, nocrm.holidays
+    TO nocrm_admin;
+SELECT pg_catalog.pg_extension_config_dump('nocrm.business_calendar', '');
+SELECT pg_catalog.pg_extension_config_dump('nocrm.business_hours', '');
+SELECT pg_catalog.pg_extension_config_dump('nocrm.holidays', '');
+
+-- explain and test mode tell when business delays fall due.
+CREATE OR REPLACE FUNCTION nocrm.describe_actions(automation_id integer, actions jsonb, lead_id bigint,
+                                       event text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
+DECLARE
+    a jsonb;
+    no integer := 0;
+    lead nocrm.leads;
+    who bigint;
+    d jsonb;
+    out jsonb := '[]';
+BEGIN
+    SELECT * INTO lead FROM nocrm.leads l WHERE l.id = describe_actions.lead_id;
+    FOR a IN SELECT value FROM jsonb_array_elements(actions) LOOP
+        d := jsonb_build_object('no', no + 1, 'type', a ->> 'type');
+        CASE a ->> 'type'
+        WHEN 'assign' THEN
+            who := nocrm.resolve_user(a -> 'user');
+            d := d || jsonb_build_object('user_id', who,
+                                         'user', (SELECT name FROM nocrm.users WHERE id = who));
+        WHEN 'assign_round_robin', 'assign_balanced', 'assign_random' THEN
+            -- the member the action would take now (no lock, no pending increments)
+            SELECT c.user_id INTO who
+              FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id
+             WHERE c.automation_id = describe_actions.automation_id AND c.action_no = no
+               AND u.active AND NOT nocrm.is_absent(u.id)
+               AND (NOT coalesce((a ->> 'only_working_hours')::boolean, false) OR nocrm.is_working(u.id))
+               AND (c.cap IS NULL OR (SELECT count(*) FROM nocrm.leads o WHERE o.user_id = c.user_id
+                                         AND o.status IN ('todo', 'standby')) < c.cap)
+             ORDER BY CASE WHEN a ->> 'type' = 'assign_balanced'
+                           THEN (SELECT count(*) FROM nocrm.leads o WHERE o.user_id = c.user_id
+                                    AND o.status IN ('todo', 'standby'))::numeric / c.weight END,
+                      c.assigned::numeric / c.weight, c.position
+             LIMIT 1;
+            IF a ->> 'type' = 'assign_random' THEN
+                d := d || jsonb_build_object('one_of', (
+                    SELECT jsonb_agg(u.name ORDER BY c.position)
+                      FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id
+                     WHERE c.automation_id = describe_actions.automation_id AND c.action_no = no
+                       AND u.active AND NOT nocrm.is_absent(u.id)));
+            ELSE
+                d := d || jsonb_build_object('next_user_id', who,
+                                             'next_user', (SELECT name FROM nocrm.users WHERE id = who));
+            END IF;
+        WHEN 'add_tags', 'remove_tags' THEN
+            d := d || jsonb_build_object('tags', (
+                SELECT coalesce(jsonb_agg(t ORDER BY o), '[]')
+                  FROM jsonb_array_elements_text(CASE jsonb_typeof(a -> 'tags') WHEN 'array' THEN a -> 'tags'
+                                                      ELSE jsonb_build_array(a -> 'tags') END)
+                       WITH ORDINALITY AS x(t, o)
+                 WHERE EXISTS (SELECT 1 FROM nocrm.tags g WHERE g.lead_id = lead.id AND g.name = x.t)
+                       = (a ->> 'type' = 'remove_tags')));
+        WHEN 'set_status' THEN
+            d := d || jsonb_build_object('from', lead.status, 'to', a ->> 'status');
+        WHEN 'set_step' THEN
+            d := d || jsonb_build_object('to', (
+                SELECT jsonb_build_object('step_id', s.id, 'step', s.name) FROM nocrm.steps s
+                 WHERE CASE jsonb_typeof(a -> 'step') WHEN 'number' THEN s.id = (a ->> 'step')::bigint
+                            ELSE s.pipeline_id = lead.pipeline_id AND s.name = a ->> 'step' END));
+        WHEN 'comment' THEN
+            d := d || jsonb_build_object('body', a ->> 'body');
+        WHEN 'notify' THEN
+            who := CASE WHEN a ->> 'user' = 'owner' THEN lead.user_id ELSE nocrm.resolve_user(a -> 'user') END;
+            d := d || jsonb_build_object(
+                'user', (SELECT name FROM nocrm.users WHERE id = who),
+                'channels', coalesce(a -> 'channels', '["browser"]'),
+                'message', nocrm.render(a ->> 'message',
+                                        nocrm.template_context(lead.id, jsonb_build_object('user_id', who),
+                                                               automation_id, event)));
+        WHEN 'send_email' THEN
+            d := d || jsonb_build_object(
+                'to', coalesce(a ->> 'to', lead.contact_email),
+                'template', a ->> 'template',
+                'subject', (SELECT r.subject FROM nocrm.render_template(a ->> 'template', lead.id) r));
+        WHEN 'webhook' THEN
+            d := d || jsonb_build_object('url', a ->> 'url');
+        WHEN 'set_field' THEN
+            d := d || jsonb_build_object('field', a ->> 'field', 'value', a -> 'value',
+                                         'now', to_jsonb(lead) -> (a ->> 'field'));
+        ELSE
+            NULL;
+        END CASE;
+        IF a ? 'delay' OR coalesce((a ->> 'respect_working_hours')::boolean, false) THEN
+            -- as the engine queues it: business delays on the owner's or the company's
+            -- calendar, respect_working_hours without owner on the company's
+            d := d || jsonb_build_object('runs_at',
+                CASE WHEN coalesce((a ->> 'respect_working_hours')::boolean, false)
+                     THEN nocrm.next_working_time(lead.user_id, nocrm.delay_until(lead.user_id, a ->> 'delay', now()))
+                     ELSE nocrm.delay_until(lead.user_id, a ->> 'delay', now()) END);
+        END IF;
+        out := out || jsonb_build_array(d);
+        no := no + 1;
+    END LOOP;
+    RETURN out;
+END $$;

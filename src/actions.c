@@ -43,7 +43,6 @@ static SPIPlanPtr plan_assign,
 			plan_notify_payload,
 			plan_enqueue,
 			plan_webhook_payload,
-			plan_owner_working,
 			plan_sender;
 
 static const char *
@@ -155,7 +154,7 @@ nocrm_action_leaves_lead_alone(RuleAction *action)
 	if (action->respect_working_hours)
 		return false;			/* waits for the owner's hours */
 	if (action->delayed)
-		return true;			/* queued; what it does is decided when due */
+		return action->business_unit == BUSINESS_NONE;	/* queued (a business delay reads the owner's hours) */
 	switch (action->kind)
 	{
 		case ACT_NOTIFY:
@@ -560,18 +559,17 @@ static WriteBuffer queue_buffer = {
  */
 static int64
 enqueue_batched(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
-				const char *kind, const char *recipient, Jsonb *payload, Interval *run_after,
+				const char *kind, const char *recipient, Jsonb *payload, TimestampTz run_at,
 				int64 actor)
 {
 	static Oid	for_automations = InvalidOid;
 	static Oid	seq = InvalidOid;
 	int64		id = nextval_internal(id_sequence("queue", &seq, &for_automations), false);
-	Datum		now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	Datum		values[10] = {Int64GetDatum(id), CStringGetTextDatum(kind), Int32GetDatum(rule->id),
 		Int32GetDatum(action->action_no), Int64GetDatum(lead->id),
 		CStringGetTextDatum(nocrm_event_names[ev->event]),
 		recipient ? CStringGetTextDatum(recipient) : (Datum) 0, JsonbPGetDatum(payload),
-		run_after ? DirectFunctionCall2(timestamptz_pl_interval, now, IntervalPGetDatum(run_after)) : now,
+		TimestampTzGetDatum(run_at),
 	Int64GetDatum(actor)};
 	bool		nulls[10] = {false, false, false, false, false, false, recipient == NULL, false,
 	false, actor < 0};
@@ -581,40 +579,77 @@ enqueue_batched(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev
 }
 
 /*
+ * When a queue row is due: now, or after run_after (plain or business time,
+ * on the owner's hours or the company calendar), then with
+ * respect_working_hours at the owner's (no owner: the company's) next
+ * working time.  The owner as of now: an earlier action of the same rule may
+ * have set it.  *plain: a business delay found no calendar to count on.
+ */
+static TimestampTz
+due_time(RuleAction *action, LeadState *lead, Interval *run_after, bool *plain)
+{
+	TimestampTz run_at = GetCurrentTransactionStartTimestamp();
+	bool		business = run_after && action->business_unit != BUSINESS_NONE;
+	LeadState	current;
+	LeadState  *owner = lead;
+
+	*plain = false;
+	if (!business && !action->respect_working_hours)
+	{
+		if (run_after)
+			run_at = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+															 TimestampTzGetDatum(run_at),
+															 IntervalPGetDatum(run_after)));
+		return run_at;
+	}
+	if (!lead->deleted && nocrm_lead_fetch(lead->id, &current))
+		owner = &current;
+	if (business)
+		run_at = nocrm_business_due(owner->has_owner, owner->owner_id, run_at,
+									action->business_unit, action->business_amount, plain);
+	else if (run_after)
+		run_at = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+														 TimestampTzGetDatum(run_at),
+														 IntervalPGetDatum(run_after)));
+	if (action->respect_working_hours)
+		run_at = nocrm_next_working_time(owner->has_owner, owner->owner_id, run_at);
+	return run_at;
+}
+
+/*
  * Writes a queue row for the drain and returns its id.  run_after NULL means
- * now.
+ * now; *plain as due_time() says (may be NULL).
  */
 static int64
 enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
-		const char *kind, const char *recipient, Jsonb *payload, Interval *run_after)
+		const char *kind, const char *recipient, Jsonb *payload, Interval *run_after, bool *plain)
 {
-	Oid			types[11] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
-	JSONBOID, INTERVALOID, INT8OID, JSONBOID, INT8OID};
-	Datum		args[11];
-	char		nulls[11];
+	Oid			types[10] = {TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID,
+	JSONBOID, TIMESTAMPTZOID, INT8OID, JSONBOID};
+	Datum		args[10];
+	char		nulls[10];
 	int64		actor = nocrm_root_actor();
-	LeadState	current;
-	LeadState  *lead_now = lead;
+	bool		plain_time;
+	TimestampTz run_at = due_time(action, lead, run_after, &plain_time);
 	Datum		result;
 	bool		isnull;
 
+	if (plain)
+		*plain = plain_time;
 	/* the commit wakes the background worker (wake.c) */
 	nocrm_wake_note_queued();
-	if (!action->respect_working_hours && lead->snapshot == NULL)
-		return enqueue_batched(rule, action, lead, ev, kind, recipient, payload, run_after, actor);
+	if (lead->snapshot == NULL)
+		return enqueue_batched(rule, action, lead, ev, kind, recipient, payload, run_at, actor);
 
-	/* $9: the owner whose working hours the item waits for, if it must. */
+	/* a deleted lead travels with the item, for its placeholders */
 	nocrm_plan(&plan_enqueue,
 			   "INSERT INTO nocrm.queue (kind, automation_id, action_no, lead_id, event,"
 			   " recipient, payload, run_at, actor_id)"
 			   " VALUES ($1, $2, $3, $4, $5, $6,"
-			   "         CASE WHEN $10 IS NULL OR $7 ? 'lead' THEN $7"
-			   "              ELSE $7 || jsonb_build_object('lead', $10) END,"
-			   "         CASE WHEN $9 IS NULL THEN now() + coalesce($8, interval '0')"
-			   "              ELSE nocrm.next_working_time($9, now() + coalesce($8, interval '0')) END,"
-			   "         $11)"
+			   "         CASE WHEN $7 ? 'lead' THEN $7 ELSE $7 || jsonb_build_object('lead', $10) END,"
+			   "         $8, $9)"
 			   " RETURNING id",
-			   11, types);
+			   10, types);
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = CStringGetTextDatum(kind);
 	args[1] = Int32GetDatum(rule->id);
@@ -624,18 +659,10 @@ enqueue(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	args[5] = recipient ? CStringGetTextDatum(recipient) : (Datum) 0;
 	nulls[5] = recipient ? ' ' : 'n';
 	args[6] = JsonbPGetDatum(payload);
-	args[7] = run_after ? IntervalPGetDatum(run_after) : (Datum) 0;
-	nulls[7] = run_after ? ' ' : 'n';
-	/* the owner as of now: an earlier action of the same rule may have set it */
-	if (action->respect_working_hours && !lead->deleted && nocrm_lead_fetch(lead->id, &current))
-		lead_now = &current;
-	args[8] = Int64GetDatum(lead_now->owner_id);
-	nulls[8] = action->respect_working_hours && lead_now->has_owner ? ' ' : 'n';
-	/* a deleted lead travels with the item, for its placeholders */
-	args[9] = lead->snapshot ? JsonbPGetDatum(lead->snapshot) : (Datum) 0;
-	nulls[9] = lead->snapshot ? ' ' : 'n';
-	args[10] = Int64GetDatum(actor);
-	nulls[10] = actor < 0 ? 'n' : ' ';
+	args[7] = TimestampTzGetDatum(run_at);
+	args[8] = Int64GetDatum(actor);
+	nulls[8] = actor < 0 ? 'n' : ' ';
+	args[9] = JsonbPGetDatum(lead->snapshot);
 	(void) exec_one(plan_enqueue, args, nulls, &result, &isnull);
 	return DatumGetInt64(result);
 }
@@ -932,13 +959,13 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 			/* the owner's query replaces SPI_tuptable: keep what we read first */
 			email = pstrdup(email);
 			sender = sender_payload(rule, action, lead, &detail);
-			id = enqueue(rule, action, lead, ev, channel, email, with_sender(p, sender), NULL);
+			id = enqueue(rule, action, lead, ev, channel, email, with_sender(p, sender), NULL, NULL);
 			action_history(rule, action, lead, NULL, queued_json(id),
 						   detail ? psprintf("email; %s", detail) : channel);
 			continue;
 		}
 		id = enqueue(rule, action, lead, ev, channel, psprintf("%lld", (long long) user_id),
-					 DatumGetJsonbP(payload), NULL);
+					 DatumGetJsonbP(payload), NULL, NULL);
 		action_history(rule, action, lead, NULL, queued_json(id), channel);
 	}
 }
@@ -1093,7 +1120,7 @@ send_email(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 	}
 	sender = sender_payload(rule, action, lead, &detail);
 	id = enqueue(rule, action, lead, ev, "email", to,
-				 with_sender(payload_json(keys, values, 2), sender), NULL);
+				 with_sender(payload_json(keys, values, 2), sender), NULL, NULL);
 	action_history(rule, action, lead, NULL, queued_json(id), detail);
 }
 
@@ -1124,41 +1151,45 @@ webhook(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 			   "                      FROM nocrm.tags t WHERE t.lead_id = $1), '[]'))",
 			   5, types);
 	(void) exec_one(plan_webhook_payload, args, nulls, &payload, &isnull);
-	id = enqueue(rule, action, lead, ev, "webhook", action->url, DatumGetJsonbP(payload), NULL);
+	id = enqueue(rule, action, lead, ev, "webhook", action->url, DatumGetJsonbP(payload), NULL, NULL);
 	action_history(rule, action, lead, NULL, queued_json(id), NULL);
 }
 
-/* Is the lead's owner (if any) within working hours and not away right now? */
+/*
+ * Is the lead's owner within working hours and not away right now?  With
+ * no owner, is the company open (always, without a company calendar)?
+ * *owned: the lead has an owner.
+ */
 static bool
-owner_working(LeadState *lead)
+owner_working(LeadState *lead, bool *owned)
 {
-	Oid			types[1] = {INT8OID};
-	Datum		args[1] = {Int64GetDatum(lead->owner_id)};
-	Datum		result;
-	bool		isnull;
-
 	LeadState	current;
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
 
+	*owned = true;
 	/* the owner as of now: an earlier action of the same rule may have set it */
-	if (lead->deleted || !nocrm_lead_fetch(lead->id, &current) || !current.has_owner)
+	if (lead->deleted || !nocrm_lead_fetch(lead->id, &current))
 		return true;
-	args[0] = Int64GetDatum(current.owner_id);
-	nocrm_plan(&plan_owner_working,
-			   "SELECT nocrm.next_working_time($1, now()) <= now()", 1, types);
-	(void) exec_one(plan_owner_working, args, NULL, &result, &isnull);
-	return isnull || DatumGetBool(result);
+	*owned = current.has_owner;
+	return nocrm_next_working_time(current.has_owner, current.owner_id, now) <= now;
 }
 
 void
 nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 {
-	if (action->delayed || (action->respect_working_hours && !owner_working(lead)))
+	bool		owned = true;
+
+	if (action->delayed || (action->respect_working_hours && !owner_working(lead, &owned)))
 	{
+		bool		plain = false;
 		int64		id = enqueue(rule, action, lead, ev, "action", NULL, action->definition,
-								 action->delayed ? &action->delay : NULL);
+								 action->delayed ? &action->delay : NULL, &plain);
 
 		action_history(rule, action, lead, NULL, queued_json(id),
-					   action->delayed ? "delayed" : "waits for the owner's working hours");
+					   !action->delayed ? (owned ? "waits for the owner's working hours"
+										   : "waits for the company's business hours")
+					   : plain ? "delayed in plain time: no calendar applies"
+					   : "delayed");
 		return;
 	}
 

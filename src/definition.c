@@ -431,11 +431,33 @@ parse_interval(DefContext *cx, JsonbValue *v, Interval *out, const char *what)
 }
 
 static void
-parse_delay(DefContext *cx, JsonbValue *v, Interval *out)
+parse_delay(DefContext *cx, JsonbValue *v, RuleAction *a)
 {
 	Interval	zero = {0};
+	Interval   *out = &a->delay;
 	char	   *str;
+	const char *problem;
 
+	/* "2 business hours": counted on the owner's or the company's calendar (calendar.c) */
+	if (v->type == jbvString &&
+		nocrm_business_parse((str = jstring(v)), &a->business_unit, &a->business_amount, &problem))
+	{
+		if (problem)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_DATETIME_FORMAT),
+					 errmsg("invalid automation \"%s\": bad delay %s: %s", cx->automation,
+							quote_literal_cstr(str), problem),
+					 errdetail("The problem is in %s.", cx->where),
+					 errhint("Write a business delay as \"2 business hours\", \"90 business minutes\" or \"3 business days\".")));
+		if (a->business_amount < 1)
+			invalid(cx, psprintf("delay %s is not positive", quote_literal_cstr(str)),
+					"Leave the delay out to run the action at once.");
+		if (a->business_amount > nocrm_business_max(a->business_unit))
+			invalid(cx, psprintf("delay %s is longer than %s", quote_literal_cstr(str), MAX_DELAY),
+					"Use a shorter delay.");
+		return;
+	}
+	a->business_unit = BUSINESS_NONE;
 	parse_interval(cx, v, out, "delay");
 	str = jstring(v);
 	if (!DatumGetBool(DirectFunctionCall2(interval_gt, IntervalPGetDatum(out),
@@ -739,7 +761,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 
 		if (delay && delay->type != jbvNull)
 		{
-			parse_delay(cx, delay, &a->delay);
+			parse_delay(cx, delay, a);
 			a->delayed = true;
 			if (event == EV_DELETED)
 				invalid(cx, "a delayed action cannot run on lead.deleted: the lead will be gone",

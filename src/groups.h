@@ -11,7 +11,8 @@
  * $5 only members within their working hours.
  *
  * A member is available when active and, unless $4, not absent now, within
- * working hours if $5, and under their cap of open leads.
+ * working hours if $5 (without hours of their own: the company calendar's,
+ * is_working(NULL)), and under their cap of open leads.
  */
 #define OPEN_LEADS(c) \
 	"(SELECT count(*) FROM nocrm.leads l WHERE l.user_id = " c ".user_id" \
@@ -22,7 +23,8 @@
 	"  NOT EXISTS (SELECT 1 FROM nocrm.absences a WHERE a.user_id = " u ".id" \
 	"              AND now() >= a.starts_at AND now() < a.ends_at)" \
 	"  AND (NOT $5" \
-	"       OR NOT EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id)" \
+	"       OR (NOT EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id)" \
+	"           AND nocrm.is_working(NULL, now()))" \
 	"       OR EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id" \
 	"                  AND w.weekday = extract(isodow FROM now() AT TIME ZONE " u ".timezone)" \
 	"                  AND (now() AT TIME ZONE " u ".timezone)::time >= w.starts" \

@@ -97,6 +97,8 @@ typedef struct RuleAction
 	const char *url;			/* webhook */
 	const char *field;			/* set_field: the column */
 	const char *sql;			/* set_field: its UPDATE, built when compiled */
+	int			business_unit;	/* delayed in business time (BUSINESS_*), else 0 */
+	int64		business_amount;	/* "2 business hours": 2 */
 	bool		recheck;		/* delayed: check conditions again when due */
 	bool		respect_working_hours;	/* queued: wait for the owner's working time */
 	bool		only_working_hours; /* groups: skip members outside working hours */
@@ -335,6 +337,19 @@ extern void nocrm_define_gucs(void);
 
 /* status.c */
 extern int	nocrm_status_bit(const char *status);
+
+/* calendar.c: working time, the company calendar, business delays */
+#define BUSINESS_NONE		0
+#define BUSINESS_MINUTES	1
+#define BUSINESS_HOURS		2
+#define BUSINESS_DAYS		3
+extern bool nocrm_business_parse(const char *str, int *unit, int64 *amount, const char **problem);
+extern int64 nocrm_business_max(int unit);
+extern TimestampTz nocrm_business_due(bool has_user, int64 user_id, TimestampTz start, int unit,
+									  int64 amount, bool *plain);
+extern TimestampTz nocrm_next_working_time(bool has_user, int64 user_id, TimestampTz after);
+extern bool nocrm_is_working(bool has_user, int64 user_id, TimestampTz at);
+extern void nocrm_calendar_check_rule(const char *name, RuleAction *actions, int nactions);
 
 /* spi_plans.c */
 extern SPIPlanPtr nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);

@@ -1080,10 +1080,14 @@ nocrm_automation_validate_trigger(PG_FUNCTION_ARGS)
 	/* NULLs are the NOT NULL constraints' to report, after this trigger. */
 	if (check && !conditions_null && !actions_null && name && event)
 	{
+		Rule	   *rule;
+
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
-		nocrm_compile_rule(0, name, event, trigger_text(tuple, desc, "target"),
-						   DatumGetJsonbP(conditions), DatumGetJsonbP(actions));
+		rule = nocrm_compile_rule(0, name, event, trigger_text(tuple, desc, "target"),
+								  DatumGetJsonbP(conditions), DatumGetJsonbP(actions));
+		/* said when the rule is written, not when it is checked again */
+		nocrm_calendar_check_rule(rule->name, rule->actions, rule->nactions);
 		SPI_finish();
 	}
 

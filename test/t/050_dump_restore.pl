@@ -208,6 +208,11 @@ UPDATE nocrm.email_templates SET body = E'{{message}}\n\n-- \nIl vostro CRM' WHE
 UPDATE nocrm.queue SET state = 'processing', attempts = 1, claim_token = gen_random_uuid(),
        lease_until = now() + interval '1 hour', last_attempt_at = now()
  WHERE id = (SELECT min(id) FROM nocrm.queue WHERE state = 'pending' AND payload ->> 'delay' = '7 days');
+-- the company calendar (after the leads: the source's story does not depend on it)
+INSERT INTO nocrm.business_calendar (timezone) VALUES ('Europe/Rome');
+INSERT INTO nocrm.business_hours (weekday, starts, ends)
+  SELECT d, h.s, h.e FROM generate_series(1, 5) d, (VALUES (time '09:00', time '13:00'), ('14:00', '18:00')) h(s, e);
+INSERT INTO nocrm.holidays (day, name) VALUES ('2031-12-25', 'Natale'), ('2031-12-26', 'Santo Stefano');
 -- the application's own table, referring to the extension's
 CREATE TABLE public.call_notes (id serial PRIMARY KEY, lead_id bigint NOT NULL REFERENCES nocrm.leads, note text);
 INSERT INTO public.call_notes (lead_id, note) SELECT id, 'chiamata ' || title FROM nocrm.leads;
@@ -239,7 +244,7 @@ is( sq('src',
 push @tables, 'public.call_notes';
 # (tables added later are compared too, with or without rows)
 for my $t (map { "nocrm.$_" } qw(absences assignment_counters automation_enrollments automation_runs automations
-	comments email_templates emails lead_history leads notifications pipelines queue seeded_rows stage_triggers steps
+	business_calendar business_hours holidays comments email_templates emails lead_history leads notifications pipelines queue seeded_rows stage_triggers steps
 	tags users working_hours))
 {
 	cmp_ok((split / /, digest('src', $t))[0], '>', 0, "source: $t has rows");
@@ -336,6 +341,8 @@ SQL
 	                    (SELECT count(*) FROM nocrm.notifications WHERE lead_id = $id)"),
 		't|1', "$how: its history and notification are written, with new ids");
 	is(heard($l), 1, "$how: the listener hears the new lead's NOTIFY");
+	is(sq($db, q{SELECT nocrm.delay_until(NULL, '1 business day', '2031-12-24 17:00+01') AT TIME ZONE 'Europe/Rome'}),
+		'2031-12-29 17:00:00', "$how: the company calendar counts business days over the restored holidays");
 	stop_listening($l);
 }
 

@@ -319,6 +319,24 @@ is(sq(q{SELECT user_id IS NOT NULL FROM nocrm.leads WHERE title = 'Agent lead 1.
 
 # --- 1.2 -> 1.3 ------------------------------------------------------------------------
 
+# The working-time functions become C: the same answers on the same data
+# (hours in two time zones, lunch, a weekend, DST, an absence, no hours, an
+# unknown user), while no company calendar exists.
+sq(<<'SQL');
+UPDATE nocrm.users SET timezone = 'Europe/Rome' WHERE email = 'anna@example.com';
+INSERT INTO nocrm.working_hours (user_id, weekday, starts, ends)
+  SELECT u.id, d, h.s, h.e FROM nocrm.users u, generate_series(1, 5) d,
+         (VALUES (time '09:00', time '13:00'), ('14:00', '18:00')) h(s, e) WHERE u.email = 'anna@example.com';
+INSERT INTO nocrm.absences (user_id, starts_at, ends_at, reason)
+  SELECT id, '2027-03-30 00:00+02', '2027-04-01 12:00+02', 'ferie' FROM nocrm.users WHERE email = 'anna@example.com';
+SQL
+my $working_sql = q{SELECT string_agg(u.id || ' ' || t || ' ' || nocrm.is_working(u.id, t) || ' ' || nocrm.next_working_time(u.id, t),
+                                      E'\n' ORDER BY u.id, t)
+                      FROM (SELECT id FROM nocrm.users UNION ALL SELECT 999) u,
+                           generate_series(timestamptz '2027-03-25 00:00+00', '2027-04-02 00:00+00', interval '97 minutes') t};
+my $working_1_2 = sq($working_sql);
+like($working_1_2, qr/ true 2027-/, '1.2: someone works sometimes');
+like($working_1_2, qr/ false 2027-/, '1.2: someone is off sometimes');
 my $columns_1_2 = columns_now();
 my $data_1_2 = data_digest_of($columns_1_2);
 like($data_1_2, qr/^leads: [1-9][0-9]* [0-9a-f]{32}$/m, 'the 1.2 data digest covers the rows');
@@ -329,6 +347,9 @@ is(data_digest_of($columns_1_2), $data_1_2, 'the update to 1.3 leaves every row 
 is(sq(q{SELECT count(*) FROM nocrm.automations
          WHERE position <> 0 OR stop_processing OR once_per_lead OR at_most_every IS NOT NULL OR on_creation}),
 	0, '1.3: the automations keep their behaviour (options at their defaults)');
+is(sq($working_sql), $working_1_2, '1.3: is_working and next_working_time give 1.2\'s answers (no company calendar)');
+is(sq(q{SELECT (SELECT count(*) FROM nocrm.business_calendar) + (SELECT count(*) FROM nocrm.business_hours)
+                + (SELECT count(*) FROM nocrm.holidays)}), 0, '1.3: the company calendar starts empty');
 
 # --- a fresh CREATE EXTENSION is the same ---------------------------------------------
 
