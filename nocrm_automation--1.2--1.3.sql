@@ -859,6 +859,8 @@ CREATE TABLE nocrm.alerts (
 COMMENT ON TABLE nocrm.alerts IS 'One row per problem (kind, subject: "automation N", or "queue KIND" for items no automation queued): occurrences, first and last seen, when the admins were last told, acknowledged and resolved. Open ones are in nocrm.problems.';
 SELECT pg_catalog.pg_extension_config_dump('nocrm.alerts', '');
 SELECT pg_catalog.pg_extension_config_dump('nocrm.automation_failures', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('nocrm.alerts', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('nocrm.automation_failures', 'id')::regclass, '');
 
 -- The built-in alert email, editable like "notification" (a seeded row).
 DO $$
