@@ -148,6 +148,19 @@ SELECT kind, occurrences, alerts_sent FROM nocrm.alerts ORDER BY id;
 SELECT kind, subject, automation, automation_enabled, recent_failures, acknowledged
   FROM nocrm.problems ORDER BY id;
 
+-- A date rule whose firing fails (its set_field breaks a CHECK of the
+-- lead) is a failure of its automation too.
+TRUNCATE nocrm.alerts, nocrm.automation_failures, nocrm.notifications;
+SET nocrm.alert_failures = 1;
+SELECT nocrm.create_automation(name => 'Overdue', event => 'lead.date.reached', target => 'next_action_at',
+  actions => '[{"type": "set_field", "field": "probability", "value": 150}]');
+UPDATE nocrm.leads SET next_action_at = now() - interval '1 minute' WHERE id = 1;
+CALL nocrm.drain(0);
+SELECT automation_id, lead_id, state, detail FROM nocrm.date_firings;
+SELECT automation_id, lead_id, queue_id, kind, dead, error FROM nocrm.automation_failures;
+SELECT kind, subject, automation, occurrences FROM nocrm.problems;
+SELECT user_id, message FROM nocrm.notifications ORDER BY id;
+
 -- Bad input.
 SELECT nocrm.acknowledge_problem(NULL);
 SELECT nocrm.acknowledge_problem(999);
