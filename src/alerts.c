@@ -67,7 +67,10 @@ nocrm_alerts_note(int n, const AlertFailure *f)
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
 
-	if (n <= 0)
+	Oid			nsp = get_namespace_oid("nocrm", true);
+
+	/* before ALTER EXTENSION UPDATE to 1.3 there is nothing to record them in */
+	if (n <= 0 || !OidIsValid(nsp) || !OidIsValid(get_relname_relid("alerts", nsp)))
 		return;
 	for (int i = 0; i < n; i++)
 	{
