@@ -1091,8 +1091,7 @@ RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
     f record;
-    st text;
-    own boolean;
+    groups jsonb;
     told integer := 0;
     failing integer := nocrm.alert_setting('alert_failures', '5')::integer;
     disable_at integer := nocrm.alert_setting('auto_disable_failures', '0')::integer;
@@ -1108,29 +1107,44 @@ DECLARE
     aname text;
     what text;
 BEGIN
-    FOR f IN SELECT * FROM unnest(automation_ids, lead_ids, queue_ids, kinds, errors, dead)
-                        AS x(automation_id, lead_id, queue_id, kind, error, dead) LOOP
-        IF f.queue_id IS NOT NULL THEN
-            SELECT q.state, q.payload ? 'alert_id' INTO st, own FROM nocrm.queue q WHERE q.id = f.queue_id;
-            CONTINUE WHEN st IS DISTINCT FROM CASE WHEN f.dead THEN 'dead' ELSE 'pending' END OR own;
-        END IF;
-        f.error := regexp_replace(coalesce(f.error, 'no error message'), '\s+', ' ', 'g');
-        IF f.automation_id IS NOT NULL THEN
-            INSERT INTO nocrm.automation_failures (automation_id, lead_id, queue_id, kind, dead, error)
-            VALUES (f.automation_id, f.lead_id, f.queue_id, f.kind, f.dead, f.error);
-            touched := touched || f.automation_id;
-        END IF;
-        IF f.dead THEN
-            aname := (SELECT a.name FROM nocrm.automations a WHERE a.id = f.automation_id);
-            what := CASE f.kind WHEN 'action' THEN 'delayed action' ELSE f.kind END;
-            IF nocrm.raise_alert('dead_letter', f.automation_id,
-                   format('Dead letter: %s %s (queue item %s%s) gave up: %s', what,
-                          CASE WHEN f.automation_id IS NULL THEN 'queued by hand'
-                               ELSE format('of automation %s "%s"', f.automation_id, coalesce(aname, '(deleted)')) END,
-                          f.queue_id, coalesce(', lead ' || f.lead_id, ''), f.error),
-                   f.queue_id, f.lead_id, f.error, f.kind) THEN
-                told := told + 1;
-            END IF;
+    -- One statement for the batch: the failures that stand as recorded,
+    -- written; the dead letters grouped by problem, for one alert each.
+    WITH given AS (SELECT x.* FROM unnest(automation_ids, lead_ids, queue_ids, kinds, errors, dead)
+                                 WITH ORDINALITY AS x(automation_id, lead_id, queue_id, kind, error, dead, o)),
+         ok AS (SELECT given.automation_id, given.lead_id, given.queue_id, given.kind, given.dead, given.o,
+                       regexp_replace(coalesce(given.error, 'no error message'), '\s+', ' ', 'g') AS error
+                  FROM given LEFT JOIN nocrm.queue q ON q.id = given.queue_id
+                 WHERE given.queue_id IS NULL
+                    OR (q.state = CASE WHEN given.dead THEN 'dead' ELSE 'pending' END
+                        AND NOT (q.payload ? 'alert_id'))),
+         ins AS (INSERT INTO nocrm.automation_failures (automation_id, lead_id, queue_id, kind, dead, error)
+                 SELECT ok.automation_id, ok.lead_id, ok.queue_id, ok.kind, ok.dead, ok.error
+                   FROM ok WHERE ok.automation_id IS NOT NULL ORDER BY ok.o
+                 RETURNING automation_failures.automation_id)
+    SELECT (SELECT coalesce(array_agg(ins.automation_id), '{}') FROM ins),
+           (SELECT coalesce(jsonb_agg(g), '[]')
+              FROM (SELECT ok.automation_id, count(*) AS n,
+                           (array_agg(ok.kind ORDER BY ok.o DESC))[1] AS kind,
+                           (array_agg(ok.queue_id ORDER BY ok.o DESC))[1] AS queue_id,
+                           (array_agg(ok.lead_id ORDER BY ok.o DESC))[1] AS lead_id,
+                           (array_agg(ok.error ORDER BY ok.o DESC))[1] AS error
+                      FROM ok WHERE ok.dead
+                     GROUP BY ok.automation_id, CASE WHEN ok.automation_id IS NULL THEN ok.kind END
+                     ORDER BY min(ok.o)) g)
+      INTO touched, groups;
+
+    FOR f IN SELECT * FROM jsonb_to_recordset(groups)
+                        AS g(automation_id integer, n integer, kind text, queue_id bigint, lead_id bigint, error text) LOOP
+        aname := (SELECT a.name FROM nocrm.automations a WHERE a.id = f.automation_id);
+        what := CASE f.kind WHEN 'action' THEN 'delayed action' ELSE f.kind END;
+        IF nocrm.raise_alert('dead_letter', f.automation_id,
+               format('Dead letter: %s %s (queue item %s%s) gave up: %s%s', what,
+                      CASE WHEN f.automation_id IS NULL THEN 'queued by hand'
+                           ELSE format('of automation %s "%s"', f.automation_id, coalesce(aname, '(deleted)')) END,
+                      f.queue_id, coalesce(', lead ' || f.lead_id, ''), f.error,
+                      CASE WHEN f.n > 1 THEN format(' (and %s more in the same round)', f.n - 1) ELSE '' END),
+               f.queue_id, f.lead_id, f.error, f.kind, f.n) THEN
+            told := told + 1;
         END IF;
     END LOOP;
 
