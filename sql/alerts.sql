@@ -148,6 +148,15 @@ SELECT kind, occurrences, alerts_sent FROM nocrm.alerts ORDER BY id;
 SELECT kind, subject, automation, automation_enabled, recent_failures, acknowledged
   FROM nocrm.problems ORDER BY id;
 
+-- Several dead letters of one problem in one round: one alert, saying so.
+TRUNCATE nocrm.alerts, nocrm.notifications;
+SET nocrm.alert_failures = 0;
+SET nocrm.auto_disable_failures = 0;
+INSERT INTO nocrm.leads (title, contact_email) VALUES ('A', 'bad a'), ('B', 'bad b'), ('C', 'bad c');
+CALL nocrm.drain(0);
+SELECT kind, subject, occurrences, alerts_sent, since_alert FROM nocrm.alerts;
+SELECT user_id, message FROM nocrm.notifications ORDER BY id;
+
 -- A date rule whose firing fails (its set_field breaks a CHECK of the
 -- lead) is a failure of its automation too.
 TRUNCATE nocrm.alerts, nocrm.automation_failures, nocrm.notifications;
