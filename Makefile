@@ -2,6 +2,7 @@
 MODULE_big = nocrm_automation
 OBJS = \
 	src/actions.o \
+	src/alerts.o \
 	src/assign.o \
 	src/calendar.o \
 	src/chain.o \

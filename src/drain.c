@@ -74,6 +74,7 @@ typedef struct QueueItem
 	double		retry_delay;	/* seconds, when retry */
 	bool		released;		/* not tried: handed back without using an attempt */
 	bool		recorded;
+	bool		noted;			/* its failure, if any, went to the alerts */
 	TimestampTz started;		/* this item's own attempt, 0 if not tried */
 	TimestampTz finished;
 } QueueItem;
@@ -254,10 +255,17 @@ claim(QueueItem **items, const char *token, bool no_email, MemoryContext keep)
 			case ITEM_EMAIL:
 				if (subject == NULL)
 				{
+					/* the name the claim looked up: the payload's, or notify's template */
+					JsonbValue *name = JB_ROOT_IS_OBJECT(item->payload) && !JB_ROOT_IS_SCALAR(item->payload)
+						? getKeyJsonValueFromContainer(&item->payload->root, "template", 8, NULL) : NULL;
+
 					item->started = item->finished = GetCurrentTimestamp();
 					item->state = "dead";
 					item->error = psprintf("email template \"%s\" does not exist",
-										   text_col(tup, desc, 11) ? text_col(tup, desc, 11) : "?");
+										   name == NULL || name->type == jbvNull ? "notification"
+										   : name->type == jbvString
+										   ? pnstrdup(name->val.string.val, name->val.string.len)
+										   : "?");
 					break;
 				}
 				item->subject = nocrm_render(subject, context);
@@ -661,6 +669,41 @@ record(QueueItem *items, int n, const char *token, bool actions)
 	return left;
 }
 
+static const char *const item_kind_names[] = {"email", "mobile", "webhook", "action"};
+
+/*
+ * The batch's failed attempts recorded since the last call (retried or
+ * dead; not items handed back untried), to the alerts (alerts.c), in the
+ * transaction that recorded them.
+ */
+static void
+note_failures(QueueItem *items, int n, bool actions)
+{
+	AlertFailure *f = palloc(sizeof(AlertFailure) * (n + 1));
+	int			m = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		QueueItem  *item = &items[i];
+
+		if (!item->recorded || item->noted || (item->kind == ITEM_ACTION) != actions)
+			continue;
+		item->noted = true;
+		if (item->released || item->state == NULL ||
+			(strcmp(item->state, "dead") != 0 && !item->retry))
+			continue;
+		f[m].automation_id = item->automation_id;
+		f[m].lead_id = item->lead_id;
+		f[m].queue_id = item->id;
+		f[m].kind = item_kind_names[item->kind];
+		f[m].error = item->error;
+		f[m].dead = strcmp(item->state, "dead") == 0;
+		m++;
+	}
+	if (m > 0)
+		nocrm_alerts_note(m, f);
+}
+
 /*
  * Records the outcomes and commits, with interrupts held so a cancel cannot
  * lose them.  Rows another session holds locked are tried again for up to
@@ -678,6 +721,7 @@ record_and_commit(QueueItem *items, int n, const char *token)
 	for (;;)
 	{
 		left = record(items, n, token, false);
+		note_failures(items, n, false);
 		drain_commit();
 		if (left == 0 || stop_pending() || GetCurrentTimestamp() >= give_up)
 			break;
@@ -716,6 +760,7 @@ prune(void)
 			   2, types);
 	nocrm_exec_plan(plan_prune, args, NULL, SPI_OK_SELECT, "pruning failed");
 	SPI_freetuptable(SPI_tuptable);
+	nocrm_alerts_prune(nocrm_run_log_retention_seconds);
 }
 
 static char *
@@ -1082,6 +1127,7 @@ nocrm_drain_run(double run_time, bool by_minute)
 				{
 					run_actions(items, n, keep);
 					(void) record(items, n, token, true);
+					note_failures(items, n, true);
 				}
 				drain_commit();
 

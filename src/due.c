@@ -170,6 +170,12 @@ nocrm_fire_due_dates(int max)
 			if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 				ReThrowError(edata);	/* the drain was cancelled: the firing stays pending */
 			record(&due[i], "failed", edata->message);
+			{
+				AlertFailure f = {due[i].automation_id, due[i].lead_id, 0, "date",
+				edata->message, false};
+
+				nocrm_alerts_note(1, &f);
+			}
 			FreeErrorData(edata);
 		}
 		PG_END_TRY();

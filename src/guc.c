@@ -85,6 +85,28 @@ check_smtp_url(char **newval, void **extra, GucSource source)
 	return false;
 }
 
+/* Settings only SQL reads (nocrm.record_failures): kept here for their checks. */
+static int	alert_interval_seconds = 3600;
+static int	alert_failures = 5;
+static int	alert_failure_window_seconds = 3600;
+static int	auto_disable_failures = 0;
+static char *alert_webhook_url = NULL;
+
+/* As a webhook action's url: http(s)://, no spaces, at most 2000 bytes. */
+static bool
+check_alert_webhook_url(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+
+	if (v == NULL || v[0] == '\0')
+		return true;
+	if ((strncmp(v, "http://", 7) == 0 || strncmp(v, "https://", 8) == 0) &&
+		strpbrk(v, " \t\r\n") == NULL && strlen(v) <= 2000)
+		return true;
+	GUC_check_errdetail("nocrm.alert_webhook_url must be an http:// or https:// URL without spaces, of at most 2000 bytes.");
+	return false;
+}
+
 /* A host name (letters, digits, '-', '.') or an address literal [...]. */
 static bool
 check_host_name(char **newval, void **extra, GucSource source)
@@ -305,6 +327,28 @@ nocrm_define_gucs(void)
 							"How long nocrm.automation_runs rows are kept; the drain prunes older ones.",
 							NULL, &nocrm_run_log_retention_seconds, 30 * 24 * 3600, 0, INT_MAX,
 							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+
+	/* Failure alerts (alerts.c; the SQL of nocrm.record_failures reads them) */
+	DefineCustomIntVariable("nocrm.alert_interval",
+							"Shortest time between two alerts about the same problem.",
+							NULL, &alert_interval_seconds, 3600, 0, 30 * 24 * 3600,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.alert_failures",
+							"Failures of an automation within nocrm.alert_failure_window that raise an automation_failing alert; 0: never.",
+							NULL, &alert_failures, 5, 0, 1000000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.alert_failure_window",
+							"The window failures of an automation are counted in.",
+							NULL, &alert_failure_window_seconds, 3600, 1, 30 * 24 * 3600,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.auto_disable_failures",
+							"Failures of an automation within nocrm.alert_failure_window after which the drain disables it; 0: never.",
+							NULL, &auto_disable_failures, 0, 0, 1000000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("nocrm.alert_webhook_url",
+							   "URL the failure alerts are POSTed to as webhooks; empty: none.",
+							   NULL, &alert_webhook_url, "", PGC_SUSET, 0,
+							   check_alert_webhook_url, NULL, NULL);
 
 	MarkGUCPrefixReserved("nocrm");
 }

@@ -448,6 +448,19 @@ extern void nocrm_credentials_load(struct DeliveryHandles *h);
 /* enrollment.c: once_per_lead and at_most_every */
 extern bool nocrm_enrollment_admits(Rule *rule, int64 lead_id, bool record, const char **why);
 
+/* alerts.c: failures the drain met, for nocrm.record_failures() */
+typedef struct AlertFailure
+{
+	int32		automation_id;	/* 0: none (an item queued by hand) */
+	int64		lead_id;		/* 0: none */
+	int64		queue_id;		/* 0: not a queue item (a date rule) */
+	const char *kind;			/* email, mobile, webhook, action, date */
+	const char *error;
+	bool		dead;			/* gave up, else it is retried */
+} AlertFailure;
+extern void nocrm_alerts_note(int n, const AlertFailure *f);
+extern void nocrm_alerts_prune(int retention_seconds);
+
 /* drain.c: one drain run (CALL nocrm.drain() and the background worker) */
 extern void nocrm_drain_run(double run_time, bool by_minute);
 

@@ -213,6 +213,11 @@ INSERT INTO nocrm.business_calendar (timezone) VALUES ('Europe/Rome');
 INSERT INTO nocrm.business_hours (weekday, starts, ends)
   SELECT d, h.s, h.e FROM generate_series(1, 5) d, (VALUES (time '09:00', time '13:00'), ('14:00', '18:00')) h(s, e);
 INSERT INTO nocrm.holidays (day, name) VALUES ('2031-12-25', 'Natale'), ('2031-12-26', 'Santo Stefano');
+-- a problem: a dead letter of an automation, recorded as the drain does
+INSERT INTO nocrm.queue (kind, automation_id, recipient, payload, state, attempts, last_error)
+SELECT 'webhook', min(id), 'https://erp.example/hook', '{}', 'dead', 1, 'HTTP 400' FROM nocrm.automations;
+SELECT nocrm.record_failures(ARRAY[(SELECT min(id) FROM nocrm.automations)], ARRAY[NULL::bigint],
+                             ARRAY[(SELECT max(id) FROM nocrm.queue)], ARRAY['webhook'], ARRAY['HTTP 400'], ARRAY[true]);
 -- the application's own table, referring to the extension's
 CREATE TABLE public.call_notes (id serial PRIMARY KEY, lead_id bigint NOT NULL REFERENCES nocrm.leads, note text);
 INSERT INTO public.call_notes (lead_id, note) SELECT id, 'chiamata ' || title FROM nocrm.leads;
@@ -235,15 +240,15 @@ is( sq('src',
 		q{SELECT string_agg(c::regclass || ' ' || e.extcondition[i], ', ' ORDER BY c::regclass::text)
 		    FROM pg_extension e, unnest(e.extconfig) WITH ORDINALITY AS x(c, i)
 		   WHERE e.extname = 'nocrm_automation' AND e.extcondition[i] <> ''}),
-	q{nocrm.email_templates WHERE name <> 'notification', nocrm.seeded_rows WHERE value IS NOT DISTINCT FROM nocrm.seeded_row(seed), nocrm.users WHERE NOT is_butler},
+	q{nocrm.email_templates WHERE name NOT IN ('notification', 'alert'), nocrm.seeded_rows WHERE value IS NOT DISTINCT FROM nocrm.seeded_row(seed), nocrm.users WHERE NOT is_butler},
 	'the seeded rows are dumped through nocrm.seeded_rows, not with their tables');
 is( sq('src',
 		q{SELECT count(*) FROM pg_extension e, unnest(e.extconfig) c
 		   WHERE e.extname = 'nocrm_automation' AND (SELECT relkind FROM pg_class WHERE oid = c) = 'S'}),
-	13, 'the 13 identity sequences are marked for dumping');
+	15, 'the 15 identity sequences are marked for dumping');
 push @tables, 'public.call_notes';
 # (tables added later are compared too, with or without rows)
-for my $t (map { "nocrm.$_" } qw(absences assignment_counters automation_enrollments automation_runs automations
+for my $t (map { "nocrm.$_" } qw(absences alerts assignment_counters automation_failures automation_enrollments automation_runs automations
 	business_calendar business_hours holidays comments email_templates emails lead_history leads notifications pipelines queue seeded_rows stage_triggers steps
 	tags users working_hours))
 {
@@ -257,8 +262,8 @@ is( sq('src',
 is( sq('src',
 		q{SELECT string_agg(state || '=' || n, ' ' ORDER BY state)
 		    FROM (SELECT state, count(*) AS n FROM nocrm.queue GROUP BY state) s}),
-	'cancelled=2 done=8 pending=10 processing=1',
-	'source queue: delayed actions done, cancelled (deleted lead), pending and one held by a drain');
+	'cancelled=2 dead=1 done=8 pending=10 processing=1',
+	'source queue: delayed actions done, cancelled (deleted lead), pending and one held by a drain; a dead letter');
 my $pending_due = sq('src',
 	q{SELECT string_agg(id::text, ',' ORDER BY id) FROM nocrm.queue
 	   WHERE state = 'pending' AND payload ->> 'delay' = '1 second'});
@@ -411,7 +416,8 @@ $l = restore_test('twostep', 'two steps, --disable-triggers', sub {
 	@r = pg_restore_into($db, '--data-only', '--disable-triggers') if $r[0] && $r[1] eq '';
 	is(sq($db, 'SELECT name FROM nocrm.users WHERE is_butler'), 'The Butler',
 		'two steps: with the triggers disabled the Butler is as CREATE EXTENSION made it');
-	is(sq($db, 'SELECT count(*) FROM nocrm.seeded_rows WHERE value IS DISTINCT FROM nocrm.seeded_row(seed)'), 2,
+	# the Butler, the edited notification template, the alert template's updated_at
+	is(sq($db, 'SELECT count(*) FROM nocrm.seeded_rows WHERE value IS DISTINCT FROM nocrm.seeded_row(seed)'), 3,
 		'two steps: the dumped seeded rows are loaded, not yet applied');
 	sq($db, 'SELECT nocrm.restore_seeded_row(seed, value) FROM nocrm.seeded_rows');
 	return @r;
@@ -525,14 +531,14 @@ CREATE EXTENSION nocrm_automation;
 INSERT INTO nocrm.users (name, email) VALUES ('Anna', 'anna@example.com');
 SQL
 is(sq('pristine', 'SELECT string_agg(seed, \' \' ORDER BY seed) FROM nocrm.seeded_rows'),
-	'butler notification_template', 'pristine: the first user starts nocrm.seeded_rows');
+	'alert_template butler notification_template', 'pristine: the first user starts nocrm.seeded_rows');
 command_ok([ 'pg_dump', '-Fc', '-f', "$tmp/pristine.dump", '-d', $node->connstr('pristine') ], 'pg_dump of a CRM with unchanged seeded rows');
 sq('postgres', 'CREATE DATABASE pristine_restored');
 ($ok, $err) = run_cmd([ 'pg_restore', '-d', $node->connstr('pristine_restored'), "$tmp/pristine.dump" ]);
 ok($ok && $err eq '', 'restored in one step') or diag $err;
 is(join(' ', map { digest('pristine_restored', $_) eq digest('pristine', $_) ? () : $_ }
 		qw(nocrm.users nocrm.email_templates nocrm.seeded_rows)), '',
-	'the Butler (created_at) and the notification template (updated_at) are as they were');
+	'the Butler (created_at) and the notification and alert templates (updated_at) are as they were');
 
 $node->stop;
 done_testing();

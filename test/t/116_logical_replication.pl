@@ -57,13 +57,13 @@ SQL
 $pub->wait_for_catchup('nocrm_sub');
 
 # Every nocrm table, as text, in order; the rows each CREATE EXTENSION
-# seeded itself (the Butler, the notification template) only by their content.
+# seeded itself (the Butler, the notification and alert templates) only by their content.
 my $tables = $pub->safe_psql('postgres',
 	q{SELECT string_agg(c.relname, ' ' ORDER BY c.relname) FROM pg_class c
 	   WHERE c.relnamespace = 'nocrm'::regnamespace AND c.relkind = 'r'});
 my %seeded = (
 	users => q{CASE WHEN t.is_butler THEN (t.id, t.name, t.email)::text ELSE t::text END},
-	email_templates => q{CASE WHEN t.name = 'notification' THEN (t.name, t.subject, t.body)::text ELSE t::text END});
+	email_templates => q{CASE WHEN t.name IN ('notification', 'alert') THEN (t.name, t.subject, t.body)::text ELSE t::text END});
 sub contents
 {
 	my ($node) = @_;
