@@ -29,6 +29,8 @@ OBJS = \
 	src/secrets.o \
 	src/spi_plans.o \
 	src/stages.o \
+	src/task_events.o \
+	src/tasks.o \
 	src/templates.o \
 	src/where.o \
 	src/writebuf.o

@@ -1169,6 +1169,9 @@ nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *e
 		case ACT_SET_FIELD:
 			set_field(rule, action, lead);
 			break;
+		case ACT_CREATE_TASK:
+			nocrm_create_task(rule, action, lead, ev);
+			break;
 		case ACT_COUNT:
 			elog(ERROR, "unexpected action kind");
 	}

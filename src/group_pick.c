@@ -201,18 +201,20 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 			 Members *m)
 {
 	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
-	Oid			types[6] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID, BOOLOID};
-	Datum		args[6] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
+	bool		tasks = action->group_kind != ACT_ASSIGN;	/* a create_task group */
+	Oid			types[7] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID, BOOLOID, BOOLOID};
+	Datum		args[7] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
 		BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours),
-	BoolGetDatum(balanced)};
+	BoolGetDatum(balanced), BoolGetDatum(tasks)};
 	int			ret;
 
 	nocrm_plan(&plan_members,
 			   "SELECT c.user_id, c.position, c.weight,"
 			   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
-			   "       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
+			   "       CASE WHEN $6 AND NOT $7 THEN " OPEN_LEADS("c")
+			   "            WHEN $6 THEN " OPEN_TASKS("c") " END"
 			   MEMBERS("c", "u") " ORDER BY c.position",
-			   6, types);
+			   7, types);
 	ret = SPI_execute_plan(plan_members, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading a group's members failed: %s", SPI_result_code_string(ret));

@@ -116,7 +116,7 @@ reload_if_asked(const char *database, const char *role)
 	}
 }
 
-/* Milliseconds until the next queue item, lease end or date firing is due; capped. */
+/* Milliseconds until the next queue item, lease end, date firing or overdue task is due; capped. */
 static long
 next_due_ms(void)
 {
@@ -128,7 +128,8 @@ next_due_ms(void)
 	if (SPI_execute("SELECT (extract(epoch FROM least("
 					"   (SELECT min(run_at) FROM nocrm.queue WHERE state = 'pending'),"
 					"   (SELECT min(lease_until) FROM nocrm.queue WHERE state = 'processing'),"
-					"   (SELECT min(due_at) FROM nocrm.date_firings WHERE state = 'pending'))"
+					"   (SELECT min(due_at) FROM nocrm.date_firings WHERE state = 'pending'),"
+					"   (SELECT min(due_at) FROM nocrm.tasks WHERE done_at IS NULL AND overdue_at IS NULL))"
 					"   - clock_timestamp()) * 1000)::float8",
 					true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading the next due time failed");
