@@ -11,6 +11,7 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/tuptable.h"
@@ -18,6 +19,7 @@
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/json.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
@@ -221,6 +223,15 @@ nocrm_task_statement_trigger(PG_FUNCTION_ARGS)
 static SPIPlanPtr plan_overdue,
 			plan_mark;
 
+/* nocrm.tasks came with 1.3: a database not updated yet has none. */
+static bool
+tasks_table_exists(void)
+{
+	Oid			nsp = get_namespace_oid("nocrm", true);
+
+	return OidIsValid(nsp) && OidIsValid(get_relname_relid("tasks", nsp));
+}
+
 static void
 mark_overdue(int64 task_id)
 {
@@ -248,7 +259,7 @@ nocrm_raise_overdue_tasks(int max)
 	uint64		n;
 	int			ret;
 
-	if (max <= 0)
+	if (max <= 0 || !tasks_table_exists())
 		return 0;
 	/* the partial index tasks_overdue_idx: open, not yet raised, by due_at */
 	nocrm_plan(&plan_overdue,
