@@ -300,7 +300,6 @@ nocrm_raise_overdue_tasks(int max)
 		PG_TRY();
 		{
 			mark_overdue(tasks[i].id);
-			nocrm_set_root_actor(-1);	/* nobody's change: the time came */
 			raise_on_lead(&tasks[i], EV_TASK_OVERDUE);
 			nocrm_flush_writes();
 			ReleaseCurrentSubTransaction();
