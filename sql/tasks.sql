@@ -231,6 +231,9 @@ SET enable_seqscan = off;
 EXPLAIN (COSTS OFF) SELECT id FROM nocrm.tasks
  WHERE done_at IS NULL AND overdue_at IS NULL AND due_at <= now() ORDER BY due_at LIMIT 100;
 RESET enable_seqscan;
+-- explain() judges a task.overdue rule on a lead like the drain will
+SELECT l.title, e.would_fire, e.reason FROM nocrm.leads l, nocrm.explain(l.id, 'task.overdue') e
+ WHERE l.title IN ('Late', 'Lost and late') ORDER BY l.id;
 SELECT nocrm.raise_overdue_tasks() AS raised;
 SELECT nocrm.raise_overdue_tasks() AS raised_again;
 SELECT l.title AS lead, t.title, t.overdue_at IS NOT NULL AS raised
