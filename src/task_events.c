@@ -167,13 +167,11 @@ nocrm_task_statement_trigger(PG_FUNCTION_ARGS)
 		elog(ERROR, "SPI_connect failed");
 	/* the gate: nothing records or listens to task events, nothing to do */
 	wanted = nocrm_event_listened(EV_TASK_COMPLETED) || (insert && nocrm_event_listened(EV_TASK_CREATED));
+	if (!wanted && nocrm_chain_depth() == 0)
+		(void) nocrm_current_actor();	/* a bad nocrm.actor is an error either way */
+	SPI_finish();
 	if (!wanted)
-	{
-		if (nocrm_chain_depth() == 0)
-			(void) nocrm_current_actor();	/* a bad nocrm.actor is an error either way */
-		SPI_finish();
 		return PointerGetDatum(NULL);
-	}
 	desc = trigdata->tg_relation->rd_att;
 	newslot = reader(trigdata->tg_newtable, desc, &newptr);
 	if (!insert)
@@ -194,27 +192,28 @@ nocrm_task_statement_trigger(PG_FUNCTION_ARGS)
 		if (!next_row(trigdata->tg_newtable, newptr, newslot))
 			break;
 		task_from_slot(newslot, &task);
-		if (insert)
+		if (!insert)
 		{
-			raise_on_lead(&task, EV_TASK_CREATED);
-			if (task.done)
-				raise_on_lead(&task, EV_TASK_COMPLETED);
-		}
-		else if (task.done)
-		{
-			bool		was_done;
+			bool		was_open;
 
-			(void) column(oldslot, "done_at", &was_done);
-			if (was_done)			/* isnull: it was open */
-				raise_on_lead(&task, EV_TASK_COMPLETED);
+			(void) column(oldslot, "done_at", &was_open);
+			if (!task.done || !was_open)
+				continue;
 		}
+		/* one SPI connection per row: its results go with the row */
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		if (insert)
+			raise_on_lead(&task, EV_TASK_CREATED);
+		if (task.done)
+			raise_on_lead(&task, EV_TASK_COMPLETED);
+		SPI_finish();
 	}
 	MemoryContextSwitchTo(caller);
 	ExecDropSingleTupleTableSlot(newslot);
 	if (oldslot)
 		ExecDropSingleTupleTableSlot(oldslot);
 	MemoryContextDelete(rowcontext);
-	SPI_finish();
 	/* the statement's batched history and run log rows */
 	nocrm_flush_writes();
 	return PointerGetDatum(NULL);
