@@ -769,16 +769,7 @@ full_context(Rule *rule, LeadState *lead, RaisedEvent *ev, int64 user_id)
 static Jsonb *
 lead_local_context(Rule *rule, LeadState *lead, RaisedEvent *ev)
 {
-	JsonbParseState *state = NULL;
-
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	nocrm_jsonb_put_int64(&state, "lead.id", lead->id);
-	nocrm_jsonb_put_string(&state, "lead.title", lead->title);
-	nocrm_jsonb_put_string(&state, "lead.status", lead->status_text);
-	nocrm_jsonb_put_string(&state, "lead.contact_email", lead->contact_email);
-	nocrm_jsonb_put_string(&state, "event", nocrm_event_names[ev->event]);
-	nocrm_jsonb_put_string(&state, "automation.name", rule->name);
-	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	return nocrm_lead_local_context(lead, nocrm_event_names[ev->event], rule->name);
 }
 
 /*

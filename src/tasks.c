@@ -181,16 +181,22 @@ render(Rule *rule, LeadState *lead, RaisedEvent *ev, const char *text, bool has_
 
 	if (strstr(text, "{{") == NULL)
 		return text;
-	/* {{user.*}} is the assignee */
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	if (has_assignee)
-		nocrm_jsonb_put_int64(&state, "user_id", user_id);
-	payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
-	out = nocrm_render(text, nocrm_template_context(Int64GetDatum(lead->id), false,
-													JsonbPGetDatum(payload), false,
-													Int32GetDatum(rule->id), false,
-													CStringGetTextDatum(nocrm_event_names[ev->event]),
-													false, false));
+	/* the lead at hand is the lead now (nocrm_create_task): most titles need no query */
+	if (nocrm_placeholders_lead_local(text))
+		out = nocrm_render(text, nocrm_lead_local_context(lead, nocrm_event_names[ev->event], rule->name));
+	else
+	{
+		/* {{user.*}} is the assignee */
+		pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+		if (has_assignee)
+			nocrm_jsonb_put_int64(&state, "user_id", user_id);
+		payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+		out = nocrm_render(text, nocrm_template_context(Int64GetDatum(lead->id), false,
+														JsonbPGetDatum(payload), false,
+														Int32GetDatum(rule->id), false,
+														CStringGetTextDatum(nocrm_event_names[ev->event]),
+														false, false));
+	}
 	len = strlen(out);
 	if (max > 0 && len > max)
 		out[pg_mbcliplen(out, len, max)] = '\0';
