@@ -251,6 +251,22 @@ CALL nocrm.drain(0);
 SELECT count(*) AS overdue_notifications FROM nocrm.notifications WHERE message LIKE 'Overdue%';
 SELECT t.overdue_at IS NOT NULL AS raised FROM nocrm.tasks t
  WHERE title = 'Past' AND lead_id = (SELECT id FROM nocrm.leads WHERE title = 'Late');
+-- A rule that fails on one task rolls back alone: the task is marked
+-- anyway (raised once), the lead's history says why, the next task goes on.
+SELECT nocrm.create_automation(name => 'Bad', event => 'task.overdue',
+  conditions => '{"has_tag": "bad"}',
+  actions => '[{"type": "set_field", "field": "probability", "value": 150}]');
+INSERT INTO nocrm.leads (title, pipeline_id, user_id) VALUES ('Bad lead', 2, 2), ('Good lead', 2, 2);
+INSERT INTO nocrm.tags (lead_id, name) SELECT id, 'bad' FROM nocrm.leads WHERE title = 'Bad lead';
+INSERT INTO nocrm.tasks (lead_id, title, due_at)
+  SELECT id, 'Check', now() - interval '1 day' * (3 - id % 2) FROM nocrm.leads WHERE title IN ('Bad lead', 'Good lead');
+SELECT nocrm.raise_overdue_tasks() AS raised;
+SELECT l.title, t.overdue_at IS NOT NULL AS raised,
+       (SELECT count(*) FROM nocrm.notifications n WHERE n.lead_id = l.id) AS notified,
+       (SELECT h.detail FROM nocrm.lead_history h WHERE h.lead_id = l.id AND h.event = 'task.overdue') AS detail
+  FROM nocrm.tasks t JOIN nocrm.leads l ON l.id = t.lead_id WHERE t.title = 'Check' ORDER BY l.id;
+SELECT nocrm.raise_overdue_tasks() AS raised_again;
+SELECT nocrm.delete_automation(pg_temp.aid('Bad'));
 
 -- 8. The timeline tells the task's story.
 SELECT who, what, regexp_replace(detail, '"done_at": "[^"]*', '"done_at": "(time)') AS detail

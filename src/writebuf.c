@@ -130,9 +130,9 @@ nocrm_buffers_flush(void)
 	{
 		WriteBuffer *buf = registered[i];
 
-		if (buf->n == 0)
-			continue;
-		flush_one(buf);
+		if (buf->n > 0)
+			flush_one(buf);
+		/* also one a rolled-back subtransaction emptied: its arrays go with the reset */
 		buffer_reset(buf);
 	}
 	SPI_finish();
