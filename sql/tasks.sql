@@ -67,7 +67,9 @@ INSERT INTO cases (label, actions) VALUES
   ('working hours, no due', '[{"type": "create_task", "title": "Call", "respect_working_hours": true}]');
 INSERT INTO cases (label, event, actions) VALUES
   ('owner on unassigned',   'lead.unassigned', '[{"type": "create_task", "title": "Call"}]'),
-  ('on a deleted lead',     'lead.deleted', '[{"type": "create_task", "title": "Call", "assignee": 1}]');
+  ('on a deleted lead',     'lead.deleted', '[{"type": "create_task", "title": "Call", "assignee": 1}]'),
+  ('notify assignee, no task', 'lead.creation', '[{"type": "notify", "user": "assignee", "message": "hi"}]'),
+  ('notify assignee, delayed', 'task.overdue', '[{"type": "notify", "user": "assignee", "message": "hi", "delay": "1 hour"}]');
 
 \pset format unaligned
 \pset fieldsep ' | '
@@ -267,6 +269,20 @@ SELECT l.title, t.overdue_at IS NOT NULL AS raised,
   FROM nocrm.tasks t JOIN nocrm.leads l ON l.id = t.lead_id WHERE t.title = 'Check' ORDER BY l.id;
 SELECT nocrm.raise_overdue_tasks() AS raised_again;
 SELECT nocrm.delete_automation(pg_temp.aid('Bad'));
+-- notify "assignee" on a task event: the task's assignee, not the lead's owner.
+SELECT nocrm.create_automation(name => 'Tell the assignee', event => 'task.overdue',
+  actions => '[{"type": "notify", "user": "assignee", "message": "Your task on {{lead.title}} is late"}]');
+INSERT INTO nocrm.leads (title, pipeline_id, user_id) VALUES ('Assigned', 2, 2);
+INSERT INTO nocrm.tasks (lead_id, assignee_id, title, due_at)
+  SELECT id, 4, 'Sara''s', now() - interval '1 minute' FROM nocrm.leads WHERE title = 'Assigned';
+INSERT INTO nocrm.tasks (lead_id, title, due_at)
+  SELECT id, 'Nobody''s', now() - interval '2 minutes' FROM nocrm.leads WHERE title = 'Assigned';
+SELECT nocrm.raise_overdue_tasks() AS raised;
+SELECT n.user_id, n.message FROM nocrm.notifications n JOIN nocrm.leads l ON l.id = n.lead_id
+ WHERE l.title = 'Assigned' ORDER BY n.id;
+SELECT h.detail FROM nocrm.lead_history h JOIN nocrm.leads l ON l.id = h.lead_id
+ WHERE l.title = 'Assigned' AND h.event = 'action.notify' ORDER BY h.id;
+SELECT nocrm.delete_automation(pg_temp.aid('Tell the assignee'));
 
 -- 8. The timeline tells the task's story.
 SELECT who, what, regexp_replace(detail, '"done_at": "[^"]*', '"done_at": "(time)') AS detail

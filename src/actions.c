@@ -827,6 +827,19 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 		}
 		user_id = lead->owner_id;
 	}
+	else if (user_id == USER_IS_ASSIGNEE)
+	{
+		/* the task event's {"assignee_id": ...} */
+		JsonbValue *v = ev->new_value
+			? getKeyJsonValueFromContainer(&ev->new_value->root, "assignee_id", 11, NULL) : NULL;
+
+		if (v == NULL || v->type != jbvNumeric)
+		{
+			action_history(rule, action, lead, NULL, NULL, "skipped: the task has no assignee");
+			return;
+		}
+		user_id = DatumGetInt64(DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric)));
+	}
 
 	message = render_message(rule, action, lead, ev, user_id);
 

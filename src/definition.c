@@ -858,6 +858,19 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 								"Name a user instead.");
 					a->user_id = USER_IS_OWNER;
 				}
+				else if (is_string(u, "assignee"))
+				{
+					/* the event says who: a queued action has no event values */
+					if (event != EV_TASK_CREATED && event != EV_TASK_COMPLETED && event != EV_TASK_OVERDUE)
+						invalid(cx, psprintf("notify \"assignee\" needs a task event, not %s",
+											 nocrm_event_names[event]),
+								"Use it on task.created, task.completed or task.overdue; elsewhere name a user or \"owner\".");
+					if (a->delayed || a->respect_working_hours)
+						invalid(cx, psprintf("notify \"assignee\" cannot be %s",
+											 a->delayed ? "delayed" : "held for working hours"),
+								"Run it at once, or name a user or \"owner\".");
+					a->user_id = USER_IS_ASSIGNEE;
+				}
 				else
 					a->user_id = resolve_user(cx, u);
 				m = action_arg(cx, c, no, a->kind, "message");

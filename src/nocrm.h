@@ -81,6 +81,8 @@ extern const char *const nocrm_action_names[ACT_COUNT];
 
 /* "user": "owner" means the lead's owner when the action runs. */
 #define USER_IS_OWNER		(-1)
+/* notify "user": "assignee": the task's, on task.* events */
+#define USER_IS_ASSIGNEE	(-2)
 
 typedef struct RuleAction
 {
