@@ -33,6 +33,8 @@ OBJS = \
 	src/spi_plans.o \
 	src/stages.o \
 	src/tagset.o \
+	src/task_events.o \
+	src/tasks.o \
 	src/templates.o \
 	src/where.o \
 	src/writebuf.o

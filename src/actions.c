@@ -844,16 +844,7 @@ full_context(Rule *rule, LeadState *lead, RaisedEvent *ev, int64 user_id)
 static Jsonb *
 lead_local_context(Rule *rule, LeadState *lead, RaisedEvent *ev)
 {
-	JsonbParseState *state = NULL;
-
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	nocrm_jsonb_put_int64(&state, "lead.id", lead->id);
-	nocrm_jsonb_put_string(&state, "lead.title", lead->title);
-	nocrm_jsonb_put_string(&state, "lead.status", lead->status_text);
-	nocrm_jsonb_put_string(&state, "lead.contact_email", lead->contact_email);
-	nocrm_jsonb_put_string(&state, "event", nocrm_event_names[ev->event]);
-	nocrm_jsonb_put_string(&state, "automation.name", rule->name);
-	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	return nocrm_lead_local_context(lead, nocrm_event_names[ev->event], rule->name);
 }
 
 /*
@@ -910,6 +901,19 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 			return;
 		}
 		user_id = lead->owner_id;
+	}
+	else if (user_id == USER_IS_ASSIGNEE)
+	{
+		/* the task event's {"assignee_id": ...} */
+		JsonbValue *v = ev->new_value
+			? getKeyJsonValueFromContainer(&ev->new_value->root, "assignee_id", 11, NULL) : NULL;
+
+		if (v == NULL || v->type != jbvNumeric)
+		{
+			action_history(rule, action, lead, NULL, NULL, "skipped: the task has no assignee");
+			return;
+		}
+		user_id = DatumGetInt64(DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric)));
 	}
 
 	message = render_message(rule, action, lead, ev, user_id);
@@ -1251,6 +1255,9 @@ nocrm_run_action(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *e
 			break;
 		case ACT_SET_FIELD:
 			set_field(rule, action, lead);
+			break;
+		case ACT_CREATE_TASK:
+			nocrm_create_task(rule, action, lead, ev);
 			break;
 		case ACT_COUNT:
 			elog(ERROR, "unexpected action kind");

@@ -29,6 +29,9 @@ const char *const nocrm_event_names[EV_COUNT] = {
 	[EV_EMAIL_RECEIVED] = "lead.email.received",
 	[EV_DELETED] = "lead.deleted",
 	[EV_DATE_REACHED] = "lead.date.reached",
+	[EV_TASK_CREATED] = "task.created",
+	[EV_TASK_COMPLETED] = "task.completed",
+	[EV_TASK_OVERDUE] = "task.overdue",
 };
 
 const char *const nocrm_action_names[ACT_COUNT] = {
@@ -45,13 +48,15 @@ const char *const nocrm_action_names[ACT_COUNT] = {
 	[ACT_SEND_EMAIL] = "send_email",
 	[ACT_WEBHOOK] = "webhook",
 	[ACT_SET_FIELD] = "set_field",
+	[ACT_CREATE_TASK] = "create_task",
 };
 
 /* Arguments each action accepts besides "type" and "delay"; first ones required. */
+#define MAX_OPTIONAL_ARGS 6
 static const struct
 {
 	const char *required[2];
-	const char *optional[3];
+	const char *optional[MAX_OPTIONAL_ARGS];
 }			action_args[ACT_COUNT] = {
 	[ACT_ASSIGN] = {{"user"}, {NULL}},
 	[ACT_ASSIGN_ROUND_ROBIN] = {{"users"}, {"only_working_hours", "fallback"}},
@@ -66,9 +71,12 @@ static const struct
 	[ACT_SEND_EMAIL] = {{"template"}, {"to", "from", "reply_to"}},
 	[ACT_WEBHOOK] = {{"url"}, {NULL}},
 	[ACT_SET_FIELD] = {{"field", "value"}, {NULL}},
+	[ACT_CREATE_TASK] = {{"title"}, {"assignee", "users", "due", "notes", "only_working_hours", "fallback"}},
 };
 
 #define STATUS_LIST "todo, standby, won, lost, cancelled"
+#define ACTION_TYPES "Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify, send_email, webhook, set_field and create_task."
+
 #define MAX_MESSAGE_BYTES 4000
 #define MAX_LIST_LENGTH 1000		/* users, tags, statuses... in one list */
 #define MAX_DELAY "10 years"
@@ -427,7 +435,7 @@ parse_interval(DefContext *cx, JsonbValue *v, Interval *out, const char *what)
 						quote_literal_cstr(str)),
 				 errdetail("The problem is in %s.", cx->where),
 				 errhint("Write the %s as a PostgreSQL interval, e.g. \"30 minutes\", \"2 hours\" or \"%s\".",
-						 what, strcmp(what, "delay") == 0 ? "3 days" : "-3 days")));
+						 what, strcmp(what, "delay") == 0 || strcmp(what, "due") == 0 ? "3 days" : "-3 days")));
 }
 
 static void
@@ -620,6 +628,8 @@ action_arg(DefContext *cx, JsonbContainer *c, int no, ActionKind kind, const cha
 }
 
 static void compile_set_field(DefContext *cx, JsonbValue *field, JsonbValue *value, RuleAction *a);
+static void compile_create_task(DefContext *cx, JsonbContainer *c, int no, NocrmEvent event,
+								RuleAction *a);
 
 static bool
 is_string(JsonbValue *v, const char *s)
@@ -692,7 +702,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 	type = getKeyJsonValueFromContainer(c, "type", 4, NULL);
 	if (type == NULL)
 		invalid(cx, "the action has no \"type\"",
-				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify, send_email and webhook.");
+				ACTION_TYPES);
 	if (type->type != jbvString)
 		invalid(cx, psprintf("an action type must be a string, not %s", jtype(type)),
 				"Write e.g. \"type\": \"add_tags\".");
@@ -702,7 +712,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 				kind = i;
 	if (kind < 0)
 		invalid(cx, psprintf("unknown action type %s", jdisplay(type)),
-				"Types are assign, assign_round_robin, assign_random, assign_balanced, add_tags, remove_tags, set_status, set_step, comment, notify, send_email and webhook.");
+				ACTION_TYPES);
 
 	memset(a, 0, sizeof(RuleAction));
 	a->kind = (ActionKind) kind;
@@ -727,7 +737,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 		if (strcmp(key, "type") != 0 && strcmp(key, "delay") != 0 && strcmp(key, "recheck") != 0 &&
 			strcmp(key, "respect_working_hours") != 0 &&
 			!is_key(key, action_args[kind].required, 2) &&
-			!is_key(key, action_args[kind].optional, 3))
+			!is_key(key, action_args[kind].optional, MAX_OPTIONAL_ARGS))
 		{
 			StringInfoData takes;
 
@@ -736,7 +746,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 							 action_args[kind].required[0]);
 			if (action_args[kind].required[1])
 				appendStringInfo(&takes, ", %s", action_args[kind].required[1]);
-			for (int i = 0; i < 3 && action_args[kind].optional[i]; i++)
+			for (int i = 0; i < MAX_OPTIONAL_ARGS && action_args[kind].optional[i]; i++)
 				appendStringInfo(&takes, "%s%s", i == 0 ? " and optionally " : ", ",
 								 action_args[kind].optional[i]);
 			invalid(cx, psprintf("unknown argument %s for action %s",
@@ -870,6 +880,19 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 								"Name a user instead.");
 					a->user_id = USER_IS_OWNER;
 				}
+				else if (is_string(u, "assignee"))
+				{
+					/* the event says who: a queued action has no event values */
+					if (event != EV_TASK_CREATED && event != EV_TASK_COMPLETED && event != EV_TASK_OVERDUE)
+						invalid(cx, psprintf("notify \"assignee\" needs a task event, not %s",
+											 nocrm_event_names[event]),
+								"Use it on task.created, task.completed or task.overdue; elsewhere name a user or \"owner\".");
+					if (a->delayed || a->respect_working_hours)
+						invalid(cx, psprintf("notify \"assignee\" cannot be %s",
+											 a->delayed ? "delayed" : "held for working hours"),
+								"Run it at once, or name a user or \"owner\".");
+					a->user_id = USER_IS_ASSIGNEE;
+				}
 				else
 					a->user_id = resolve_user(cx, u);
 				m = action_arg(cx, c, no, a->kind, "message");
@@ -928,6 +951,9 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 		case ACT_SET_FIELD:
 			compile_set_field(cx, action_arg(cx, c, no, a->kind, "field"),
 							  action_arg(cx, c, no, a->kind, "value"), a);
+			break;
+		case ACT_CREATE_TASK:
+			compile_create_task(cx, c, no, event, a);
 			break;
 		case ACT_WEBHOOK:
 			{
@@ -1358,6 +1384,165 @@ compile_set_field(DefContext *cx, JsonbValue *field, JsonbValue *value, RuleActi
 					  " RETURNING jsonb_build_object(%s, old.v), jsonb_build_object(%s, l.%s)",
 					  col, col, expr, type, col, expr, type,
 					  quote_literal_cstr(f.column), quote_literal_cstr(f.column), col);
+}
+
+#define MAX_TASK_TITLE_BYTES 1000
+#define MAX_TASK_NOTES_BYTES 10000
+
+/* A task's title or notes: a non-empty string whose placeholders exist. */
+static const char *
+task_text(DefContext *cx, JsonbValue *v, const char *what, int max)
+{
+	bool		unclosed;
+	char	   *text;
+	char	   *unknown;
+
+	if (v->type != jbvString || blank(v))
+		invalid(cx, psprintf("%s must be a non-empty string", what),
+				strcmp(what, "title") == 0 ? "Write e.g. \"title\": \"Call {{lead.title}}\"." : NULL);
+	if (v->val.string.len > max)
+		invalid(cx, psprintf("%s is %d bytes long, more than %d", what, v->val.string.len, max),
+				"Shorten it.");
+	text = jstring(v);
+	unknown = nocrm_unknown_placeholder(text, &unclosed);
+	if (unknown)
+		invalid(cx, psprintf("unknown placeholder {{%s}} in %s", unknown, what),
+				"Placeholders are those of email templates, e.g. {{lead.title}} or {{owner.name}}.");
+	if (unclosed)
+		invalid(cx, psprintf("unclosed placeholder in %s", what), "Close it, e.g. {{lead.title}}.");
+	return text;
+}
+
+/*
+ * {"type": "create_task", "title": ..., "notes": ..., "assignee": "owner" |
+ * user | "round_robin" | "balanced" | "random" (with "users"), "due":
+ * interval | {"field": date column, "offset": interval}}.  The group is
+ * the one assign_* actions have (counters, weights, caps, fallback).
+ */
+static void
+compile_create_task(DefContext *cx, JsonbContainer *c, int no, NocrmEvent event, RuleAction *a)
+{
+	JsonbValue *assignee = action_arg(cx, c, no, a->kind, "assignee");
+	JsonbValue *users = action_arg(cx, c, no, a->kind, "users");
+	JsonbValue *due = action_arg(cx, c, no, a->kind, "due");
+	JsonbValue *v;
+
+	a->text = task_text(cx, action_arg(cx, c, no, a->kind, "title"), "title", MAX_TASK_TITLE_BYTES);
+	v = action_arg(cx, c, no, a->kind, "notes");
+	if (v)
+		a->task_notes = task_text(cx, v, "notes", MAX_TASK_NOTES_BYTES);
+
+	/* who: the owner unless told otherwise */
+	a->group_kind = ACT_ASSIGN;
+	a->user_id = USER_IS_OWNER;
+	cx->where = psprintf("action %d (create_task), argument \"assignee\"", no + 1);
+	if (assignee && assignee->type == jbvString && !is_string(assignee, "owner") &&
+		memchr(assignee->val.string.val, '@', assignee->val.string.len) == NULL)
+	{
+		if (is_string(assignee, "round_robin"))
+			a->group_kind = ACT_ASSIGN_ROUND_ROBIN;
+		else if (is_string(assignee, "balanced"))
+			a->group_kind = ACT_ASSIGN_BALANCED;
+		else if (is_string(assignee, "random"))
+			a->group_kind = ACT_ASSIGN_RANDOM;
+		else
+			invalid(cx, psprintf("unknown assignee %s", jdisplay(assignee)),
+					"An assignee is \"owner\", a user (id or email), or \"round_robin\", \"balanced\" or \"random\" among \"users\".");
+	}
+	else if (assignee && !is_string(assignee, "owner"))
+		a->user_id = resolve_user(cx, assignee);
+	if (a->user_id == USER_IS_OWNER && a->group_kind == ACT_ASSIGN && event == EV_UNASSIGNED)
+		invalid(cx, "a task for the owner on lead.unassigned: the lead has no owner then",
+				"Name a user or a group as \"assignee\".");
+	if (a->group_kind != ACT_ASSIGN)
+	{
+		JsonbValue *fallback;
+
+		cx->where = psprintf("action %d (create_task), argument \"users\"", no + 1);
+		if (users == NULL)
+			invalid(cx, psprintf("assignee %s needs \"users\"", jdisplay(assignee)),
+					"Add e.g. \"users\": [\"anna@example.com\", 7].");
+		if (!(users->type == jbvBinary && JsonContainerIsArray(users->val.binary.data)))
+			invalid(cx, psprintf("users must be an array of users, not %s", jtype(users)),
+					"Write e.g. \"users\": [\"anna@example.com\", 7].");
+		group_members(cx, users, a);
+		a->only_working_hours = optional_bool(cx, action_arg(cx, c, no, a->kind, "only_working_hours"),
+											  "only_working_hours", false);
+		fallback = action_arg(cx, c, no, a->kind, "fallback");
+		if (fallback && is_string(fallback, "anyone"))
+			a->assign_anyway = true;
+		else if (fallback && !is_string(fallback, "unassigned"))
+			invalid(cx, psprintf("unknown fallback %s", jdisplay(fallback)),
+					"Fallbacks are \"unassigned\" (create the task with no assignee and log it) and \"anyone\" (pick among all members anyway).");
+	}
+	else
+	{
+		static const char *const group_only[] = {"users", "only_working_hours", "fallback"};
+
+		for (int i = 0; i < lengthof(group_only); i++)
+			if (action_arg(cx, c, no, a->kind, group_only[i]))
+				invalid(cx, psprintf("%s applies only to a group assignee", group_only[i]),
+						"Write \"assignee\": \"round_robin\", \"balanced\" or \"random\" with \"users\", or leave it out.");
+	}
+
+	/* when: from now, from a date column of the lead, or never */
+	a->due_kind = TASK_DUE_NONE;
+	cx->where = psprintf("action %d (create_task), argument \"due\"", no + 1);
+	if (due && due->type == jbvString)
+	{
+		Interval	zero = {0};
+
+		parse_interval(cx, due, &a->due_offset, "due");
+		if (DatumGetBool(DirectFunctionCall2(interval_lt, IntervalPGetDatum(&a->due_offset),
+											 IntervalPGetDatum(&zero))))
+			invalid(cx, psprintf("due %s is in the past", quote_literal_cstr(jstring(due))),
+					"Give how long after the task is created it is due, e.g. \"2 days\"; or {\"field\": \"next_action_at\", \"offset\": \"-1 day\"}.");
+		if (DatumGetBool(DirectFunctionCall2(interval_gt, IntervalPGetDatum(&a->due_offset),
+											 DirectFunctionCall3(interval_in, CStringGetDatum(MAX_DELAY),
+																 ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)))))
+			invalid(cx, psprintf("due %s is later than %s", quote_literal_cstr(jstring(due)), MAX_DELAY),
+					"Give a due time within " MAX_DELAY ".");
+		a->due_kind = TASK_DUE_NOW;
+	}
+	else if (due && due->type == jbvBinary && JsonContainerIsObject(due->val.binary.data))
+	{
+		JsonbContainer *o = due->val.binary.data;
+		JsonbValue *field = getKeyJsonValueFromContainer(o, "field", 5, NULL);
+		JsonbValue *offset = getKeyJsonValueFromContainer(o, "offset", 6, NULL);
+		FieldCond	f;
+		Oid			base;
+
+		if (field == NULL || field->type != jbvString ||
+			JsonContainerSize(o) != 1 + (offset != NULL))
+			invalid(cx, "a due date from the lead is {\"field\": column, \"offset\": interval}",
+					"E.g. {\"field\": \"next_action_at\", \"offset\": \"-1 day\"}; the offset may be left out.");
+		lead_column(cx, jstring(field), &f,
+					"The field of \"due\" is a date, timestamp or timestamptz column of nocrm.leads.");
+		base = getBaseType(f.typid);
+		if (base != DATEOID && base != TIMESTAMPOID && base != TIMESTAMPTZOID)
+			invalid(cx, psprintf("column %s is %s, not a date or time", f.column, format_type_be(f.typid)),
+					"The field of \"due\" is a date, timestamp or timestamptz column of nocrm.leads.");
+		a->due_field = f.column;
+		if (offset)
+			parse_interval(cx, offset, &a->due_offset, "offset");
+		a->due_kind = TASK_DUE_FIELD;
+	}
+	else if (due && due->type != jbvNull)
+		invalid(cx, psprintf("due must be an interval or {\"field\": ..., \"offset\": ...}, not %s", jtype(due)),
+				"E.g. \"due\": \"2 days\" or \"due\": {\"field\": \"next_action_at\", \"offset\": \"-1 day\"}.");
+
+	/*
+	 * respect_working_hours moves the due time into the assignee's working
+	 * time; the task itself is made at once.
+	 */
+	a->due_working_hours = a->respect_working_hours;
+	a->respect_working_hours = false;
+	if (a->due_working_hours && a->due_kind == TASK_DUE_NONE)
+	{
+		cx->where = psprintf("action %d (create_task), argument \"respect_working_hours\"", no + 1);
+		invalid(cx, "respect_working_hours needs a \"due\" to move into working hours",
+				"Add \"due\", or leave respect_working_hours out.");
+	}
 }
 
 static bool

@@ -1112,6 +1112,9 @@ nocrm_drain_run(double run_time, bool by_minute)
 			/* date rules that fell due (dates.c), before the queue's items */
 			fired = nocrm_fire_due_dates(nocrm_drain_batch_size);
 			drain_commit();
+			/* tasks whose due time passed: task.overdue, once each (task_events.c) */
+			fired += nocrm_raise_overdue_tasks(nocrm_drain_batch_size);
+			drain_commit();
 
 			/* after a configuration error (delivery.c warned), no more emails this run */
 			n = claim(&items, token, handles.smtp_config_error != NULL, keep);

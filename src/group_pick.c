@@ -40,7 +40,8 @@
 #define PICKS_BEFORE_HOLDING	8
 #define MAX_HELD_GROUPS			16
 
-static SPIPlanPtr plan_members;
+static SPIPlanPtr plan_members,
+			plan_members_tasks;
 
 /* A group's available members, by position, as one pick sees them. */
 typedef struct Members
@@ -201,19 +202,29 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 			 Members *m)
 {
 	bool		balanced = action->kind == ACT_ASSIGN_BALANCED;
+	bool		tasks = action->group_kind != ACT_ASSIGN;	/* a create_task group */
 	Oid			types[6] = {INT4OID, INT4OID, INT8ARRAYOID, BOOLOID, BOOLOID, BOOLOID};
 	Datum		args[6] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
 		BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours),
 	BoolGetDatum(balanced)};
 	int			ret;
 
-	nocrm_plan(&plan_members,
-			   "SELECT c.user_id, c.position, c.weight,"
-			   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
-			   "       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
-			   MEMBERS("c", "u") " ORDER BY c.position",
-			   6, types);
-	ret = SPI_execute_plan(plan_members, args, NULL, false, 0);
+	/* (two statements: nocrm.tasks is not there before 1.3) */
+	if (tasks)
+		nocrm_plan(&plan_members_tasks,
+				   "SELECT c.user_id, c.position, c.weight,"
+				   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+				   "       CASE WHEN $6 THEN " OPEN_TASKS("c") " END"
+				   MEMBERS("c", "u") " ORDER BY c.position",
+				   6, types);
+	else
+		nocrm_plan(&plan_members,
+				   "SELECT c.user_id, c.position, c.weight,"
+				   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+				   "       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
+				   MEMBERS("c", "u") " ORDER BY c.position",
+				   6, types);
+	ret = SPI_execute_plan(tasks ? plan_members_tasks : plan_members, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading a group's members failed: %s", SPI_result_code_string(ret));
 	m->n = (int) SPI_processed;

@@ -18,6 +18,11 @@
 	"(SELECT count(*) FROM nocrm.leads l WHERE l.user_id = " c ".user_id" \
 	" AND l.status IN ('todo', 'standby'))"
 
+/* create_task's balanced groups balance open tasks instead */
+#define OPEN_TASKS(c) \
+	"(SELECT count(*) FROM nocrm.tasks k WHERE k.assignee_id = " c ".user_id" \
+	" AND k.done_at IS NULL)"
+
 #define AVAILABLE(c, u) \
 	" " u ".active AND ($4 OR (" \
 	"  NOT EXISTS (SELECT 1 FROM nocrm.absences a WHERE a.user_id = " u ".id" \

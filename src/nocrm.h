@@ -26,6 +26,9 @@ typedef enum NocrmEvent
 	EV_EMAIL_RECEIVED,
 	EV_DELETED,
 	EV_DATE_REACHED,			/* raised by the drain when a date rule falls due */
+	EV_TASK_CREATED,			/* a row of nocrm.tasks inserted (tasks.c) */
+	EV_TASK_COMPLETED,			/* its done_at set */
+	EV_TASK_OVERDUE,			/* raised by the drain once its due_at passed */
 	EV_COUNT
 } NocrmEvent;
 
@@ -33,7 +36,7 @@ extern const char *const nocrm_event_names[EV_COUNT];
 
 #define NOCRM_EVENT_HINT "Events are lead.creation, lead.deleted, lead.any_update, lead.status.changed.to," \
 	" lead.step.changed.to, lead.assigned, lead.unassigned, lead.content_has_changed, lead.commented," \
-	" lead.email.received and lead.date.reached."
+	" lead.email.received, lead.date.reached, task.created, task.completed and task.overdue."
 
 /* Lead statuses as bits, so a condition is one AND. */
 #define STATUS_TODO			0x01
@@ -58,6 +61,7 @@ typedef enum ActionKind
 	ACT_SEND_EMAIL,
 	ACT_WEBHOOK,
 	ACT_SET_FIELD,
+	ACT_CREATE_TASK,
 	ACT_COUNT
 } ActionKind;
 
@@ -67,11 +71,18 @@ extern const char *const nocrm_action_names[ACT_COUNT];
 #define CHANNEL_EMAIL		0x02
 #define CHANNEL_MOBILE		0x04
 
+/* When a create_task action's task is due. */
+#define TASK_DUE_NONE		0
+#define TASK_DUE_NOW		1	/* now() + due_offset */
+#define TASK_DUE_FIELD		2	/* the lead's due_field + due_offset */
+
 /* The Butler's user id, fixed by the install script and protected by a trigger. */
 #define BUTLER_ID			0
 
 /* "user": "owner" means the lead's owner when the action runs. */
 #define USER_IS_OWNER		(-1)
+/* notify "user": "assignee": the task's, on task.* events */
+#define USER_IS_ASSIGNEE	(-2)
 
 typedef struct RuleAction
 {
@@ -103,6 +114,13 @@ typedef struct RuleAction
 	bool		respect_working_hours;	/* queued: wait for the owner's working time */
 	bool		only_working_hours; /* groups: skip members outside working hours */
 	bool		assign_anyway;	/* groups: fallback "anyone" */
+	/* create_task (title in text; a group in users, picked as group_kind) */
+	const char *task_notes;
+	ActionKind	group_kind;		/* ACT_ASSIGN for one user or the owner (user_id) */
+	int			due_kind;		/* TASK_DUE_* */
+	Interval	due_offset;		/* from now, or from the lead's due_field */
+	const char *due_field;
+	bool		due_working_hours;	/* due moved into the assignee's working time */
 	Jsonb	   *definition;		/* the action as written, for the queue */
 } RuleAction;
 
@@ -484,6 +502,12 @@ extern void nocrm_relay_subxact_abort(SubTransactionId subid);
 /* worker.c: the background worker (shared_preload_libraries) */
 extern void nocrm_worker_register(void);
 
+/* tasks.c: the create_task action */
+extern void nocrm_create_task(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev);
+
+/* task_events.c: task.created / task.completed (trigger), task.overdue (the drain) */
+extern int	nocrm_raise_overdue_tasks(int max);
+
 /* dispatch.c: run the rules for raised events */
 extern void nocrm_dispatch(LeadState *lead, RaisedEvent *events, int nevents);
 extern void nocrm_dispatch_init(void);
@@ -627,6 +651,7 @@ extern void nocrm_preassign_xact_end(void);
 extern char *nocrm_render(const char *text, Jsonb *context);
 extern char *nocrm_unknown_placeholder(const char *text, bool *unclosed);
 extern bool nocrm_placeholders_lead_local(const char *text);
+extern Jsonb *nocrm_lead_local_context(LeadState *lead, const char *event, const char *automation);
 extern Jsonb *nocrm_template_context(Datum lead_id, bool lead_null, Datum payload, bool payload_null,
 									 Datum automation_id, bool automation_null,
 									 Datum event, bool event_null, bool read_only);

@@ -310,6 +310,8 @@ rule_copy(Rule *src)
 		a->url = nocrm_copy_string(from->url);
 		a->field = nocrm_copy_string(from->field);
 		a->sql = nocrm_copy_string(from->sql);
+		a->task_notes = nocrm_copy_string(from->task_notes);
+		a->due_field = nocrm_copy_string(from->due_field);
 		a->definition = copy_jsonb(from->definition);
 	}
 	return r;

@@ -127,6 +127,25 @@ nocrm_placeholders_lead_local(const char *text)
 	return true;
 }
 
+/*
+ * The values of lead_local_placeholders, from the lead state at hand: no
+ * query, for messages and titles that use nothing else.
+ */
+Jsonb *
+nocrm_lead_local_context(LeadState *lead, const char *event, const char *automation)
+{
+	JsonbParseState *state = NULL;
+
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	nocrm_jsonb_put_int64(&state, "lead.id", lead->id);
+	nocrm_jsonb_put_string(&state, "lead.title", lead->title);
+	nocrm_jsonb_put_string(&state, "lead.status", lead->status_text);
+	nocrm_jsonb_put_string(&state, "lead.contact_email", lead->contact_email);
+	nocrm_jsonb_put_string(&state, "event", event);
+	nocrm_jsonb_put_string(&state, "automation.name", automation);
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
 static void
 check_template_text(const char *template_name, const char *field, const char *text)
 {

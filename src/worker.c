@@ -119,7 +119,7 @@ reload_if_asked(const char *database, const char *role)
 	}
 }
 
-/* Milliseconds until the next queue item, lease end or date firing is due; capped. */
+/* Milliseconds until the next queue item, lease end, date firing or overdue task is due; capped. */
 static long
 next_due_ms(void)
 {
@@ -128,11 +128,15 @@ next_due_ms(void)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute("SELECT (extract(epoch FROM least("
-					"   (SELECT min(run_at) FROM nocrm.queue WHERE state = 'pending'),"
-					"   (SELECT min(lease_until) FROM nocrm.queue WHERE state = 'processing'),"
-					"   (SELECT min(due_at) FROM nocrm.date_firings WHERE state = 'pending'))"
-					"   - clock_timestamp()) * 1000)::float8",
+	/* (nocrm.tasks came with 1.3) */
+	if (SPI_execute(psprintf("SELECT (extract(epoch FROM least("
+							 "   (SELECT min(run_at) FROM nocrm.queue WHERE state = 'pending'),"
+							 "   (SELECT min(lease_until) FROM nocrm.queue WHERE state = 'processing'),"
+							 "   (SELECT min(due_at) FROM nocrm.date_firings WHERE state = 'pending')%s)"
+							 "   - clock_timestamp()) * 1000)::float8",
+							 OidIsValid(get_relname_relid("tasks", get_namespace_oid("nocrm", false)))
+							 ? ", (SELECT min(due_at) FROM nocrm.tasks WHERE done_at IS NULL AND overdue_at IS NULL)"
+							 : ""),
 					true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading the next due time failed");
 	if (SPI_processed == 1)

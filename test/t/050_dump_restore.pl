@@ -224,6 +224,22 @@ INSERT INTO public.call_notes (lead_id, note) SELECT id, 'chiamata ' || title FR
 SQL
 
 
+sq('src', <<'SQL');
+-- tasks: by a rule (on a comment), by hand; one done (its rule tags the lead),
+-- one overdue and raised, one due later
+SELECT nocrm.create_automation(name => 'Richiamare', event => 'lead.commented',
+  actions => '[{"type": "create_task", "title": "Richiamare {{lead.title}}", "due": "3 days"}]');
+SELECT nocrm.create_automation(name => 'Fatto', event => 'task.completed',
+  actions => '[{"type": "add_tags", "tags": ["Task fatto"]}]');
+INSERT INTO nocrm.comments (lead_id, user_id, body)
+  SELECT id, 2, 'Da richiamare' FROM nocrm.leads WHERE title = 'Lead 2';
+INSERT INTO nocrm.tasks (lead_id, assignee_id, title, due_at)
+  SELECT id, user_id, 'In ritardo', now() - interval '1 hour' FROM nocrm.leads WHERE title = 'Lead 3';
+INSERT INTO nocrm.tasks (lead_id, assignee_id, title) SELECT id, user_id, 'Preventivo' FROM nocrm.leads WHERE title = 'Lead 4';
+SELECT nocrm.raise_overdue_tasks();
+SELECT nocrm.complete_task(id) FROM nocrm.tasks WHERE title = 'Preventivo';
+SQL
+
 # --- the source, before the dump ------------------------------------------------
 
 @tables = split /\n/, sq('src',
@@ -245,12 +261,12 @@ is( sq('src',
 is( sq('src',
 		q{SELECT count(*) FROM pg_extension e, unnest(e.extconfig) c
 		   WHERE e.extname = 'nocrm_automation' AND (SELECT relkind FROM pg_class WHERE oid = c) = 'S'}),
-	15, 'the 15 identity sequences are marked for dumping');
+	16, 'the 16 identity sequences are marked for dumping');
 push @tables, 'public.call_notes';
 # (tables added later are compared too, with or without rows)
 for my $t (map { "nocrm.$_" } qw(absences alerts assignment_counters automation_failures automation_enrollments automation_runs automations
 	business_calendar business_hours holidays comments email_templates emails lead_history leads notifications pipelines queue seeded_rows stage_triggers steps
-	tags users working_hours))
+	tags tasks users working_hours))
 {
 	cmp_ok((split / /, digest('src', $t))[0], '>', 0, "source: $t has rows");
 }
@@ -271,7 +287,7 @@ is(scalar(split /,/, $pending_due), 4, 'source: 4 delayed actions of Lead 6 and 
 my $processing = sq('src', q{SELECT id FROM nocrm.queue WHERE state = 'processing'});
 is( sq('src', q{SELECT string_agg(outcome || '=' || n, ' ' ORDER BY outcome)
 	             FROM (SELECT outcome, count(*) AS n FROM nocrm.automation_runs GROUP BY outcome) s}),
-	'fired=23 test=8', 'source run log: fired and test-mode runs');
+	'fired=25 test=8', 'source run log: fired (two by the task rules) and test-mode runs');
 is(sq('src', q{SELECT s.name FROM nocrm.leads l JOIN nocrm.steps s ON s.id = l.step_id WHERE l.title = 'Lead 2'}),
 	'Preventivo', 'source: the stage trigger moved Lead 2');
 is( sq('src', q{SELECT name || ' ' || email FROM nocrm.users WHERE is_butler}),
@@ -348,6 +364,7 @@ SQL
 	is(heard($l), 1, "$how: the listener hears the new lead's NOTIFY");
 	is(sq($db, q{SELECT nocrm.delay_until(NULL, '1 business day', '2031-12-24 17:00+01') AT TIME ZONE 'Europe/Rome'}),
 		'2031-12-29 17:00:00', "$how: the company calendar counts business days over the restored holidays");
+	is(sq($db, 'SELECT nocrm.raise_overdue_tasks()'), '0', "$how: the overdue task raised in the source is not raised again");
 	stop_listening($l);
 }
 

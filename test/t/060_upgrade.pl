@@ -97,8 +97,10 @@ BEGIN
           INTO d;
         INSERT INTO digest VALUES (t, d);
     END LOOP;
+    -- the sequences of those tables (a new table's is new)
     INSERT INTO digest SELECT 'sequence ' || sequencename, coalesce(last_value::text, 'unused')
-      FROM pg_sequences WHERE schemaname = 'nocrm';
+      FROM pg_sequences WHERE schemaname = 'nocrm'
+       AND regexp_replace(sequencename, '_id_seq\$', '') IN (SELECT split_part(c, '.', 1) FROM unnest(cols) c);
 END \$\$;
 SELECT name || ': ' || value FROM digest ORDER BY name;
 SQL
@@ -356,6 +358,14 @@ is(sq(q{SELECT count(*) FROM nocrm.automations
 is(sq($working_sql), $working_1_2, '1.3: is_working and next_working_time give 1.2\'s answers (no company calendar)');
 is(sq(q{SELECT (SELECT count(*) FROM nocrm.business_calendar) + (SELECT count(*) FROM nocrm.business_hours)
                 + (SELECT count(*) FROM nocrm.holidays)}), 0, '1.3: the company calendar starts empty');
+# Tasks on the updated database: a new rule's create_task, version 1 of it.
+sq(q{SELECT nocrm.create_automation(name => 'Richiamare', event => 'lead.commented',
+       actions => '[{"type": "create_task", "title": "Richiamare {{lead.title}}", "due": "1 day"}]')});
+sq(q{INSERT INTO nocrm.comments (lead_id, body) SELECT min(id), 'Ciao' FROM nocrm.leads});
+is( sq(q{SELECT count(*) FROM nocrm.tasks t JOIN nocrm.leads l ON l.id = t.lead_id
+          WHERE t.title = 'Richiamare ' || l.title AND t.created_by = 0 AND t.rule_version = 1
+            AND t.due_at = t.created_at + interval '1 day'}),
+	1, '1.3: create_task makes a task on the updated database');
 
 # --- a fresh CREATE EXTENSION is the same ---------------------------------------------
 
