@@ -4,6 +4,7 @@
 #  - the same channel and payload, from the relay's pid, not the inserter's;
 #  - nothing for a rolled-back transaction or savepoint;
 #  - a bulk statement: 1,000 NOTIFYs, then one per user and batch, as before;
+#  - a transaction with more payloads than the ring holds sends them itself;
 #  - PREPARE TRANSACTION of a notifying transaction fails as it always did;
 #  - with the relay off (nocrm.worker_database = ''), the transaction sends
 #    them itself.
@@ -107,6 +108,19 @@ listen_until(qr/"bulk" : true/);
 is(scalar(grep { $_->[0] =~ /"message"/ } @p), 1000, '1,000 notifications with a NOTIFY each');
 is(scalar(grep { $_->[0] =~ /"count" : 500, .*"bulk" : true/ } @p), 1, 'and one bulk NOTIFY for the other 500');
 is(scalar(grep { $_->[1] != $relay } @p), 0, 'all of them from the relay');
+
+# More than the relay's ring holds (1 MB): that transaction sends its own.
+$heard = '';
+my $big = $listener->query_safe(q{
+	INSERT INTO nocrm.leads (title) SELECT 'Big ' || g || ' ' || repeat('x', 1000) FROM generate_series(1, 1100) g;
+	SELECT 'pid=' || pg_backend_pid();
+});
+$heard .= $big;
+listen_until(qr/"bulk" : true/);
+my ($big_pid) = $big =~ /pid=(\d+)/;
+@p = payloads_from($heard);
+is(scalar(grep { $_->[0] =~ /"message" : "New: Big / } @p), 1000, 'a transaction too big for the ring: 1,000 NOTIFYs each');
+is(scalar(grep { $_->[1] != $big_pid } @p), 0, 'all sent by the transaction itself');
 
 # PREPARE TRANSACTION cannot hold a NOTIFY: it fails as before, and rolls back.
 my ($rc, $out, $err) = $node->psql('postgres', q{
