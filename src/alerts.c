@@ -43,6 +43,20 @@ text_array(Datum *values, bool *nulls, int n)
 											  TYPALIGN_INT));
 }
 
+/* nocrm.record_failures(args[0..5]), in its subtransaction. */
+static void
+record_failures(void *arg)
+{
+	Oid			types[6] = {INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID,
+	TEXTARRAYOID, BOOLARRAYOID};
+
+	nocrm_plan(&plan_record_failures,
+			   "SELECT nocrm.record_failures($1, $2, $3, $4, $5, $6)", 6, types);
+	nocrm_exec_plan(plan_record_failures, (Datum *) arg, NULL, SPI_OK_SELECT,
+					"recording failures for the alerts failed");
+	SPI_freetuptable(SPI_tuptable);
+}
+
 /*
  * Records n failures.  Needs an SPI connection; changes nothing the caller
  * has done if it fails.  A cancel is passed on.
@@ -50,8 +64,6 @@ text_array(Datum *values, bool *nulls, int n)
 void
 nocrm_alerts_note(int n, const AlertFailure *f)
 {
-	Oid			types[6] = {INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID,
-	TEXTARRAYOID, BOOLARRAYOID};
 	Datum		args[6];
 	Datum	   *automations = palloc(sizeof(Datum) * n);
 	bool	   *automation_nulls = palloc(sizeof(bool) * n);
@@ -64,9 +76,7 @@ nocrm_alerts_note(int n, const AlertFailure *f)
 	Datum	   *errors = palloc(sizeof(Datum) * n);
 	bool	   *error_nulls = palloc(sizeof(bool) * n);
 	Datum	   *dead = palloc(sizeof(Datum) * n);
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-
+	ErrorData  *edata;
 	Oid			nsp = get_namespace_oid("nocrm", true);
 
 	/* before ALTER EXTENSION UPDATE to 1.3 there is nothing to record them in */
@@ -92,29 +102,9 @@ nocrm_alerts_note(int n, const AlertFailure *f)
 	args[4] = text_array(errors, error_nulls, n);
 	args[5] = PointerGetDatum(construct_array(dead, n, BOOLOID, 1, true, TYPALIGN_CHAR));
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
+	edata = nocrm_in_subtransaction(record_failures, args, NULL);
+	if (edata != NULL)
 	{
-		nocrm_plan(&plan_record_failures,
-				   "SELECT nocrm.record_failures($1, $2, $3, $4, $5, $6)", 6, types);
-		nocrm_exec_plan(plan_record_failures, args, NULL, SPI_OK_SELECT,
-						"recording failures for the alerts failed");
-		SPI_freetuptable(SPI_tuptable);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
 		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 			ReThrowError(edata);
 		ereport(WARNING,
@@ -123,7 +113,6 @@ nocrm_alerts_note(int n, const AlertFailure *f)
 				 errhint("See nocrm.dead_letters and nocrm.queue.last_error.")));
 		FreeErrorData(edata);
 	}
-	PG_END_TRY();
 }
 
 /*

@@ -424,6 +424,23 @@ lock_actions(QueueItem *items, int n, const char *token)
 	return any;
 }
 
+/* A delayed action, in its subtransaction: why it was cancelled, or NULL. */
+typedef struct DelayedRun
+{
+	QueueItem  *item;
+	const char *why;
+} DelayedRun;
+
+static void
+run_delayed(void *arg)
+{
+	DelayedRun *run = arg;
+	QueueItem  *item = run->item;
+
+	run->why = nocrm_run_delayed(item->automation_id, item->action_no, item->lead_id,
+								 item->event, item->payload, item->actor_id);
+}
+
 /* Runs each due delayed action in its own subtransaction. */
 static void
 run_actions(QueueItem *items, int n, MemoryContext keep)
@@ -431,8 +448,8 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 	for (int i = 0; i < n; i++)
 	{
 		QueueItem  *item = &items[i];
-		MemoryContext oldcontext = CurrentMemoryContext;
-		ResourceOwner oldowner = CurrentResourceOwner;
+		DelayedRun	run = {item, NULL};
+		ErrorData  *edata;
 
 		if (item->kind != ITEM_ACTION || item->state != NULL || item->recorded)
 			continue;
@@ -443,32 +460,17 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 			continue;
 		}
 		item->started = GetCurrentTimestamp();
-		BeginInternalSubTransaction(NULL);
-		PG_TRY();
+		edata = nocrm_in_subtransaction(run_delayed, &run, keep);
+		item->finished = GetCurrentTimestamp();
+		if (edata == NULL)
 		{
-			const char *why = nocrm_run_delayed(item->automation_id, item->action_no,
-												item->lead_id, item->event, item->payload,
-												item->actor_id);
-
-			ReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(oldcontext);
-			CurrentResourceOwner = oldowner;
-			item->finished = GetCurrentTimestamp();
-			item->state = why ? "cancelled" : "done";
-			item->error = why ? MemoryContextStrdup(keep, why) : NULL;
+			item->state = run.why ? "cancelled" : "done";
+			item->error = run.why ? MemoryContextStrdup(keep, run.why) : NULL;
 		}
-		PG_CATCH();
+		else
 		{
-			ErrorData  *edata;
 			DeliveryResult r;
 
-			MemoryContextSwitchTo(keep);
-			edata = CopyErrorData();
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(oldcontext);
-			CurrentResourceOwner = oldowner;
-			item->finished = GetCurrentTimestamp();
 			if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 			{
 				/*
@@ -488,7 +490,6 @@ run_actions(QueueItem *items, int n, MemoryContext keep)
 				outcome(item, &r);
 			}
 		}
-		PG_END_TRY();
 	}
 }
 

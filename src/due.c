@@ -20,6 +20,7 @@ typedef struct DueFiring
 	int32		automation_id;
 	int64		lead_id;
 	TimestampTz date_value;
+	const char *why;			/* fire()'s reason to skip, NULL when it fired */
 } DueFiring;
 
 static void
@@ -102,6 +103,14 @@ record(DueFiring *due, const char *state, const char *detail)
 	nocrm_exec_plan(plan, args, nulls, SPI_OK_UPDATE, "recording a date firing");
 }
 
+static void
+fire_one(void *arg)
+{
+	DueFiring  *due = arg;
+
+	due->why = fire(due);
+}
+
 /*
  * Fires up to max due firings, oldest first, each in a subtransaction of
  * its own (a failing rule is recorded 'failed' with its error, the others
@@ -143,42 +152,24 @@ nocrm_fire_due_dates(int max)
 
 	for (uint64 i = 0; i < n; i++)
 	{
-		MemoryContext oldcontext = CurrentMemoryContext;
-		ResourceOwner oldowner = CurrentResourceOwner;
-		const char *why;
+		ErrorData  *edata;
 
 		CHECK_FOR_INTERRUPTS();
-		BeginInternalSubTransaction(NULL);
-		PG_TRY();
+		due[i].why = NULL;
+		edata = nocrm_in_subtransaction(fire_one, &due[i], NULL);
+		if (edata == NULL)
+			record(&due[i], due[i].why ? "skipped" : "fired", due[i].why);
+		else
 		{
-			why = fire(&due[i]);
-			ReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(oldcontext);
-			CurrentResourceOwner = oldowner;
-			record(&due[i], why ? "skipped" : "fired", why);
-		}
-		PG_CATCH();
-		{
-			ErrorData  *edata;
+			AlertFailure f = {due[i].automation_id, due[i].lead_id, 0, "date",
+			edata->message, false};
 
-			MemoryContextSwitchTo(oldcontext);
-			edata = CopyErrorData();
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(oldcontext);
-			CurrentResourceOwner = oldowner;
 			if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 				ReThrowError(edata);	/* the drain was cancelled: the firing stays pending */
 			record(&due[i], "failed", edata->message);
-			{
-				AlertFailure f = {due[i].automation_id, due[i].lead_id, 0, "date",
-				edata->message, false};
-
-				nocrm_alerts_note(1, &f);
-			}
+			nocrm_alerts_note(1, &f);
 			FreeErrorData(edata);
 		}
-		PG_END_TRY();
 	}
 	return (int) n;
 }

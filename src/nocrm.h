@@ -370,6 +370,8 @@ extern bool nocrm_is_working(bool has_user, int64 user_id, TimestampTz at);
 extern void nocrm_calendar_check_rule(const char *name, RuleAction *actions, int nactions);
 
 /* spi_plans.c */
+extern ErrorData *nocrm_in_subtransaction(void (*body) (void *arg), void *arg,
+										  MemoryContext errcxt);
 extern SPIPlanPtr nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);
 extern void nocrm_plans_note_row(void);
 extern void nocrm_plans_xact_end(void);

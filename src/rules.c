@@ -186,6 +186,43 @@ nocrm_rules_loaded(void)
 	return rules_valid;
 }
 
+/* A stored rule's columns, and the rule compiled from them. */
+typedef struct StoredRule
+{
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	int32		id;
+	char	   *name;
+	char	   *event;
+	char	   *target;
+	Jsonb	   *conditions;
+	Jsonb	   *actions;
+	Rule	   *rule;
+} StoredRule;
+
+static void
+compile_stored(void *arg)
+{
+	StoredRule *c = arg;
+	bool		isnull;
+
+	c->rule = nocrm_compile_rule(c->id, c->name, c->event, c->target, c->conditions, c->actions);
+	c->rule->actions_json = c->actions;
+	c->rule->test_mode = DatumGetBool(SPI_getbinval(c->tuple, c->desc, 7, &isnull));
+	c->rule->position = DatumGetInt32(SPI_getbinval(c->tuple, c->desc, 8, &isnull));
+	c->rule->stop_processing = DatumGetBool(SPI_getbinval(c->tuple, c->desc, 9, &isnull));
+	c->rule->once_per_lead = DatumGetBool(SPI_getbinval(c->tuple, c->desc, 10, &isnull));
+	{
+		Datum		every = SPI_getbinval(c->tuple, c->desc, 11, &isnull);
+
+		c->rule->has_min_interval = !isnull;
+		if (!isnull)
+			c->rule->at_most_every = *DatumGetIntervalP(every);
+	}
+	c->rule->on_creation = DatumGetBool(SPI_getbinval(c->tuple, c->desc, 12, &isnull));
+	c->rule->date_offset = *DatumGetIntervalP(SPI_getbinval(c->tuple, c->desc, 13, &isnull));
+}
+
 /*
  * Compiles one stored rule (columns of nocrm_rule_columns()).  A rule that no longer resolves gives NULL: with
  * *error set when error is given, else after a warning.
@@ -194,67 +231,39 @@ Rule *
 nocrm_compile_stored(HeapTuple tuple, TupleDesc desc, char **error)
 {
 	bool		isnull;
-	int32		id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
-	char	   *name = SPI_getvalue(tuple, desc, 2);
-	char	   *event = SPI_getvalue(tuple, desc, 3);
-	char	   *target = SPI_getvalue(tuple, desc, 4);
-	Jsonb	   *conditions = DatumGetJsonbPCopy(SPI_getbinval(tuple, desc, 5, &isnull));
-	Jsonb	   *actions = DatumGetJsonbPCopy(SPI_getbinval(tuple, desc, 6, &isnull));
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	Rule	   *rule = NULL;
+	StoredRule	c;
+	ErrorData  *edata;
+
+	c.tuple = tuple;
+	c.desc = desc;
+	c.id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
+	c.name = SPI_getvalue(tuple, desc, 2);
+	c.event = SPI_getvalue(tuple, desc, 3);
+	c.target = SPI_getvalue(tuple, desc, 4);
+	c.conditions = DatumGetJsonbPCopy(SPI_getbinval(tuple, desc, 5, &isnull));
+	c.actions = DatumGetJsonbPCopy(SPI_getbinval(tuple, desc, 6, &isnull));
+	c.rule = NULL;
 
 	/*
 	 * What a rule names (a user, a step) can disappear after the rule was
 	 * written.  That must not break every change to every lead, so the
 	 * compile runs in a subtransaction and a failure only skips the rule.
 	 */
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		rule = nocrm_compile_rule(id, name, event, target, conditions, actions);
-		rule->actions_json = actions;
-		rule->test_mode = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
-		rule->position = DatumGetInt32(SPI_getbinval(tuple, desc, 8, &isnull));
-		rule->stop_processing = DatumGetBool(SPI_getbinval(tuple, desc, 9, &isnull));
-		rule->once_per_lead = DatumGetBool(SPI_getbinval(tuple, desc, 10, &isnull));
-		{
-			Datum		every = SPI_getbinval(tuple, desc, 11, &isnull);
-
-			rule->has_min_interval = !isnull;
-			if (!isnull)
-				rule->at_most_every = *DatumGetIntervalP(every);
-		}
-		rule->on_creation = DatumGetBool(SPI_getbinval(tuple, desc, 12, &isnull));
-		rule->date_offset = *DatumGetIntervalP(SPI_getbinval(tuple, desc, 13, &isnull));
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		if (error)
-			*error = pstrdup(edata->message);
-		else
-			ereport(WARNING,
+	edata = nocrm_in_subtransaction(compile_stored, &c, NULL);
+	if (edata == NULL)
+		return c.rule;
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		ReThrowError(edata);	/* a cancel is not a broken rule */
+	if (error)
+		*error = pstrdup(edata->message);
+	else
+		ereport(WARNING,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("automation %d \"%s\" is skipped: %s", id, name, edata->message),
+				 errmsg("automation %d \"%s\" is skipped: %s", c.id, c.name, edata->message),
 				 edata->detail ? errdetail("%s", edata->detail) : 0,
 				 errhint("Fix it with nocrm.update_automation() or disable it.")));
-		FreeErrorData(edata);
-		rule = NULL;
-	}
-	PG_END_TRY();
-	return rule;
+	FreeErrorData(edata);
+	return NULL;
 }
 
 /*

@@ -4,11 +4,13 @@
 #include "nocrm.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "access/table.h"
 #include "catalog/namespace.h"
 #include "storage/bufmgr.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "utils/datum.h"
@@ -219,4 +221,39 @@ nocrm_exec_plan(SPIPlanPtr plan, Datum *args, const char *nulls, int expected, c
 
 	if (ret != expected)
 		elog(ERROR, "%s: %s", what, SPI_result_code_string(ret));
+}
+
+/*
+ * Runs body(arg) in an internal subtransaction, in the caller's memory
+ * context.  NULL when it committed; else it was rolled back and its error
+ * is returned, copied into errcxt (NULL: the caller's context).  The
+ * caller decides what a cancel means (most rethrow it: ReThrowError).
+ */
+ErrorData *
+nocrm_in_subtransaction(void (*body) (void *arg), void *arg, MemoryContext errcxt)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *edata = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		body(arg);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(errcxt ? errcxt : oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_END_TRY();
+	return edata;
 }

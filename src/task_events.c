@@ -241,6 +241,17 @@ mark_overdue(int64 task_id)
 	nocrm_exec_plan(plan_mark, args, NULL, SPI_OK_UPDATE, "marking a task overdue");
 }
 
+/* One task's overdue round, in its subtransaction. */
+static void
+raise_overdue(void *arg)
+{
+	TaskRow    *task = arg;
+
+	mark_overdue(task->id);
+	raise_on_lead(task, EV_TASK_OVERDUE);
+	nocrm_flush_writes();
+}
+
 /*
  * Raises task.overdue for up to max open tasks whose due_at has passed and
  * that were not raised yet, oldest first, each in a subtransaction of its
@@ -291,30 +302,12 @@ nocrm_raise_overdue_tasks(int max)
 
 	for (uint64 i = 0; i < n; i++)
 	{
-		MemoryContext oldcontext = CurrentMemoryContext;
-		ResourceOwner oldowner = CurrentResourceOwner;
+		ErrorData  *edata;
 
 		CHECK_FOR_INTERRUPTS();
-		BeginInternalSubTransaction(NULL);
-		PG_TRY();
+		edata = nocrm_in_subtransaction(raise_overdue, &tasks[i], NULL);
+		if (edata != NULL)
 		{
-			mark_overdue(tasks[i].id);
-			raise_on_lead(&tasks[i], EV_TASK_OVERDUE);
-			nocrm_flush_writes();
-			ReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(oldcontext);
-			CurrentResourceOwner = oldowner;
-		}
-		PG_CATCH();
-		{
-			ErrorData  *edata;
-
-			MemoryContextSwitchTo(oldcontext);
-			edata = CopyErrorData();
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(oldcontext);
-			CurrentResourceOwner = oldowner;
 			if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 				ReThrowError(edata);	/* the drain was cancelled: raised next round */
 			ereport(WARNING,
@@ -329,7 +322,6 @@ nocrm_raise_overdue_tasks(int max)
 			}
 			FreeErrorData(edata);
 		}
-		PG_END_TRY();
 	}
 	return (int) n;
 }
