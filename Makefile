@@ -33,6 +33,7 @@ OBJS = \
 	src/spi_plans.o \
 	src/stages.o \
 	src/tagset.o \
+	src/transition.o \
 	src/task_events.o \
 	src/tasks.o \
 	src/templates.o \

@@ -476,24 +476,6 @@ preassigned_row(TupleTableSlot *slot, const LeadAttnums *cols)
 	return !isnull && nocrm_preassigned(DatumGetInt64(id)) != NULL;
 }
 
-/* A reader of a transition table of our own, from its first row. */
-static TupleTableSlot *
-transition_reader(Tuplestorestate *table, TupleDesc desc, int *readptr)
-{
-	if (table == NULL)
-		return NULL;
-	*readptr = tuplestore_alloc_read_pointer(table, EXEC_FLAG_REWIND);
-	tuplestore_select_read_pointer(table, *readptr);
-	tuplestore_rescan(table);
-	return MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
-}
-
-static bool
-next_row(Tuplestorestate *table, int readptr, TupleTableSlot *slot)
-{
-	tuplestore_select_read_pointer(table, readptr);
-	return tuplestore_gettupleslot(table, true, false, slot);
-}
 
 /* Could a row of a bulk statement add tags quietly (tagset.c)? */
 static bool
@@ -521,7 +503,7 @@ load_tag_chunk(Tuplestorestate *table, int readptr, TupleTableSlot *slot, int at
 	int64	   *ids = palloc(sizeof(int64) * TAGSET_CHUNK);
 	int			n = 0;
 
-	while (n < TAGSET_CHUNK && next_row(table, readptr, slot))
+	while (n < TAGSET_CHUNK && nocrm_transition_next(table, readptr, slot))
 	{
 		bool		isnull;
 		Datum		id = slot_getattr(slot, attno, &isnull);
@@ -579,15 +561,15 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 		nocrm_lead_note_write();
 	desc = trigdata->tg_relation->rd_att;
 	cols = nocrm_lead_attnums(desc);
-	oldslot = op == 'I' ? NULL : transition_reader(trigdata->tg_oldtable, desc, &oldptr);
-	newslot = op == 'D' ? NULL : transition_reader(trigdata->tg_newtable, desc, &newptr);
+	oldslot = op == 'I' ? NULL : nocrm_transition_reader(trigdata->tg_oldtable, desc, &oldptr);
+	newslot = op == 'D' ? NULL : nocrm_transition_reader(trigdata->tg_newtable, desc, &newptr);
 	if ((op != 'I' && oldslot == NULL) || (op != 'D' && newslot == NULL))
 		elog(ERROR, "nocrm_lead_statement_trigger: the trigger must have its transition tables");
 	rowcontext = AllocSetContextCreate(caller, "nocrm lead row", ALLOCSET_DEFAULT_SIZES);
 	if (op != 'D' && !tag_chunks_owned &&
 		tuplestore_tuple_count(trigdata->tg_newtable) >= TAGSET_MIN_ROWS && bulk_tags_possible())
 	{
-		aheadslot = transition_reader(trigdata->tg_newtable, desc, &aheadptr);
+		aheadslot = nocrm_transition_reader(trigdata->tg_newtable, desc, &aheadptr);
 		tag_chunks_owned = true;
 	}
 
@@ -606,10 +588,10 @@ nocrm_lead_statement_trigger(PG_FUNCTION_ARGS)
 			ExecClearTuple(newslot);
 		MemoryContextReset(rowcontext);
 		MemoryContextSwitchTo(rowcontext);
-		if (oldslot && !next_row(trigdata->tg_oldtable, oldptr, oldslot))
+		if (oldslot && !nocrm_transition_next(trigdata->tg_oldtable, oldptr, oldslot))
 			break;
 		/* OLD and NEW TABLE of an UPDATE hold each row's versions in the same order */
-		if (newslot && !next_row(trigdata->tg_newtable, newptr, newslot))
+		if (newslot && !nocrm_transition_next(trigdata->tg_newtable, newptr, newslot))
 			break;
 		if (aheadslot && nrows++ % TAGSET_CHUNK == 0)
 		{

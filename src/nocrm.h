@@ -369,6 +369,10 @@ extern TimestampTz nocrm_next_working_time(bool has_user, int64 user_id, Timesta
 extern bool nocrm_is_working(bool has_user, int64 user_id, TimestampTz at);
 extern void nocrm_calendar_check_rule(const char *name, RuleAction *actions, int nactions);
 
+/* transition.c: statement triggers' transition tables, with read pointers of our own */
+extern TupleTableSlot *nocrm_transition_reader(Tuplestorestate *table, TupleDesc desc, int *readptr);
+extern bool nocrm_transition_next(Tuplestorestate *table, int readptr, TupleTableSlot *slot);
+
 /* spi_plans.c */
 extern ErrorData *nocrm_in_subtransaction(void (*body) (void *arg), void *arg,
 										  MemoryContext errcxt);

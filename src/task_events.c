@@ -123,17 +123,7 @@ reader(Tuplestorestate *table, TupleDesc desc, int *readptr)
 {
 	if (table == NULL)
 		elog(ERROR, "nocrm_task_statement_trigger: the trigger must have its transition tables");
-	*readptr = tuplestore_alloc_read_pointer(table, EXEC_FLAG_REWIND);
-	tuplestore_select_read_pointer(table, *readptr);
-	tuplestore_rescan(table);
-	return MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
-}
-
-static bool
-next_row(Tuplestorestate *table, int readptr, TupleTableSlot *slot)
-{
-	tuplestore_select_read_pointer(table, readptr);
-	return tuplestore_gettupleslot(table, true, false, slot);
+	return nocrm_transition_reader(table, desc, readptr);
 }
 
 /*
@@ -187,9 +177,9 @@ nocrm_task_statement_trigger(PG_FUNCTION_ARGS)
 			ExecClearTuple(oldslot);
 		MemoryContextReset(rowcontext);
 		MemoryContextSwitchTo(rowcontext);
-		if (oldslot && !next_row(trigdata->tg_oldtable, oldptr, oldslot))
+		if (oldslot && !nocrm_transition_next(trigdata->tg_oldtable, oldptr, oldslot))
 			break;
-		if (!next_row(trigdata->tg_newtable, newptr, newslot))
+		if (!nocrm_transition_next(trigdata->tg_newtable, newptr, newslot))
 			break;
 		task_from_slot(newslot, &task);
 		if (!insert)
