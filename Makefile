@@ -17,11 +17,13 @@ OBJS = \
 	src/explain.o \
 	src/fieldcmp.o \
 	src/guc.o \
+	src/hosts.o \
 	src/history.o \
 	src/jsonb.o \
 	src/lead.o \
 	src/preassign.o \
 	src/restore.o \
+	src/round.o \
 	src/rules.o \
 	src/runlog.o \
 	src/wake.o \
@@ -30,6 +32,7 @@ OBJS = \
 	src/spi_plans.o \
 	src/stages.o \
 	src/templates.o \
+	src/transfers.o \
 	src/where.o \
 	src/writebuf.o
 
