@@ -245,6 +245,39 @@ is( sql($node,
 	't', 'one after the other: a host that hangs gets one request in flight (nocrm.webhook_host_concurrency = 1)');
 is(scalar @{ $hang->requests }, 3, 'the hanging host got three requests in all');
 
+# --- nocrm.webhook_host_concurrency ----------------------------------------------------
+
+set_nocrm_conf($node, webhook_host_concurrency => 3);
+$rated->control('reset');
+my @together = hooks($rated->url('/slow/1500'), map { "Together $_" } 1 .. 3);
+drain($node);
+is(join(',', map { st($_) } @together), 'done/1,done/1,done/1', 'concurrency 3: the three slow items were delivered');
+my $first_answer = sql($node,
+	'SELECT extract(epoch FROM min(delivered_at)) FROM nocrm.queue WHERE id IN (' . join(',', @together) . ')');
+is(scalar(grep { $_->{received_at} < $first_answer } @{ $rated->requests }), 3,
+	'all three were in flight at once: each reached the host before the first answer (the host takes 1.5 s)');
+
+# --- a cancel stops a round with several hosts in flight --------------------------------
+
+$hang->control('reset');
+$fast->control('reset');
+set_nocrm_conf($node, request_timeout => 60000);
+my @stuck = (hooks($hang->url('/hang'), 'Stuck 1', 'Stuck 2'), hooks($fast->url('/slow/60000'), 'Stuck 3'));
+my $d = start_drain($node);
+ok( wait_for(sub { @{ $hang->requests } == 2 && @{ $fast->requests } == 1 }, 30, 'three requests in flight'),
+	'three requests are in flight at once, to two hosts');
+is(sql($node, 'SELECT nocrm.stop_worker()'), 'f', 'stop_worker() returns');
+ok(!finish_drain($d), 'the stopped drain reports an error');
+like($d->{stderr}, qr/canceling statement due to user request/, 'a cancel');
+is(join(',', map { st($_) } @stuck), 'pending/0,pending/0,pending/0',
+	'every item cut short is pending again, its attempt given back');
+is( sql($node,
+		'SELECT count(*) FROM nocrm.queue WHERE last_error LIKE \'delivery interrupted by a cancel of the drain%\' AND id IN ('
+		  . join(',', @stuck) . ')'),
+	3, 'each says it was interrupted');
+is(sql($node, "SELECT count(*) FROM nocrm.queue WHERE state = 'processing'"), 0, 'nothing is left processing');
+sql($node, 'SELECT nocrm.cancel_queue_item(id) FROM nocrm.queue WHERE id IN (' . join(',', @stuck) . ')');
+
 $_->stop for ($fast, $a429, $b503, $capped, $plain, $rated, $hang);
 $node->stop;
 done_testing();
