@@ -495,9 +495,10 @@ timestamp_or_null(TimestampTz t, bool *isnull)
  * delivered_at when it went out.  A row re-claimed by another drain after
  * our lease ran out is theirs.  Returns how many rows are still ours but
  * locked by someone else: those stay unrecorded, to be tried again.
+ * finished_only: only the items with an outcome (during a round).
  */
 static int
-record(QueueItem *items, int n, const char *token, bool actions)
+record(QueueItem *items, int n, const char *token, bool actions, bool finished_only)
 {
 	Oid			types[8] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
 	BOOLARRAYOID, UUIDOID, TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID};
@@ -522,7 +523,8 @@ record(QueueItem *items, int n, const char *token, bool actions)
 	{
 		QueueItem  *item = &items[i];
 
-		if (item->recorded || (item->kind == ITEM_ACTION) != actions)
+		if (item->recorded || (item->kind == ITEM_ACTION) != actions ||
+			(finished_only && item->state == NULL))
 			continue;
 		if (item->state == NULL)
 		{
@@ -617,7 +619,8 @@ record(QueueItem *items, int n, const char *token, bool actions)
 			QueueItem  *item = &items[i];
 			bool		held = false;
 
-			if (item->recorded || (item->kind == ITEM_ACTION) != actions)
+			if (item->recorded || (item->kind == ITEM_ACTION) != actions ||
+				(finished_only && item->state == NULL))
 				continue;
 			for (uint64 j = 0; written < m && j < SPI_processed && !held; j++)
 				held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[j], SPI_tuptable->tupdesc,
@@ -649,7 +652,7 @@ record_and_commit(QueueItem *items, int n, const char *token)
 	HOLD_INTERRUPTS();
 	for (;;)
 	{
-		left = record(items, n, token, false);
+		left = record(items, n, token, false, false);
 		drain_commit();
 		if (left == 0 || stop_pending() || GetCurrentTimestamp() >= give_up)
 			break;
@@ -807,11 +810,35 @@ typedef struct BatchRef
 	const char *token;
 } BatchRef;
 
+static void transfer_outcome(QueueItem *item);
+
+/*
+ * About once a second during a round: what has ended is recorded (so a
+ * crash cannot send it again, and a slow host does not hold back the
+ * others' records), then the rows an admin took back are dropped.
+ */
 static void
-check_taken_back(void *arg)
+round_tick(void *arg)
 {
 	BatchRef   *b = (BatchRef *) arg;
+	bool		any = false;
 
+	for (int i = 0; i < b->n; i++)
+	{
+		QueueItem  *item = &b->items[i];
+
+		if (item->xfer && item->state == NULL &&
+			(item->xfer->state == XFER_DONE || item->xfer->state == XFER_HANDED_BACK))
+		{
+			transfer_outcome(item);
+			any = true;
+		}
+	}
+	if (any && !stop_pending())
+	{
+		(void) record(b->items, b->n, b->token, false, true);
+		drain_commit();
+	}
 	drop_taken_back(b->items, b->n, b->token);
 }
 
@@ -908,10 +935,11 @@ deliver_batch(DeliveryHandles *handles, QueueItem *items, int n, const char *tok
 	if (m == 0)
 		return;
 	HOLD_INTERRUPTS();
-	nocrm_deliver_round(handles, xfers, m, hand_back, check_taken_back, &batch);
+	nocrm_deliver_round(handles, xfers, m, hand_back, round_tick, &batch);
 	RESUME_INTERRUPTS();
 	for (int j = 0; j < m; j++)
-		transfer_outcome(of[j]);
+		if (of[j]->state == NULL)
+			transfer_outcome(of[j]);
 }
 
 /* The HTTP hosts of the batch: what other drains know of them is read now. */
@@ -1068,7 +1096,7 @@ nocrm_drain_run(double run_time, bool by_minute)
 				if (lock_actions(items, n, token))
 				{
 					run_actions(items, n, keep);
-					(void) record(items, n, token, true);
+					(void) record(items, n, token, true, false);
 				}
 				drain_commit();
 

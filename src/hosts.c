@@ -11,10 +11,12 @@
 #include "nocrm.h"
 
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
@@ -32,6 +34,19 @@ static HTAB *hosts = NULL;
 static SPIPlanPtr plan_load,
 			plan_save,
 			plan_prune;
+
+/*
+ * Whether nocrm.webhook_hosts exists: not before ALTER EXTENSION UPDATE to
+ * 1.3 (the library is new, the schema not yet); then the state is only kept
+ * in memory.
+ */
+static bool
+have_table(void)
+{
+	Oid			nsp = get_namespace_oid("nocrm", true);
+
+	return OidIsValid(nsp) && OidIsValid(get_relname_relid("webhook_hosts", nsp));
+}
 
 /* the parsed nocrm.webhook_rate, and the string it was parsed from */
 static const char *rate_parsed_from = NULL;
@@ -150,7 +165,10 @@ host_state(const char *host, bool create)
 	return s;
 }
 
-/* Reads what other drains (or earlier runs) know of these hosts; in the caller's transaction. */
+/*
+ * Reads what other drains (or earlier runs) know of these hosts, in the
+ * caller's transaction; what this drain has not saved yet is kept.
+ */
 void
 nocrm_hosts_load(const char **names, int n)
 {
@@ -159,7 +177,7 @@ nocrm_hosts_load(const char **names, int n)
 	Datum		args[1];
 	int			m = 0;
 
-	if (n == 0)
+	if (n == 0 || !have_table())
 		return;
 	d = palloc(sizeof(Datum) * n);
 	for (int i = 0; i < n; i++)
@@ -171,6 +189,14 @@ nocrm_hosts_load(const char **names, int n)
 			   "  FROM nocrm.webhook_hosts WHERE host = ANY ($1)",
 			   1, types);
 	nocrm_exec_plan(plan_load, args, NULL, SPI_OK_SELECT, "reading nocrm.webhook_hosts failed");
+	/* the table is the truth for what this drain has saved: an admin may have lifted a pause */
+	for (int i = 0; i < n; i++)
+	{
+		HostState  *s = host_state(names[i], false);
+
+		if (s && !s->dirty)
+			s->paused_until = s->used_until = 0;
+	}
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -218,7 +244,7 @@ nocrm_hosts_save(void)
 	ResourceOwner oldowner = CurrentResourceOwner;
 	Oid			types[4] = {TEXTOID, TIMESTAMPTZOID, INT4OID, TIMESTAMPTZOID};
 
-	if (hosts == NULL)
+	if (hosts == NULL || !have_table())
 		return;
 	BeginInternalSubTransaction(NULL);
 	PG_TRY();
@@ -280,6 +306,8 @@ nocrm_hosts_save(void)
 void
 nocrm_hosts_prune(void)
 {
+	if (!have_table())
+		return;
 	nocrm_plan(&plan_prune,
 			   "DELETE FROM nocrm.webhook_hosts"
 			   " WHERE coalesce(greatest(paused_until, rate_used_until), updated_at)"
