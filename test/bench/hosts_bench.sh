@@ -13,11 +13,13 @@
 # on exit.  Two cases, REPEATS times each, medians printed:
 #   hang: 4 hosts x 5 webhooks, host 4 never answers (request_timeout 2 s),
 #         plus 5 emails;
-#   slow: 4 hosts x 5 webhooks, every answer takes 300 ms, plus 5 emails.
-# Knobs: REPEATS=3 PORT=55434 KEEP=1
+#   slow: 4 hosts x 5 webhooks, every answer takes 300 ms, plus 5 emails;
+#   bulk: N_BULK webhooks to one fast host (throughput).
+# Knobs: REPEATS=3 N_BULK=2000 PORT=55434 KEEP=1
 set -euo pipefail
 
 REPEATS=${REPEATS:-3}
+N_BULK=${N_BULK:-2000}
 PORT=${PORT:-55434}
 PGBIN=${PGBIN:-$(pg_config --bindir)}
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -94,6 +96,20 @@ SQL
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
+# throughput to one fast host: N_BULK webhooks, one CALL
+bulk_case() {
+    psql_ -c "DELETE FROM nocrm.queue" -c "SELECT nocrm.delete_automation(id) FROM nocrm.automations" >/dev/null
+    psql_ -c "SELECT nocrm.create_automation(name => 'bulk', event => 'lead.creation', actions => '[{\"type\":\"webhook\",\"url\":\"http://127.0.0.1:$(http_port 1)/bulk\"}]')" >/dev/null
+    psql_ -c "INSERT INTO nocrm.leads (title) SELECT 'B' || i FROM generate_series(1, $N_BULK) i"
+    psql_ <<'SQL'
+\set QUIET on
+SELECT clock_timestamp() AS t0 \gset
+CALL nocrm.drain(0);
+SELECT round(extract(epoch FROM clock_timestamp() - :'t0')::numeric, 2) || ' ' || count(*) FILTER (WHERE state = 'done')
+  FROM nocrm.queue;
+SQL
+}
+
 for c in hang slow; do
     : >"$WORK/$c.txt"
     for r in $(seq "$REPEATS"); do
@@ -103,3 +119,7 @@ for c in hang slow; do
         "$(cut -d' ' -f1 "$WORK/$c.txt" | median)" "$(cut -d' ' -f2 "$WORK/$c.txt" | median)" \
         "$(cut -d' ' -f3 "$WORK/$c.txt" | median)" "$(cut -d' ' -f4 "$WORK/$c.txt" | median)" "$REPEATS"
 done
+: >"$WORK/bulk.txt"
+for r in $(seq "$REPEATS"); do bulk_case >>"$WORK/bulk.txt"; done
+printf 'bulk: CALL %s s for %s webhooks to one host, done %s (median of %s)\n' \
+    "$(cut -d' ' -f1 "$WORK/bulk.txt" | median)" "$N_BULK" "$(cut -d' ' -f2 "$WORK/bulk.txt" | median)" "$REPEATS"
