@@ -12,10 +12,12 @@
 #    neither other hosts' webhooks nor the emails of the same round.
 use strict;
 use warnings;
+use utf8;
 
 use FindBin;
 use lib "$FindBin::RealBin/lib";
 
+use IPC::Run;
 use JSON::PP;
 use NocrmTest;
 use PostgreSQL::Test::Utils;
@@ -277,6 +279,40 @@ is( sql($node,
 	3, 'each says it was interrupted');
 is(sql($node, "SELECT count(*) FROM nocrm.queue WHERE state = 'processing'"), 0, 'nothing is left processing');
 sql($node, 'SELECT nocrm.cancel_queue_item(id) FROM nocrm.queue WHERE id IN (' . join(',', @stuck) . ')');
+
+# --- the mail connection in the multi handle: a reused connection the server
+# closes is reopened at once, while a webhook host hangs -------------------------------
+
+set_nocrm_conf($node, request_timeout => 5000);
+for my $mode ('', '--close')
+{
+	my $dir = PostgreSQL::Test::Utils::tempdir('smtp421');
+	my $server = IPC::Run::start([ 'python3', "$FindBin::RealBin/../sinks/smtp_421.py", '--dir', $dir, $mode ? $mode : () ],
+		'<', \undef, '>', "$dir/out.log", '2>', "$dir/err.log");
+	ok(wait_for(sub { -s "$dir/port" }, 20, 'smtp_421.py port'), "smtp_421.py $mode runs");
+	my $port = slurp_file("$dir/port");
+	chomp $port;
+	set_nocrm_conf($node, smtp_url => "smtp://127.0.0.1:$port");
+	$hang->control('reset');
+	my @stalled = hooks($hang->url('/hang'), 'Stalled');
+	my @once = mails(map { "once$_\@client.example" } 1 .. 3);
+	my @utf8 = $mode ? () : mails('zoë@example.com', 'once4@client.example');
+	drain($node);
+	my $what = $mode ? 'closed without a word' : 'ended with 421';
+	is(join(',', map { st($_) } @once), 'done/1,done/1,done/1',
+		"reused connection $what: each email sent at once on a new one, in its first attempt, while a webhook hung");
+	my @got = map { JSON::PP->new->decode($_) } split /\n/, slurp_file("$dir/mail.jsonl");
+	is(scalar(keys %{ { map { $_->{connection} => 1 } @got } }), scalar(@got), 'one message per connection');
+	if (!$mode)
+	{
+		is(join(',', map { row($_)->{state} } @utf8), 'dead,done',
+			'no SMTPUTF8 offered: the UTF-8 address is dead before its message is sent, the next email delivered');
+		is(scalar @got, 4, 'the server received the four ASCII messages');
+	}
+	is(st($stalled[0]), 'pending/1', 'the hanging webhook timed out meanwhile');
+	sql($node, "SELECT nocrm.cancel_queue_item($stalled[0])");
+	$server->kill_kill;
+}
 
 $_->stop for ($fast, $a429, $b503, $capped, $plain, $rated, $hang);
 $node->stop;
