@@ -140,7 +140,6 @@ nocrm_deliver_round(DeliveryHandles *h, Transfer *xfers, int n, TimestampTz hand
 	for (;;)
 	{
 		bool		waiting = false;
-		bool		rate_only = true;
 		double		soonest = -1;
 		int			ndone;
 
@@ -197,11 +196,7 @@ nocrm_deliver_round(DeliveryHandles *h, Transfer *xfers, int n, TimestampTz hand
 					}
 				}
 				if (first_waiting(host, xfers, link) >= 0)
-				{
 					waiting = true;
-					if (host->in_flight > 0)
-						rate_only = false;
-				}
 			}
 		turn++;
 		if (running == 0)
@@ -209,10 +204,11 @@ nocrm_deliver_round(DeliveryHandles *h, Transfer *xfers, int n, TimestampTz hand
 			if (!waiting || GetCurrentTimestamp() >= hand_back_at)
 				break;
 			/*
-			 * Only rate limits hold items back: wait for a slot when it is
-			 * near, else hand them back for when their slots come.
+			 * Nothing in flight, so only rate limits hold items back: wait
+			 * for a slot when it is near, else hand them back for when
+			 * their slots come.
 			 */
-			if (rate_only && (soonest < 0 || soonest * 1000 > nocrm_drain_poll_ms))
+			if (soonest < 0 || soonest * 1000 > nocrm_drain_poll_ms)
 			{
 				for (int j = 0; j < nhosts; j++)
 					if (first_waiting(&hosts[j], xfers, link) >= 0)
