@@ -19,12 +19,14 @@ OBJS = \
 	src/explain.o \
 	src/fieldcmp.o \
 	src/guc.o \
+	src/hosts.o \
 	src/history.o \
 	src/jsonb.o \
 	src/lead.o \
 	src/preassign.o \
 	src/relay.o \
 	src/restore.o \
+	src/round.o \
 	src/rules.o \
 	src/runlog.o \
 	src/wake.o \
@@ -37,6 +39,7 @@ OBJS = \
 	src/task_events.o \
 	src/tasks.o \
 	src/templates.o \
+	src/transfers.o \
 	src/where.o \
 	src/writebuf.o
 

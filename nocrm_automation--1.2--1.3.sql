@@ -1824,3 +1824,24 @@ GRANT EXECUTE ON FUNCTION nocrm.complete_task(bigint) TO nocrm_agent;
 GRANT EXECUTE ON FUNCTION nocrm.group_next_member(integer, integer, text, boolean, boolean),
     nocrm.group_available(integer, integer), nocrm.describe_task(jsonb, bigint, integer, integer, text)
     TO nocrm_admin;
+-- ==== polite webhooks ====
+-- Per receiving host (host:port of a webhook URL or of nocrm.push_url): the
+-- pause a 429/503 Retry-After asked for and the nocrm.webhook_rate
+-- allowance, shared by the drains (each keeps them in memory while it runs).
+CREATE TABLE nocrm.webhook_hosts (
+    host text PRIMARY KEY,
+    paused_until timestamptz,
+    pause_status integer,
+    rate_used_until timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE nocrm.webhook_hosts IS 'Written by the drain: per receiving HTTP host, until when it asked not to be sent to (Retry-After of a 429 or 503) and until when its nocrm.webhook_rate allowance is used. Rows an hour past both are pruned.';
+COMMENT ON COLUMN nocrm.webhook_hosts.host IS 'host:port of the URL, lower case, without user info.';
+COMMENT ON COLUMN nocrm.webhook_hosts.paused_until IS 'No request to this host starts before this (its Retry-After, at most nocrm.webhook_max_retry_after).';
+COMMENT ON COLUMN nocrm.webhook_hosts.pause_status IS 'The HTTP status that asked for the pause (429 or 503).';
+COMMENT ON COLUMN nocrm.webhook_hosts.rate_used_until IS 'The host''s nocrm.webhook_rate allowance is used up to this time (GCRA): COUNT more may go per PERIOD after it.';
+SELECT pg_catalog.pg_extension_config_dump('nocrm.webhook_hosts', '');
+REVOKE ALL ON nocrm.webhook_hosts FROM PUBLIC;
+GRANT SELECT ON nocrm.webhook_hosts TO nocrm_admin;
+GRANT SET ON PARAMETER nocrm.webhook_rate, nocrm.webhook_host_concurrency,
+    nocrm.webhook_max_retry_after TO nocrm_admin;

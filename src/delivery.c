@@ -119,6 +119,8 @@ nocrm_delivery_end(DeliveryHandles *h)
 	h->smtp_config_error = NULL;
 }
 
+static bool base_options(CURL *c);
+
 static CURL *
 handle(void **slot)
 {
@@ -133,9 +135,7 @@ handle(void **slot)
 	}
 	else
 		curl_easy_reset(c);		/* keeps the connection cache */
-	if (curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
-		curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L) != CURLE_OK ||
-		curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, check_interrupts) != CURLE_OK)
+	if (!base_options(c))
 		elog(ERROR, "libcurl refused a basic option");
 	return c;
 }
@@ -824,6 +824,31 @@ config_error(DeliveryHandles *h, DeliveryResult *r, char *text)
 	}
 }
 
+/* A libcurl handle with the options every transfer has: interrupts can cut it. */
+static bool
+base_options(CURL *c)
+{
+	return curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L) == CURLE_OK &&
+		curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L) == CURLE_OK &&
+		curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, check_interrupts) == CURLE_OK;
+}
+
+/* An email in flight: what its libcurl handle points to. */
+typedef struct MailWork
+{
+	struct curl_slist *rcpt;
+	struct curl_slist *connect_list;
+	UploadBuffer buf;
+	char		errbuf[CURL_ERROR_SIZE];
+	SmtpTrace	trace;
+	char	   *url;
+	char	   *helo;
+	char	   *mail_from;
+	bool		utf8;			/* the recipient's local part needs SMTPUTF8 */
+	bool		from_utf8;		/* nocrm.mail_from's does */
+	int			attempt;		/* 1: again on a new connection */
+} MailWork;
+
 #define SMTP_SETOPT(opt, val) \
 	do { \
 		CURLcode	rc_ = curl_easy_setopt(c, opt, val); \
@@ -831,283 +856,363 @@ config_error(DeliveryHandles *h, DeliveryResult *r, char *text)
 		{ \
 			config_error(h, r, psprintf("SMTP: libcurl refused option %s: %s", #opt, \
 										curl_easy_strerror(rc_))); \
-			goto out; \
+			mail_free(t); \
+			return false; \
 		} \
 	} while (0)
 
-void
-nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, DeliveryResult *r)
+static void
+mail_free(Transfer *t)
 {
-	CURL	   *c;
-	struct curl_slist *rcpt = NULL;
-	UploadBuffer buf = {message, strlen(message), 0, false, NULL, false};
-	char		errbuf[CURL_ERROR_SIZE] = "";
-	CURLcode	res = CURLE_OK;
-	long		code = 0;
-	long		connects = 0;
-	const char *problem = NULL;
-	char	   *url,
-			   *connect_to,
-			   *helo;
-	bool		utf8 = false;
-	bool		from_utf8;
-	bool		header_utf8;
-	struct curl_slist *connect_list = NULL;
-	SmtpTrace	trace;
+	MailWork   *w = (MailWork *) t->work;
 
-	memset(r, 0, sizeof(*r));
-	/* A bad address is final whatever the server settings; check it first. */
-	if ((problem = nocrm_address_problem(to)) != NULL)
+	if (w)
 	{
-		r->permanent = true;
-		r->error = nocrm_valid_address(to) ?
-			psprintf("invalid recipient address \"%s\": %s", to, problem) :
-			psprintf("invalid recipient address \"%s\"", to);
-		return;
+		curl_slist_free_all(w->rcpt);
+		curl_slist_free_all(w->connect_list);
+		pfree(w);
 	}
-	if (h->smtp_config_error)
+	t->work = NULL;
+	t->easy = NULL;				/* the handle is h->smtp, kept for the run */
+}
+
+/*
+ * Sets up the SMTP handle to send t->message to t->to; the caller performs
+ * it (alone, or in the multi handle) and calls nocrm_mail_finish.  false
+ * when there is nothing to send: t->result says why.  fresh_connection:
+ * the second try, after the kept connection failed.
+ */
+bool
+nocrm_mail_prepare(DeliveryHandles *h, Transfer *t, bool fresh_connection)
+{
+	DeliveryResult *r = &t->result;
+	MailWork   *w = (MailWork *) t->work;
+	const char *problem = NULL;
+	CURL	   *c;
+	bool		header_utf8;
+
+	if (w == NULL)
 	{
-		r->config_error = true;
-		r->error = pstrdup(h->smtp_config_error);
-		return;
+		char	   *connect_to;
+
+		memset(r, 0, sizeof(*r));
+		/* A bad address is final whatever the server settings; check it first. */
+		if ((problem = nocrm_address_problem(t->to)) != NULL)
+		{
+			r->permanent = true;
+			r->error = nocrm_valid_address(t->to) ?
+				psprintf("invalid recipient address \"%s\": %s", t->to, problem) :
+				psprintf("invalid recipient address \"%s\"", t->to);
+			return false;
+		}
+		if (h->smtp_config_error)
+		{
+			r->config_error = true;
+			r->error = pstrdup(h->smtp_config_error);
+			return false;
+		}
+		if (nocrm_smtp_url == NULL || nocrm_smtp_url[0] == '\0')
+		{
+			config_error(h, r, pstrdup("nocrm.smtp_url is not set"));
+			return false;
+		}
+		if (nocrm_address_problem(nocrm_mail_from) != NULL)
+		{
+			config_error(h, r, pstrdup("nocrm.mail_from is not a valid address"));
+			return false;
+		}
+		w = palloc0(sizeof(MailWork));
+		w->url = smtp_url(&connect_to, &w->helo, &problem);
+		if (w->url == NULL)
+		{
+			pfree(w);
+			config_error(h, r, pstrdup(problem));
+			return false;
+		}
+		t->work = w;
+		w->rcpt = curl_slist_append(NULL, psprintf("<%s>", wire_address(t->to, &w->utf8)));
+		if (connect_to)
+			w->connect_list = curl_slist_append(NULL, connect_to);
+		w->mail_from = psprintf("<%s>", wire_address(nocrm_mail_from, NULL));
+		w->from_utf8 = !is_ascii(nocrm_mail_from, strchr(nocrm_mail_from, '@') - nocrm_mail_from);
+		/* names are encoded words: raw UTF-8 in the headers is a From or Reply-To local part */
+		header_utf8 = !is_ascii(t->message, strstr(t->message, "\r\n\r\n") ?
+								strstr(t->message, "\r\n\r\n") - t->message : strlen(t->message));
+		w->buf.data = t->message;
+		w->buf.len = strlen(t->message);
+		w->buf.needs_smtputf8 = w->utf8 || w->from_utf8 || header_utf8;
+		w->buf.server_smtputf8 = &smtputf8_offered;
 	}
-	if (nocrm_smtp_url == NULL || nocrm_smtp_url[0] == '\0')
-	{
-		config_error(h, r, pstrdup("nocrm.smtp_url is not set"));
-		return;
-	}
-	if (nocrm_address_problem(nocrm_mail_from) != NULL)
-	{
-		config_error(h, r, pstrdup("nocrm.mail_from is not a valid address"));
-		return;
-	}
-	url = smtp_url(&connect_to, &helo, &problem);
-	if (url == NULL)
-	{
-		config_error(h, r, pstrdup(problem));
-		return;
-	}
+	w->attempt = fresh_connection ? 1 : 0;
+	memset(&w->trace, 0, sizeof(w->trace));
+	w->buf.sent = 0;
+	w->buf.refused = false;
+	w->errbuf[0] = '\0';
 
 	c = handle(&h->smtp);
-	rcpt = curl_slist_append(rcpt, psprintf("<%s>", wire_address(to, &utf8)));
-	if (connect_to)
-		connect_list = curl_slist_append(NULL, connect_to);
-	from_utf8 = !is_ascii(nocrm_mail_from, strchr(nocrm_mail_from, '@') - nocrm_mail_from);
-	/* names are encoded words: raw UTF-8 in the headers is a From or Reply-To local part */
-	header_utf8 = !is_ascii(message, strstr(message, "\r\n\r\n") ?
-							strstr(message, "\r\n\r\n") - message : strlen(message));
-	buf.needs_smtputf8 = utf8 || from_utf8 || header_utf8;
-	buf.server_smtputf8 = &smtputf8_offered;
-	for (int attempt = 0; attempt < 2; attempt++)
+	t->easy = c;
+	SMTP_SETOPT(CURLOPT_PRIVATE, t);
+	SMTP_SETOPT(CURLOPT_URL, w->url);
+	if (w->connect_list)
+		SMTP_SETOPT(CURLOPT_CONNECT_TO, w->connect_list);
+	SMTP_SETOPT(CURLOPT_MAIL_FROM, w->mail_from);
+	SMTP_SETOPT(CURLOPT_MAIL_RCPT, w->rcpt);
+	SMTP_SETOPT(CURLOPT_UPLOAD, 1L);
+	SMTP_SETOPT(CURLOPT_READFUNCTION, read_upload);
+	SMTP_SETOPT(CURLOPT_READDATA, &w->buf);
+	SMTP_SETOPT(CURLOPT_INFILESIZE, (long) w->buf.len);
+	SMTP_SETOPT(CURLOPT_ERRORBUFFER, w->errbuf);
+	SMTP_SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long) nocrm_connect_timeout_ms);
+	SMTP_SETOPT(CURLOPT_TIMEOUT_MS, (long) nocrm_request_timeout_ms);
+	SMTP_SETOPT(CURLOPT_PROTOCOLS_STR, "smtp,smtps");
+	SMTP_SETOPT(CURLOPT_VERBOSE, 1L);	/* for the trace: nothing is printed */
+	SMTP_SETOPT(CURLOPT_DEBUGFUNCTION, trace_smtp);
+	SMTP_SETOPT(CURLOPT_DEBUGDATA, &w->trace);
+	SMTP_SETOPT(CURLOPT_USE_SSL,
+				nocrm_smtp_tls == SMTP_TLS_REQUIRE ? (long) CURLUSESSL_ALL :
+				nocrm_smtp_tls == SMTP_TLS_TRY ? (long) CURLUSESSL_TRY : (long) CURLUSESSL_NONE);
+	SMTP_SETOPT(CURLOPT_SSL_VERIFYPEER, nocrm_smtp_tls_verify ? 1L : 0L);
+	SMTP_SETOPT(CURLOPT_SSL_VERIFYHOST, nocrm_smtp_tls_verify ? 2L : 0L);
+	if (nocrm_smtp_ca_file && nocrm_smtp_ca_file[0])
+		SMTP_SETOPT(CURLOPT_CAINFO, nocrm_smtp_ca_file);
+	if (nocrm_smtp_ca_path && nocrm_smtp_ca_path[0])
+		SMTP_SETOPT(CURLOPT_CAPATH, nocrm_smtp_ca_path);
+	if (nocrm_smtp_tls_pinned_key && nocrm_smtp_tls_pinned_key[0])
+		SMTP_SETOPT(CURLOPT_PINNEDPUBLICKEY, nocrm_smtp_tls_pinned_key);
+	if (h->smtp_user && h->smtp_user[0])
 	{
-		memset(&trace, 0, sizeof(trace));
-		buf.sent = 0;
-		buf.refused = false;
-		errbuf[0] = '\0';
-		SMTP_SETOPT(CURLOPT_URL, url);
-		if (connect_list)
-			SMTP_SETOPT(CURLOPT_CONNECT_TO, connect_list);
-		SMTP_SETOPT(CURLOPT_MAIL_FROM, psprintf("<%s>", wire_address(nocrm_mail_from, NULL)));
-		SMTP_SETOPT(CURLOPT_MAIL_RCPT, rcpt);
-		SMTP_SETOPT(CURLOPT_UPLOAD, 1L);
-		SMTP_SETOPT(CURLOPT_READFUNCTION, read_upload);
-		SMTP_SETOPT(CURLOPT_READDATA, &buf);
-		SMTP_SETOPT(CURLOPT_INFILESIZE, (long) buf.len);
-		SMTP_SETOPT(CURLOPT_ERRORBUFFER, errbuf);
-		SMTP_SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long) nocrm_connect_timeout_ms);
-		SMTP_SETOPT(CURLOPT_TIMEOUT_MS, (long) nocrm_request_timeout_ms);
-		SMTP_SETOPT(CURLOPT_PROTOCOLS_STR, "smtp,smtps");
-		SMTP_SETOPT(CURLOPT_VERBOSE, 1L);	/* for the trace: nothing is printed */
-		SMTP_SETOPT(CURLOPT_DEBUGFUNCTION, trace_smtp);
-		SMTP_SETOPT(CURLOPT_DEBUGDATA, &trace);
-		SMTP_SETOPT(CURLOPT_USE_SSL,
-					nocrm_smtp_tls == SMTP_TLS_REQUIRE ? (long) CURLUSESSL_ALL :
-					nocrm_smtp_tls == SMTP_TLS_TRY ? (long) CURLUSESSL_TRY : (long) CURLUSESSL_NONE);
-		SMTP_SETOPT(CURLOPT_SSL_VERIFYPEER, nocrm_smtp_tls_verify ? 1L : 0L);
-		SMTP_SETOPT(CURLOPT_SSL_VERIFYHOST, nocrm_smtp_tls_verify ? 2L : 0L);
-		if (nocrm_smtp_ca_file && nocrm_smtp_ca_file[0])
-			SMTP_SETOPT(CURLOPT_CAINFO, nocrm_smtp_ca_file);
-		if (nocrm_smtp_ca_path && nocrm_smtp_ca_path[0])
-			SMTP_SETOPT(CURLOPT_CAPATH, nocrm_smtp_ca_path);
-		if (nocrm_smtp_tls_pinned_key && nocrm_smtp_tls_pinned_key[0])
-			SMTP_SETOPT(CURLOPT_PINNEDPUBLICKEY, nocrm_smtp_tls_pinned_key);
-		if (h->smtp_user && h->smtp_user[0])
-		{
-			SMTP_SETOPT(CURLOPT_USERNAME, h->smtp_user);
-			SMTP_SETOPT(CURLOPT_PASSWORD, h->smtp_password ? h->smtp_password : "");
-		}
-		/* The second time, on a new connection. */
-		SMTP_SETOPT(CURLOPT_FRESH_CONNECT, attempt > 0 ? 1L : 0L);
+		SMTP_SETOPT(CURLOPT_USERNAME, h->smtp_user);
+		SMTP_SETOPT(CURLOPT_PASSWORD, h->smtp_password ? h->smtp_password : "");
+	}
+	/* The second time, on a new connection. */
+	SMTP_SETOPT(CURLOPT_FRESH_CONNECT, fresh_connection ? 1L : 0L);
+	return true;
+}
 
-		res = curl_easy_perform(c);
+/*
+ * Judges a finished SMTP transfer into t->result.  true (and no result)
+ * when it should go once more at once on a new connection: the connection
+ * kept from the previous email was closed by the server or ends with 421
+ * (idle timeout, messages per session).
+ */
+bool
+nocrm_mail_finish(DeliveryHandles *h, Transfer *t, int curl_code)
+{
+	MailWork   *w = (MailWork *) t->work;
+	DeliveryResult *r = &t->result;
+	CURL	   *c = (CURL *) t->easy;
+	CURLcode	res = (CURLcode) curl_code;
+	long		code = 0;
+	long		connects = 0;
+	const char *to = t->to;
+	const char *errbuf = w->errbuf;
+	SmtpTrace  *trace = &w->trace;
+
+	if (curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code) != CURLE_OK)
 		code = 0;
-		connects = 0;
-		curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
-		curl_easy_getinfo(c, CURLINFO_NUM_CONNECTS, &connects);
-		CHECK_FOR_INTERRUPTS();
-		/*
-		 * A connection kept from the previous email that the server closed
-		 * or ends with 421 (idle timeout, messages per session): once more,
-		 * at once, on a new one.
-		 */
-		if (res != CURLE_OK && attempt == 0 && connects == 0 &&
-			(code == 421 || strncmp(trace.reply, "421", 3) == 0 ||
-			 res == CURLE_SEND_ERROR || res == CURLE_RECV_ERROR ||
-			 res == CURLE_GOT_NOTHING || res == CURLE_WEIRD_SERVER_REPLY))
-			continue;
-		break;
-	}
+	if (curl_easy_getinfo(c, CURLINFO_NUM_CONNECTS, &connects) != CURLE_OK)
+		connects = 1;
+	if (res != CURLE_OK && w->attempt == 0 && connects == 0 &&
+		(code == 421 || strncmp(trace->reply, "421", 3) == 0 ||
+		 res == CURLE_SEND_ERROR || res == CURLE_RECV_ERROR ||
+		 res == CURLE_GOT_NOTHING || res == CURLE_WEIRD_SERVER_REPLY))
+		return true;
 
+	memset(r, 0, sizeof(*r));
 	r->status = code;
+	r->timed_out = res == CURLE_OPERATION_TIMEDOUT;
 	if (res == CURLE_OK)
-	{
 		r->ok = true;
-		goto out;
-	}
-	if (buf.refused && !utf8 && !from_utf8)
+	else if (w->buf.refused && !w->utf8 && !w->from_utf8)
 	{
 		/* the owner's address the action put in From or Reply-To */
 		r->permanent = true;
 		r->error = pstrdup("SMTP: the From or Reply-To address has a non-ASCII local part, which "
 						   "needs SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url does not "
 						   "offer it; the message was not sent");
-		goto out;
 	}
-	if (buf.refused && !utf8)
-	{
+	else if (w->buf.refused && !w->utf8)
 		config_error(h, r, pstrdup("SMTP configuration error: nocrm.mail_from has a non-ASCII local part, "
 								   "which needs SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url "
 								   "does not offer it"));
-		goto out;
-	}
-	if (buf.refused)
+	else if (w->buf.refused)
 	{
 		/* stopped before the message itself was sent */
 		r->permanent = true;
 		r->error = psprintf("SMTP: the recipient \"%s\" has a non-ASCII local part, which needs "
 							"SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url does not offer "
 							"it; the message was not sent", to);
-		goto out;
 	}
-	if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE)
-	{
+	else if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE)
 		config_error(h, r, psprintf("SMTP TLS: the server's certificate was not accepted (%s%s%s); "
 									"set nocrm.smtp_ca_file to the CA certificate that signed it "
 									"(and nocrm.smtp_tls_server_name to the name in it if nocrm.smtp_url "
 									"names the server otherwise), or nocrm.smtp_tls_verify = off to "
 									"encrypt without checking the certificate",
 									curl_easy_strerror(res), errbuf[0] ? ": " : "", errbuf));
-		goto out;
-	}
-	if (res == CURLE_SSL_PINNEDPUBKEYNOTMATCH)
-	{
+	else if (res == CURLE_SSL_PINNEDPUBKEYNOTMATCH)
 		config_error(h, r, psprintf("SMTP TLS: the server's public key does not match "
 									"nocrm.smtp_tls_pinned_key (%s%s%s); set it to the key the server "
 									"has now, or empty it", curl_easy_strerror(res),
 									errbuf[0] ? ": " : "", errbuf));
-		goto out;
-	}
-	if (res == CURLE_USE_SSL_FAILED)
-	{
+	else if (res == CURLE_USE_SSL_FAILED)
 		config_error(h, r, pstrdup("SMTP TLS: the server does not offer STARTTLS and nocrm.smtp_tls = require"));
-		goto out;
-	}
-	if (res == CURLE_LOGIN_DENIED || reply_about_us(&trace, code) ||
-		res == CURLE_REMOTE_ACCESS_DENIED)
+	else if (res == CURLE_LOGIN_DENIED || reply_about_us(trace, code) ||
+			 res == CURLE_REMOTE_ACCESS_DENIED)
 	{
 		const char *fix;
 
-		if (strcmp(trace.failed_command, "EHLO") == 0 || strcmp(trace.failed_command, "HELO") == 0 ||
-			strstr(trace.reply, "Helo command rejected") || res == CURLE_REMOTE_ACCESS_DENIED)
+		if (strcmp(trace->failed_command, "EHLO") == 0 || strcmp(trace->failed_command, "HELO") == 0 ||
+			strstr(trace->reply, "Helo command rejected") || res == CURLE_REMOTE_ACCESS_DENIED)
 			fix = psprintf("the server refused the EHLO name \"%s\": set nocrm.smtp_helo_name to this "
-						   "host's fully qualified domain name", helo ? helo : "");
+						   "host's fully qualified domain name", w->helo ? w->helo : "");
 		else if (res == CURLE_LOGIN_DENIED || code == 530 || code == 535 || code == 534 ||
-				 code == 538 || strcmp(trace.failed_command, "AUTH") == 0)
+				 code == 538 || strcmp(trace->failed_command, "AUTH") == 0)
 			fix = "the server refused the login: check nocrm.smtp_user and nocrm.smtp_password";
-		else if (strcmp(trace.failed_command, "MAIL") == 0 || strstr(trace.reply, "Sender address rejected"))
+		else if (strcmp(trace->failed_command, "MAIL") == 0 || strstr(trace->reply, "Sender address rejected"))
 			fix = "the server refused the sender: check nocrm.mail_from";
 		else
 			fix = "the server refused this client: check nocrm.smtp_url and the server's settings";
 		config_error(h, r, psprintf("SMTP configuration error: %s (%s%s%s; server said \"%s\")",
 									fix, curl_easy_strerror(res), errbuf[0] ? ": " : "", errbuf,
-									trace.reply));
-		goto out;
+									trace->reply));
 	}
-	/* SMTP 5xx about this message is final; 4xx and network trouble are retried. */
-	r->ok = false;
-	r->permanent = code >= 500 && code < 600;
-	if (utf8 && !smtputf8_offered && strcmp(trace.failed_command, "RCPT") == 0 && r->permanent)
-		r->error = psprintf("SMTP: the recipient \"%s\" has a non-ASCII local part, which needs "
-							"SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url does not offer "
-							"it (server said \"%s\")", to, trace.reply);
 	else
-		r->error = psprintf("SMTP %s%s%s (response %ld)%s%s%s", curl_easy_strerror(res),
-							errbuf[0] ? ": " : "", errbuf, code,
-							trace.reply[0] ? ": server said \"" : "", trace.reply,
-							trace.reply[0] ? "\"" : "");
-out:
-	curl_slist_free_all(rcpt);
-	curl_slist_free_all(connect_list);
+	{
+		/* SMTP 5xx about this message is final; 4xx and network trouble are retried. */
+		r->permanent = code >= 500 && code < 600;
+		if (w->utf8 && !smtputf8_offered && strcmp(trace->failed_command, "RCPT") == 0 && r->permanent)
+			r->error = psprintf("SMTP: the recipient \"%s\" has a non-ASCII local part, which needs "
+								"SMTPUTF8 (RFC 6531), and the server at nocrm.smtp_url does not offer "
+								"it (server said \"%s\")", to, trace->reply);
+		else
+			r->error = psprintf("SMTP %s%s%s (response %ld)%s%s%s", curl_easy_strerror(res),
+								errbuf[0] ? ": " : "", errbuf, code,
+								trace->reply[0] ? ": server said \"" : "", trace->reply,
+								trace->reply[0] ? "\"" : "");
+	}
+	mail_free(t);
+	return false;
+}
+
+/* Sends one email on the run's SMTP connection, waiting for the answer. */
+void
+nocrm_send_mail(DeliveryHandles *h, const char *to, const char *message, DeliveryResult *r)
+{
+	Transfer	t;
+	bool		fresh = false;
+
+	memset(&t, 0, sizeof(t));
+	t.is_mail = true;
+	t.to = to;
+	t.message = message;
+	while (nocrm_mail_prepare(h, &t, fresh))
+	{
+		CURLcode	res = curl_easy_perform((CURL *) t.easy);
+
+		if (!nocrm_mail_finish(h, &t, res))
+			break;
+		fresh = true;
+	}
+	*r = t.result;
+	CHECK_FOR_INTERRUPTS();
+}
+
+/* A webhook or push in flight. */
+typedef struct HttpWork
+{
+	struct curl_slist *headers;
+	StringInfoData answer;
+	char		errbuf[CURL_ERROR_SIZE];
+} HttpWork;
+
+static void
+http_free(Transfer *t)
+{
+	HttpWork   *w = (HttpWork *) t->work;
+
+	if (t->easy)
+		curl_easy_cleanup((CURL *) t->easy);
+	if (w)
+	{
+		curl_slist_free_all(w->headers);
+		pfree(w);
+	}
+	t->easy = NULL;
+	t->work = NULL;
 }
 
 /*
- * POSTs a JSON body.  signature_secret, when set, adds X-Nocrm-Signature:
- * sha256=<hex HMAC of the body>.
+ * Sets up a handle that POSTs t->body to t->url, with its Idempotency-Key,
+ * X-Nocrm-Event and, when t->signature_secret is set, X-Nocrm-Signature:
+ * sha256=<hex HMAC of the body>.  false when there is nothing to send:
+ * t->result says why.
  */
-void
-nocrm_post_json(DeliveryHandles *h, const char *url, const char *body,
-				const char *idempotency_key, const char *event,
-				const char *signature_secret, DeliveryResult *r)
+bool
+nocrm_http_prepare(DeliveryHandles *h, Transfer *t)
 {
+	DeliveryResult *r = &t->result;
+	const char *url = t->url;
+	HttpWork   *w;
 	CURL	   *c;
-	struct curl_slist *headers = NULL;
-	char		errbuf[CURL_ERROR_SIZE] = "";
-	StringInfoData answer;
-	CURLcode	res;
-	long		code = 0;
 
 	memset(r, 0, sizeof(*r));
 	if (url == NULL || url[0] == '\0')
 	{
 		fail(r, false, "%s", "no URL to send to (is nocrm.push_url set?)");
-		return;
+		return false;
 	}
 	if (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)
 	{
 		fail(r, true, "not an http(s) URL: %s", url);
-		return;
+		return false;
 	}
-
-	c = handle(&h->http);
-	initStringInfo(&answer);
-	headers = curl_slist_append(headers, "Content-Type: application/json; charset=utf-8");
-	headers = curl_slist_append(headers, psprintf("Idempotency-Key: %s", idempotency_key));
-	if (event)
-		headers = curl_slist_append(headers, psprintf("X-Nocrm-Event: %s", event));
-	if (signature_secret && signature_secret[0])
-		headers = curl_slist_append(headers,
-									psprintf("X-Nocrm-Signature: sha256=%s",
-											 nocrm_hmac_sha256_hex(signature_secret, body)));
-	headers = curl_slist_append(headers, "Expect:");
+	ensure_curl();
+	c = curl_easy_init();
+	if (c == NULL)
+	{
+		fail(r, false, "%s", "HTTP: curl_easy_init failed (out of memory?)");
+		return false;
+	}
+	w = palloc0(sizeof(HttpWork));
+	t->easy = c;
+	t->work = w;
+	initStringInfo(&w->answer);
+	w->headers = curl_slist_append(w->headers, "Content-Type: application/json; charset=utf-8");
+	w->headers = curl_slist_append(w->headers, psprintf("Idempotency-Key: %s", t->idempotency_key));
+	if (t->event)
+		w->headers = curl_slist_append(w->headers, psprintf("X-Nocrm-Event: %s", t->event));
+	if (t->signature_secret && t->signature_secret[0])
+		w->headers = curl_slist_append(w->headers,
+									   psprintf("X-Nocrm-Signature: sha256=%s",
+												nocrm_hmac_sha256_hex(t->signature_secret, t->body)));
+	w->headers = curl_slist_append(w->headers, "Expect:");
 #define HTTP_SETOPT(opt, val) \
 	do { \
 		CURLcode	rc_ = curl_easy_setopt(c, opt, val); \
 		if (rc_ != CURLE_OK) \
 		{ \
-			curl_slist_free_all(headers); \
+			http_free(t); \
 			fail(r, false, "HTTP: libcurl refused option %s", #opt); \
-			return; \
+			return false; \
 		} \
 	} while (0)
+	if (!base_options(c))
+	{
+		http_free(t);
+		fail(r, false, "%s", "HTTP: libcurl refused a basic option");
+		return false;
+	}
+	HTTP_SETOPT(CURLOPT_PRIVATE, t);
 	HTTP_SETOPT(CURLOPT_URL, url);
 	HTTP_SETOPT(CURLOPT_POST, 1L);
-	HTTP_SETOPT(CURLOPT_POSTFIELDS, body);
-	HTTP_SETOPT(CURLOPT_POSTFIELDSIZE, (long) strlen(body));
-	HTTP_SETOPT(CURLOPT_HTTPHEADER, headers);
+	HTTP_SETOPT(CURLOPT_POSTFIELDS, t->body);
+	HTTP_SETOPT(CURLOPT_POSTFIELDSIZE, (long) strlen(t->body));
+	HTTP_SETOPT(CURLOPT_HTTPHEADER, w->headers);
 	HTTP_SETOPT(CURLOPT_USERAGENT, "nocrm_automation/" NOCRM_VERSION);
 	HTTP_SETOPT(CURLOPT_WRITEFUNCTION, discard_body);
-	HTTP_SETOPT(CURLOPT_WRITEDATA, &answer);
-	HTTP_SETOPT(CURLOPT_ERRORBUFFER, errbuf);
+	HTTP_SETOPT(CURLOPT_WRITEDATA, &w->answer);
+	HTTP_SETOPT(CURLOPT_ERRORBUFFER, w->errbuf);
 	HTTP_SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long) nocrm_connect_timeout_ms);
 	HTTP_SETOPT(CURLOPT_TIMEOUT_MS, (long) nocrm_request_timeout_ms);
 	HTTP_SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
@@ -1116,38 +1221,80 @@ nocrm_post_json(DeliveryHandles *h, const char *url, const char *body,
 	if (nocrm_http_ca_path && nocrm_http_ca_path[0])
 		HTTP_SETOPT(CURLOPT_CAPATH, nocrm_http_ca_path);
 #undef HTTP_SETOPT
+	return true;
+}
 
-	res = curl_easy_perform(c);
-	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
-	curl_slist_free_all(headers);
-	CHECK_FOR_INTERRUPTS();
+/* Judges a finished HTTP transfer into t->result and frees its handle. */
+void
+nocrm_http_finish(Transfer *t, int curl_code)
+{
+	HttpWork   *w = (HttpWork *) t->work;
+	DeliveryResult *r = &t->result;
+	CURLcode	res = (CURLcode) curl_code;
+	long		code = 0;
+	curl_off_t	wait = 0;
+	const char *errbuf = w->errbuf;
 
+	memset(r, 0, sizeof(*r));
+	if (curl_easy_getinfo((CURL *) t->easy, CURLINFO_RESPONSE_CODE, &code) != CURLE_OK)
+		code = 0;
 	r->status = code;
+	r->timed_out = res == CURLE_OPERATION_TIMEDOUT;
 	if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE)
 	{
 		/* Retrying cannot change who signed the certificate. */
-		r->ok = false;
 		r->permanent = true;
 		r->error = psprintf("HTTP TLS: the server's certificate was not accepted (%s%s%s); set "
 							"nocrm.http_ca_file to the CA certificate that signed it, then "
 							"nocrm.requeue_dead()",
 							curl_easy_strerror(res), errbuf[0] ? ": " : "", errbuf);
-		return;
 	}
-	if (res != CURLE_OK)
-	{
-		r->ok = false;
-		r->permanent = false;
+	else if (res != CURLE_OK)
 		r->error = psprintf("HTTP %s%s%s", curl_easy_strerror(res), errbuf[0] ? ": " : "", errbuf);
-		return;
-	}
-	r->ok = code >= 200 && code < 300;
-	if (!r->ok)
+	else if (code >= 200 && code < 300)
+		r->ok = true;
+	else if (code == 410)
 	{
+		/* the receiver says the URL is gone for good */
+		r->permanent = true;
+		r->error = psprintf("HTTP 410 Gone: the receiver says %s no longer exists; not retried "
+							"(fix the automation's url, then nocrm.requeue_dead())", t->url);
+	}
+	else
+	{
+		/* Retry-After (seconds or an HTTP-date; libcurl parses both) of a 429 or 503 */
+		if ((code == 429 || code == 503) &&
+			curl_easy_getinfo((CURL *) t->easy, CURLINFO_RETRY_AFTER, &wait) == CURLE_OK && wait > 0)
+			r->retry_after = (double) wait;
 		/* 4xx but 429 is the receiver refusing this request for good. */
 		r->permanent = code >= 300 && code < 500 && code != 429;
-		r->error = psprintf("HTTP %ld: %s", code, answer.data);
+		if (r->retry_after > 0)
+			r->error = psprintf("HTTP %ld (Retry-After: %.0f s): %s", code, r->retry_after,
+								w->answer.data);
+		else
+			r->error = psprintf("HTTP %ld: %s", code, w->answer.data);
 	}
+	http_free(t);
+}
+
+/* POSTs a JSON body and waits for the answer. */
+void
+nocrm_post_json(DeliveryHandles *h, const char *url, const char *body,
+				const char *idempotency_key, const char *event,
+				const char *signature_secret, DeliveryResult *r)
+{
+	Transfer	t;
+
+	memset(&t, 0, sizeof(t));
+	t.url = url;
+	t.body = body;
+	t.idempotency_key = idempotency_key;
+	t.event = event;
+	t.signature_secret = signature_secret;
+	if (nocrm_http_prepare(h, &t))
+		nocrm_http_finish(&t, curl_easy_perform((CURL *) t.easy));
+	*r = t.result;
+	CHECK_FOR_INTERRUPTS();
 }
 
 char *

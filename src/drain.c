@@ -67,6 +67,7 @@ typedef struct QueueItem
 	char	   *body;			/* rendered email body, or the JSON to POST */
 	TimestampTz prev_attempt;	/* last_attempt_at before this claim, 0 if none */
 	char	   *host;			/* where it goes (SMTP server or URL host), for fairness */
+	Transfer   *xfer;			/* its delivery in this round, if any */
 	/* outcome */
 	const char *state;
 	char	   *error;
@@ -143,26 +144,41 @@ push_body(QueueItem *item)
 						  &JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL))->root, 0);
 }
 
+/* host:port of an http(s) URL, lower case, without user info; "" if none. */
+static char *
+url_host(const char *url)
+{
+	const char *p = url ? strstr(url, "://") : NULL;
+	const char *end,
+			   *at;
+	char	   *host;
+
+	if (p == NULL)
+		return "";
+	p += 3;
+	end = p + strcspn(p, "/?#");
+	/* credentials in the URL are not a host, and must not be stored as one */
+	while ((at = memchr(p, '@', end - p)) != NULL)
+		p = at + 1;
+	host = pnstrdup(p, end - p);
+	for (char *c = host; *c; c++)
+		if (*c >= 'A' && *c <= 'Z')
+			*c += 'a' - 'A';
+	return host;
+}
+
 /* Where an item goes: one key per receiving server, so a slow one can be set aside. */
 static char *
 item_host(QueueItem *item)
 {
-	const char *p,
-			   *end;
-
 	switch (item->kind)
 	{
 		case ITEM_EMAIL:
 			return "smtp";
 		case ITEM_MOBILE:
-			return "push";
+			return url_host(nocrm_push_url);
 		case ITEM_WEBHOOK:
-			p = item->recipient ? strstr(item->recipient, "://") : NULL;
-			if (p == NULL)
-				return "";
-			p += 3;
-			end = p + strcspn(p, "/?#");
-			return pnstrdup(p, end - p);
+			return url_host(item->recipient);
 		case ITEM_ACTION:
 			break;
 	}
@@ -321,56 +337,12 @@ outcome(QueueItem *item, DeliveryResult *r)
 	{
 		item->state = "pending";
 		item->retry = true;
-		item->retry_delay = backoff_seconds(item->attempts);
+		/* a 429 or 503 with Retry-After: not before it asked, within our cap */
+		item->retry_delay = r->retry_after > 0 ?
+			Max(1.0, Min(r->retry_after, (double) nocrm_webhook_max_retry_after_s)) :
+			backoff_seconds(item->attempts);
 		item->error = r->error;
 	}
-}
-
-/*
- * Sends one item.  Interrupts are held meanwhile, so a cancel cannot throw
- * away the outcome: libcurl's progress callback still sees it and cuts the
- * transfer, and the drain acts on it once the outcome is recorded.
- */
-static void
-deliver(DeliveryHandles *h, QueueItem *item)
-{
-	DeliveryResult r;
-
-	item->started = GetCurrentTimestamp();
-	HOLD_INTERRUPTS();
-	switch (item->kind)
-	{
-		case ITEM_EMAIL:
-			nocrm_send_mail(h, item->recipient,
-							nocrm_build_queued_message(item->payload, item->recipient,
-													   item->subject, item->body,
-													   item->idempotency_key),
-							&r);
-			break;
-		case ITEM_MOBILE:
-			nocrm_post_json(h, nocrm_push_url, item->body, item->idempotency_key,
-							item->event, NULL, &r);
-			break;
-		case ITEM_WEBHOOK:
-			nocrm_post_json(h, item->recipient, item->body, item->idempotency_key,
-							item->event, h->webhook_secret, &r);
-			break;
-		case ITEM_ACTION:
-			RESUME_INTERRUPTS();
-			return;
-	}
-	RESUME_INTERRUPTS();
-	item->finished = GetCurrentTimestamp();
-	if (!r.ok && stop_pending())
-	{
-		/* Cut short by a cancel: it may have arrived, so it goes again, at once. */
-		item->state = "pending";
-		item->released = true;
-		item->error = psprintf("delivery interrupted by a cancel of the drain (%s); it is sent again",
-							   r.error ? r.error : "no answer");
-		return;
-	}
-	outcome(item, &r);
 }
 
 /*
@@ -532,9 +504,10 @@ timestamp_or_null(TimestampTz t, bool *isnull)
  * delivered_at when it went out.  A row re-claimed by another drain after
  * our lease ran out is theirs.  Returns how many rows are still ours but
  * locked by someone else: those stay unrecorded, to be tried again.
+ * finished_only: only the items with an outcome (during a round).
  */
 static int
-record(QueueItem *items, int n, const char *token, bool actions)
+record(QueueItem *items, int n, const char *token, bool actions, bool finished_only)
 {
 	Oid			types[8] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
 	BOOLARRAYOID, UUIDOID, TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID};
@@ -559,7 +532,8 @@ record(QueueItem *items, int n, const char *token, bool actions)
 	{
 		QueueItem  *item = &items[i];
 
-		if (item->recorded || (item->kind == ITEM_ACTION) != actions)
+		if (item->recorded || (item->kind == ITEM_ACTION) != actions ||
+			(finished_only && item->state == NULL))
 			continue;
 		if (item->state == NULL)
 		{
@@ -654,7 +628,8 @@ record(QueueItem *items, int n, const char *token, bool actions)
 			QueueItem  *item = &items[i];
 			bool		held = false;
 
-			if (item->recorded || (item->kind == ITEM_ACTION) != actions)
+			if (item->recorded || (item->kind == ITEM_ACTION) != actions ||
+				(finished_only && item->state == NULL))
 				continue;
 			for (uint64 j = 0; written < m && j < SPI_processed && !held; j++)
 				held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[j], SPI_tuptable->tupdesc,
@@ -721,7 +696,7 @@ record_and_commit(QueueItem *items, int n, const char *token)
 	HOLD_INTERRUPTS();
 	for (;;)
 	{
-		left = record(items, n, token, false);
+		left = record(items, n, token, false, false);
 		note_failures(items, n, false);
 		drain_commit();
 		if (left == 0 || stop_pending() || GetCurrentTimestamp() >= give_up)
@@ -764,6 +739,7 @@ prune(void)
 	nocrm_exec_plan(plan_prune, args, NULL, SPI_OK_SELECT, "pruning failed");
 	SPI_freetuptable(SPI_tuptable);
 	nocrm_alerts_prune(nocrm_run_log_retention_seconds);
+	nocrm_hosts_prune();
 }
 
 static char *
@@ -819,79 +795,11 @@ drain_enabled_here(void)
 	return false;
 }
 
-/* Interleaves the batch's deliveries by receiving host, in claim order within each host. */
-static int *
-delivery_order(QueueItem *items, int n, int **host_of, int *nhosts)
+static bool
+not_yet_sent(QueueItem *item)
 {
-	typedef struct HostEntry
-	{
-		char		key[256];
-		int			index;
-	} HostEntry;
-	HASHCTL		ctl;
-	HTAB	   *hosts;
-	int		   *order = palloc(sizeof(int) * n);
-	int		   *next = palloc(sizeof(int) * n);
-	int		   *head;
-	int		   *tail;
-	int		   *active;
-	int			nactive;
-	int			m = 0;
-
-	ctl.keysize = sizeof(((HostEntry *) 0)->key);
-	ctl.entrysize = sizeof(HostEntry);
-	ctl.hcxt = CurrentMemoryContext;
-	hosts = hash_create("nocrm drain hosts", 64, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
-	*host_of = palloc(sizeof(int) * n);
-	*nhosts = 0;
-	for (int i = 0; i < n; i++)
-	{
-		char		key[256];
-		bool		found;
-		HostEntry  *e;
-
-		strlcpy(key, items[i].host, sizeof(key));
-		e = hash_search(hosts, key, HASH_ENTER, &found);
-		if (!found)
-			e->index = (*nhosts)++;
-		(*host_of)[i] = e->index;
-	}
-	hash_destroy(hosts);
-
-	/* a list of items per host, then one item of each host in turn */
-	head = palloc(sizeof(int) * (*nhosts + 1));
-	tail = palloc(sizeof(int) * (*nhosts + 1));
-	active = palloc(sizeof(int) * (*nhosts + 1));
-	for (int h = 0; h < *nhosts; h++)
-		head[h] = -1, active[h] = h;
-	for (int i = 0; i < n; i++)
-	{
-		int			h = (*host_of)[i];
-
-		next[i] = -1;
-		if (head[h] < 0)
-			head[h] = i;
-		else
-			next[tail[h]] = i;
-		tail[h] = i;
-	}
-	nactive = *nhosts;
-	while (m < n)
-	{
-		int			still = 0;
-
-		for (int a = 0; a < nactive; a++)
-		{
-			int			h = active[a];
-
-			order[m++] = head[h];
-			head[h] = next[head[h]];
-			if (head[h] >= 0)
-				active[still++] = h;
-		}
-		nactive = still;
-	}
-	return order;
+	return item->state == NULL && item->kind != ITEM_ACTION &&
+		(item->xfer == NULL || item->xfer->state == XFER_WAITING);
 }
 
 /*
@@ -908,7 +816,7 @@ drop_taken_back(QueueItem *items, int n, const char *token)
 	int			m = 0;
 
 	for (int i = 0; i < n; i++)
-		if (items[i].state == NULL && items[i].kind != ITEM_ACTION)
+		if (not_yet_sent(&items[i]))
 			ids[m++] = Int64GetDatum(items[i].id);
 	if (m == 0)
 		return;
@@ -929,10 +837,12 @@ drop_taken_back(QueueItem *items, int n, const char *token)
 														 SPI_tuptable->tupdesc, 1, &isnull));
 
 			for (int i = 0; i < n; i++)
-				if (items[i].id == id)
+				if (items[i].id == id && not_yet_sent(&items[i]))
 				{
 					items[i].state = "taken back";	/* not sent, and not ours to record */
 					items[i].recorded = true;
+					if (items[i].xfer)
+						items[i].xfer->state = XFER_DROPPED;
 				}
 		}
 		SPI_freetuptable(SPI_tuptable);
@@ -941,53 +851,157 @@ drop_taken_back(QueueItem *items, int n, const char *token)
 	RESUME_INTERRUPTS();
 }
 
+typedef struct BatchRef
+{
+	QueueItem  *items;
+	int			n;
+	const char *token;
+} BatchRef;
+
+static void transfer_outcome(QueueItem *item);
+
 /*
- * Sends the batch's emails, pushes and webhooks.  Each receiving host may
- * use nocrm.request_timeout of the round: a slow or hanging one gets its
- * other items handed back (to the end of the due queue, no attempt used),
- * so the rest of the batch goes on.  Items not reached by half the lease
- * are handed back as they are, and so is everything once a cancel is
- * pending.
+ * About once a second during a round: what has ended is recorded (so a
+ * crash cannot send it again, and a slow host does not hold back the
+ * others' records), then the rows an admin took back are dropped.
+ */
+static void
+round_tick(void *arg)
+{
+	BatchRef   *b = (BatchRef *) arg;
+	bool		any = false;
+
+	for (int i = 0; i < b->n; i++)
+	{
+		QueueItem  *item = &b->items[i];
+
+		if (item->xfer && item->state == NULL &&
+			(item->xfer->state == XFER_DONE || item->xfer->state == XFER_HANDED_BACK))
+		{
+			transfer_outcome(item);
+			any = true;
+		}
+	}
+	if (any && !stop_pending())
+	{
+		(void) record(b->items, b->n, b->token, false, true);
+		note_failures(b->items, b->n, false);
+		drain_commit();
+	}
+	drop_taken_back(b->items, b->n, b->token);
+}
+
+/* What the round did with an item's transfer, as the item's outcome. */
+static void
+transfer_outcome(QueueItem *item)
+{
+	Transfer   *t = item->xfer;
+
+	switch (t->state)
+	{
+		case XFER_WAITING:
+		case XFER_RUNNING:
+		case XFER_DROPPED:
+			break;				/* untried (record() hands it back), or not ours */
+		case XFER_HANDED_BACK:
+			/* a host's turn is over, it is paused, or its rate is used up: no attempt used */
+			item->state = "pending";
+			item->released = true;
+			item->retry = true;
+			item->retry_delay = t->hand_back_delay;
+			item->finished = t->finished;
+			break;
+		case XFER_DONE:
+			item->started = t->started;
+			item->finished = t->finished;
+			if (!t->result.ok && stop_pending())
+			{
+				/* Cut short by a cancel: it may have arrived, so it goes again, at once. */
+				item->state = "pending";
+				item->released = true;
+				item->error = psprintf("delivery interrupted by a cancel of the drain (%s); it is sent again",
+									   t->result.error ? t->result.error : "no answer");
+			}
+			else
+				outcome(item, &t->result);
+			break;
+	}
+}
+
+/*
+ * Sends the batch's emails, pushes and webhooks, several hosts at once
+ * (round.c).  Interrupts are held meanwhile, so a cancel cannot throw away
+ * an outcome: libcurl's progress callback and the round see it and cut the
+ * transfers, and the drain acts on it once the outcomes are recorded.
+ * Items not started by half the lease are handed back as they are, and so
+ * is everything once a cancel is pending.
  */
 static void
 deliver_batch(DeliveryHandles *handles, QueueItem *items, int n, const char *token)
 {
 	TimestampTz hand_back = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 														(int64) nocrm_lease_seconds * 500);
-	int		   *host_of;
-	int			nhosts;
-	int		   *order = delivery_order(items, n, &host_of, &nhosts);
-	int64	   *used = palloc0(sizeof(int64) * (nhosts + 1));
-	TimestampTz checked = GetCurrentTimestamp();
+	Transfer   *xfers = palloc0(sizeof(Transfer) * (n + 1));
+	QueueItem **of = palloc(sizeof(QueueItem *) * (n + 1));
+	BatchRef	batch = {items, n, token};
+	int			m = 0;
 
-	for (int k = 0; k < n; k++)
+	for (int i = 0; i < n; i++)
 	{
-		QueueItem  *item = &items[order[k]];
-		int			h = host_of[order[k]];
+		QueueItem  *item = &items[i];
+		Transfer   *t = &xfers[m];
 
 		if (item->state != NULL || item->kind == ITEM_ACTION)
 			continue;
-		if (stop_pending() || GetCurrentTimestamp() >= hand_back)
-			break;				/* record() hands back what has no outcome */
-		/* a cancel by an admin takes effect within about a second */
-		if (GetCurrentTimestamp() - checked >= USECS_PER_SEC)
+		t->state = XFER_WAITING;
+		t->host = item->host;
+		t->idempotency_key = item->idempotency_key;
+		t->event = item->event;
+		switch (item->kind)
 		{
-			drop_taken_back(items, n, token);
-			checked = GetCurrentTimestamp();
-			if (item->state != NULL)
-				continue;
+			case ITEM_EMAIL:
+				t->is_mail = true;
+				t->to = item->recipient;
+				t->message = nocrm_build_queued_message(item->payload, item->recipient,
+														item->subject, item->body,
+														item->idempotency_key);
+				break;
+			case ITEM_MOBILE:
+				t->url = nocrm_push_url;
+				t->body = item->body;
+				break;
+			case ITEM_WEBHOOK:
+				t->url = item->recipient;
+				t->body = item->body;
+				t->signature_secret = handles->webhook_secret;
+				break;
+			case ITEM_ACTION:
+				break;
 		}
-		if (used[h] >= (int64) nocrm_request_timeout_ms * 1000)
-		{
-			item->state = "pending";
-			item->released = true;
-			item->retry = true;	/* with no delay (retry_delay 0): behind what is due now */
-			item->finished = GetCurrentTimestamp();
-			continue;
-		}
-		deliver(handles, item);
-		used[h] += item->finished - item->started;
+		item->xfer = t;
+		of[m++] = item;
 	}
+	if (m == 0)
+		return;
+	HOLD_INTERRUPTS();
+	nocrm_deliver_round(handles, xfers, m, hand_back, round_tick, &batch);
+	RESUME_INTERRUPTS();
+	for (int j = 0; j < m; j++)
+		if (of[j]->state == NULL)
+			transfer_outcome(of[j]);
+}
+
+/* The HTTP hosts of the batch: what other drains know of them is read now. */
+static void
+load_hosts(QueueItem *items, int n)
+{
+	const char **names = palloc(sizeof(char *) * (n + 1));
+	int			m = 0;
+
+	for (int i = 0; i < n; i++)
+		if ((items[i].kind == ITEM_WEBHOOK || items[i].kind == ITEM_MOBILE) && items[i].host[0])
+			names[m++] = items[i].host;
+	nocrm_hosts_load(names, m);
 }
 
 /*
@@ -1076,6 +1090,7 @@ nocrm_drain_run(double run_time, bool by_minute)
 	outer = CurrentMemoryContext;
 	keep = AllocSetContextCreate(TopMemoryContext, "nocrm drain", ALLOCSET_DEFAULT_SIZES);
 	nocrm_delivery_begin(&handles);
+	nocrm_transfers_begin(&handles);
 	PG_TRY();
 	{
 		/*
@@ -1119,6 +1134,7 @@ nocrm_drain_run(double run_time, bool by_minute)
 
 			/* after a configuration error (delivery.c warned), no more emails this run */
 			n = claim(&items, token, handles.smtp_config_error != NULL, keep);
+			load_hosts(items, n);
 			/* read each round: a rotated secret needs no restart */
 			nocrm_credentials_load(&handles);
 			drain_commit();
@@ -1132,7 +1148,7 @@ nocrm_drain_run(double run_time, bool by_minute)
 				if (lock_actions(items, n, token))
 				{
 					run_actions(items, n, keep);
-					(void) record(items, n, token, true);
+					(void) record(items, n, token, true, false);
 					note_failures(items, n, true);
 				}
 				drain_commit();
@@ -1140,6 +1156,11 @@ nocrm_drain_run(double run_time, bool by_minute)
 				/* Deliveries, with no transaction work in flight. */
 				deliver_batch(&handles, items, n, token);
 				record_and_commit(items, n, token);
+				/* pauses and rate allowances, for the next rounds and drains */
+				HOLD_INTERRUPTS();
+				nocrm_hosts_save();
+				drain_commit();
+				RESUME_INTERRUPTS();
 				/* A cancel waited for the outcomes: it acts now. */
 				CHECK_FOR_INTERRUPTS();
 				/* More may be due at once; a run with a time limit keeps to it. */
@@ -1160,6 +1181,7 @@ nocrm_drain_run(double run_time, bool by_minute)
 	}
 	PG_FINALLY();
 	{
+		nocrm_transfers_end(&handles);
 		nocrm_delivery_end(&handles);
 		MemoryContextSwitchTo(outer);
 		MemoryContextDelete(keep);

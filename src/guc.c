@@ -34,6 +34,9 @@ char	   *nocrm_push_url = NULL;
 char	   *nocrm_webhook_secret = NULL;
 int			nocrm_connect_timeout_ms = 5000;
 int			nocrm_request_timeout_ms = 20000;
+int			nocrm_webhook_host_concurrency = 1;
+int			nocrm_webhook_max_retry_after_s = 3600;
+char	   *nocrm_webhook_rate = NULL;
 int			nocrm_drain_batch_size = 100;
 int			nocrm_drain_run_seconds = 60;
 int			nocrm_drain_poll_ms = 200;
@@ -178,6 +181,21 @@ check_display_name(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/* nocrm.webhook_rate: empty, off, or COUNT/PERIOD (hosts.c parses it). */
+static bool
+check_webhook_rate(char **newval, void **extra, GucSource source)
+{
+	int			count;
+	double		period;
+	const char *problem = NULL;
+
+	if (nocrm_parse_rate(*newval, &count, &period, &problem))
+		return true;
+	GUC_check_errdetail("%s", problem);
+	GUC_check_errhint("E.g. nocrm.webhook_rate = '20/s' (each host at most 20 requests a second), '600/min', or '' for no limit.");
+	return false;
+}
+
 void
 nocrm_define_gucs(void)
 {
@@ -280,6 +298,19 @@ nocrm_define_gucs(void)
 	DefineCustomIntVariable("nocrm.request_timeout", "Timeout of one delivery, connection included.",
 							NULL, &nocrm_request_timeout_ms, 20000, 100, 3600000,
 							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	/* Polite webhooks (hosts.c, round.c) */
+	DefineCustomStringVariable("nocrm.webhook_rate",
+							   "Most requests each webhook host (and the push gateway) gets, as COUNT/PERIOD, e.g. 20/s or 600/min; empty = no limit.",
+							   NULL, &nocrm_webhook_rate, "", PGC_SUSET, 0,
+							   check_webhook_rate, NULL, NULL);
+	DefineCustomIntVariable("nocrm.webhook_host_concurrency",
+							"Requests in flight at once to one webhook host (or the push gateway).",
+							NULL, &nocrm_webhook_host_concurrency, 1, 1, 100,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("nocrm.webhook_max_retry_after",
+							"Longest wait a 429 or 503 Retry-After can ask for; a longer one is cut to this.",
+							NULL, &nocrm_webhook_max_retry_after_s, 3600, 1, 7 * 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 
 	/* The drain */
 	DefineCustomIntVariable("nocrm.drain_batch_size", "Queue items one drain claims at a time.",

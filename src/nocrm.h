@@ -326,6 +326,9 @@ extern char *nocrm_push_url;
 extern char *nocrm_webhook_secret;
 extern int	nocrm_connect_timeout_ms;
 extern int	nocrm_request_timeout_ms;
+extern int	nocrm_webhook_host_concurrency;
+extern int	nocrm_webhook_max_retry_after_s;
+extern char *nocrm_webhook_rate;
 extern int	nocrm_drain_batch_size;
 extern int	nocrm_drain_run_seconds;
 extern int	nocrm_drain_poll_ms;
@@ -673,6 +676,7 @@ typedef struct DeliveryHandles
 	const char *smtp_user;
 	const char *smtp_password;
 	const char *webhook_secret;
+	void	   *multi;			/* CURLM *, for a run (transfers.c) */
 } DeliveryHandles;
 
 typedef struct DeliveryResult
@@ -689,8 +693,43 @@ typedef struct DeliveryResult
 	 */
 	bool		config_error;
 	long		status;			/* SMTP or HTTP response code */
+	double		retry_after;	/* seconds a 429 or 503 asked to wait (Retry-After), 0 = none */
+	bool		timed_out;		/* no answer within nocrm.request_timeout */
 	char	   *error;
 } DeliveryResult;
+
+/* One delivery of a round, run through libcurl's multi interface (transfers.c). */
+typedef enum TransferState
+{
+	XFER_WAITING,				/* not started */
+	XFER_RUNNING,
+	XFER_DONE,					/* result is its outcome */
+	XFER_HANDED_BACK,			/* not tried: back to pending after hand_back_delay */
+	XFER_DROPPED				/* taken back by an admin before its turn */
+} TransferState;
+
+typedef struct Transfer
+{
+	/* what to send (the drain) */
+	bool		is_mail;
+	const char *host;			/* whom it loads: "smtp", or host:port of the URL */
+	const char *url;			/* HTTP: URL, JSON body, signature key */
+	const char *body;
+	const char *signature_secret;
+	const char *event;
+	const char *idempotency_key;
+	const char *to;				/* mail: recipient, RFC 5322 message */
+	const char *message;
+	/* what happened */
+	TransferState state;
+	DeliveryResult result;
+	double		hand_back_delay;	/* seconds; 0 = behind what is due now */
+	TimestampTz started;
+	TimestampTz finished;
+	/* delivery.c's, while in flight */
+	void	   *easy;
+	void	   *work;
+} Transfer;
 
 extern void nocrm_delivery_begin(DeliveryHandles *h);
 extern void nocrm_delivery_end(DeliveryHandles *h);
@@ -706,6 +745,32 @@ extern void nocrm_post_json(DeliveryHandles *h, const char *url, const char *bod
 							const char *idempotency_key, const char *event,
 							const char *signature_secret, DeliveryResult *r);
 extern char *nocrm_hmac_sha256_hex(const char *key, const char *data);
+extern bool nocrm_http_prepare(DeliveryHandles *h, Transfer *t);
+extern void nocrm_http_finish(Transfer *t, int curl_code);
+extern bool nocrm_mail_prepare(DeliveryHandles *h, Transfer *t, bool fresh_connection);
+extern bool nocrm_mail_finish(DeliveryHandles *h, Transfer *t, int curl_code);
+
+/* transfers.c: the libcurl multi handle of a drain run */
+extern void nocrm_transfers_begin(DeliveryHandles *h);
+extern void nocrm_transfers_end(DeliveryHandles *h);
+extern bool nocrm_transfer_start(DeliveryHandles *h, Transfer *t);
+extern int	nocrm_transfers_wait(DeliveryHandles *h, long timeout_ms, Transfer **done, int max_done);
+extern void nocrm_transfers_abort(DeliveryHandles *h, const char *why);
+
+/* hosts.c: per receiving host, Retry-After pauses and nocrm.webhook_rate */
+extern bool nocrm_parse_rate(const char *value, int *count, double *period, const char **problem);
+extern void nocrm_hosts_load(const char **hosts, int n);
+extern void nocrm_hosts_save(void);
+extern void nocrm_hosts_prune(void);
+extern double nocrm_host_paused_for(const char *host);
+extern void nocrm_host_pause(const char *host, double seconds, long status);
+extern double nocrm_host_rate_wait(const char *host, int k);
+extern void nocrm_host_rate_take(const char *host);
+
+/* round.c: one round's deliveries, several hosts at once */
+typedef void (*TakenBackCheck) (void *arg);
+extern void nocrm_deliver_round(DeliveryHandles *h, Transfer *xfers, int n, TimestampTz hand_back,
+								TakenBackCheck check, void *arg);
 
 
 /* lead.c: reading lead rows */

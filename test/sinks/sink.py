@@ -49,6 +49,12 @@ HTTP behaviour (POST, PUT, PATCH and DELETE are all treated alike):
     any path         -> 200 {"ok":true}
     /status/NNN      -> status NNN (body {"ok":false,"status":NNN})
     /slow/MS         -> sleep MS milliseconds, then 200
+    /hang            -> never answers (sleeps an hour; the client gives up)
+    ?retry_after=V   -> adds the header "Retry-After: V" to the answer (V as
+                        given: delta-seconds, or any text)
+    ?retry_after_date=N
+                     -> adds "Retry-After: <HTTP-date N seconds from now>"
+                        (IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT")
     ?fail_first=N    -> 503 for the first N requests per (Idempotency-Key, path)
                         (requests without the header share one counter per path)
     GET /health      -> 200 "ok" (not recorded); other GETs -> 404 (not recorded)
@@ -65,6 +71,7 @@ HTTP behaviour (POST, PUT, PATCH and DELETE are all treated alike):
 import argparse
 import asyncio
 import email.parser
+import email.utils
 import email.policy
 import json
 import os
@@ -286,10 +293,12 @@ class HttpHandler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n > 0 else b""
 
-    def _send(self, status, body, ctype="application/json"):
+    def _send(self, status, body, ctype="application/json", extra=()):
         if isinstance(body, str):
             body = body.encode()
         self.send_response(status)
+        for k, v in extra:
+            self.send_header(k, v)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
@@ -329,7 +338,15 @@ class HttpHandler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"/slow/(\d+)", path)
         if m:
             sleep_ms = int(m.group(1))
+        if path == "/hang":
+            sleep_ms = 3600 * 1000
         qs = parse_qs(parts.query)
+        extra = []
+        if "retry_after" in qs:
+            extra.append(("Retry-After", qs["retry_after"][0]))
+        if "retry_after_date" in qs:
+            extra.append(("Retry-After", email.utils.formatdate(
+                time.time() + int(qs["retry_after_date"][0]), usegmt=True)))
         if "fail_first" in qs:
             try:
                 n = int(qs["fail_first"][0])
@@ -357,12 +374,14 @@ class HttpHandler(BaseHTTPRequestHandler):
         if sleep_ms:
             time.sleep(sleep_ms / 1000.0)
         if status == 200:
-            self._send(200, '{"ok":true}')
+            self._send(200, '{"ok":true}', extra=extra)
         elif status in (204, 304) or status < 200:
             self.send_response(status)
+            for k, v in extra:
+                self.send_header(k, v)
             self.end_headers()
         else:
-            self._send(status, '{"ok":false,"status":%d}' % status)
+            self._send(status, '{"ok":false,"status":%d}' % status, extra=extra)
 
     do_PUT = do_POST
     do_PATCH = do_POST
