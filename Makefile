@@ -22,6 +22,7 @@ OBJS = \
 	src/lead.o \
 	src/preassign.o \
 	src/restore.o \
+	src/restore_order.o \
 	src/rules.o \
 	src/runlog.o \
 	src/wake.o \

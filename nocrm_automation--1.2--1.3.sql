@@ -807,3 +807,72 @@ RETURNS text
 COMMENT ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) IS 'The RFC 5322 message the drain would send now for an email queue row''s payload (its "from", "from_name", "reply_to", "reply_to_name"): for previews and tests.';
 REVOKE ALL ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nocrm.email_message(text, text, text, text, jsonb) TO nocrm_admin;
+
+-- ==== parallel restore ====
+-- pg_restore -j loads the data of the extension's tables in any order, and
+-- their foreign keys exist before the data (src/restore_order.c): in restore
+-- mode a row whose parent row is not loaded yet waits here, and is inserted
+-- at the end of the load that brings its last parent.
+CREATE TABLE nocrm.restore_held (
+    tbl      regclass NOT NULL,
+    row      text NOT NULL,
+    held_at  timestamptz NOT NULL DEFAULT now()
+);
+-- (logical replication of the schema: the rows are deleted once loaded)
+ALTER TABLE nocrm.restore_held REPLICA IDENTITY FULL;
+COMMENT ON TABLE nocrm.restore_held IS 'Rows a restore loaded before the rows they refer to (a parallel pg_restore): each is inserted into tbl once its parent rows are there. Empty after a complete restore.';
+-- dumped, so that rows held in an unfinished restore are not lost
+SELECT pg_catalog.pg_extension_config_dump('nocrm.restore_held', '');
+
+-- The tables whose restore-mode load has committed (for the application's
+-- foreign keys to them); not dumped: it describes this database's restore.
+CREATE TABLE nocrm.restore_loaded (
+    tbl        regclass PRIMARY KEY,
+    loaded_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE nocrm.restore_loaded IS 'Tables of the extension a restore into this database has loaded: the application''s foreign keys to them wait for that in a parallel restore. Not dumped.';
+SELECT pg_catalog.pg_extension_config_dump('nocrm.restore_loaded', 'WHERE false');
+
+CREATE FUNCTION nocrm.restore_hold() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'nocrm_restore_hold' LANGUAGE C;
+CREATE FUNCTION nocrm.restore_complete() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'nocrm_restore_complete' LANGUAGE C;
+CREATE FUNCTION nocrm.load_held_rows() RETURNS bigint
+    AS 'MODULE_PATHNAME', 'nocrm_load_held_rows' LANGUAGE C
+    SET check_function_bodies = off;
+COMMENT ON FUNCTION nocrm.load_held_rows() IS 'Inserts the rows of nocrm.restore_held whose parent rows are there now, as restored rows (no automation, no history); returns how many are still held.';
+CREATE FUNCTION nocrm.restore_fk_wait() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'nocrm_restore_fk_wait' LANGUAGE C;
+REVOKE ALL ON FUNCTION nocrm.restore_hold(), nocrm.restore_complete(), nocrm.load_held_rows(),
+    nocrm.restore_fk_wait() FROM PUBLIC;
+CREATE EVENT TRIGGER nocrm_restore_fk_wait ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION nocrm.restore_fk_wait();
+
+-- The two triggers: hold on every table of the extension with a foreign key
+-- to another, complete on every table of the extension.  A section adding
+-- a table calls it again.
+CREATE FUNCTION nocrm.restore_order_triggers() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    t regclass;
+BEGIN
+    FOR t IN SELECT DISTINCT c.conrelid::regclass FROM pg_constraint c
+              WHERE c.contype = 'f' AND c.conrelid <> c.confrelid
+                AND c.connamespace = 'nocrm'::regnamespace
+                AND (SELECT relnamespace FROM pg_class WHERE oid = c.confrelid) = 'nocrm'::regnamespace
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.conrelid AND g.tgname = 'nocrm_restore_hold')
+              ORDER BY 1
+    LOOP
+        EXECUTE format('CREATE TRIGGER nocrm_restore_hold BEFORE INSERT ON %s FOR EACH ROW EXECUTE FUNCTION nocrm.restore_hold()', t);
+    END LOOP;
+    FOR t IN SELECT c.oid::regclass FROM pg_class c
+              WHERE c.relnamespace = 'nocrm'::regnamespace AND c.relkind = 'r'
+                AND c.oid <> 'nocrm.restore_loaded'::regclass
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = 'nocrm_restore_complete')
+              ORDER BY c.relname
+    LOOP
+        EXECUTE format('CREATE TRIGGER nocrm_restore_complete AFTER INSERT ON %s FOR EACH STATEMENT EXECUTE FUNCTION nocrm.restore_complete()', t);
+    END LOOP;
+END $$;
+REVOKE ALL ON FUNCTION nocrm.restore_order_triggers() FROM PUBLIC;
+SELECT nocrm.restore_order_triggers();
