@@ -876,3 +876,112 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION nocrm.restore_order_triggers() FROM PUBLIC;
 SELECT nocrm.restore_order_triggers();
+
+-- ==== explain shows the sender ====
+-- explain() and describe_actions() show the From and Reply-To that
+-- "from" / "reply_to" of send_email and notify's email channel give the
+-- lead now, chosen by the engine's own code (src/actions.c).
+CREATE FUNCTION nocrm.describe_sender(action jsonb, lead_id bigint)
+RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'nocrm_describe_sender' LANGUAGE C STABLE;
+COMMENT ON FUNCTION nocrm.describe_sender(jsonb, bigint) IS 'For an action with "from" or "reply_to": the From ("from", "from_name") and Reply-To ("reply_to", "reply_to_name") its email would carry for the lead now, and why ("sender"); {} otherwise. Changes nothing.';
+REVOKE ALL ON FUNCTION nocrm.describe_sender(jsonb, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.describe_sender(jsonb, bigint) TO nocrm_admin;
+-- (as the set_field section's, with describe_sender() for send_email and notify by email)
+CREATE OR REPLACE FUNCTION nocrm.describe_actions(automation_id integer, actions jsonb, lead_id bigint,
+                                       event text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
+DECLARE
+    a jsonb;
+    no integer := 0;
+    lead nocrm.leads;
+    who bigint;
+    d jsonb;
+    out jsonb := '[]';
+BEGIN
+    SELECT * INTO lead FROM nocrm.leads l WHERE l.id = describe_actions.lead_id;
+    FOR a IN SELECT value FROM jsonb_array_elements(actions) LOOP
+        d := jsonb_build_object('no', no + 1, 'type', a ->> 'type');
+        CASE a ->> 'type'
+        WHEN 'assign' THEN
+            who := nocrm.resolve_user(a -> 'user');
+            d := d || jsonb_build_object('user_id', who,
+                                         'user', (SELECT name FROM nocrm.users WHERE id = who));
+        WHEN 'assign_round_robin', 'assign_balanced', 'assign_random' THEN
+            -- the member the action would take now (no lock, no pending increments)
+            SELECT c.user_id INTO who
+              FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id
+             WHERE c.automation_id = describe_actions.automation_id AND c.action_no = no
+               AND u.active AND NOT nocrm.is_absent(u.id)
+               AND (NOT coalesce((a ->> 'only_working_hours')::boolean, false) OR nocrm.is_working(u.id))
+               AND (c.cap IS NULL OR (SELECT count(*) FROM nocrm.leads o WHERE o.user_id = c.user_id
+                                         AND o.status IN ('todo', 'standby')) < c.cap)
+             ORDER BY CASE WHEN a ->> 'type' = 'assign_balanced'
+                           THEN (SELECT count(*) FROM nocrm.leads o WHERE o.user_id = c.user_id
+                                    AND o.status IN ('todo', 'standby'))::numeric / c.weight END,
+                      c.assigned::numeric / c.weight, c.position
+             LIMIT 1;
+            IF a ->> 'type' = 'assign_random' THEN
+                d := d || jsonb_build_object('one_of', (
+                    SELECT jsonb_agg(u.name ORDER BY c.position)
+                      FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id
+                     WHERE c.automation_id = describe_actions.automation_id AND c.action_no = no
+                       AND u.active AND NOT nocrm.is_absent(u.id)));
+            ELSE
+                d := d || jsonb_build_object('next_user_id', who,
+                                             'next_user', (SELECT name FROM nocrm.users WHERE id = who));
+            END IF;
+        WHEN 'add_tags', 'remove_tags' THEN
+            d := d || jsonb_build_object('tags', (
+                SELECT coalesce(jsonb_agg(t ORDER BY o), '[]')
+                  FROM jsonb_array_elements_text(CASE jsonb_typeof(a -> 'tags') WHEN 'array' THEN a -> 'tags'
+                                                      ELSE jsonb_build_array(a -> 'tags') END)
+                       WITH ORDINALITY AS x(t, o)
+                 WHERE EXISTS (SELECT 1 FROM nocrm.tags g WHERE g.lead_id = lead.id AND g.name = x.t)
+                       = (a ->> 'type' = 'remove_tags')));
+        WHEN 'set_status' THEN
+            d := d || jsonb_build_object('from', lead.status, 'to', a ->> 'status');
+        WHEN 'set_step' THEN
+            d := d || jsonb_build_object('to', (
+                SELECT jsonb_build_object('step_id', s.id, 'step', s.name) FROM nocrm.steps s
+                 WHERE CASE jsonb_typeof(a -> 'step') WHEN 'number' THEN s.id = (a ->> 'step')::bigint
+                            ELSE s.pipeline_id = lead.pipeline_id AND s.name = a ->> 'step' END));
+        WHEN 'comment' THEN
+            d := d || jsonb_build_object('body', a ->> 'body');
+        WHEN 'notify' THEN
+            who := CASE WHEN a ->> 'user' = 'owner' THEN lead.user_id ELSE nocrm.resolve_user(a -> 'user') END;
+            d := d || jsonb_build_object(
+                'user', (SELECT name FROM nocrm.users WHERE id = who),
+                'channels', coalesce(a -> 'channels', '["browser"]'),
+                'message', nocrm.render(a ->> 'message',
+                                        nocrm.template_context(lead.id, jsonb_build_object('user_id', who),
+                                                               automation_id, event)));
+            IF coalesce(a -> 'channels', '[]') ? 'email' THEN
+                d := d || nocrm.describe_sender(a, lead.id);
+            END IF;
+        WHEN 'send_email' THEN
+            d := d || jsonb_build_object(
+                'to', coalesce(a ->> 'to', lead.contact_email),
+                'template', a ->> 'template',
+                'subject', (SELECT r.subject FROM nocrm.render_template(a ->> 'template', lead.id) r));
+            d := d || nocrm.describe_sender(a, lead.id);
+        WHEN 'webhook' THEN
+            d := d || jsonb_build_object('url', a ->> 'url');
+        WHEN 'set_field' THEN
+            d := d || jsonb_build_object('field', a ->> 'field', 'value', a -> 'value',
+                                         'now', to_jsonb(lead) -> (a ->> 'field'));
+        ELSE
+            NULL;
+        END CASE;
+        IF a ? 'delay' OR coalesce((a ->> 'respect_working_hours')::boolean, false) THEN
+            d := d || jsonb_build_object('runs_at',
+                CASE WHEN coalesce((a ->> 'respect_working_hours')::boolean, false) AND lead.user_id IS NOT NULL
+                     THEN nocrm.next_working_time(lead.user_id, now() + coalesce((a ->> 'delay')::interval, '0'))
+                     ELSE now() + coalesce((a ->> 'delay')::interval, '0') END);
+        END IF;
+        out := out || jsonb_build_array(d);
+        no := no + 1;
+    END LOOP;
+    RETURN out;
+END $$;
