@@ -36,6 +36,7 @@
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
 #include "storage/latch.h"
+#include "storage/proc.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
@@ -65,11 +66,23 @@ typedef struct ParentKey
 	AttrNumber	confkey[INDEX_MAX_KEYS];
 } ParentKey;
 
+/*
+ * Parent keys seen present, per foreign key of one integer column: most
+ * child rows refer to a few parents (users, pipelines) or come grouped by
+ * parent (tags by lead), so most checks need no lookup.  Only decides
+ * whether to hold a row: the foreign key still checks it.  Per transaction.
+ */
+#define SEEN_SLOTS	1024
+
 /* The existence check of each foreign key's parent row, by constraint. */
 typedef struct ParentPlan
 {
 	Oid			conoid;
 	SPIPlanPtr	plan;
+	bool		cacheable;		/* one int2/int4/int8 column */
+	LocalTransactionId seen_lxid;
+	int64	   *seen;			/* SEEN_SLOTS keys, valid where seen_valid */
+	bool	   *seen_valid;
 } ParentPlan;
 
 static ParentPlan *parent_plans = NULL;
@@ -77,6 +90,7 @@ static int	nparent_plans = 0;
 static int	maxparent_plans = 0;
 static SPIPlanPtr plan_hold = NULL;
 static bool completing = false;
+static bool holding = false;	/* the hold's own INSERT into restore_held is no load */
 
 /* The table's foreign keys to other tables of its schema (copied: SPI may rebuild the relcache). */
 static List *
@@ -111,16 +125,17 @@ qualified_name(Oid relid)
 	return quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)), get_rel_name(relid));
 }
 
-static SPIPlanPtr
+static ParentPlan *
 parent_plan(Oid relid, ParentKey *pk)
 {
 	StringInfoData sql;
 	Oid			types[INDEX_MAX_KEYS];
 	SPIPlanPtr	plan;
+	ParentPlan *pp;
 
 	for (int i = 0; i < nparent_plans; i++)
 		if (parent_plans[i].conoid == pk->conoid)
-			return parent_plans[i].plan;
+			return &parent_plans[i];
 
 	initStringInfo(&sql);
 	appendStringInfo(&sql, "SELECT 1 FROM ONLY %s p WHERE ", qualified_name(pk->confrelid));
@@ -141,10 +156,24 @@ parent_plan(Oid relid, ParentKey *pk)
 			? repalloc(parent_plans, maxparent_plans * sizeof(ParentPlan))
 			: MemoryContextAlloc(TopMemoryContext, maxparent_plans * sizeof(ParentPlan));
 	}
-	parent_plans[nparent_plans].conoid = pk->conoid;
-	parent_plans[nparent_plans].plan = plan;
-	nparent_plans++;
-	return plan;
+	pp = &parent_plans[nparent_plans++];
+	memset(pp, 0, sizeof(*pp));
+	pp->conoid = pk->conoid;
+	pp->plan = plan;
+	pp->cacheable = pk->nkeys == 1 &&
+		(types[0] == INT8OID || types[0] == INT4OID || types[0] == INT2OID);
+	if (pp->cacheable)
+	{
+		pp->seen = MemoryContextAlloc(TopMemoryContext, SEEN_SLOTS * sizeof(int64));
+		pp->seen_valid = MemoryContextAllocZero(TopMemoryContext, SEEN_SLOTS * sizeof(bool));
+	}
+	return pp;
+}
+
+static int64
+key_value(Datum d, Oid type)
+{
+	return type == INT8OID ? DatumGetInt64(d) : type == INT4OID ? DatumGetInt32(d) : DatumGetInt16(d);
 }
 
 /* Is every parent row this row refers to there (visible now)? */
@@ -161,15 +190,37 @@ parents_present(Relation rel, HeapTuple tuple, List *keys)
 		bool		anynull = false;
 		int			ret;
 
+		ParentPlan *pp;
+		int64		key = 0;
+		int			slot = 0;
+
 		for (int i = 0; i < pk->nkeys && !anynull; i++)
 			args[i] = heap_getattr(tuple, pk->conkey[i], desc, &anynull);
 		if (anynull)
 			continue;			/* MATCH SIMPLE: no parent needed */
-		ret = SPI_execute_plan(parent_plan(RelationGetRelid(rel), pk), args, NULL, false, 1);
+		pp = parent_plan(RelationGetRelid(rel), pk);
+		if (pp->cacheable)
+		{
+			if (pp->seen_lxid != MyProc->lxid)
+			{
+				memset(pp->seen_valid, 0, SEEN_SLOTS * sizeof(bool));
+				pp->seen_lxid = MyProc->lxid;
+			}
+			key = key_value(args[0], TupleDescAttr(desc, pk->conkey[0] - 1)->atttypid);
+			slot = (int) ((uint64) key % SEEN_SLOTS);
+			if (pp->seen_valid[slot] && pp->seen[slot] == key)
+				continue;
+		}
+		ret = SPI_execute_plan(pp->plan, args, NULL, false, 1);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "checking a parent row failed: %s", SPI_result_code_string(ret));
 		if (SPI_processed == 0)
 			return false;
+		if (pp->cacheable)
+		{
+			pp->seen[slot] = key;
+			pp->seen_valid[slot] = true;
+		}
 	}
 	return true;
 }
@@ -227,7 +278,16 @@ nocrm_restore_hold(PG_FUNCTION_ARGS)
 		}
 		args[0] = ObjectIdGetDatum(RelationGetRelid(rel));
 		args[1] = CStringGetTextDatum(OidOutputFunctionCall(F_RECORD_OUT, row));
-		ret = SPI_execute_plan(plan_hold, args, NULL, false, 0);
+		holding = true;
+		PG_TRY();
+		{
+			ret = SPI_execute_plan(plan_hold, args, NULL, false, 0);
+		}
+		PG_FINALLY();
+		{
+			holding = false;
+		}
+		PG_END_TRY();
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "holding a restored row failed: %s", SPI_result_code_string(ret));
 	}
@@ -375,7 +435,7 @@ nocrm_restore_complete(PG_FUNCTION_ARGS)
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) ||
 		!TRIGGER_FIRED_FOR_STATEMENT(td->tg_event))
 		elog(ERROR, "nocrm_restore_complete: not called as an AFTER statement trigger");
-	if (completing || !nocrm_restoring())
+	if (completing || holding || !nocrm_restoring())
 		return PointerGetDatum(NULL);
 
 	as_owner(td->tg_relation, &save_user, &save_sec);
