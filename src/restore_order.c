@@ -538,7 +538,8 @@ wait_loaded(Oid relid, Oid fkrel)
 
 /*
  * ddl_command_start of ALTER TABLE: in restore mode, a foreign key added to
- * a table of the extension waits for that table's data.
+ * a table of the extension waits for that table's data, when the table it
+ * is added to has rows to check.
  */
 Datum
 nocrm_restore_fk_wait(PG_FUNCTION_ARGS)
@@ -552,7 +553,7 @@ nocrm_restore_fk_wait(PG_FUNCTION_ARGS)
 	if (!CALLED_AS_EVENT_TRIGGER(fcinfo))
 		elog(ERROR, "nocrm_restore_fk_wait: not called as an event trigger");
 	trigdata = (EventTriggerData *) fcinfo->context;
-	if (!IsA(trigdata->parsetree, AlterTableStmt) || !nocrm_restoring())
+	if (IsBinaryUpgrade || !IsA(trigdata->parsetree, AlterTableStmt) || !nocrm_restoring())
 		PG_RETURN_VOID();
 	stmt = (AlterTableStmt *) trigdata->parsetree;
 	nsp = get_namespace_oid("nocrm", true);
@@ -572,9 +573,20 @@ nocrm_restore_fk_wait(PG_FUNCTION_ARGS)
 			continue;
 		if (!connected)
 		{
+			Oid			fkrel = RangeVarGetRelid(stmt->relation, NoLock, true);
+			int			ret;
+
+			if (!OidIsValid(fkrel))
+				break;
 			if (SPI_connect() != SPI_OK_CONNECT)
 				elog(ERROR, "SPI_connect failed");
 			connected = true;
+			/* an empty table (a schema-only restore) has nothing to check: no wait */
+			ret = SPI_execute(psprintf("SELECT 1 FROM ONLY %s LIMIT 1", qualified_name(fkrel)), true, 1);
+			if (ret != SPI_OK_SELECT)
+				elog(ERROR, "reading %s failed: %s", get_rel_name(fkrel), SPI_result_code_string(ret));
+			if (SPI_processed == 0)
+				break;
 		}
 		wait_loaded(pkrel, RangeVarGetRelid(stmt->relation, NoLock, true));
 	}
