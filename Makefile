@@ -27,6 +27,7 @@ OBJS = \
 	src/relay.o \
 	src/restore.o \
 	src/round.o \
+	src/restore_order.o \
 	src/rules.o \
 	src/runlog.o \
 	src/wake.o \
@@ -57,8 +58,13 @@ PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initi
 REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
 REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
 
-ISOLATION = $(patsubst test/specs/%.spec,%,$(sort $(wildcard test/specs/*.spec)))
-ISOLATION_OPTS = --inputdir=test --temp-instance=./tmp_check_iso --temp-config=$(srcdir)/test/regress.conf
+# One convention: every expected output in expected/ (pg_regress: sql/,
+# isolation: specs/).
+ISOLATION = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
+ISOLATION_OPTS = --temp-instance=./tmp_check_iso --temp-config=$(srcdir)/test/regress.conf
+ifneq ($(wildcard test/specs/*.spec test/expected/*.out),)
+$(error isolation tests live in specs/ and expected/ now: move $(wildcard test/specs/*.spec test/expected/*.out) there)
+endif
 
 # TAP tests (PostgreSQL::Test::Cluster): crashes, restarts, delivery against
 # the sinks in test/sinks.  They use ./tmp_check, hence the other temp dirs.

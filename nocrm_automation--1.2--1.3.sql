@@ -1845,3 +1845,172 @@ REVOKE ALL ON nocrm.webhook_hosts FROM PUBLIC;
 GRANT SELECT ON nocrm.webhook_hosts TO nocrm_admin;
 GRANT SET ON PARAMETER nocrm.webhook_rate, nocrm.webhook_host_concurrency,
     nocrm.webhook_max_retry_after TO nocrm_admin;
+
+-- ==== parallel restore ====
+-- pg_restore -j loads the data of the extension's tables in any order, and
+-- their foreign keys exist before the data (src/restore_order.c): in restore
+-- mode a row whose parent row is not loaded yet waits here, and is inserted
+-- at the end of the load that brings its last parent.
+CREATE TABLE nocrm.restore_held (
+    tbl      regclass NOT NULL,
+    row      text NOT NULL,
+    held_at  timestamptz NOT NULL DEFAULT now()
+);
+-- (logical replication of the schema: the rows are deleted once loaded)
+ALTER TABLE nocrm.restore_held REPLICA IDENTITY FULL;
+COMMENT ON TABLE nocrm.restore_held IS 'Rows a restore loaded before the rows they refer to (a parallel pg_restore): each is inserted into tbl once its parent rows are there. Empty after a complete restore.';
+-- dumped, so that rows held in an unfinished restore are not lost
+SELECT pg_catalog.pg_extension_config_dump('nocrm.restore_held', '');
+
+-- The tables whose restore-mode load has committed (for the application's
+-- foreign keys to them); not dumped: it describes this database's restore.
+CREATE TABLE nocrm.restore_loaded (
+    tbl        regclass PRIMARY KEY,
+    loaded_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE nocrm.restore_loaded IS 'Tables of the extension a restore into this database has loaded: the application''s foreign keys to them wait for that in a parallel restore. Not dumped.';
+SELECT pg_catalog.pg_extension_config_dump('nocrm.restore_loaded', 'WHERE false');
+
+CREATE FUNCTION nocrm.restore_hold() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'nocrm_restore_hold' LANGUAGE C;
+CREATE FUNCTION nocrm.restore_complete() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'nocrm_restore_complete' LANGUAGE C;
+CREATE FUNCTION nocrm.load_held_rows() RETURNS bigint
+    AS 'MODULE_PATHNAME', 'nocrm_load_held_rows' LANGUAGE C
+    SET check_function_bodies = off;
+COMMENT ON FUNCTION nocrm.load_held_rows() IS 'Inserts the rows of nocrm.restore_held whose parent rows are there now, as restored rows (no automation, no history); returns how many are still held.';
+CREATE FUNCTION nocrm.restore_fk_wait() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'nocrm_restore_fk_wait' LANGUAGE C;
+REVOKE ALL ON FUNCTION nocrm.restore_hold(), nocrm.restore_complete(), nocrm.load_held_rows(),
+    nocrm.restore_fk_wait() FROM PUBLIC;
+CREATE EVENT TRIGGER nocrm_restore_fk_wait ON ddl_command_start WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION nocrm.restore_fk_wait();
+
+-- The two triggers: hold on every table of the extension with a foreign key
+-- to another, complete on every table of the extension.  A section adding
+-- a table calls it again.
+CREATE FUNCTION nocrm.restore_order_triggers() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    t regclass;
+BEGIN
+    FOR t IN SELECT DISTINCT c.conrelid::regclass FROM pg_constraint c
+              WHERE c.contype = 'f' AND c.conrelid <> c.confrelid
+                AND c.connamespace = 'nocrm'::regnamespace
+                AND (SELECT relnamespace FROM pg_class WHERE oid = c.confrelid) = 'nocrm'::regnamespace
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.conrelid AND g.tgname = 'nocrm_restore_hold')
+              ORDER BY 1
+    LOOP
+        EXECUTE format('CREATE TRIGGER nocrm_restore_hold BEFORE INSERT ON %s FOR EACH ROW EXECUTE FUNCTION nocrm.restore_hold()', t);
+    END LOOP;
+    FOR t IN SELECT c.oid::regclass FROM pg_class c
+              WHERE c.relnamespace = 'nocrm'::regnamespace AND c.relkind = 'r'
+                AND c.oid <> 'nocrm.restore_loaded'::regclass
+                AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = 'nocrm_restore_complete')
+              ORDER BY c.relname
+    LOOP
+        EXECUTE format('CREATE TRIGGER nocrm_restore_complete AFTER INSERT ON %s FOR EACH STATEMENT EXECUTE FUNCTION nocrm.restore_complete()', t);
+    END LOOP;
+END $$;
+REVOKE ALL ON FUNCTION nocrm.restore_order_triggers() FROM PUBLIC;
+SELECT nocrm.restore_order_triggers();
+
+-- ==== explain shows the sender ====
+-- explain() and describe_actions() show the From and Reply-To that
+-- "from" / "reply_to" of send_email and notify's email channel give the
+-- lead now, chosen by the engine's own code (src/actions.c).
+CREATE FUNCTION nocrm.describe_sender(action jsonb, lead_id bigint)
+RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'nocrm_describe_sender' LANGUAGE C STABLE;
+COMMENT ON FUNCTION nocrm.describe_sender(jsonb, bigint) IS 'For an action with "from" or "reply_to": the From ("from", "from_name") and Reply-To ("reply_to", "reply_to_name") its email would carry for the lead now, and why ("sender"); {} otherwise. Changes nothing.';
+REVOKE ALL ON FUNCTION nocrm.describe_sender(jsonb, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nocrm.describe_sender(jsonb, bigint) TO nocrm_admin;
+-- (as the tasks section's, with describe_sender() for send_email and notify by email)
+CREATE OR REPLACE FUNCTION nocrm.describe_actions(automation_id integer, actions jsonb, lead_id bigint,
+                                       event text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
+DECLARE
+    a jsonb;
+    no integer := 0;
+    lead nocrm.leads;
+    who bigint;
+    d jsonb;
+    out jsonb := '[]';
+BEGIN
+    SELECT * INTO lead FROM nocrm.leads l WHERE l.id = describe_actions.lead_id;
+    FOR a IN SELECT value FROM jsonb_array_elements(actions) LOOP
+        d := jsonb_build_object('no', no + 1, 'type', a ->> 'type');
+        CASE a ->> 'type'
+        WHEN 'assign' THEN
+            who := nocrm.resolve_user(a -> 'user');
+            d := d || jsonb_build_object('user_id', who,
+                                         'user', (SELECT name FROM nocrm.users WHERE id = who));
+        WHEN 'assign_round_robin', 'assign_balanced', 'assign_random' THEN
+            IF a ->> 'type' = 'assign_random' THEN
+                d := d || jsonb_build_object('one_of', nocrm.group_available(describe_actions.automation_id, no));
+            ELSE
+                who := nocrm.group_next_member(describe_actions.automation_id, no, a ->> 'type',
+                                               coalesce((a ->> 'only_working_hours')::boolean, false));
+                d := d || jsonb_build_object('next_user_id', who,
+                                             'next_user', (SELECT name FROM nocrm.users WHERE id = who));
+            END IF;
+        WHEN 'add_tags', 'remove_tags' THEN
+            d := d || jsonb_build_object('tags', (
+                SELECT coalesce(jsonb_agg(t ORDER BY o), '[]')
+                  FROM jsonb_array_elements_text(CASE jsonb_typeof(a -> 'tags') WHEN 'array' THEN a -> 'tags'
+                                                      ELSE jsonb_build_array(a -> 'tags') END)
+                       WITH ORDINALITY AS x(t, o)
+                 WHERE EXISTS (SELECT 1 FROM nocrm.tags g WHERE g.lead_id = lead.id AND g.name = x.t)
+                       = (a ->> 'type' = 'remove_tags')));
+        WHEN 'set_status' THEN
+            d := d || jsonb_build_object('from', lead.status, 'to', a ->> 'status');
+        WHEN 'set_step' THEN
+            d := d || jsonb_build_object('to', (
+                SELECT jsonb_build_object('step_id', s.id, 'step', s.name) FROM nocrm.steps s
+                 WHERE CASE jsonb_typeof(a -> 'step') WHEN 'number' THEN s.id = (a ->> 'step')::bigint
+                            ELSE s.pipeline_id = lead.pipeline_id AND s.name = a ->> 'step' END));
+        WHEN 'comment' THEN
+            d := d || jsonb_build_object('body', a ->> 'body');
+        WHEN 'notify' THEN
+            who := CASE WHEN a ->> 'user' = 'owner' THEN lead.user_id ELSE nocrm.resolve_user(a -> 'user') END;
+            d := d || jsonb_build_object(
+                'user', (SELECT name FROM nocrm.users WHERE id = who),
+                'channels', coalesce(a -> 'channels', '["browser"]'),
+                'message', nocrm.render(a ->> 'message',
+                                        nocrm.template_context(lead.id, jsonb_build_object('user_id', who),
+                                                               automation_id, event)));
+            IF coalesce(a -> 'channels', '[]') ? 'email' THEN
+                d := d || nocrm.describe_sender(a, lead.id);
+            END IF;
+        WHEN 'send_email' THEN
+            d := d || jsonb_build_object(
+                'to', coalesce(a ->> 'to', lead.contact_email),
+                'template', a ->> 'template',
+                'subject', (SELECT r.subject FROM nocrm.render_template(a ->> 'template', lead.id) r));
+            d := d || nocrm.describe_sender(a, lead.id);
+        WHEN 'webhook' THEN
+            d := d || jsonb_build_object('url', a ->> 'url');
+        WHEN 'create_task' THEN
+            d := d || nocrm.describe_task(a, describe_actions.lead_id, describe_actions.automation_id, no, event);
+        WHEN 'set_field' THEN
+            d := d || jsonb_build_object('field', a ->> 'field', 'value', a -> 'value',
+                                         'now', to_jsonb(lead) -> (a ->> 'field'));
+        ELSE
+            NULL;
+        END CASE;
+        -- (create_task's respect_working_hours moves its due time, not the action)
+        IF a ? 'delay' OR (coalesce((a ->> 'respect_working_hours')::boolean, false)
+                           AND a ->> 'type' IS DISTINCT FROM 'create_task') THEN
+            -- as the engine queues it: business delays on the owner's or the company's
+            -- calendar, respect_working_hours without owner on the company's
+            d := d || jsonb_build_object('runs_at',
+                CASE WHEN coalesce((a ->> 'respect_working_hours')::boolean, false)
+                     THEN nocrm.next_working_time(lead.user_id, nocrm.delay_until(lead.user_id, a ->> 'delay', now()))
+                     ELSE nocrm.delay_until(lead.user_id, a ->> 'delay', now()) END);
+        END IF;
+        out := out || jsonb_build_array(d);
+        no := no + 1;
+    END LOOP;
+    RETURN out;
+END $$;

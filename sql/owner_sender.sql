@@ -166,6 +166,27 @@ SET ROLE regress_owner_agent;
 SELECT nocrm.email_message('a@client.example', 's', 'b', 'k', '{}');
 RESET ROLE;
 
+-- explain() and describe_actions() show the From and Reply-To the engine
+-- would choose for each lead now (the same words as the history's detail):
+-- verified owner, unverified (Reply-To the owner), no owner, inactive owner.
+SELECT l.id, d ->> 'from' AS "from", d ->> 'from_name' AS from_name, d ->> 'reply_to' AS reply_to,
+       d ->> 'reply_to_name' AS reply_to_name, d ->> 'sender' AS sender
+  FROM nocrm.leads l, nocrm.automations a, jsonb_array_elements(nocrm.describe_actions(a.id, a.actions, l.id)) d
+ WHERE a.name = 'quote as owner' AND l.id IN (1, 2, 3, 4) ORDER BY l.id;
+-- Reply-To the owner; From the owner with a fixed Reply-To; notify by email.
+SELECT a.name, d ->> 'from' AS "from", d ->> 'reply_to' AS reply_to, d ->> 'sender' AS sender
+  FROM nocrm.automations a, jsonb_array_elements(nocrm.describe_actions(a.id, a.actions, 6)) d
+ WHERE a.name IN ('reply to owner', 'reply to sales', 'tell the manager') ORDER BY a.id;
+-- Without the options: no sender keys.
+SELECT nocrm.describe_actions(a.id, a.actions, 7) -> 0 ?| ARRAY['from', 'reply_to', 'sender'] AS has_sender_keys
+  FROM nocrm.automations a WHERE a.name = 'plain';
+-- explain() as an admin: the actions column carries them.
+SET ROLE regress_owner_admin;
+SELECT name, would_fire, actions -> 0 ->> 'from' AS "from", actions -> 0 ->> 'reply_to' AS reply_to,
+       actions -> 0 ->> 'sender' AS sender
+  FROM nocrm.explain(5, 'lead.commented') WHERE kind = 'automation' ORDER BY id;
+RESET ROLE;
+
 DROP EXTENSION nocrm_automation CASCADE;
 DROP ROLE regress_owner_agent;
 DROP ROLE regress_owner_admin;

@@ -119,3 +119,10 @@ SET nocrm.request_timeout = 'soon';
 \set VERBOSITY default
 SHOW nocrm.smtp_url;
 SHOW nocrm.max_chain_depth;
+
+-- No pg_cron here (test/regress.conf preloads nothing): the queue works
+-- without it and says that nothing schedules the drain.
+SELECT current_setting('shared_preload_libraries') = '' AS nothing_preloaded,
+       to_regclass('cron.job') IS NULL AS no_cron,
+       worker_scheduled IS NULL AS not_scheduled
+  FROM nocrm.queue_status;

@@ -985,33 +985,46 @@ notify(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev)
 static Jsonb *
 sender_payload(Rule *rule, RuleAction *action, LeadState *lead, const char **detail)
 {
-	const char *keys[4];
-	const char *values[4];
-	int			n = 0;
 	LeadState	current;
-	char	   *email = NULL,
-			   *name = NULL;
-	bool		verified = false,
-				active = false,
-				found = false;
-	const char *why = NULL;		/* the owner cannot be used: why */
-	const char *reply_to = action->reply_to;
-	const char *reply_to_name = NULL;
-	StringInfoData d;
 
 	*detail = NULL;
 	if (!action->from_owner && !action->reply_to_owner && !action->reply_to)
 		return NULL;
 	if (lead_now(rule, action, lead, &current))
 		lead = &current;		/* a deleted lead: the owner it had */
-	if (action->from_owner || action->reply_to_owner)
+	return nocrm_sender_choice(action->from_owner, action->reply_to_owner, action->reply_to,
+							   lead->has_owner, lead->owner_id, detail);
+}
+
+/*
+ * The choice itself, for a lead owned by owner_id (has_owner): also what
+ * explain and describe_actions() show (nocrm.describe_sender()).
+ */
+Jsonb *
+nocrm_sender_choice(bool from_owner, bool reply_to_owner, const char *reply_to_address,
+					bool has_owner, int64 owner_id, const char **detail)
+{
+	const char *keys[4];
+	const char *values[4];
+	int			n = 0;
+	char	   *email = NULL,
+			   *name = NULL;
+	bool		verified = false,
+				active = false,
+				found = false;
+	const char *why = NULL;		/* the owner cannot be used: why */
+	const char *reply_to = reply_to_address;
+	const char *reply_to_name = NULL;
+	StringInfoData d;
+
+	if (from_owner || reply_to_owner)
 	{
-		if (!lead->has_owner)
+		if (!has_owner)
 			why = "the lead has no owner";
 		else
 		{
 			Oid			types[1] = {INT8OID};
-			Datum		args[1] = {Int64GetDatum(lead->owner_id)};
+			Datum		args[1] = {Int64GetDatum(owner_id)};
 
 			nocrm_plan(&plan_sender,
 					   "SELECT u.email, coalesce(u.sender_name, u.name), u.sender_verified, u.active"
@@ -1029,16 +1042,16 @@ sender_payload(Rule *rule, RuleAction *action, LeadState *lead, const char **det
 				active = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
 			}
 			if (!found)
-				why = psprintf("owner %lld no longer exists", (long long) lead->owner_id);
+				why = psprintf("owner %lld no longer exists", (long long) owner_id);
 			else if (!active)
-				why = psprintf("owner %lld is inactive", (long long) lead->owner_id);
+				why = psprintf("owner %lld is inactive", (long long) owner_id);
 			else if (email == NULL || nocrm_address_problem(email) != NULL)
-				why = psprintf("owner %lld has no usable email", (long long) lead->owner_id);
+				why = psprintf("owner %lld has no usable email", (long long) owner_id);
 		}
 	}
 
 	initStringInfo(&d);
-	if (action->from_owner && why == NULL && verified)
+	if (from_owner && why == NULL && verified)
 	{
 		keys[n] = "from";
 		values[n++] = email;
@@ -1046,7 +1059,7 @@ sender_payload(Rule *rule, RuleAction *action, LeadState *lead, const char **det
 		values[n++] = name;
 		appendStringInfo(&d, "From the owner <%s>", email);
 	}
-	else if (action->from_owner)
+	else if (from_owner)
 	{
 		appendStringInfoString(&d, "From nocrm.mail_from: ");
 		if (why)
@@ -1054,7 +1067,7 @@ sender_payload(Rule *rule, RuleAction *action, LeadState *lead, const char **det
 		else
 		{
 			appendStringInfo(&d, "owner %lld is not a verified sender (users.sender_verified)",
-							 (long long) lead->owner_id);
+							 (long long) owner_id);
 			/* replies still reach the owner */
 			if (reply_to == NULL)
 			{
@@ -1064,7 +1077,7 @@ sender_payload(Rule *rule, RuleAction *action, LeadState *lead, const char **det
 			}
 		}
 	}
-	if (action->reply_to_owner && !(action->from_owner && why == NULL))
+	if (reply_to_owner && !(from_owner && why == NULL))
 	{
 		if (d.len > 0)
 			appendStringInfoString(&d, "; ");
@@ -1077,11 +1090,11 @@ sender_payload(Rule *rule, RuleAction *action, LeadState *lead, const char **det
 			appendStringInfo(&d, "Reply-To the owner <%s>", email);
 		}
 	}
-	if (action->reply_to && reply_to == action->reply_to)
+	if (reply_to_address && reply_to == reply_to_address)
 	{
 		if (d.len > 0)
 			appendStringInfoString(&d, "; ");
-		appendStringInfo(&d, "Reply-To <%s>", action->reply_to);
+		appendStringInfo(&d, "Reply-To <%s>", reply_to_address);
 	}
 	if (reply_to)
 	{

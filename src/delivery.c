@@ -1310,7 +1310,6 @@ nocrm_hmac_sha256_hex(const char *key, const char *data)
 		pg_hmac_final(ctx, digest, sizeof(digest)) < 0)
 		elog(ERROR, "HMAC-SHA256 failed");
 	pg_hmac_free(ctx);
-	for (int i = 0; i < PG_SHA256_DIGEST_LENGTH; i++)
-		sprintf(hex + i * 2, "%02x", digest[i]);
+	hex[hex_encode((const char *) digest, sizeof(digest), hex)] = '\0';
 	return hex;
 }

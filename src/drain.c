@@ -31,6 +31,7 @@
 #include "storage/lmgr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/fmgrprotos.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
@@ -742,20 +743,11 @@ prune(void)
 	nocrm_hosts_prune();
 }
 
+/* A claim token: gen_random_uuid(), a version 4 UUID from pg_strong_random(). */
 static char *
 new_token(void)
 {
-	char	   *buf = palloc(37);
-	uint8		b[16];
-
-	for (int i = 0; i < 16; i++)
-		b[i] = (uint8) pg_prng_uint32(&pg_global_prng_state);
-	b[6] = (b[6] & 0x0f) | 0x40;
-	b[8] = (b[8] & 0x3f) | 0x80;
-	snprintf(buf, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-			 b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9],
-			 b[10], b[11], b[12], b[13], b[14], b[15]);
-	return buf;
+	return DatumGetCString(DirectFunctionCall1(uuid_out, OidFunctionCall0(F_GEN_RANDOM_UUID)));
 }
 
 /*

@@ -13,6 +13,7 @@
 #include "utils/tuplestore.h"
 
 PG_FUNCTION_INFO_V1(nocrm_explain);
+PG_FUNCTION_INFO_V1(nocrm_describe_sender);
 
 typedef struct ExplainOut
 {
@@ -314,4 +315,67 @@ nocrm_explain(PG_FUNCTION_ARGS)
 		explain_stage_triggers(&out, &lead, &ev);
 	SPI_finish();
 	return (Datum) 0;
+}
+
+/* A string member of an action, or NULL. */
+static char *
+action_string(Jsonb *action, const char *key)
+{
+	JsonbValue	k;
+	JsonbValue *v;
+
+	if (!JB_ROOT_IS_OBJECT(action))
+		return NULL;
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	v = findJsonbValueFromContainer(&action->root, JB_FOBJECT, &k);
+	return v && v->type == jbvString ? pnstrdup(v->val.string.val, v->val.string.len) : NULL;
+}
+
+/*
+ * nocrm.describe_sender(action, lead_id): the From and Reply-To an email of
+ * send_email or notify would carry for the lead now, as the engine chooses
+ * them (actions.c), with "sender" saying why, as the history records it.
+ * {} for an action without "from" or "reply_to".
+ */
+Datum
+nocrm_describe_sender(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *action = PG_GETARG_JSONB_P(0);
+	char	   *from = action_string(action, "from");
+	char	   *reply_to = action_string(action, "reply_to");
+	LeadState	lead;
+	bool		have_lead;
+	Jsonb	   *payload;
+	const char *detail = NULL;
+	Oid			types[2] = {JSONBOID, TEXTOID};
+	Datum		args[2];
+	char		nulls[2] = {' ', ' '};
+	Datum		result;
+	bool		isnull;
+	int			ret;
+
+	if (from == NULL && reply_to == NULL)
+		PG_RETURN_JSONB_P(DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"))));
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	have_lead = !PG_ARGISNULL(1) && nocrm_lead_fetch(PG_GETARG_INT64(1), &lead);
+	payload = nocrm_sender_choice(from && strcmp(from, "owner") == 0,
+								  reply_to && strcmp(reply_to, "owner") == 0,
+								  reply_to && strcmp(reply_to, "owner") != 0 ? reply_to : NULL,
+								  have_lead && lead.has_owner, have_lead ? lead.owner_id : 0, &detail);
+	args[0] = payload ? JsonbPGetDatum(payload) : (Datum) 0;
+	nulls[0] = payload ? ' ' : 'n';
+	args[1] = CStringGetTextDatum(detail ? detail : "");
+	/* without "from" in the payload the drain sends from nocrm.mail_from */
+	ret = SPI_execute_with_args("SELECT jsonb_build_object('from', current_setting('nocrm.mail_from', true))"
+								"       || coalesce($1, '{}') || jsonb_build_object('sender', $2)",
+								2, types, args, nulls, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "describing the sender failed: %s", SPI_result_code_string(ret));
+	result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	result = SPI_datumTransfer(result, false, -1);
+	SPI_finish();
+	PG_RETURN_DATUM(result);
 }

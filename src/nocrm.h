@@ -543,6 +543,10 @@ typedef struct StageVerdict
 } StageVerdict;
 extern StageVerdict *nocrm_stage_verdicts(LeadState *lead, RaisedEvent *ev, int *n);
 
+/* actions.c: From and Reply-To of an email sent as the lead owner */
+extern Jsonb *nocrm_sender_choice(bool from_owner, bool reply_to_owner, const char *reply_to_address,
+								  bool has_owner, int64 owner_id, const char **detail);
+
 /* restore.c: a session loading a dump (check_function_bodies off) */
 extern bool nocrm_restoring(void);
 

@@ -5,7 +5,7 @@
 #     all installed already, unless NOCRM_FORCE_APT=1);
 #  2. builds the extension with PGXS and installs it (as root);
 #  3. runs `make installcheck` as the postgres user: pg_regress (sql/*.sql),
-#     pg_isolation_regress (test/specs/*.spec) and prove (TAP_TESTS), each on
+#     pg_isolation_regress (specs/*.spec) and prove (TAP_TESTS), each on
 #     its own temporary instance (see the Makefile);
 #  4. counts the results and ends with the line "N passed, N failed".
 #

@@ -5,7 +5,10 @@
 # item the old primary had queued, nothing lost and nothing twice, and new
 # leads fire automations as before.  A second failover in the middle of a
 # drain: the item in flight is sent again after its lease (same key), the
-# rest of its batch and what was queued after the claim once each.
+# rest of its batch and what was queued after the claim once each.  A
+# third failover to a standby with the background worker preloaded: no
+# worker in recovery; promoted, the worker starts and delivers by itself,
+# with the same at-least-once window.
 use strict;
 use warnings;
 
@@ -206,6 +209,78 @@ my @hooks = grep { $_->{path} eq '/slow/8000' } @{ $sink->requests };
 is(scalar @hooks, 2, 'the webhook in flight at the failover was sent again (at least once)');
 is($hooks[0]{headers}{'idempotency-key'}, $hooks[1]{headers}{'idempotency-key'}, 'with the same Idempotency-Key');
 
-$standby2->stop;
+# --- a promoted standby's background worker ------------------------------------------
+# standby3 preloads the worker (nocrm.worker_database = 'postgres').  In
+# recovery it has none (BgWorkerStart_RecoveryFinished) and the queue stays
+# as the primary has it; promoted, its worker starts by itself and
+# delivers, without any CALL, what the old primary queued: the batch the old
+# primary's drain held (its webhook in flight: sent again after the lease,
+# same key; its emails once) and an email queued after that claim.
+$standby2->backup('for_worker');
+my $standby3 = PostgreSQL::Test::Cluster->new('standby3');
+$standby3->init_from_backup($standby2, 'for_worker', has_streaming => 1);
+$standby3->append_conf('postgresql.conf',
+	"shared_preload_libraries = 'nocrm_automation'\nnocrm.worker_database = 'postgres'\n");
+$standby3->start;
+
+sub drain_workers
+{
+	my ($node) = @_;
+	return $node->safe_psql('postgres',
+		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'nocrm drain worker'});
+}
+
+my $hooks_before = scalar grep { $_->{path} eq '/slow/8000' } @{ $sink->requests };
+$standby2->safe_psql('postgres', <<'SQL');
+INSERT INTO nocrm.leads (title, status) VALUES ('Hook 2', 'lost');
+INSERT INTO nocrm.leads (title, status, contact_email)
+  SELECT 'Worker ' || i, 'standby', 'w' || i || '@client.example' FROM generate_series(1, 3) i;
+SQL
+my $batch2 = q{SELECT string_agg(id::text, ',' ORDER BY id) FROM nocrm.queue
+                WHERE kind IN ('email', 'webhook') AND state = 'pending'};
+my $claimed2 = $standby2->safe_psql('postgres', $batch2);
+is(scalar(split /,/, $claimed2), 4, 'new primary: a webhook and 3 emails pending');
+$standby2->wait_for_catchup($standby3, 'replay', $standby2->lsn('insert'));
+is(drain_workers($standby3), 0, 'standby3 (worker preloaded) runs no drain worker in recovery');
+is( $standby3->safe_psql('postgres',
+		"SELECT string_agg(state || '/' || attempts, ',' ORDER BY id) FROM nocrm.queue WHERE id IN ($claimed2)"),
+	'pending/0,pending/0,pending/0,pending/0', 'and its queue is the primary\'s, untouched');
+
+$drain = start_drain($standby2);
+ok( wait_for(sub { (grep { $_->{path} eq '/slow/8000' } @{ $sink->requests }) > $hooks_before }, 30,
+		'the second slow webhook to arrive'),
+	'the old primary\'s drain is in the middle of the webhook');
+$standby2->safe_psql('postgres', q{INSERT INTO nocrm.leads (title, status, contact_email)
+  VALUES ('Worker later', 'standby', 'wlater@client.example')});
+$standby2->wait_for_catchup($standby3, 'replay', $standby2->lsn('insert'));
+$standby2->stop('immediate');
+finish_drain($drain);
+my $mails_at_failover = scalar @{ $sink->mails };
+$standby3->promote;
+$standby3->poll_query_until('postgres', 'SELECT NOT pg_is_in_recovery()')
+  or die 'standby3 was not promoted';
+ok(wait_for(sub { drain_workers($standby3) == 1 }, 30, 'the drain worker on the promoted standby'),
+	'promoted: the drain worker starts by itself');
+is( $standby3->safe_psql('postgres',
+		q{SELECT datname FROM pg_stat_activity WHERE backend_type = 'nocrm drain worker'}),
+	'postgres', 'connected to nocrm.worker_database');
+my $all2 = q{SELECT string_agg(DISTINCT state, ',') FROM nocrm.queue WHERE kind IN ('email', 'webhook')};
+ok(wait_for(sub { $standby3->safe_psql('postgres', $all2) eq 'done' }, 60, 'the worker to deliver everything'),
+	'the worker delivered everything, with no CALL nocrm.drain()');
+is( $standby3->safe_psql('postgres',
+		"SELECT string_agg(state || '/' || attempts, ',' ORDER BY id) FROM nocrm.queue WHERE id IN ($claimed2)"),
+	'done/2,done/2,done/2,done/2', 'the held batch: each item done at its second attempt (after the lease)');
+my %count2;
+$count2{ join(',', @{ $_->{rcpt_tos} }) }++ for @{ $sink->mails }[ $mails_at_failover .. $#{ $sink->mails } ];
+is_deeply(\%count2, { 'wlater@client.example' => 1, map { ("w$_\@client.example" => 1) } 1 .. 3 },
+	'each email sent once: the three of the held batch and the one queued after the claim');
+is(scalar(@{ $sink->mails }) - $mails_at_failover, 4, 'and no other email (nothing of before sent again)');
+my @hooks2 = (grep { $_->{path} eq '/slow/8000' } @{ $sink->requests })[ $hooks_before .. $hooks_before + 2 ];
+@hooks2 = grep { defined } @hooks2;
+is(scalar @hooks2, 2, 'the webhook in flight at the failover was sent again by the worker (at least once)');
+is($hooks2[0]{headers}{'idempotency-key'}, $hooks2[1]{headers}{'idempotency-key'}, 'with the same Idempotency-Key');
+isnt($hooks2[0]{headers}{'idempotency-key'}, $hooks[0]{headers}{'idempotency-key'}, '(another webhook than the first failover\'s)');
+
+$standby3->stop;
 $sink->stop;
 done_testing();
