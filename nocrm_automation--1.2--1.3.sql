@@ -1909,7 +1909,11 @@ BEGIN
                 AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = 'nocrm_restore_complete')
               ORDER BY c.relname
     LOOP
-        EXECUTE format('CREATE TRIGGER nocrm_restore_complete AFTER INSERT ON %s FOR EACH STATEMENT EXECUTE FUNCTION nocrm.restore_complete()', t);
+        -- a load is a statement of the restore itself: the rows a trigger of
+        -- ours writes while a load runs (the seeded rows) end no load, and
+        -- must not take the loads' lock in the middle of one
+        EXECUTE format('CREATE TRIGGER nocrm_restore_complete AFTER INSERT ON %s FOR EACH STATEMENT'
+                       ' WHEN (pg_catalog.pg_trigger_depth() < 1) EXECUTE FUNCTION nocrm.restore_complete()', t);
     END LOOP;
 END $$;
 REVOKE ALL ON FUNCTION nocrm.restore_order_triggers() FROM PUBLIC;
@@ -2014,3 +2018,13 @@ BEGIN
     END LOOP;
     RETURN out;
 END $$;
+
+-- ==== seeded rows while a dump is loaded ====
+-- The CRM's first users or templates start nocrm.seeded_rows, except while
+-- a dump is loaded: its own seeded_rows arrive with it, and the sessions of
+-- a parallel restore would otherwise write the same seeds at once (and
+-- deadlock on them).
+CREATE OR REPLACE TRIGGER nocrm_seeded_rows_start AFTER INSERT ON nocrm.users
+    FOR EACH STATEMENT WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.seeded_rows_start();
+CREATE OR REPLACE TRIGGER nocrm_seeded_rows_start AFTER INSERT ON nocrm.email_templates
+    FOR EACH STATEMENT WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.seeded_rows_start();
