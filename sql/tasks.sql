@@ -6,21 +6,7 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 
-CREATE FUNCTION pg_temp.try_sql(stmt text,
-    OUT code text, OUT message text, OUT detail text, OUT hint text)
-LANGUAGE plpgsql AS $$
-BEGIN
-    BEGIN
-        EXECUTE stmt;
-        RAISE EXCEPTION USING ERRCODE = 'ZZ999', MESSAGE = 'no error';
-    EXCEPTION WHEN OTHERS THEN
-        GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
-                                detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
-        IF code = 'ZZ999' THEN
-            code := 'none';
-        END IF;
-    END;
-END $$;
+\i test/fixtures/try_sql.sql
 
 -- The tasks as a table: due times relative to when the task was made, or as they are.
 CREATE FUNCTION pg_temp.tasks() RETURNS TABLE (id bigint, lead text, assignee text, title text,

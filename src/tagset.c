@@ -125,7 +125,7 @@ nocrm_tagset_load(int64 *ids, int n)
 														  SPI_tuptable->tupdesc, 1, &isnull));
 		char	   *name = SPI_getvalue(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2);
 
-		if (strlen(name) >= sizeof(((LeadTag *) 0)->name))
+		if (!nocrm_tagset_fits(name))
 		{
 			/* a name too long for the set: these leads take the per-lead path */
 			MemoryContextSwitchTo(old);
