@@ -8,6 +8,7 @@ OBJS = \
 	src/chain.o \
 	src/dates.o \
 	src/definition.o \
+	src/direct_insert.o \
 	src/delivery.o \
 	src/dispatch.o \
 	src/due.o \

@@ -1757,3 +1757,10 @@ CREATE OR REPLACE TRIGGER nocrm_seeded_rows_start AFTER INSERT ON nocrm.users
     FOR EACH STATEMENT WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.seeded_rows_start();
 CREATE OR REPLACE TRIGGER nocrm_seeded_rows_start AFTER INSERT ON nocrm.email_templates
     FOR EACH STATEMENT WHEN (NOT nocrm.restoring()) EXECUTE FUNCTION nocrm.seeded_rows_start();
+
+-- ==== record rows without an INSERT ====
+CREATE FUNCTION nocrm.record_writes(reset boolean DEFAULT false,
+                                    OUT table_name text, OUT direct bigint, OUT by_sql bigint)
+RETURNS SETOF record AS 'MODULE_PATHNAME', 'nocrm_record_writes' LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION nocrm.record_writes(boolean) IS
+'This session''s batched record rows per table: written directly (multi-insert, no INSERT statement) and by INSERT. reset => true zeroes them after reading.';

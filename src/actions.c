@@ -541,12 +541,9 @@ id_sequence(const char *relname, Oid *seq, Oid *for_automations)
 
 static WriteBuffer queue_buffer = {
 	.what = "queueing work for the drain failed",
-	.sql = "INSERT INTO nocrm.queue (id, kind, automation_id, action_no, lead_id, event,"
-	"  recipient, payload, run_at, actor_id)"
-	" SELECT r.id, r.kind, r.automation_id, r.action_no, r.lead_id, r.event, r.recipient,"
-	"        r.payload, r.run_at, r.actor_id"
-	"   FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-	"        AS r(id, kind, automation_id, action_no, lead_id, event, recipient, payload, run_at, actor_id)",
+	.table = "queue",
+	.columns = {"id", "kind", "automation_id", "action_no", "lead_id", "event", "recipient", "payload",
+	"run_at", "actor_id"},
 	.ncols = 10,
 	.types = {INT8OID, TEXTOID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID, JSONBOID,
 	TIMESTAMPTZOID, INT8OID},
@@ -707,9 +704,8 @@ static void notify_in_bulk(WriteBuffer *buf);
 static WriteBuffer notifications_buffer = {
 	.what = "writing notifications failed",
 	.before_write = notify_in_bulk,
-	.sql = "INSERT INTO nocrm.notifications (id, user_id, lead_id, automation_id, message)"
-	" SELECT r.id, r.user_id, r.lead_id, r.automation_id, r.message"
-	"   FROM unnest($1, $2, $3, $4, $5) AS r(id, user_id, lead_id, automation_id, message)",
+	.table = "notifications",
+	.columns = {"id", "user_id", "lead_id", "automation_id", "message"},
 	.ncols = 5,
 	.types = {INT8OID, INT8OID, INT8OID, INT4OID, TEXTOID},
 };

@@ -9,13 +9,10 @@
 
 static WriteBuffer history_buffer = {
 	.what = "writing lead history failed",
-	.sql = "INSERT INTO nocrm.lead_history (lead_id, event, actor_id, automation_id,"
-	"  stage_trigger_id, chain_depth, old_value, new_value, detail, created_at)"
-	" SELECT r.lead_id, r.event, r.actor_id, r.automation_id, r.stage_trigger_id,"
-	"        r.chain_depth, r.old_value, r.new_value, r.detail, r.created_at"
-	"   FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-	"        AS r(lead_id, event, actor_id, automation_id, stage_trigger_id, chain_depth,"
-	"             old_value, new_value, detail, created_at)",
+	.table = "lead_history",
+	.columns = {"lead_id", "event", "actor_id", "automation_id", "stage_trigger_id", "chain_depth",
+	"old_value", "new_value", "detail", "created_at"},
+	.direct = true,
 	.ncols = 10,
 	.types = {INT8OID, TEXTOID, INT8OID, INT4OID, INT4OID, INT4OID, JSONBOID, JSONBOID, TEXTOID,
 	TIMESTAMPTZOID},

@@ -564,7 +564,10 @@ extern bool nocrm_lead_row_wanted(char op, struct TupleTableSlot *oldslot,
 typedef struct WriteBuffer
 {
 	const char *what;			/* for the error message */
-	const char *sql;			/* INSERT ... FROM unnest($1, $2, ...) */
+	const char *table;			/* nocrm.<table> */
+	const char *columns[WRITEBUF_MAX_COLS];
+	const char *sql;			/* NULL: INSERT INTO table (columns) SELECT FROM unnest($1, ...) */
+	bool		direct;			/* may skip the INSERT (direct_insert.c) */
 	void		(*before_write) (struct WriteBuffer *buf);	/* optional */
 	int			ncols;
 	Oid			types[WRITEBUF_MAX_COLS];	/* element types */
@@ -579,8 +582,14 @@ typedef struct WriteBuffer
 	Datum	   *values;
 	bool	   *nulls;
 	SubTransactionId *subids;
+	int64		direct_rows;	/* written so far, for nocrm.record_writes() */
+	int64		sql_rows;
 } WriteBuffer;
 extern void nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls);
+/* direct_insert.c: record rows without an INSERT statement */
+extern bool nocrm_direct_insert(const char *table, int ncols, const char *const *names,
+								const Oid *types, int nrows, const Datum *values,
+								const bool *nulls);
 extern void nocrm_buffers_flush(void);
 extern void nocrm_buffers_xact_end(void);
 extern void nocrm_buffers_subxact_abort(SubTransactionId subid);

@@ -79,13 +79,10 @@ nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *even
 
 static WriteBuffer runs_buffer = {
 	.what = "recording an automation run failed",
-	.sql = "INSERT INTO nocrm.automation_runs (automation_id, stage_trigger_id, lead_id, event,"
-	"  mode, outcome, change, actor_id, chain_depth, actions, detail, nactions, created_at)"
-	" SELECT r.automation_id, r.stage_trigger_id, r.lead_id, r.event, r.mode, r.outcome,"
-	"        r.change, r.actor_id, r.chain_depth, r.actions, r.detail, r.nactions, r.created_at"
-	"   FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-	"        AS r(automation_id, stage_trigger_id, lead_id, event, mode, outcome, change,"
-	"             actor_id, chain_depth, actions, detail, nactions, created_at)",
+	.table = "automation_runs",
+	.columns = {"automation_id", "stage_trigger_id", "lead_id", "event", "mode", "outcome", "change",
+	"actor_id", "chain_depth", "actions", "detail", "nactions", "created_at"},
+	.direct = true,
 	.ncols = 13,
 	.types = {INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT8OID, INT4OID,
 	JSONBOID, TEXTOID, INT4OID, TIMESTAMPTZOID},

@@ -44,6 +44,7 @@ tags_before_write(WriteBuffer *buf)
 
 static WriteBuffer tags_buffer = {
 	.what = "adding tags failed",
+	.table = "tags",
 	.sql = "INSERT INTO nocrm.tags (lead_id, name)"
 	" SELECT r.lead_id, r.name FROM unnest($1, $2) AS r(lead_id, name)"
 	" ON CONFLICT DO NOTHING",

@@ -15,6 +15,9 @@
 #include "nocrm.h"
 
 #include "access/xact.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
 #include "utils/array.h"
 #include "utils/datum.h"
 #include "utils/lsyscache.h"
@@ -23,6 +26,8 @@
 #define BUFFER_LIMIT	10000	/* rows across all buffers before a flush */
 
 static MemoryContext buffer_context = NULL;	/* child of TopTransactionContext */
+PG_FUNCTION_INFO_V1(nocrm_record_writes);
+
 static WriteBuffer *registered[8];
 static int	nregistered = 0;
 static int	total_rows = 0;
@@ -86,14 +91,42 @@ nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls)
 		nocrm_buffers_flush();
 }
 
+/* INSERT INTO nocrm.table (columns) SELECT * FROM unnest($1, ...) */
+static const char *
+insert_sql(WriteBuffer *buf)
+{
+	StringInfoData sql;
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "INSERT INTO nocrm.%s (", buf->table);
+	for (int c = 0; c < buf->ncols; c++)
+		appendStringInfo(&sql, "%s%s", c ? ", " : "", buf->columns[c]);
+	appendStringInfoString(&sql, ") SELECT * FROM unnest(");
+	for (int c = 0; c < buf->ncols; c++)
+		appendStringInfo(&sql, "%s$%d", c ? ", " : "", c + 1);
+	appendStringInfoChar(&sql, ')');
+	return sql.data;
+}
+
 /* Writes the buffer's first n rows. */
 static void
 flush_one(WriteBuffer *buf, int n)
 {
-	Datum	   *args = palloc(sizeof(Datum) * buf->ncols);
-	Oid		   *argtypes = palloc(sizeof(Oid) * buf->ncols);
+	Datum	   *args;
+	Oid		   *argtypes;
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
+
+	if (buf->before_write)
+		buf->before_write(buf);
+	if (buf->direct && nocrm_direct_insert(buf->table, buf->ncols, buf->columns, buf->types,
+										   n, buf->values, buf->nulls))
+	{
+		buf->direct_rows += n;
+		return;
+	}
+	args = palloc(sizeof(Datum) * buf->ncols);
+	argtypes = palloc(sizeof(Oid) * buf->ncols);
 
 	for (int c = 0; c < buf->ncols; c++)
 	{
@@ -110,10 +143,16 @@ flush_one(WriteBuffer *buf, int n)
 													 buf->typlen[c], buf->typbyval[c],
 													 buf->typalign[c]));
 	}
-	if (buf->before_write)
-		buf->before_write(buf);
+	if (buf->sql == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		buf->sql = insert_sql(buf);
+		MemoryContextSwitchTo(old);
+	}
 	nocrm_plan(&buf->plan, buf->sql, buf->ncols, argtypes);
 	nocrm_exec_plan(buf->plan, args, NULL, SPI_OK_INSERT, buf->what);
+	buf->sql_rows += n;
 }
 
 /* Drops the first n rows (written); rows made while they were written stay. */
@@ -217,6 +256,33 @@ nocrm_buffers_subxact_abort(SubTransactionId subid)
 		total_rows -= buf->n - kept;
 		buf->n = kept;
 	}
+}
+
+/*
+ * nocrm.record_writes(reset): per table this session wrote batched rows to,
+ * how many went directly and how many by INSERT.
+ */
+Datum
+nocrm_record_writes(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	bool		reset = !PG_ARGISNULL(0) && PG_GETARG_BOOL(0);
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int i = 0; i < nregistered; i++)
+	{
+		WriteBuffer *buf = registered[i];
+		Datum		values[3];
+		bool		nulls[3] = {false, false, false};
+
+		values[0] = CStringGetTextDatum(buf->table);
+		values[1] = Int64GetDatum(buf->direct_rows);
+		values[2] = Int64GetDatum(buf->sql_rows);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		if (reset)
+			buf->direct_rows = buf->sql_rows = 0;
+	}
+	return (Datum) 0;
 }
 
 /* Rows waiting in all buffers (for tests and the flush trigger). */
