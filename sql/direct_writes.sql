@@ -93,6 +93,12 @@ INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Deferred', 1);
 SELECT * FROM nocrm.record_writes(reset => true) WHERE table_name = 'lead_history';
 ALTER TABLE nocrm.lead_history DROP CONSTRAINT history_id_deferred;
 
+-- A read-only transaction gets INSERT's error, and nothing is written.
+BEGIN READ ONLY;
+SELECT nocrm.fire_trigger(1, 'read-only');
+ROLLBACK;
+SELECT count(*) AS custom_rows FROM nocrm.lead_history WHERE event = 'custom_trigger';
+
 -- A row that collides with a unique index fails the statement as INSERT would.
 SELECT max(id) + 1 AS next_id FROM nocrm.lead_history \gset
 INSERT INTO nocrm.lead_history (id, lead_id, event) VALUES (:next_id, 0, 'manual');

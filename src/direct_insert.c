@@ -8,10 +8,11 @@
  * to the table access method's multi-insert, as COPY FROM does: one WAL
  * record per page, then each row's index entries and constraint checks.
  *
- * Only for a plain table whose rows need nothing the executor would add: no
- * row-level security, no trigger other than the restore-order ones when no
- * restore runs (both are no-ops then), no deferred unique index, no
- * generated column, and the caller's columns of the types it gives.  Other
+ * Only in a read-write transaction, for a plain table whose rows need
+ * nothing the executor would add: no row-level security, no trigger other
+ * than the restore-order ones when no restore runs (both are no-ops then),
+ * no deferred unique index, no generated column, and the caller's columns
+ * of the types it gives.  Other
  * columns get their defaults (identity, clock_timestamp(), a column a user
  * added with a default).  Anything else returns false and the caller writes
  * the rows with SQL, as before.
@@ -32,6 +33,7 @@
 #include "catalog/pg_trigger.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
+#include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "optimizer/optimizer.h"
 #include "parser/parse_func.h"
@@ -249,7 +251,9 @@ nocrm_direct_insert(const char *table, int ncols, const char *const *names, cons
 	int			nslots = Min(nrows, SLOTS_PER_BATCH);
 	int			inbatch = 0;
 
-	if (!OidIsValid(relid) || ncols > WRITEBUF_MAX_COLS || nrows == 0)
+	/* INSERT refuses these with the right error */
+	if (!OidIsValid(relid) || ncols > WRITEBUF_MAX_COLS || nrows == 0 || XactReadOnly ||
+		IsInParallelMode())
 		return false;
 	rel = table_open(relid, RowExclusiveLock);
 	shape = shape_of(table, rel, ncols, names, types);
@@ -317,6 +321,7 @@ nocrm_direct_insert(const char *table, int ncols, const char *const *names, cons
 			ExecConstraints(rri, slot, estate);
 		if (++inbatch == SLOTS_PER_BATCH)
 		{
+			CHECK_FOR_INTERRUPTS();
 			insert_batch(rri, estate, slots, inbatch, cid, bistate);
 			inbatch = 0;
 		}
