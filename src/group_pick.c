@@ -41,7 +41,8 @@
 #define MAX_HELD_GROUPS			16
 
 static SPIPlanPtr plan_members,
-			plan_members_tasks;
+			plan_members_tasks,
+			plan_members_any_time;
 
 /* A group's available members, by position, as one pick sees them. */
 typedef struct Members
@@ -207,10 +208,19 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 	Datum		args[6] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
 		BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours),
 	BoolGetDatum(balanced)};
+	bool		any_time = !balanced && !action->only_working_hours;
+	SPIPlanPtr	plan;
 	int			ret;
 
 	/* (two statements: nocrm.tasks is not there before 1.3) */
-	if (tasks)
+	if (any_time)
+		nocrm_plan(&plan_members_any_time,
+				   "SELECT c.user_id, c.position, c.weight,"
+				   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+				   "       NULL::bigint"
+				   MEMBERS_ANY_TIME("c", "u") " ORDER BY c.position",
+				   6, types);
+	else if (tasks)
 		nocrm_plan(&plan_members_tasks,
 				   "SELECT c.user_id, c.position, c.weight,"
 				   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
@@ -224,7 +234,8 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 				   "       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
 				   MEMBERS("c", "u") " ORDER BY c.position",
 				   6, types);
-	ret = SPI_execute_plan(tasks ? plan_members_tasks : plan_members, args, NULL, false, 0);
+	plan = any_time ? plan_members_any_time : tasks ? plan_members_tasks : plan_members;
+	ret = SPI_execute_plan(plan, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading a group's members failed: %s", SPI_result_code_string(ret));
 	m->n = (int) SPI_processed;

@@ -36,6 +36,18 @@
 	"                  AND (now() AT TIME ZONE " u ".timezone)::time < w.ends))" \
 	"  AND (" c ".cap IS NULL OR " OPEN_LEADS(c) " < " c ".cap)))"
 
+/* The same for a pick outside working hours and without balance ($5 false):
+ * no working-hours subplans to start on every pick. */
+#define AVAILABLE_ANY_TIME(c, u) \
+	" " u ".active AND ($4 OR (" \
+	"  NOT EXISTS (SELECT 1 FROM nocrm.absences a WHERE a.user_id = " u ".id" \
+	"              AND now() >= a.starts_at AND now() < a.ends_at)" \
+	"  AND (" c ".cap IS NULL OR " OPEN_LEADS(c) " < " c ".cap)))"
+
+#define MEMBERS_ANY_TIME(c, u) \
+	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
+	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" AVAILABLE_ANY_TIME(c, u)
+
 #define MEMBERS(c, u) \
 	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
 	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" AVAILABLE(c, u)
