@@ -192,6 +192,11 @@ lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
 	return best;
 }
 
+/* each member query's columns before the open count */
+#define MEMBER_COUNTS \
+	"SELECT c.user_id, c.position, c.weight," \
+	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+
 /*
  * The available members with their counts, inside the group's critical
  * section: committed + unwritten + in flight; a claim in flight is also a
@@ -212,25 +217,22 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 	SPIPlanPtr	plan;
 	int			ret;
 
-	/* (two statements: nocrm.tasks is not there before 1.3) */
+	/* (tasks balance by their own statement: nocrm.tasks is not there before 1.3) */
 	if (any_time)
 		nocrm_plan(&plan_members_any_time,
-				   "SELECT c.user_id, c.position, c.weight,"
-				   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+				   MEMBER_COUNTS
 				   "       NULL::bigint"
 				   MEMBERS_ANY_TIME("c", "u") " ORDER BY c.position",
 				   6, types);
 	else if (tasks)
 		nocrm_plan(&plan_members_tasks,
-				   "SELECT c.user_id, c.position, c.weight,"
-				   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+				   MEMBER_COUNTS
 				   "       CASE WHEN $6 THEN " OPEN_TASKS("c") " END"
 				   MEMBERS("c", "u") " ORDER BY c.position",
 				   6, types);
 	else
 		nocrm_plan(&plan_members,
-				   "SELECT c.user_id, c.position, c.weight,"
-				   "       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+				   MEMBER_COUNTS
 				   "       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
 				   MEMBERS("c", "u") " ORDER BY c.position",
 				   6, types);

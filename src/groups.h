@@ -23,33 +23,35 @@
 	"(SELECT count(*) FROM nocrm.tasks k WHERE k.assignee_id = " c ".user_id" \
 	" AND k.done_at IS NULL)"
 
-#define AVAILABLE(c, u) \
-	" " u ".active AND ($4 OR (" \
+#define NOT_ABSENT(u) \
 	"  NOT EXISTS (SELECT 1 FROM nocrm.absences a WHERE a.user_id = " u ".id" \
-	"              AND now() >= a.starts_at AND now() < a.ends_at)" \
+	"              AND now() >= a.starts_at AND now() < a.ends_at)"
+
+#define WITHIN_HOURS_IF_ASKED(u) \
 	"  AND (NOT $5" \
 	"       OR (NOT EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id)" \
 	"           AND nocrm.is_working(NULL, now()))" \
 	"       OR EXISTS (SELECT 1 FROM nocrm.working_hours w WHERE w.user_id = " u ".id" \
 	"                  AND w.weekday = extract(isodow FROM now() AT TIME ZONE " u ".timezone)" \
 	"                  AND (now() AT TIME ZONE " u ".timezone)::time >= w.starts" \
-	"                  AND (now() AT TIME ZONE " u ".timezone)::time < w.ends))" \
-	"  AND (" c ".cap IS NULL OR " OPEN_LEADS(c) " < " c ".cap)))"
+	"                  AND (now() AT TIME ZONE " u ".timezone)::time < w.ends))"
 
-/* The same for a pick outside working hours and without balance ($5 false):
- * no working-hours subplans to start on every pick. */
+#define UNDER_CAP(c) \
+	"  AND (" c ".cap IS NULL OR " OPEN_LEADS(c) " < " c ".cap)"
+
+#define AVAILABLE(c, u) \
+	" " u ".active AND ($4 OR (" NOT_ABSENT(u) WITHIN_HOURS_IF_ASKED(u) UNDER_CAP(c) "))"
+
+/* The same for a pick with $5 false: no working-hours subplans to start on
+ * every pick. */
 #define AVAILABLE_ANY_TIME(c, u) \
-	" " u ".active AND ($4 OR (" \
-	"  NOT EXISTS (SELECT 1 FROM nocrm.absences a WHERE a.user_id = " u ".id" \
-	"              AND now() >= a.starts_at AND now() < a.ends_at)" \
-	"  AND (" c ".cap IS NULL OR " OPEN_LEADS(c) " < " c ".cap)))"
+	" " u ".active AND ($4 OR (" NOT_ABSENT(u) UNDER_CAP(c) "))"
 
-#define MEMBERS_ANY_TIME(c, u) \
+#define MEMBERS_WHERE(c, u, available) \
 	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
-	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" AVAILABLE_ANY_TIME(c, u)
+	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" available
 
-#define MEMBERS(c, u) \
-	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
-	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" AVAILABLE(c, u)
+#define MEMBERS(c, u)			MEMBERS_WHERE(c, u, AVAILABLE(c, u))
+#define MEMBERS_ANY_TIME(c, u)	MEMBERS_WHERE(c, u, AVAILABLE_ANY_TIME(c, u))
 
 #endif							/* NOCRM_GROUPS_H */
