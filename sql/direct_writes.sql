@@ -108,6 +108,50 @@ INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Collides', 1);
 SELECT count(*) AS collided FROM nocrm.leads WHERE title = 'Collides';
 DELETE FROM nocrm.lead_history WHERE event = 'manual';
 
+-- Notifications and queue rows go directly too.  A notification's user (a
+-- foreign key) is checked once per batch and distinct user, and locked FOR
+-- KEY SHARE as the per-row check would lock it.
+SELECT nocrm.create_automation(name => 'mail and tell', event => 'lead.creation',
+  conditions => '{"pipeline": "Onboarding"}',
+  actions => '[{"type": "send_email", "template": "quote_followup"},
+               {"type": "notify", "user": "giovanni@example.com", "message": "Onboarding: {{lead.title}}"},
+               {"type": "notify", "user": "sara.manager@example.com", "message": "Onboarding: {{lead.title}}"}]') AS mail_and_tell \gset
+SELECT count(*) AS tables FROM nocrm.record_writes(reset => true);
+BEGIN;
+INSERT INTO nocrm.leads (title, pipeline_id, contact_email)
+  SELECT 'Onboard ' || g, 2, 'buyer' || g || '@client.example' FROM generate_series(1, 1200) g;
+SELECT * FROM nocrm.record_writes(reset => true) WHERE table_name IN ('notifications', 'queue');
+SELECT u.email, count(*), count(DISTINCT n.lead_id) AS leads, bool_and(n.created_at = now() AND n.read_at IS NULL) AS defaults
+  FROM nocrm.notifications n JOIN nocrm.users u ON u.id = n.user_id
+ WHERE n.message LIKE 'Onboarding: %' GROUP BY u.email ORDER BY u.email;
+SELECT kind, state, count(*), count(DISTINCT lead_id) AS leads FROM nocrm.queue
+ WHERE automation_id = :mail_and_tell GROUP BY kind, state;
+-- the two notified users are locked by this transaction (against a
+-- delete), the others are not
+SELECT email, xmax::text::bigint = txid_current() % 4294967296 AS locked_here
+  FROM nocrm.users WHERE id > 0 ORDER BY id;
+SET enable_seqscan = off;
+SELECT count(*) AS unread_by_index FROM nocrm.notifications
+ WHERE user_id = (SELECT id FROM nocrm.users WHERE email = 'sara.manager@example.com') AND read_at IS NULL;
+RESET enable_seqscan;
+ROLLBACK;
+-- a user deleted by the same statement: the batch goes to INSERT, and the
+-- constraint's own error fails the statement
+\set VERBOSITY terse
+WITH gone AS (DELETE FROM nocrm.users WHERE email = 'sara.manager@example.com' RETURNING id)
+INSERT INTO nocrm.leads (title, pipeline_id) SELECT 'Orphan ' || g, 2 FROM generate_series(1, 3) g;
+\set VERBOSITY default
+SELECT * FROM nocrm.record_writes(reset => true) WHERE table_name = 'notifications';
+SELECT count(*) AS orphans FROM nocrm.leads WHERE title LIKE 'Orphan %';
+-- a deferrable foreign key is checked at commit by its trigger: by INSERT
+ALTER TABLE nocrm.notifications ALTER CONSTRAINT notifications_user_id_fkey DEFERRABLE INITIALLY IMMEDIATE;
+INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Deferrable', 2);
+SELECT * FROM nocrm.record_writes(reset => true) WHERE table_name = 'notifications';
+ALTER TABLE nocrm.notifications ALTER CONSTRAINT notifications_user_id_fkey NOT DEFERRABLE;
+INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Immediate again', 2);
+SELECT * FROM nocrm.record_writes(reset => true) WHERE table_name = 'notifications';
+SELECT nocrm.delete_automation(:mail_and_tell);
+
 -- Everything the rows reached, compared with the same work done by INSERT
 -- (a trigger that does nothing forces that path).
 CREATE FUNCTION public.nothing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;

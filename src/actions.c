@@ -542,6 +542,7 @@ id_sequence(const char *relname, Oid *seq, Oid *for_automations)
 static WriteBuffer queue_buffer = {
 	.what = "queueing work for the drain failed",
 	.table = "queue",
+	.direct = true,
 	.columns = {"id", "kind", "automation_id", "action_no", "lead_id", "event", "recipient", "payload",
 	"run_at", "actor_id"},
 	.ncols = 10,
@@ -705,6 +706,7 @@ static WriteBuffer notifications_buffer = {
 	.what = "writing notifications failed",
 	.before_write = notify_in_bulk,
 	.table = "notifications",
+	.direct = true,
 	.columns = {"id", "user_id", "lead_id", "automation_id", "message"},
 	.ncols = 5,
 	.types = {INT8OID, INT8OID, INT8OID, INT4OID, TEXTOID},

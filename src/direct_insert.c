@@ -10,9 +10,14 @@
  *
  * Only in a read-write transaction, for a plain table whose rows need
  * nothing the executor would add: no row-level security, no trigger other
- * than the restore-order ones when no restore runs (both are no-ops then),
- * no deferred unique index, no generated column, and the caller's columns
- * of the types it gives.  Other
+ * than the restore-order ones when no restore runs (both are no-ops then)
+ * and the checks of immediate single-column integer foreign keys, no
+ * deferred unique index, no generated column, and the caller's columns
+ * of the types it gives.  A foreign key is checked once per batch and
+ * distinct key, by the query RI_FKey_check_ins runs per row (the
+ * referenced rows locked FOR KEY SHARE, as the owner of their table); a
+ * key it does not find sends the batch to INSERT, which raises the
+ * constraint's own error.  Other
  * columns get their defaults (identity, clock_timestamp(), a column a user
  * added with a default).  Anything else returns false and the caller writes
  * the rows with SQL, as before.
@@ -31,6 +36,7 @@
 #include "access/genam.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_trigger.h"
+#include "executor/spi.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "miscadmin.h"
@@ -38,13 +44,27 @@
 #include "optimizer/optimizer.h"
 #include "parser/parse_func.h"
 #include "rewrite/rewriteHandler.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/syscache.h"
 
 #define SLOTS_PER_BATCH	1000	/* as COPY FROM's buffer */
 #define CACHED_TABLES	4
+#define MAX_FOREIGN_KEYS 4
+
+/* A foreign key whose per-row check trigger the batch replaces. */
+typedef struct ForeignKeyCheck
+{
+	Oid			constraint;
+	int			col;			/* the caller's column */
+	Oid			keytype;		/* INT4OID or INT8OID */
+	Oid			pkowner;		/* the check runs as the referenced table's owner */
+	SPIPlanPtr	plan;			/* $1 keys[] -> how many exist, locked */
+} ForeignKeyCheck;
 
 /* What a table's rows need, for one caller's columns. */
 typedef struct TableShape
@@ -60,6 +80,8 @@ typedef struct TableShape
 	Expr	  **defaults;		/* per attribute, planned; NULL = none/given */
 	int			nchecks;
 	Expr	  **checks;			/* planned, in the order of constr->check */
+	int			nfks;
+	ForeignKeyCheck fks[MAX_FOREIGN_KEYS];
 } TableShape;
 
 static TableShape shapes[CACHED_TABLES];
@@ -80,17 +102,20 @@ restore_function(const char *name)
 }
 
 /*
- * Whether only the restore-order triggers fire on an INSERT (*restore set
- * when there are any); false when any other does.
+ * Whether the batch can stand in for every INSERT trigger: the
+ * restore-order ones (shape->restore_triggers) and the immediate foreign
+ * key checks (their constraints into shape->fks).  False when any other
+ * trigger fires.
  */
 static bool
-only_restore_triggers(Relation rel, bool *restore)
+known_insert_triggers(Relation rel, TableShape *shape)
 {
 	TriggerDesc *td = rel->trigdesc;
 	Oid			hold,
 				complete;
 
-	*restore = false;
+	shape->restore_triggers = false;
+	shape->nfks = 0;
 	if (td == NULL)
 		return true;
 	hold = restore_function("restore_hold");
@@ -101,9 +126,123 @@ only_restore_triggers(Relation rel, bool *restore)
 
 		if (!TRIGGER_FOR_INSERT(t->tgtype))
 			continue;
-		if (!OidIsValid(t->tgfoid) || (t->tgfoid != hold && t->tgfoid != complete))
+		if (OidIsValid(t->tgfoid) && (t->tgfoid == hold || t->tgfoid == complete))
+			shape->restore_triggers = true;
+		else if (t->tgfoid == F_RI_FKEY_CHECK_INS && !t->tgdeferrable &&
+				 shape->nfks < MAX_FOREIGN_KEYS)
+		{
+			shape->fks[shape->nfks].plan = NULL;
+			shape->fks[shape->nfks++].constraint = t->tgconstraint;
+		}
+		else
 			return false;
-		*restore = true;
+	}
+	return true;
+}
+
+/* Plans fk's check; false if the key is not one the batch can check. */
+static bool
+foreign_key_plan(ForeignKeyCheck *fk, Relation rel, const TableShape *shape, int ncols)
+{
+	ListCell   *lc;
+	ForeignKeyCacheInfo *info = NULL;
+	char	   *sql;
+	Oid			argtype;
+
+	foreach(lc, RelationGetFKeyList(rel))
+		if (((ForeignKeyCacheInfo *) lfirst(lc))->conoid == fk->constraint)
+			info = lfirst(lc);
+	if (info == NULL || info->nkeys != 1 || get_rel_relkind(info->confrelid) != RELKIND_RELATION)
+		return false;
+	fk->col = -1;
+	for (int c = 0; c < ncols; c++)
+		if (shape->colattr[c] == info->conkey[0])
+			fk->col = c;
+	if (fk->col < 0)
+		return false;
+	fk->keytype = get_atttype(shape->relid, info->conkey[0]);
+	if ((fk->keytype != INT4OID && fk->keytype != INT8OID) ||
+		get_atttype(info->confrelid, info->confkey[0]) != fk->keytype)
+		return false;
+	{
+		HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(info->confrelid));
+
+		if (!HeapTupleIsValid(tup))
+			return false;
+		fk->pkowner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+		ReleaseSysCache(tup);
+	}
+	sql = psprintf("SELECT pg_catalog.count(*) FROM (SELECT 1 FROM ONLY %s x WHERE %s"
+				   " OPERATOR(pg_catalog.=) ANY ($1) FOR KEY SHARE OF x) s",
+				   quote_qualified_identifier(get_namespace_name(get_rel_namespace(info->confrelid)),
+											  get_rel_name(info->confrelid)),
+				   quote_identifier(get_attname(info->confrelid, info->confkey[0], false)));
+	argtype = get_array_type(fk->keytype);
+	fk->plan = SPI_prepare(sql, 1, &argtype);
+	if (fk->plan == NULL)
+		elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
+	SPI_keepplan(fk->plan);
+	return true;
+}
+
+static int
+int64_cmp(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a,
+				y = *(const int64 *) b;
+
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * Whether every referenced row of the batch exists; locks them FOR KEY
+ * SHARE, as the per-row checks would.  One query per key, for its
+ * distinct values.
+ */
+static bool
+foreign_keys_present(const TableShape *shape, int ncols, int nrows, const Datum *values,
+					 const bool *nulls)
+{
+	for (int f = 0; f < shape->nfks; f++)
+	{
+		const ForeignKeyCheck *fk = &shape->fks[f];
+		int64	   *keys = palloc(sizeof(int64) * nrows);
+		Datum	   *elems;
+		Datum		arg;
+		int			n = 0,
+					distinct = 0;
+		Oid			save_userid;
+		int			save_sec;
+		bool		isnull;
+		int64		found;
+
+		for (int r = 0; r < nrows; r++)
+		{
+			Datum		v = values[r * ncols + fk->col];
+
+			if (!nulls[r * ncols + fk->col])
+				keys[n++] = fk->keytype == INT8OID ? DatumGetInt64(v) : DatumGetInt32(v);
+		}
+		if (n == 0)
+			continue;
+		qsort(keys, n, sizeof(int64), int64_cmp);
+		elems = palloc(sizeof(Datum) * n);
+		for (int i = 0; i < n; i++)
+			if (i == 0 || keys[i] != keys[i - 1])
+				elems[distinct++] = fk->keytype == INT8OID ? Int64GetDatum(keys[i])
+					: Int32GetDatum((int32) keys[i]);
+		arg = PointerGetDatum(construct_array(elems, distinct, fk->keytype,
+											  fk->keytype == INT8OID ? 8 : 4, true,
+											  fk->keytype == INT8OID ? TYPALIGN_DOUBLE : TYPALIGN_INT));
+		GetUserIdAndSecContext(&save_userid, &save_sec);
+		SetUserIdAndSecContext(fk->pkowner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+							   SECURITY_NOFORCE_RLS);
+		if (SPI_execute_plan(fk->plan, &arg, NULL, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "checking foreign key %u failed", fk->constraint);
+		SetUserIdAndSecContext(save_userid, save_sec);
+		found = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		if (found != distinct)
+			return false;
 	}
 	return true;
 }
@@ -138,6 +277,10 @@ shape_build(TableShape *shape, Relation rel, int ncols, const char *const *names
 	bool	   *given;
 	MemoryContext old;
 
+	for (int f = 0; f < shape->nfks; f++)
+		if (shape->fks[f].plan)
+			SPI_freeplan(shape->fks[f].plan);
+	shape->nfks = 0;
 	if (shape->context)
 		MemoryContextReset(shape->context);
 	else
@@ -147,8 +290,11 @@ shape_build(TableShape *shape, Relation rel, int ncols, const char *const *names
 	shape->valid = true;
 	shape->direct = false;
 	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relrowsecurity ||
-		!only_restore_triggers(rel, &shape->restore_triggers) || !indexes_immediate(rel))
+		!known_insert_triggers(rel, shape) || !indexes_immediate(rel))
+	{
+		shape->nfks = 0;
 		return;
+	}
 
 	old = MemoryContextSwitchTo(shape->context);
 	given = palloc0(sizeof(bool) * desc->natts);
@@ -181,6 +327,9 @@ shape_build(TableShape *shape, Relation rel, int ncols, const char *const *names
 	shape->checks = palloc0(sizeof(Expr *) * Max(shape->nchecks, 1));
 	for (int i = 0; i < shape->nchecks; i++)
 		shape->checks[i] = expression_planner((Expr *) stringToNode(constr->check[i].ccbin));
+	for (int f = 0; f < shape->nfks; f++)
+		if (!foreign_key_plan(&shape->fks[f], rel, shape, ncols))
+			goto out;
 	shape->direct = true;
 out:
 	MemoryContextSwitchTo(old);
@@ -257,7 +406,8 @@ nocrm_direct_insert(const char *table, int ncols, const char *const *names, cons
 		return false;
 	rel = table_open(relid, RowExclusiveLock);
 	shape = shape_of(table, rel, ncols, names, types);
-	if (shape == NULL || !shape->direct || (shape->restore_triggers && nocrm_restoring()))
+	if (shape == NULL || !shape->direct || (shape->restore_triggers && nocrm_restoring()) ||
+		!foreign_keys_present(shape, ncols, nrows, values, nulls))
 	{
 		table_close(rel, NoLock);
 		return false;
