@@ -1764,3 +1764,12 @@ CREATE FUNCTION nocrm.record_writes(reset boolean DEFAULT false,
 RETURNS SETOF record AS 'MODULE_PATHNAME', 'nocrm_record_writes' LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION nocrm.record_writes(boolean) IS
 'This session''s batched record rows per table: written directly (multi-insert, no INSERT statement) and by INSERT. reset => true zeroes them after reading.';
+
+-- ==== lead_history keyed by lead ====
+-- Every read of the history is by lead in id order; a separate primary key
+-- on id alone cost every history row a second index entry.  id stays
+-- unique by its identity; the key (and the replica identity) is now
+-- (lead_id, id).
+ALTER TABLE nocrm.lead_history DROP CONSTRAINT lead_history_pkey;
+DROP INDEX nocrm.lead_history_lead_idx;
+ALTER TABLE nocrm.lead_history ADD CONSTRAINT lead_history_pkey PRIMARY KEY (lead_id, id);

@@ -100,8 +100,9 @@ ROLLBACK;
 SELECT count(*) AS custom_rows FROM nocrm.lead_history WHERE event = 'custom_trigger';
 
 -- A row that collides with a unique index fails the statement as INSERT would.
-SELECT max(id) + 1 AS next_id FROM nocrm.lead_history \gset
-INSERT INTO nocrm.lead_history (id, lead_id, event) VALUES (:next_id, 0, 'manual');
+SELECT pg_sequence_last_value(pg_get_serial_sequence('nocrm.lead_history', 'id')) + 1 AS next_id,
+       pg_sequence_last_value(pg_get_serial_sequence('nocrm.leads', 'id')) + 1 AS next_lead \gset
+INSERT INTO nocrm.lead_history (id, lead_id, event) VALUES (:next_id, :next_lead, 'manual');
 \set VERBOSITY terse
 INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Collides', 1);
 \set VERBOSITY default
