@@ -241,6 +241,7 @@ foreign_keys_present(const TableShape *shape, int ncols, int nrows, const Datum 
 			elog(ERROR, "checking foreign key %u failed", fk->constraint);
 		SetUserIdAndSecContext(save_userid, save_sec);
 		found = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		SPI_freetuptable(SPI_tuptable);
 		if (found != distinct)
 			return false;
 	}
