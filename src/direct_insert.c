@@ -96,35 +96,43 @@ shapes_invalidate(Datum arg, Oid relid)
 }
 
 static Oid
-restore_function(const char *name)
+nocrm_function(const char *name)
 {
 	return LookupFuncName(list_make2(makeString("nocrm"), makeString(pstrdup(name))), 0, NULL, true);
 }
 
 /*
  * Whether the batch can stand in for every INSERT trigger: the
- * restore-order ones (shape->restore_triggers) and the immediate foreign
- * key checks (their constraints into shape->fks).  False when any other
- * trigger fires.
+ * restore-order ones (shape->restore_triggers), the immediate foreign key
+ * checks (their constraints into shape->fks) and those the buffer says do
+ * nothing for its rows.  False when any other trigger fires.
  */
 static bool
-known_insert_triggers(Relation rel, TableShape *shape)
+known_insert_triggers(Relation rel, TableShape *shape, const WriteBuffer *buf)
 {
 	TriggerDesc *td = rel->trigdesc;
 	Oid			hold,
 				complete;
+	Oid			quiet[lengthof(buf->quiet_triggers)];
 
 	shape->restore_triggers = false;
 	shape->nfks = 0;
 	if (td == NULL)
 		return true;
-	hold = restore_function("restore_hold");
-	complete = restore_function("restore_complete");
+	hold = nocrm_function("restore_hold");
+	complete = nocrm_function("restore_complete");
+	for (int q = 0; q < lengthof(quiet); q++)
+		quiet[q] = buf->quiet_triggers[q] ? nocrm_function(buf->quiet_triggers[q]) : InvalidOid;
 	for (int i = 0; i < td->numtriggers; i++)
 	{
 		Trigger    *t = &td->triggers[i];
+		bool		is_quiet = false;
 
 		if (!TRIGGER_FOR_INSERT(t->tgtype))
+			continue;
+		for (int q = 0; q < lengthof(quiet); q++)
+			is_quiet |= OidIsValid(quiet[q]) && t->tgfoid == quiet[q];
+		if (is_quiet)
 			continue;
 		if (OidIsValid(t->tgfoid) && (t->tgfoid == hold || t->tgfoid == complete))
 			shape->restore_triggers = true;
@@ -271,8 +279,9 @@ indexes_immediate(Relation rel)
 
 /* Fills shape for rel and the caller's columns; shape->direct false if it does not qualify. */
 static void
-shape_build(TableShape *shape, Relation rel, int ncols, const char *const *names, const Oid *types)
+shape_build(TableShape *shape, Relation rel, const WriteBuffer *buf)
 {
+	int			ncols = buf->ncols;
 	TupleDesc	desc = RelationGetDescr(rel);
 	TupleConstr *constr = desc->constr;
 	bool	   *given;
@@ -291,7 +300,7 @@ shape_build(TableShape *shape, Relation rel, int ncols, const char *const *names
 	shape->valid = true;
 	shape->direct = false;
 	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relrowsecurity ||
-		!known_insert_triggers(rel, shape) || !indexes_immediate(rel))
+		!known_insert_triggers(rel, shape, buf) || !indexes_immediate(rel))
 	{
 		shape->nfks = 0;
 		return;
@@ -301,9 +310,9 @@ shape_build(TableShape *shape, Relation rel, int ncols, const char *const *names
 	given = palloc0(sizeof(bool) * desc->natts);
 	for (int c = 0; c < ncols; c++)
 	{
-		AttrNumber	a = get_attnum(shape->relid, names[c]);
+		AttrNumber	a = get_attnum(shape->relid, buf->columns[c]);
 
-		if (a <= 0 || TupleDescAttr(desc, a - 1)->atttypid != types[c] ||
+		if (a <= 0 || TupleDescAttr(desc, a - 1)->atttypid != buf->types[c] ||
 			TupleDescAttr(desc, a - 1)->attgenerated)
 			goto out;
 		shape->colattr[c] = a;
@@ -337,8 +346,9 @@ out:
 }
 
 static TableShape *
-shape_of(const char *table, Relation rel, int ncols, const char *const *names, const Oid *types)
+shape_of(const WriteBuffer *buf, Relation rel)
 {
+	const char *table = buf->table;
 	TableShape *shape = NULL;
 
 	if (!callback_registered)
@@ -358,35 +368,62 @@ shape_of(const char *table, Relation rel, int ncols, const char *const *names, c
 	if (shape == NULL)
 		return NULL;
 	if (!shape->valid || shape->relid != RelationGetRelid(rel))
-		shape_build(shape, rel, ncols, names, types);
+		shape_build(shape, rel, buf);
 	return shape;
 }
 
-/* Inserts the slots, then their index entries. */
+/* Rows a unique index already had, left out of the table again. */
+typedef struct Conflicts
+{
+	int			n;
+	int		   *rows;			/* the caller's row numbers */
+	ItemPointerData *tids;		/* where they were put */
+} Conflicts;
+
+/*
+ * Inserts the slots (rows first..first+n-1), then their index entries.
+ * With conflicts, a unique index entry that another row already has (or
+ * may have: its writer is in progress) is noted instead of raised.
+ */
 static void
-insert_batch(ResultRelInfo *rri, EState *estate, TupleTableSlot **slots, int n,
-			 CommandId cid, BulkInsertState bistate)
+insert_batch(ResultRelInfo *rri, EState *estate, TupleTableSlot **slots, int n, int first,
+			 CommandId cid, BulkInsertState bistate, Conflicts *conflicts)
 {
 	table_multi_insert(rri->ri_RelationDesc, slots, n, cid, 0, bistate);
 	for (int i = 0; i < n; i++)
 	{
 		if (rri->ri_NumIndices > 0)
-			ExecInsertIndexTuples(rri, slots[i], estate, false, false, NULL, NIL);
+		{
+			bool		conflict = false;
+
+			list_free(ExecInsertIndexTuples(rri, slots[i], estate, false, conflicts != NULL,
+											&conflict, NIL));
+			if (conflict)
+			{
+				conflicts->rows[conflicts->n] = first + i;
+				conflicts->tids[conflicts->n++] = slots[i]->tts_tid;
+			}
+		}
 		ExecClearTuple(slots[i]);
 	}
 }
 
 /*
- * Writes nrows rows (values/nulls: nrows x ncols, row-major) into
- * nocrm.<table> (columns names, of element types types).  table must be a
- * static string: it keys the cache.  False, with nothing written, when the
- * table needs the executor.
+ * Writes buf's first nrows rows into nocrm.<buf->table>.  Returns -1, with
+ * nothing written, when the table needs the executor.  Otherwise the number
+ * of rows left for the caller's INSERT ... ON CONFLICT DO NOTHING (their
+ * numbers in retry, nrows long): with buf->skip_conflicts, the rows a
+ * unique index already had, or may have once another transaction ends; the
+ * INSERT waits for that, as ON CONFLICT does.  They are rare: the caller
+ * only buffers rows it believes new.
  */
-bool
-nocrm_direct_insert(const char *table, int ncols, const char *const *names, const Oid *types,
-					int nrows, const Datum *values, const bool *nulls)
+int
+nocrm_direct_insert(WriteBuffer *buf, int nrows, int *retry)
 {
-	Oid			relid = get_relname_relid(table, get_namespace_oid("nocrm", false));
+	Oid			relid = get_relname_relid(buf->table, get_namespace_oid("nocrm", false));
+	int			ncols = buf->ncols;
+	const Datum *values = buf->values;
+	const bool *nulls = buf->nulls;
 	Relation	rel;
 	TableShape *shape;
 	EState	   *estate;
@@ -398,21 +435,24 @@ nocrm_direct_insert(const char *table, int ncols, const char *const *names, cons
 	BulkInsertState bistate = NULL;
 	MemoryContext old;
 	CommandId	cid;
+	Conflicts	conflicts = {0, retry, NULL};
 	int			nslots = Min(nrows, SLOTS_PER_BATCH);
 	int			inbatch = 0;
 
 	/* INSERT refuses these with the right error */
 	if (!OidIsValid(relid) || ncols > WRITEBUF_MAX_COLS || nrows == 0 || XactReadOnly ||
 		IsInParallelMode())
-		return false;
+		return -1;
 	rel = table_open(relid, RowExclusiveLock);
-	shape = shape_of(table, rel, ncols, names, types);
+	shape = shape_of(buf, rel);
 	if (shape == NULL || !shape->direct || (shape->restore_triggers && nocrm_restoring()) ||
 		!foreign_keys_present(shape, ncols, nrows, values, nulls))
 	{
 		table_close(rel, NoLock);
-		return false;
+		return -1;
 	}
+	if (buf->skip_conflicts)
+		conflicts.tids = palloc(sizeof(ItemPointerData) * nrows);
 
 	estate = CreateExecutorState();
 	rte = makeNode(RangeTblEntry);
@@ -470,15 +510,14 @@ nocrm_direct_insert(const char *table, int ncols, const char *const *names, cons
 		ResetPerTupleExprContext(estate);
 		if (rel->rd_att->constr)
 			ExecConstraints(rri, slot, estate);
-		if (++inbatch == SLOTS_PER_BATCH)
+		if (++inbatch == SLOTS_PER_BATCH || r == nrows - 1)
 		{
 			CHECK_FOR_INTERRUPTS();
-			insert_batch(rri, estate, slots, inbatch, cid, bistate);
+			insert_batch(rri, estate, slots, inbatch, r + 1 - inbatch, cid, bistate,
+						 buf->skip_conflicts ? &conflicts : NULL);
 			inbatch = 0;
 		}
 	}
-	if (inbatch > 0)
-		insert_batch(rri, estate, slots, inbatch, cid, bistate);
 
 	if (bistate)
 		FreeBulkInsertState(bistate);
@@ -486,7 +525,12 @@ nocrm_direct_insert(const char *table, int ncols, const char *const *names, cons
 	ExecCloseResultRelations(estate);
 	ExecCloseRangeTableRelations(estate);
 	FreeExecutorState(estate);
-	table_close(rel, NoLock);
 	CommandCounterIncrement();
-	return true;
+	/* visible to this command now: gone again, for the INSERT to decide */
+	for (int i = 0; i < conflicts.n; i++)
+		simple_heap_delete(rel, &conflicts.tids[i]);
+	if (conflicts.n > 0)
+		CommandCounterIncrement();
+	table_close(rel, NoLock);
+	return conflicts.n;
 }

@@ -568,7 +568,10 @@ typedef struct WriteBuffer
 	const char *columns[WRITEBUF_MAX_COLS];
 	const char *sql;			/* NULL: INSERT INTO table (columns) SELECT FROM unnest($1, ...) */
 	bool		direct;			/* may skip the INSERT (direct_insert.c) */
+	bool		skip_conflicts; /* sql ends ON CONFLICT DO NOTHING: direct leaves such rows to it */
+	const char *quiet_triggers[2];	/* nocrm trigger functions that do nothing for these rows */
 	void		(*before_write) (struct WriteBuffer *buf);	/* optional */
+	void		(*before_sql) (struct WriteBuffer *buf);	/* optional: rows go by INSERT */
 	int			ncols;
 	Oid			types[WRITEBUF_MAX_COLS];	/* element types */
 	/* set up on first use */
@@ -587,9 +590,7 @@ typedef struct WriteBuffer
 } WriteBuffer;
 extern void nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls);
 /* direct_insert.c: record rows without an INSERT statement */
-extern bool nocrm_direct_insert(const char *table, int ncols, const char *const *names,
-								const Oid *types, int nrows, const Datum *values,
-								const bool *nulls);
+extern int	nocrm_direct_insert(WriteBuffer *buf, int nrows, int *retry);
 extern void nocrm_buffers_flush(void);
 extern void nocrm_buffers_xact_end(void);
 extern void nocrm_buffers_subxact_abort(SubTransactionId subid);

@@ -38,17 +38,33 @@ static int	pending = 0;			/* rows waiting in the buffer */
 static void
 tags_before_write(WriteBuffer *buf)
 {
-	own_write = true;
 	pending = 0;
 }
 
+/* Only an INSERT fires the tags statement trigger, which must know it is ours. */
+static void
+tags_before_sql(WriteBuffer *buf)
+{
+	own_write = true;
+}
+
+/*
+ * Directly when the table allows: the tag event trigger's WHEN is false for
+ * these rows (the set is used only while nothing listens to tag events) and
+ * the statement trigger would only recognise the batch as ours.
+ */
 static WriteBuffer tags_buffer = {
 	.what = "adding tags failed",
 	.table = "tags",
+	.columns = {"lead_id", "name"},
 	.sql = "INSERT INTO nocrm.tags (lead_id, name)"
 	" SELECT r.lead_id, r.name FROM unnest($1, $2) AS r(lead_id, name)"
 	" ON CONFLICT DO NOTHING",
+	.direct = true,
+	.skip_conflicts = true,
+	.quiet_triggers = {"tag_event_trigger", "flush_assignments_trigger"},
 	.before_write = tags_before_write,
+	.before_sql = tags_before_sql,
 	.ncols = 2,
 	.types = {INT8OID, TEXTOID},
 };

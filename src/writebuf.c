@@ -108,35 +108,26 @@ insert_sql(WriteBuffer *buf)
 	return sql.data;
 }
 
-/* Writes the buffer's first n rows. */
+/* Writes n of the buffer's rows by INSERT: those numbered in rows, or the first n. */
 static void
-flush_one(WriteBuffer *buf, int n)
+insert_rows(WriteBuffer *buf, const int *rows, int n)
 {
-	Datum	   *args;
-	Oid		   *argtypes;
+	Datum	   *args = palloc(sizeof(Datum) * buf->ncols);
+	Oid		   *argtypes = palloc(sizeof(Oid) * buf->ncols);
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
-
-	if (buf->before_write)
-		buf->before_write(buf);
-	if (buf->direct && nocrm_direct_insert(buf->table, buf->ncols, buf->columns, buf->types,
-										   n, buf->values, buf->nulls))
-	{
-		buf->direct_rows += n;
-		return;
-	}
-	args = palloc(sizeof(Datum) * buf->ncols);
-	argtypes = palloc(sizeof(Oid) * buf->ncols);
 
 	for (int c = 0; c < buf->ncols; c++)
 	{
 		Datum	   *col = palloc(sizeof(Datum) * n);
 		bool	   *colnulls = palloc(sizeof(bool) * n);
 
-		for (int r = 0; r < n; r++)
+		for (int i = 0; i < n; i++)
 		{
-			col[r] = buf->values[r * buf->ncols + c];
-			colnulls[r] = buf->nulls[r * buf->ncols + c];
+			int			r = rows ? rows[i] : i;
+
+			col[i] = buf->values[r * buf->ncols + c];
+			colnulls[i] = buf->nulls[r * buf->ncols + c];
 		}
 		argtypes[c] = get_array_type(buf->types[c]);
 		args[c] = PointerGetDatum(construct_md_array(col, colnulls, 1, dims, lbs, buf->types[c],
@@ -150,9 +141,33 @@ flush_one(WriteBuffer *buf, int n)
 		buf->sql = insert_sql(buf);
 		MemoryContextSwitchTo(old);
 	}
+	if (buf->before_sql)
+		buf->before_sql(buf);
 	nocrm_plan(&buf->plan, buf->sql, buf->ncols, argtypes);
 	nocrm_exec_plan(buf->plan, args, NULL, SPI_OK_INSERT, buf->what);
 	buf->sql_rows += n;
+}
+
+/* Writes the buffer's first n rows: directly when the table allows, else by INSERT. */
+static void
+flush_one(WriteBuffer *buf, int n)
+{
+	if (buf->before_write)
+		buf->before_write(buf);
+	if (buf->direct)
+	{
+		int		   *retry = palloc(sizeof(int) * n);
+		int			left = nocrm_direct_insert(buf, n, retry);
+
+		if (left >= 0)
+		{
+			buf->direct_rows += n - left;
+			if (left > 0)
+				insert_rows(buf, retry, left);
+			return;
+		}
+	}
+	insert_rows(buf, NULL, n);
 }
 
 /* Drops the first n rows (written); rows made while they were written stay. */
