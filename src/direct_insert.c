@@ -82,6 +82,10 @@ typedef struct TableShape
 	Expr	  **checks;			/* planned, in the order of constr->check */
 	int			nfks;
 	ForeignKeyCheck fks[MAX_FOREIGN_KEYS];
+	/* slots kept from flush to flush, on a copy of the descriptor (no pin) */
+	TupleDesc	slotdesc;
+	int			nslots;
+	TupleTableSlot *slots[SLOTS_PER_BATCH];
 } TableShape;
 
 static TableShape shapes[CACHED_TABLES];
@@ -291,6 +295,8 @@ shape_build(TableShape *shape, Relation rel, const WriteBuffer *buf)
 		if (shape->fks[f].plan)
 			SPI_freeplan(shape->fks[f].plan);
 	shape->nfks = 0;
+	shape->nslots = 0;			/* their memory goes with the context */
+	shape->slotdesc = NULL;
 	if (shape->context)
 		MemoryContextReset(shape->context);
 	else
@@ -370,6 +376,23 @@ shape_of(const WriteBuffer *buf, Relation rel)
 	if (!shape->valid || shape->relid != RelationGetRelid(rel))
 		shape_build(shape, rel, buf);
 	return shape;
+}
+
+/* The shape's first n slots, made on first use. */
+static TupleTableSlot **
+shape_slots(TableShape *shape, Relation rel, int n)
+{
+	MemoryContext old = MemoryContextSwitchTo(shape->context);
+
+	if (shape->slotdesc == NULL)
+		shape->slotdesc = CreateTupleDescCopy(RelationGetDescr(rel));
+	for (; shape->nslots < n; shape->nslots++)
+		shape->slots[shape->nslots] = MakeSingleTupleTableSlot(shape->slotdesc,
+															   table_slot_callbacks(rel));
+	MemoryContextSwitchTo(old);
+	for (int i = 0; i < n; i++)
+		ExecClearTuple(shape->slots[i]);	/* a failed flush may have left one */
+	return shape->slots;
 }
 
 /* Rows a unique index already had, left out of the table again. */
@@ -479,9 +502,7 @@ nocrm_direct_insert(WriteBuffer *buf, int nrows, int *retry)
 	}
 	MemoryContextSwitchTo(old);
 
-	slots = palloc(sizeof(TupleTableSlot *) * nslots);
-	for (int i = 0; i < nslots; i++)
-		slots[i] = table_slot_create(rel, &estate->es_tupleTable);
+	slots = shape_slots(shape, rel, nslots);
 	econtext = GetPerTupleExprContext(estate);
 	if (nrows > SLOTS_PER_BATCH)
 		bistate = GetBulkInsertState();
