@@ -33,6 +33,7 @@
 #include "access/tableam.h"
 #include "access/heapam.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "access/genam.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_trigger.h"
@@ -465,6 +466,13 @@ nocrm_direct_insert(WriteBuffer *buf, int nrows, int *retry)
 	/* INSERT refuses these with the right error */
 	if (!OidIsValid(relid) || ncols > WRITEBUF_MAX_COLS || nrows == 0 || XactReadOnly ||
 		IsInParallelMode())
+		return -1;
+	/*
+	 * A row taken out again is a decoded insert and delete: a subscriber
+	 * holding the other transaction's row would stop on the insert.  ON
+	 * CONFLICT's speculative insertion decodes as nothing.
+	 */
+	if (buf->skip_conflicts && XLogLogicalInfoActive())
 		return -1;
 	rel = table_open(relid, RowExclusiveLock);
 	shape = shape_of(buf, rel);

@@ -146,6 +146,17 @@ is(join(',', map { @{ $_->{rcpt_tos} } } @{ $sink_sub->mails }), 'anna@example.c
 	'the new primary drains: it sent the new lead\'s notify email to its owner, and nothing that had replicated');
 $early->quit;
 
+# A bulk statement's tags: with wal_level = logical by INSERT ... ON CONFLICT
+# (a row taken out again would decode as an insert), elsewhere directly.
+my $bulk_tags = q{SET nocrm.history = actions;
+  SELECT count(*) >= 0 FROM nocrm.record_writes(reset => true);
+  INSERT INTO nocrm.leads (title, pipeline_id) SELECT 'Bulk ' || i, 1 FROM generate_series(1, 100) i;
+  SELECT direct || '/' || by_sql FROM nocrm.record_writes() WHERE table_name = 'tags'};
+is((split /\n/, sql($pub, $bulk_tags))[-1], '0/100', 'wal_level = logical: a bulk statement\'s 100 tags by INSERT');
+is((split /\n/, sql($sub, $bulk_tags))[-1], '100/0', 'wal_level = replica: directly');
+is(sql($sub, q{SELECT count(*) FROM nocrm.tags WHERE name = 'nuovo' AND lead_id IN (SELECT id FROM nocrm.leads WHERE title LIKE 'Bulk %')}),
+	100, 'each of the 100 leads has its tag');
+
 $sink_pub->stop;
 $sink_sub->stop;
 $pub->stop;
