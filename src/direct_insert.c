@@ -198,15 +198,6 @@ foreign_key_plan(ForeignKeyCheck *fk, Relation rel, const TableShape *shape, int
 	return true;
 }
 
-static int
-int64_cmp(const void *a, const void *b)
-{
-	int64		x = *(const int64 *) a,
-				y = *(const int64 *) b;
-
-	return x < y ? -1 : x > y;
-}
-
 /*
  * Whether every referenced row of the batch exists; locks them FOR KEY
  * SHARE, as the per-row checks would.  One query per key, for its
@@ -238,7 +229,7 @@ foreign_keys_present(const TableShape *shape, int ncols, int nrows, const Datum 
 		}
 		if (n == 0)
 			continue;
-		qsort(keys, n, sizeof(int64), int64_cmp);
+		qsort(keys, n, sizeof(int64), nocrm_int64_cmp);
 		elems = palloc(sizeof(Datum) * n);
 		for (int i = 0; i < n; i++)
 			if (i == 0 || keys[i] != keys[i - 1])

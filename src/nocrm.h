@@ -559,6 +559,16 @@ extern bool nocrm_lead_row_wanted(char op, struct TupleTableSlot *oldslot,
 								  struct TupleTableSlot *newslot,
 								  const LeadAttnums *cols);
 
+/* qsort/bsearch order of int64 values (tagset.c, direct_insert.c) */
+static inline int
+nocrm_int64_cmp(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a,
+				y = *(const int64 *) b;
+
+	return x < y ? -1 : x > y;
+}
+
 /* writebuf.c: rows written in batches */
 #define WRITEBUF_MAX_COLS	16
 typedef struct WriteBuffer

@@ -69,15 +69,6 @@ static WriteBuffer tags_buffer = {
 	.types = {INT8OID, TEXTOID},
 };
 
-static int
-int64_cmp(const void *a, const void *b)
-{
-	int64		x = *(const int64 *) a,
-				y = *(const int64 *) b;
-
-	return x < y ? -1 : x > y;
-}
-
 /* Drops the loaded chunk: its leads take the per-lead path. */
 void
 nocrm_tagset_forget(void)
@@ -153,7 +144,7 @@ nocrm_tagset_load(int64 *ids, int n)
 	}
 	chunk_ids = palloc(sizeof(int64) * n);
 	memcpy(chunk_ids, ids, sizeof(int64) * n);
-	qsort(chunk_ids, n, sizeof(int64), int64_cmp);
+	qsort(chunk_ids, n, sizeof(int64), nocrm_int64_cmp);
 	chunk_n = n;
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
@@ -164,7 +155,7 @@ bool
 nocrm_tagset_covers(int64 lead_id)
 {
 	return chunk_tags != NULL &&
-		bsearch(&lead_id, chunk_ids, chunk_n, sizeof(int64), int64_cmp) != NULL;
+		bsearch(&lead_id, chunk_ids, chunk_n, sizeof(int64), nocrm_int64_cmp) != NULL;
 }
 
 /* Is the tag on the lead (or waiting to be written)?  With enter, it is now. */
