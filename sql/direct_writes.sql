@@ -151,6 +151,21 @@ SELECT * FROM nocrm.record_writes(reset => true) WHERE table_name = 'notificatio
 ALTER TABLE nocrm.notifications ALTER CONSTRAINT notifications_user_id_fkey NOT DEFERRABLE;
 INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Immediate again', 2);
 SELECT * FROM nocrm.record_writes(reset => true) WHERE table_name = 'notifications';
+-- the check runs as the owner of users as it is now, not as it was when
+-- the table's shape was read (the owner it had is gone by then)
+CREATE ROLE direct_writes_owner;
+GRANT USAGE ON SCHEMA nocrm TO direct_writes_owner;
+ALTER TABLE nocrm.users OWNER TO direct_writes_owner;
+-- notifications' shape read anew while that role owns users
+ALTER TABLE nocrm.notifications SET (autovacuum_enabled = true);
+INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Owned', 2);
+SELECT current_user AS me \gset
+ALTER TABLE nocrm.users OWNER TO :"me";
+REVOKE USAGE ON SCHEMA nocrm FROM direct_writes_owner;
+DROP ROLE direct_writes_owner;
+INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('Owner gone', 2);
+SELECT * FROM nocrm.record_writes(reset => true) WHERE table_name = 'notifications';
+ALTER TABLE nocrm.notifications RESET (autovacuum_enabled);
 SELECT nocrm.delete_automation(:mail_and_tell);
 
 -- Everything the rows reached, compared with the same work done by INSERT

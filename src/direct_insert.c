@@ -1,6 +1,7 @@
 /*
- * direct_insert.c — batches of rows into the extension's own record tables
- * (lead_history, automation_runs) without an INSERT statement.
+ * direct_insert.c — batches of rows into the extension's own tables
+ * (lead_history, automation_runs, notifications, queue, bulk tags) without
+ * an INSERT statement.
  *
  * A bulk statement writes two or more record rows per lead.  Through SQL
  * each row pays the executor (a function scan over the unnested arrays, a
@@ -9,18 +10,18 @@
  * record per page, then each row's index entries and constraint checks.
  *
  * Only in a read-write transaction, for a plain table whose rows need
- * nothing the executor would add: no row-level security, no trigger other
- * than the restore-order ones when no restore runs (both are no-ops then)
- * and the checks of immediate single-column integer foreign keys, no
- * deferred unique index, no generated column, and the caller's columns
- * of the types it gives.  A foreign key is checked once per batch and
- * distinct key, by the query RI_FKey_check_ins runs per row (the
- * referenced rows locked FOR KEY SHARE, as the owner of their table); a
- * key it does not find sends the batch to INSERT, which raises the
- * constraint's own error.  Other
- * columns get their defaults (identity, clock_timestamp(), a column a user
- * added with a default).  Anything else returns false and the caller writes
- * the rows with SQL, as before.
+ * nothing the executor would add: no row-level security, no INSERT trigger
+ * but the restore-order ones when no restore runs (no-ops then), the
+ * checks of immediate single-column integer foreign keys and those the
+ * buffer names as doing nothing for its rows, no deferred unique index, no
+ * generated column, and the caller's columns of the types it gives.  A
+ * foreign key is checked once per batch and distinct key, by the query
+ * RI_FKey_check_ins runs per row (the referenced rows locked FOR KEY
+ * SHARE, as the owner of their table); a key it does not find sends the
+ * batch to INSERT, which raises the constraint's own error.  Other columns
+ * get their defaults (identity, clock_timestamp(), a column a user added
+ * with a default).  Anything else returns -1 and the caller writes the
+ * rows with SQL, as before.
  *
  * What a flush would otherwise look up again (the columns, the defaults and
  * CHECK constraints as planned expressions, whether the table qualifies) is
@@ -63,7 +64,7 @@ typedef struct ForeignKeyCheck
 	Oid			constraint;
 	int			col;			/* the caller's column */
 	Oid			keytype;		/* INT4OID or INT8OID */
-	Oid			pkowner;		/* the check runs as the referenced table's owner */
+	Oid			pkrelid;		/* the referenced table */
 	SPIPlanPtr	plan;			/* $1 keys[] -> how many exist, locked */
 } ForeignKeyCheck;
 
@@ -177,14 +178,7 @@ foreign_key_plan(ForeignKeyCheck *fk, Relation rel, const TableShape *shape, int
 	if ((fk->keytype != INT4OID && fk->keytype != INT8OID) ||
 		get_atttype(info->confrelid, info->confkey[0]) != fk->keytype)
 		return false;
-	{
-		HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(info->confrelid));
-
-		if (!HeapTupleIsValid(tup))
-			return false;
-		fk->pkowner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
-		ReleaseSysCache(tup);
-	}
+	fk->pkrelid = info->confrelid;
 	sql = psprintf("SELECT pg_catalog.count(*) FROM (SELECT 1 FROM ONLY %s x WHERE %s"
 				   " OPERATOR(pg_catalog.=) ANY ($1) FOR KEY SHARE OF x) s",
 				   quote_qualified_identifier(get_namespace_name(get_rel_namespace(info->confrelid)),
@@ -215,7 +209,9 @@ foreign_keys_present(const TableShape *shape, int ncols, int nrows, const Datum 
 		Datum		arg;
 		int			n = 0,
 					distinct = 0;
-		Oid			save_userid;
+		HeapTuple	tup;
+		Oid			pkowner,
+					save_userid;
 		int			save_sec;
 		bool		isnull;
 		int64		found;
@@ -238,8 +234,15 @@ foreign_keys_present(const TableShape *shape, int ncols, int nrows, const Datum 
 		arg = PointerGetDatum(construct_array(elems, distinct, fk->keytype,
 											  fk->keytype == INT8OID ? 8 : 4, true,
 											  fk->keytype == INT8OID ? TYPALIGN_DOUBLE : TYPALIGN_INT));
+		/* its owner now, as RI_FKey_check_ins takes it (an owner change of
+		 * that table invalidates nothing here) */
+		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(fk->pkrelid));
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for relation %u", fk->pkrelid);
+		pkowner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+		ReleaseSysCache(tup);
 		GetUserIdAndSecContext(&save_userid, &save_sec);
-		SetUserIdAndSecContext(fk->pkowner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+		SetUserIdAndSecContext(pkowner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 							   SECURITY_NOFORCE_RLS);
 		if (SPI_execute_plan(fk->plan, &arg, NULL, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
 			elog(ERROR, "checking foreign key %u failed", fk->constraint);
@@ -426,11 +429,11 @@ insert_batch(ResultRelInfo *rri, EState *estate, TupleTableSlot **slots, int n, 
 /*
  * Writes buf's first nrows rows into nocrm.<buf->table>.  Returns -1, with
  * nothing written, when the table needs the executor.  Otherwise the number
- * of rows left for the caller's INSERT ... ON CONFLICT DO NOTHING (their
- * numbers in retry, nrows long): with buf->skip_conflicts, the rows a
- * unique index already had, or may have once another transaction ends; the
- * INSERT waits for that, as ON CONFLICT does.  They are rare: the caller
- * only buffers rows it believes new.
+ * of rows left for the caller's INSERT ... ON CONFLICT DO NOTHING, their
+ * numbers in retry (nrows long; used only with buf->skip_conflicts): the
+ * rows a unique index already had, or may have once another transaction
+ * ends.  The INSERT waits for that, as ON CONFLICT does.  They are rare:
+ * the caller only buffers rows it believes new.
  */
 int
 nocrm_direct_insert(WriteBuffer *buf, int nrows, int *retry)

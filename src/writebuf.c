@@ -156,7 +156,7 @@ flush_one(WriteBuffer *buf, int n)
 		buf->before_write(buf);
 	if (buf->direct)
 	{
-		int		   *retry = palloc(sizeof(int) * n);
+		int		   *retry = buf->skip_conflicts ? palloc(sizeof(int) * n) : NULL;
 		int			left = nocrm_direct_insert(buf, n, retry);
 
 		if (left >= 0)
