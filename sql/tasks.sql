@@ -271,7 +271,7 @@ SELECT h.detail FROM nocrm.lead_history h JOIN nocrm.leads l ON l.id = h.lead_id
 SELECT nocrm.delete_automation(pg_temp.aid('Tell the assignee'));
 
 -- 8. The timeline tells the task's story.
-SELECT who, what, regexp_replace(detail, '"done_at": "[^"]*', '"done_at": "(time)') AS detail
+SELECT who, what, regexp_replace(detail, '"done_at": .*$', '"done_at": (time)') AS detail
   FROM nocrm.lead_timeline((SELECT id FROM nocrm.leads WHERE title = 'Manual'))
  WHERE what LIKE 'task.%' OR what LIKE 'action.%';
 SELECT who, what FROM nocrm.lead_timeline((SELECT id FROM nocrm.leads WHERE title = 'Late'))

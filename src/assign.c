@@ -4,10 +4,12 @@
  * group counters.
  *
  * Increments are kept in memory and written once per member, just before
- * the transaction commits, in key order: the counter row locks last only
- * for the commit itself, and a bulk INSERT does not rewrite the same
- * counter row per lead.  Picks add the pending increments to what the
- * table says.
+ * the transaction commits: a bulk INSERT does not rewrite the same counter
+ * row per lead.  A commit never waits for another's counter row: when
+ * that row is locked (its holder is committing too), the increment goes to
+ * nocrm.assignment_increments instead, folded into the row by the next
+ * commit that gets it, or by the drain.  Picks add the pending increments
+ * and the unfolded ones to what the counter row says.
  */
 #include "nocrm.h"
 #include "groups.h"
@@ -131,30 +133,67 @@ increment_order(const void *a, const void *b)
 	return 0;
 }
 
+/* One member's key, $1 automation, $2 action, $3 user */
+#define MEMBER_KEY(t) \
+	t ".automation_id = $1 AND " t ".action_no = $2 AND " t ".user_id = $3"
+
 /*
- * Writes the pending increments to nocrm.assignment_counters: one UPDATE
- * per member, in key order, so two transactions committing increments of
- * the same members queue up instead of deadlocking.  (A statement of its
- * own per member is cheaper than one set-based UPDATE: there are a few
- * members, and that plan's start-up cost is paid by every transaction.)
+ * Adds $4 to a member's count.  If no one holds the counter row, it is
+ * locked and gets the increment plus the increments folded from
+ * nocrm.assignment_increments (those committed so far: a later one stays
+ * for the next fold); if someone does, the increment is inserted there
+ * instead.  A member that is gone (removed from the group meanwhile)
+ * counts nothing.  Under READ COMMITTED the UPDATE finds the row's latest
+ * version, the one locked.
+ */
+#define ADD_TO_COUNTER \
+	"WITH mine AS (SELECT FROM nocrm.assignment_counters c WHERE " MEMBER_KEY("c") \
+	"               FOR NO KEY UPDATE SKIP LOCKED)," \
+	"     folded AS (DELETE FROM nocrm.assignment_increments i" \
+	"                 WHERE " MEMBER_KEY("i") " AND EXISTS (SELECT FROM mine)" \
+	"                RETURNING i.delta)," \
+	"     counted AS (UPDATE nocrm.assignment_counters c" \
+	"                    SET assigned = c.assigned + $4 + coalesce((SELECT sum(delta) FROM folded), 0)::bigint" \
+	"                  WHERE " MEMBER_KEY("c") " AND EXISTS (SELECT FROM mine) RETURNING 1)" \
+	" INSERT INTO nocrm.assignment_increments (automation_id, action_no, user_id, delta)" \
+	" SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT FROM mine)" \
+	"    AND EXISTS (SELECT FROM nocrm.assignment_counters c WHERE " MEMBER_KEY("c") ")"
+
+/*
+ * Under REPEATABLE READ or SERIALIZABLE a counter row updated since the
+ * snapshot cannot be locked without a serialization failure: such a
+ * transaction always records its increments to be folded.
+ */
+#define ADD_TO_INCREMENTS \
+	"INSERT INTO nocrm.assignment_increments (automation_id, action_no, user_id, delta)" \
+	" SELECT $1, $2, $3, $4" \
+	"  WHERE EXISTS (SELECT FROM nocrm.assignment_counters c WHERE " MEMBER_KEY("c") ")"
+
+/*
+ * Writes the pending increments, one statement per member.  (A statement
+ * of its own per member is cheaper than one set-based statement: there
+ * are a few members, and that plan's start-up cost is paid by every
+ * transaction.)
  */
 static void
 flush_pending(void)
 {
-	static SPIPlanPtr plan = NULL;
+	static SPIPlanPtr plan_counter = NULL,
+				plan_increments = NULL;
 	Oid			types[4] = {INT4OID, INT4OID, INT8OID, INT8OID};
 	PendingIncrement *todo = palloc(sizeof(PendingIncrement) * Max(npending, 1));
 	int			n = npending;
+	SPIPlanPtr	plan;
 
 	memcpy(todo, pending, sizeof(PendingIncrement) * n);
 	npending = 0;
 	if (n == 0)
 		return;
 	qsort(todo, n, sizeof(PendingIncrement), increment_order);
-	nocrm_plan(&plan,
-			   "UPDATE nocrm.assignment_counters SET assigned = assigned + $4"
-			   " WHERE automation_id = $1 AND action_no = $2 AND user_id = $3",
-			   4, types);
+	if (IsolationUsesXactSnapshot())
+		plan = nocrm_plan(&plan_increments, ADD_TO_INCREMENTS, 4, types);
+	else
+		plan = nocrm_plan(&plan_counter, ADD_TO_COUNTER, 4, types);
 	for (int i = 0; i < n;)
 	{
 		Datum		args[4] = {Int32GetDatum(todo[i].automation_id), Int32GetDatum(todo[i].action_no),
@@ -168,8 +207,45 @@ flush_pending(void)
 		if (delta == 0)
 			continue;
 		args[3] = Int64GetDatum(delta);
-		nocrm_exec_plan(plan, args, NULL, SPI_OK_UPDATE, "updating assignment counters failed");
+		nocrm_exec_plan(plan, args, NULL, SPI_OK_INSERT, "updating assignment counters failed");
 	}
+}
+
+/*
+ * The drain's part: folds the increments of every counter row no one
+ * holds, and drops those whose member is gone.  Returns the rows folded.
+ */
+int64
+nocrm_assign_fold_increments(void)
+{
+	static SPIPlanPtr plan = NULL;
+	int64		folded = 0;
+
+	nocrm_plan(&plan,
+			   "WITH mine AS (SELECT c.automation_id, c.action_no, c.user_id"
+			   "                FROM nocrm.assignment_counters c"
+			   "               WHERE EXISTS (SELECT FROM nocrm.assignment_increments i"
+			   "                              WHERE i.automation_id = c.automation_id"
+			   "                                AND i.action_no = c.action_no AND i.user_id = c.user_id)"
+			   "               FOR NO KEY UPDATE OF c SKIP LOCKED),"
+			   "     folded AS (DELETE FROM nocrm.assignment_increments i USING mine m"
+			   "                 WHERE i.automation_id = m.automation_id AND i.action_no = m.action_no"
+			   "                   AND i.user_id = m.user_id"
+			   "                RETURNING i.automation_id, i.action_no, i.user_id, i.delta),"
+			   "     gone AS (DELETE FROM nocrm.assignment_increments i"
+			   "               WHERE NOT EXISTS (SELECT FROM nocrm.assignment_counters c"
+			   "                                  WHERE c.automation_id = i.automation_id"
+			   "                                    AND c.action_no = i.action_no AND c.user_id = i.user_id)),"
+			   "     sums AS (SELECT automation_id, action_no, user_id, sum(delta) AS delta, count(*) AS n"
+			   "                FROM folded GROUP BY 1, 2, 3),"
+			   "     counted AS (UPDATE nocrm.assignment_counters c SET assigned = c.assigned + s.delta::bigint"
+			   "                   FROM sums s"
+			   "                  WHERE c.automation_id = s.automation_id AND c.action_no = s.action_no"
+			   "                    AND c.user_id = s.user_id)"
+			   " SELECT coalesce(sum(n), 0)::bigint FROM sums",
+			   0, NULL);
+	(void) nocrm_plan_int64(plan, NULL, NULL, &folded);
+	return folded;
 }
 
 /*

@@ -739,6 +739,8 @@ prune(void)
 			   2, types);
 	nocrm_exec_plan(plan_prune, args, NULL, SPI_OK_SELECT, "pruning failed");
 	SPI_freetuptable(SPI_tuptable);
+	/* group counts the committing transactions could not add to their rows */
+	(void) nocrm_assign_fold_increments();
 	nocrm_alerts_prune(nocrm_run_log_retention_seconds);
 	nocrm_hosts_prune();
 }

@@ -195,7 +195,11 @@ lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
 /* each member query's columns before the open count */
 #define MEMBER_COUNTS \
 	"SELECT c.user_id, c.position, c.weight," \
-	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0), c.cap IS NOT NULL,"
+	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0)" \
+	"        + coalesce((SELECT sum(i.delta) FROM nocrm.assignment_increments i" \
+	"                     WHERE i.automation_id = c.automation_id AND i.action_no = c.action_no" \
+	"                       AND i.user_id = c.user_id), 0)::bigint," \
+	"       c.cap IS NOT NULL,"
 
 /*
  * The available members with their counts, inside the group's critical

@@ -649,6 +649,7 @@ extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead
 								 bool *found, bool *fallback);
 extern void nocrm_assign_refund(int32 automation_id, int32 action_no, int64 user_id);
 extern void nocrm_assign_pre_commit(void);
+extern int64 nocrm_assign_fold_increments(void);
 
 /* group_pick.c */
 extern bool nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending,

@@ -7,7 +7,8 @@
 #   N=100000 REP=3 HIST=actions|none bash test/bench/cpu_bulk.sh
 # Knobs: N rows, REP repetitions, HIST (nocrm.history, default actions),
 # RULES (rulesets.sh set, default seed5), ONLY (variants), PERF=ins|won|step
-# (perf record -g of that engine statement into $WORK/perf.data).
+# (perf record -g of that engine statement into $WORK/perf.data), ENGINE_SQL
+# (run in the engine's database after the rules are loaded, for experiments).
 set -e
 PG=$(pg_config --bindir)
 export PATH=$PG:$PATH
@@ -41,6 +42,7 @@ done
 q bare -c "$triggers_off" >/dev/null
 q handwritten -v rules=seed5 -f $WORK/handwritten_rules.sql >/dev/null; q handwritten -c "SELECT anchor.enable()" >/dev/null
 load_rules ${RULES:-seed5} >/dev/null
+[ -n "$ENGINE_SQL" ] && q engine -c "$ENGINE_SQL" >/dev/null
 reset() {
   local extra=""
   case $1 in handwritten) extra="ALTER SEQUENCE anchor.rr_vendite RESTART;";; engine) extra="UPDATE nocrm.assignment_counters SET assigned = 0;";; esac
