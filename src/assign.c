@@ -169,8 +169,14 @@ increment_order(const void *a, const void *b)
 	" SELECT $1, $2, $3, $4" \
 	"  WHERE EXISTS (SELECT FROM nocrm.assignment_counters c WHERE " MEMBER_KEY("c") ")"
 
+/* Before 1.3's schema: the counter row, waiting for its holder. */
+#define ADD_TO_COUNTER_WAITING \
+	"UPDATE nocrm.assignment_counters c SET assigned = c.assigned + $4 WHERE " MEMBER_KEY("c")
+
 /*
- * Writes the pending increments, one statement per member.  (A statement
+ * Writes the pending increments, one statement per member, in key order
+ * (on an older schema, whose UPDATEs wait, two committers then queue up
+ * instead of deadlocking).  (A statement
  * of its own per member is cheaper than one set-based statement: there
  * are a few members, and that plan's start-up cost is paid by every
  * transaction.)
@@ -179,7 +185,8 @@ static void
 flush_pending(void)
 {
 	static SPIPlanPtr plan_counter = NULL,
-				plan_increments = NULL;
+				plan_increments = NULL,
+				plan_waiting = NULL;
 	Oid			types[4] = {INT4OID, INT4OID, INT8OID, INT8OID};
 	PendingIncrement *todo = palloc(sizeof(PendingIncrement) * Max(npending, 1));
 	int			n = npending;
@@ -190,7 +197,9 @@ flush_pending(void)
 	if (n == 0)
 		return;
 	qsort(todo, n, sizeof(PendingIncrement), increment_order);
-	if (IsolationUsesXactSnapshot())
+	if (!nocrm_group_increments_exist())
+		plan = nocrm_plan(&plan_waiting, ADD_TO_COUNTER_WAITING, 4, types);
+	else if (IsolationUsesXactSnapshot())
 		plan = nocrm_plan(&plan_increments, ADD_TO_INCREMENTS, 4, types);
 	else
 		plan = nocrm_plan(&plan_counter, ADD_TO_COUNTER, 4, types);
@@ -207,7 +216,8 @@ flush_pending(void)
 		if (delta == 0)
 			continue;
 		args[3] = Int64GetDatum(delta);
-		nocrm_exec_plan(plan, args, NULL, SPI_OK_INSERT, "updating assignment counters failed");
+		nocrm_exec_plan(plan, args, NULL, plan == plan_waiting ? SPI_OK_UPDATE : SPI_OK_INSERT,
+						"updating assignment counters failed");
 	}
 }
 
@@ -221,6 +231,8 @@ nocrm_assign_fold_increments(void)
 	static SPIPlanPtr plan = NULL;
 	int64		folded = 0;
 
+	if (!nocrm_group_increments_exist())
+		return 0;
 	nocrm_plan(&plan,
 			   "WITH mine AS (SELECT c.automation_id, c.action_no, c.user_id"
 			   "                FROM nocrm.assignment_counters c"

@@ -29,6 +29,8 @@
 #include "access/xact.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
+#include "catalog/namespace.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
@@ -40,9 +42,7 @@
 #define PICKS_BEFORE_HOLDING	8
 #define MAX_HELD_GROUPS			16
 
-static SPIPlanPtr plan_members,
-			plan_members_tasks,
-			plan_members_any_time;
+static SPIPlanPtr member_plans[3][2];
 
 /* A group's available members, by position, as one pick sees them. */
 typedef struct Members
@@ -193,19 +193,48 @@ lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
 }
 
 /* each member query's columns before the open count */
-#define MEMBER_COUNTS \
+#define MEMBER_COUNTS(increments) \
 	"SELECT c.user_id, c.position, c.weight," \
-	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0)" \
-	"        + coalesce((SELECT sum(i.delta) FROM nocrm.assignment_increments i" \
-	"                     WHERE i.automation_id = c.automation_id AND i.action_no = c.action_no" \
-	"                       AND i.user_id = c.user_id), 0)::bigint," \
+	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0)" increments "," \
 	"       c.cap IS NOT NULL,"
+#define WAITING_INCREMENTS \
+	" + coalesce((SELECT sum(i.delta) FROM nocrm.assignment_increments i" \
+	"              WHERE i.automation_id = c.automation_id AND i.action_no = c.action_no" \
+	"                AND i.user_id = c.user_id), 0)::bigint"
+
+/* The member queries: any time, open tasks, open leads; each without and with increments. */
+#define MEMBER_QUERY(increments, open, members) \
+	MEMBER_COUNTS(increments) open members " ORDER BY c.position"
+#define ANY_TIME_OPEN	"       NULL::bigint"
+#define TASKS_OPEN		"       CASE WHEN $6 THEN " OPEN_TASKS("c") " END"
+#define LEADS_OPEN		"       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
+
+static const char *const member_queries[3][2] = {
+	{MEMBER_QUERY("", ANY_TIME_OPEN, MEMBERS_ANY_TIME("c", "u")),
+	MEMBER_QUERY(WAITING_INCREMENTS, ANY_TIME_OPEN, MEMBERS_ANY_TIME("c", "u"))},
+	{MEMBER_QUERY("", TASKS_OPEN, MEMBERS("c", "u")),
+	MEMBER_QUERY(WAITING_INCREMENTS, TASKS_OPEN, MEMBERS("c", "u"))},
+	{MEMBER_QUERY("", LEADS_OPEN, MEMBERS("c", "u")),
+	MEMBER_QUERY(WAITING_INCREMENTS, LEADS_OPEN, MEMBERS("c", "u"))},
+};
+
+/*
+ * Whether nocrm.assignment_increments is there: not while a 1.3 library
+ * runs on an older schema, whose commits still wait for the counter row.
+ */
+bool
+nocrm_group_increments_exist(void)
+{
+	Oid			nsp = get_namespace_oid("nocrm", true);
+
+	return OidIsValid(nsp) && OidIsValid(get_relname_relid("assignment_increments", nsp));
+}
 
 /*
  * The available members with their counts, inside the group's critical
- * section: committed + unwritten + in flight; a claim in flight is also a
- * lead in flight, so for balanced it counts as open too.  Allocated in the
- * current memory context.
+ * section: committed (folded and waiting) + unwritten + in flight; a claim
+ * in flight is also a lead in flight, so for balanced it counts as open
+ * too.  Allocated in the current memory context.
  */
 static void
 read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const int64 *inflight,
@@ -217,30 +246,14 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 	Datum		args[6] = {Int32GetDatum(rule->id), Int32GetDatum(action->action_no), pending,
 		BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours),
 	BoolGetDatum(balanced)};
-	bool		any_time = !balanced && !action->only_working_hours;
+	/* (tasks balance by their own statement: nocrm.tasks is not there before 1.3) */
+	int			kind = (!balanced && !action->only_working_hours) ? 0 : tasks ? 1 : 2;
+	int			with_increments = nocrm_group_increments_exist() ? 1 : 0;
 	SPIPlanPtr	plan;
 	int			ret;
 
-	/* (tasks balance by their own statement: nocrm.tasks is not there before 1.3) */
-	if (any_time)
-		nocrm_plan(&plan_members_any_time,
-				   MEMBER_COUNTS
-				   "       NULL::bigint"
-				   MEMBERS_ANY_TIME("c", "u") " ORDER BY c.position",
-				   6, types);
-	else if (tasks)
-		nocrm_plan(&plan_members_tasks,
-				   MEMBER_COUNTS
-				   "       CASE WHEN $6 THEN " OPEN_TASKS("c") " END"
-				   MEMBERS("c", "u") " ORDER BY c.position",
-				   6, types);
-	else
-		nocrm_plan(&plan_members,
-				   MEMBER_COUNTS
-				   "       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
-				   MEMBERS("c", "u") " ORDER BY c.position",
-				   6, types);
-	plan = any_time ? plan_members_any_time : tasks ? plan_members_tasks : plan_members;
+	plan = nocrm_plan(&member_plans[kind][with_increments], member_queries[kind][with_increments],
+					  6, types);
 	ret = SPI_execute_plan(plan, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading a group's members failed: %s", SPI_result_code_string(ret));

@@ -657,6 +657,7 @@ extern bool nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum 
 extern void nocrm_group_statement_end(void);
 extern void nocrm_group_subxact_abort(void);
 extern void nocrm_group_xact_end(void);
+extern bool nocrm_group_increments_exist(void);
 
 /* preassign.c: owners decided in the BEFORE ROW trigger of an INSERT */
 typedef struct PreAssignment

@@ -202,7 +202,7 @@ reset_data() {  # reset_data VARIANT
     local extra=""
     case $1 in
         handwritten) extra="ALTER SEQUENCE anchor.rr_vendite RESTART;" ;;
-        engine*) extra="UPDATE nocrm.assignment_counters SET assigned = 0;" ;;
+        engine*) extra="UPDATE nocrm.assignment_counters SET assigned = 0; TRUNCATE nocrm.assignment_increments;" ;;
     esac
     psql_v "$1" -c "SET client_min_messages = warning;
               TRUNCATE nocrm.leads, nocrm.tags, nocrm.comments, nocrm.emails, nocrm.lead_history, nocrm.automation_runs,

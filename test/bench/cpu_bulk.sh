@@ -45,7 +45,7 @@ load_rules ${RULES:-seed5} >/dev/null
 [ -n "$ENGINE_SQL" ] && q engine -c "$ENGINE_SQL" >/dev/null
 reset() {
   local extra=""
-  case $1 in handwritten) extra="ALTER SEQUENCE anchor.rr_vendite RESTART;";; engine) extra="UPDATE nocrm.assignment_counters SET assigned = 0;";; esac
+  case $1 in handwritten) extra="ALTER SEQUENCE anchor.rr_vendite RESTART;";; engine) extra="UPDATE nocrm.assignment_counters SET assigned = 0; TRUNCATE nocrm.assignment_increments;";; esac
   q $1 -c "SET client_min_messages = warning; TRUNCATE nocrm.leads, nocrm.tags, nocrm.comments, nocrm.emails, nocrm.lead_history, nocrm.automation_runs, nocrm.notifications, nocrm.queue RESTART IDENTITY CASCADE; $extra" -c "VACUUM ANALYZE" -c CHECKPOINT >/dev/null
 }
 run() { # v -> "ins upd step" cpu seconds

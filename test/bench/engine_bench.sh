@@ -135,7 +135,7 @@ set_variant() {  # bare | engine | plpgsql
 reset_data() {
     psql_ -c "TRUNCATE nocrm.leads, nocrm.tags, nocrm.comments, nocrm.emails, nocrm.lead_history, nocrm.automation_runs,
                        nocrm.notifications, nocrm.queue RESTART IDENTITY CASCADE;
-              UPDATE nocrm.assignment_counters SET assigned = 0; UPDATE public.bench_rr_counters SET assigned = 0;" \
+              UPDATE nocrm.assignment_counters SET assigned = 0; TRUNCATE nocrm.assignment_increments; UPDATE public.bench_rr_counters SET assigned = 0;" \
           -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null
 }
 fsub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f\n", a - b}'; }

@@ -118,7 +118,7 @@ timed() {
     psql_ <<EOF | tail -n1
 SET client_min_messages = warning;
 TRUNCATE nocrm.leads, nocrm.lead_history, nocrm.automation_runs, nocrm.notifications, nocrm.queue CASCADE;
-UPDATE nocrm.assignment_counters SET assigned = 0;
+UPDATE nocrm.assignment_counters SET assigned = 0; TRUNCATE nocrm.assignment_increments;
 SET nocrm.history = '$1';
 BEGIN;
 INSERT INTO nocrm.leads (title, pipeline_id) VALUES ('warm-up', $2);

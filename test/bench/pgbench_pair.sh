@@ -42,7 +42,7 @@ load_rules seed3 >/dev/null
 W=${W:-lead_insert}
 reset() {
   local extra=""
-  case $1 in handwritten) extra="ALTER SEQUENCE anchor.rr_vendite RESTART;";; engine) extra="UPDATE nocrm.assignment_counters SET assigned = 0;";; esac
+  case $1 in handwritten) extra="ALTER SEQUENCE anchor.rr_vendite RESTART;";; engine) extra="UPDATE nocrm.assignment_counters SET assigned = 0; TRUNCATE nocrm.assignment_increments;";; esac
   q $1 -c "SET client_min_messages = warning; TRUNCATE nocrm.leads, nocrm.tags, nocrm.comments, nocrm.emails, nocrm.lead_history, nocrm.automation_runs, nocrm.notifications, nocrm.queue RESTART IDENTITY CASCADE; $extra" >/dev/null
   if [ $W = status_upd ]; then q $1 -c "SET session_replication_role = replica" -c "INSERT INTO nocrm.leads (title, pipeline_id, step_id, user_id, contact_email) SELECT 'L' || g, 1, 1, 1 + g % 3, 'l' || g || '@bench.test' FROM generate_series(1, 10000) g" >/dev/null; fi
   q $1 -c "VACUUM ANALYZE" -c CHECKPOINT >/dev/null
