@@ -1326,6 +1326,32 @@ GRANT SET ON PARAMETER nocrm.alert_interval, nocrm.alert_failures, nocrm.alert_f
 -- the created_at index, written for every run, is not needed.
 DROP INDEX nocrm.automation_runs_created_idx;
 
+-- ==== group counters that nobody waits for: the tables ====
+-- (the section "group counters that nobody waits for" below says why;
+-- here because explain's group_next_member, with the tasks, reads them)
+CREATE TABLE nocrm.assignment_increments (
+    automation_id  integer NOT NULL,
+    action_no      integer NOT NULL,
+    user_id        bigint NOT NULL,
+    delta          bigint NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX assignment_increments_member_idx
+    ON nocrm.assignment_increments (automation_id, action_no, user_id);
+COMMENT ON TABLE nocrm.assignment_increments IS 'Committed group assignments not yet added to nocrm.assignment_counters.assigned, because another transaction held the counter row as they committed. Folded into it by the next commit that gets the row, and by the drain; nocrm.group_counts shows the sum.';
+SELECT pg_catalog.pg_extension_config_dump('nocrm.assignment_increments', '');
+GRANT SELECT ON nocrm.assignment_increments TO nocrm_admin;
+
+CREATE VIEW nocrm.group_counts AS
+SELECT c.automation_id, c.action_no, c.user_id, c.position,
+       c.assigned + coalesce((SELECT sum(i.delta) FROM nocrm.assignment_increments i
+                               WHERE i.automation_id = c.automation_id AND i.action_no = c.action_no
+                                 AND i.user_id = c.user_id), 0)::bigint AS assigned,
+       c.weight, c.cap
+  FROM nocrm.assignment_counters c;
+COMMENT ON VIEW nocrm.group_counts IS 'nocrm.assignment_counters with assigned counting every committed assignment, the increments not yet folded included.';
+GRANT SELECT ON nocrm.group_counts TO nocrm_admin;
+
 -- ==== tasks ====
 -- Tasks on leads (nocrm.tasks): made by people or by the create_task
 -- action (src/tasks.c).  task.created and task.completed come from
@@ -1441,7 +1467,7 @@ CREATE FUNCTION nocrm.group_next_member(automation_id integer, action_no integer
 RETURNS bigint
 LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
     SELECT c.user_id
-      FROM nocrm.assignment_counters c JOIN nocrm.users u ON u.id = c.user_id
+      FROM nocrm.group_counts c JOIN nocrm.users u ON u.id = c.user_id
      WHERE c.automation_id = group_next_member.automation_id AND c.action_no = group_next_member.action_no
        AND u.active AND NOT nocrm.is_absent(u.id)
        AND (NOT group_next_member.only_working_hours OR nocrm.is_working(u.id))
@@ -1777,32 +1803,10 @@ ALTER TABLE nocrm.lead_history ADD CONSTRAINT lead_history_pkey PRIMARY KEY (lea
 -- ==== group counters that nobody waits for ====
 -- A committing transaction adds its picks to the member's counter row only
 -- if no other transaction holds that row (SKIP LOCKED); otherwise it
--- records them here, an insert that waits for nobody.  The next
--- transaction that gets the row, or the drain, folds them into it.  Picks
--- count both.
-CREATE TABLE nocrm.assignment_increments (
-    automation_id  integer NOT NULL,
-    action_no      integer NOT NULL,
-    user_id        bigint NOT NULL,
-    delta          bigint NOT NULL,
-    created_at     timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX assignment_increments_member_idx
-    ON nocrm.assignment_increments (automation_id, action_no, user_id);
-COMMENT ON TABLE nocrm.assignment_increments IS 'Committed group assignments not yet added to nocrm.assignment_counters.assigned, because another transaction held the counter row as they committed. Folded into it by the next commit that gets the row, and by the drain; nocrm.group_counts shows the sum.';
-SELECT pg_catalog.pg_extension_config_dump('nocrm.assignment_increments', '');
-GRANT SELECT ON nocrm.assignment_increments TO nocrm_admin;
-SELECT nocrm.restore_order_triggers();
-
-CREATE VIEW nocrm.group_counts AS
-SELECT c.automation_id, c.action_no, c.user_id, c.position,
-       c.assigned + coalesce((SELECT sum(i.delta) FROM nocrm.assignment_increments i
-                               WHERE i.automation_id = c.automation_id AND i.action_no = c.action_no
-                                 AND i.user_id = c.user_id), 0)::bigint AS assigned,
-       c.weight, c.cap
-  FROM nocrm.assignment_counters c;
-COMMENT ON VIEW nocrm.group_counts IS 'nocrm.assignment_counters with assigned counting every committed assignment, the increments not yet folded included.';
-GRANT SELECT ON nocrm.group_counts TO nocrm_admin;
+-- records them in nocrm.assignment_increments (made above, before the
+-- tasks), an insert that waits for nobody.  The next transaction that gets
+-- the row, or the drain, folds them into it.  Picks count both; removing a
+-- member drops its increments.
 
 CREATE OR REPLACE FUNCTION nocrm.sync_assignment_counters() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -1833,24 +1837,3 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- explain and test mode see the increments too
-CREATE OR REPLACE FUNCTION nocrm.group_next_member(automation_id integer, action_no integer, kind text,
-                                        only_working_hours boolean DEFAULT false, by_tasks boolean DEFAULT false)
-RETURNS bigint
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
-    SELECT c.user_id
-      FROM nocrm.group_counts c JOIN nocrm.users u ON u.id = c.user_id
-     WHERE c.automation_id = group_next_member.automation_id AND c.action_no = group_next_member.action_no
-       AND u.active AND NOT nocrm.is_absent(u.id)
-       AND (NOT group_next_member.only_working_hours OR nocrm.is_working(u.id))
-       AND (c.cap IS NULL OR (SELECT count(*) FROM nocrm.leads o WHERE o.user_id = c.user_id
-                                 AND o.status IN ('todo', 'standby')) < c.cap)
-     ORDER BY CASE WHEN group_next_member.kind = 'assign_balanced' AND group_next_member.by_tasks
-                   THEN (SELECT count(*) FROM nocrm.tasks k WHERE k.assignee_id = c.user_id
-                            AND k.done_at IS NULL)::numeric / c.weight
-                   WHEN group_next_member.kind = 'assign_balanced'
-                   THEN (SELECT count(*) FROM nocrm.leads o WHERE o.user_id = c.user_id
-                            AND o.status IN ('todo', 'standby'))::numeric / c.weight END,
-              c.assigned::numeric / c.weight, c.position
-     LIMIT 1
-$$;
