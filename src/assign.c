@@ -174,12 +174,11 @@ increment_order(const void *a, const void *b)
 	"UPDATE nocrm.assignment_counters c SET assigned = c.assigned + $4 WHERE " MEMBER_KEY("c")
 
 /*
- * Writes the pending increments, one statement per member, in key order
- * (on an older schema, whose UPDATEs wait, two committers then queue up
- * instead of deadlocking).  (A statement
- * of its own per member is cheaper than one set-based statement: there
- * are a few members, and that plan's start-up cost is paid by every
- * transaction.)
+ * Writes the pending increments, one statement per member, in key order:
+ * on an older schema, whose UPDATEs wait, two committers then queue up
+ * instead of deadlocking.  (A statement of its own per member is cheaper
+ * than one set-based statement: there are a few members, and that plan's
+ * start-up cost is paid by every transaction.)
  */
 static void
 flush_pending(void)
