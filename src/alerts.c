@@ -77,10 +77,9 @@ nocrm_alerts_note(int n, const AlertFailure *f)
 	bool	   *error_nulls = palloc(sizeof(bool) * n);
 	Datum	   *dead = palloc(sizeof(Datum) * n);
 	ErrorData  *edata;
-	Oid			nsp = get_namespace_oid("nocrm", true);
 
 	/* before ALTER EXTENSION UPDATE to 1.3 there is nothing to record them in */
-	if (n <= 0 || !OidIsValid(nsp) || !OidIsValid(get_relname_relid("alerts", nsp)))
+	if (n <= 0 || !nocrm_table_exists("alerts"))
 		return;
 	for (int i = 0; i < n; i++)
 	{
@@ -123,11 +122,10 @@ void
 nocrm_alerts_prune(int retention_seconds)
 {
 	static SPIPlanPtr plan_prune;
-	Oid			nsp = get_namespace_oid("nocrm", true);
 	Oid			types[1] = {INT4OID};
 	Datum		args[1] = {Int32GetDatum(retention_seconds)};
 
-	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("automation_failures", nsp)))
+	if (!nocrm_table_exists("automation_failures"))
 		return;
 	nocrm_plan(&plan_prune,
 			   "DELETE FROM nocrm.automation_failures WHERE id IN ("

@@ -196,7 +196,7 @@ flush_pending(void)
 	if (n == 0)
 		return;
 	qsort(todo, n, sizeof(PendingIncrement), increment_order);
-	if (!nocrm_group_increments_exist())
+	if (!nocrm_table_exists("assignment_increments"))
 		plan = nocrm_plan(&plan_waiting, ADD_TO_COUNTER_WAITING, 4, types);
 	else if (IsolationUsesXactSnapshot())
 		plan = nocrm_plan(&plan_increments, ADD_TO_INCREMENTS, 4, types);
@@ -230,7 +230,7 @@ nocrm_assign_fold_increments(void)
 	static SPIPlanPtr plan = NULL;
 	int64		folded = 0;
 
-	if (!nocrm_group_increments_exist())
+	if (!nocrm_table_exists("assignment_increments"))
 		return 0;
 	nocrm_plan(&plan,
 			   "WITH mine AS (SELECT c.automation_id, c.action_no, c.user_id"
@@ -302,12 +302,10 @@ void
 nocrm_assign_pre_commit(void)
 {
 	OwnerContext owner;
-	Oid			nsp;
 
 	if (npending == 0)
 		return;
-	nsp = get_namespace_oid("nocrm", true);
-	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("assignment_counters", nsp)))
+	if (!nocrm_table_exists("assignment_counters"))
 	{
 		npending = 0;
 		return;
@@ -365,7 +363,7 @@ static bool
 pick_random(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
 	return pick(&plan_random,
-				"SELECT c.user_id" MEMBERS("c", "u")
+				"SELECT c.user_id" MEMBERS("nocrm.assignment_counters", "c", "u")
 				" ORDER BY -ln(1.0 - random()) / c.weight LIMIT 1",
 				rule, action, anyone, user_id);
 }

@@ -193,42 +193,28 @@ lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
 }
 
 /* each member query's columns before the open count */
-#define MEMBER_COUNTS(increments) \
+#define MEMBER_COUNTS \
 	"SELECT c.user_id, c.position, c.weight," \
-	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0)" increments "," \
+	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0)," \
 	"       c.cap IS NOT NULL,"
-#define WAITING_INCREMENTS \
-	" + coalesce((SELECT sum(i.delta) FROM nocrm.assignment_increments i" \
-	"              WHERE i.automation_id = c.automation_id AND i.action_no = c.action_no" \
-	"                AND i.user_id = c.user_id), 0)::bigint"
 
-/* The member queries: any time, open tasks, open leads; each without and with increments. */
-#define MEMBER_QUERY(increments, open, members) \
-	MEMBER_COUNTS(increments) open members " ORDER BY c.position"
+/* The member queries: any time, open tasks, open leads; each on a schema
+ * without and with nocrm.group_counts (1.3). */
+#define MEMBER_QUERY(open, members) MEMBER_COUNTS open members " ORDER BY c.position"
 #define ANY_TIME_OPEN	"       NULL::bigint"
 #define TASKS_OPEN		"       CASE WHEN $6 THEN " OPEN_TASKS("c") " END"
 #define LEADS_OPEN		"       CASE WHEN $6 THEN " OPEN_LEADS("c") " END"
+#define OLD_COUNTERS	"nocrm.assignment_counters"
+#define COUNTERS		"nocrm.group_counts"
 
 static const char *const member_queries[3][2] = {
-	{MEMBER_QUERY("", ANY_TIME_OPEN, MEMBERS_ANY_TIME("c", "u")),
-	MEMBER_QUERY(WAITING_INCREMENTS, ANY_TIME_OPEN, MEMBERS_ANY_TIME("c", "u"))},
-	{MEMBER_QUERY("", TASKS_OPEN, MEMBERS("c", "u")),
-	MEMBER_QUERY(WAITING_INCREMENTS, TASKS_OPEN, MEMBERS("c", "u"))},
-	{MEMBER_QUERY("", LEADS_OPEN, MEMBERS("c", "u")),
-	MEMBER_QUERY(WAITING_INCREMENTS, LEADS_OPEN, MEMBERS("c", "u"))},
+	{MEMBER_QUERY(ANY_TIME_OPEN, MEMBERS_ANY_TIME(OLD_COUNTERS, "c", "u")),
+	MEMBER_QUERY(ANY_TIME_OPEN, MEMBERS_ANY_TIME(COUNTERS, "c", "u"))},
+	{MEMBER_QUERY(TASKS_OPEN, MEMBERS(OLD_COUNTERS, "c", "u")),
+	MEMBER_QUERY(TASKS_OPEN, MEMBERS(COUNTERS, "c", "u"))},
+	{MEMBER_QUERY(LEADS_OPEN, MEMBERS(OLD_COUNTERS, "c", "u")),
+	MEMBER_QUERY(LEADS_OPEN, MEMBERS(COUNTERS, "c", "u"))},
 };
-
-/*
- * Whether nocrm.assignment_increments is there: not while a 1.3 library
- * runs on an older schema, whose commits still wait for the counter row.
- */
-bool
-nocrm_group_increments_exist(void)
-{
-	Oid			nsp = get_namespace_oid("nocrm", true);
-
-	return OidIsValid(nsp) && OidIsValid(get_relname_relid("assignment_increments", nsp));
-}
 
 /*
  * The available members with their counts, inside the group's critical
@@ -248,7 +234,7 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 	BoolGetDatum(balanced)};
 	/* (tasks balance by their own statement: nocrm.tasks is not there before 1.3) */
 	int			kind = (!balanced && !action->only_working_hours) ? 0 : tasks ? 1 : 2;
-	int			with_increments = nocrm_group_increments_exist() ? 1 : 0;
+	int			with_increments = nocrm_table_exists("assignment_increments") ? 1 : 0;
 	SPIPlanPtr	plan;
 	int			ret;
 

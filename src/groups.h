@@ -47,11 +47,13 @@
 #define AVAILABLE_ANY_TIME(c, u) \
 	" " u ".active AND ($4 OR (" NOT_ABSENT(u) UNDER_CAP(c) "))"
 
-#define MEMBERS_WHERE(c, u, available) \
-	" FROM nocrm.assignment_counters " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
+/* counters: nocrm.assignment_counters, or (1.3) nocrm.group_counts, whose
+ * assigned also counts the increments not folded yet */
+#define MEMBERS_WHERE(counters, c, u, available) \
+	" FROM " counters " " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
 	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" available
 
-#define MEMBERS(c, u)			MEMBERS_WHERE(c, u, AVAILABLE(c, u))
-#define MEMBERS_ANY_TIME(c, u)	MEMBERS_WHERE(c, u, AVAILABLE_ANY_TIME(c, u))
+#define MEMBERS(counters, c, u)			MEMBERS_WHERE(counters, c, u, AVAILABLE(c, u))
+#define MEMBERS_ANY_TIME(counters, c, u)	MEMBERS_WHERE(counters, c, u, AVAILABLE_ANY_TIME(c, u))
 
 #endif							/* NOCRM_GROUPS_H */

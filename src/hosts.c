@@ -36,17 +36,10 @@ static SPIPlanPtr plan_load,
 			plan_prune;
 
 /*
- * Whether nocrm.webhook_hosts exists: not before ALTER EXTENSION UPDATE to
- * 1.3 (the library is new, the schema not yet); then the state is only kept
- * in memory.
+ * nocrm.webhook_hosts came with 1.3: before ALTER EXTENSION UPDATE (the
+ * library is new, the schema not yet) the state is only kept in memory.
  */
-static bool
-have_table(void)
-{
-	Oid			nsp = get_namespace_oid("nocrm", true);
-
-	return OidIsValid(nsp) && OidIsValid(get_relname_relid("webhook_hosts", nsp));
-}
+#define HOSTS_TABLE "webhook_hosts"
 
 /* the parsed nocrm.webhook_rate, and the string it was parsed from */
 static const char *rate_parsed_from = NULL;
@@ -177,7 +170,7 @@ nocrm_hosts_load(const char **names, int n)
 	Datum		args[1];
 	int			m = 0;
 
-	if (n == 0 || !have_table())
+	if (n == 0 || !nocrm_table_exists(HOSTS_TABLE))
 		return;
 	d = palloc(sizeof(Datum) * n);
 	for (int i = 0; i < n; i++)
@@ -244,7 +237,7 @@ nocrm_hosts_save(void)
 	ResourceOwner oldowner = CurrentResourceOwner;
 	Oid			types[4] = {TEXTOID, TIMESTAMPTZOID, INT4OID, TIMESTAMPTZOID};
 
-	if (hosts == NULL || !have_table())
+	if (hosts == NULL || !nocrm_table_exists(HOSTS_TABLE))
 		return;
 	BeginInternalSubTransaction(NULL);
 	PG_TRY();
@@ -306,7 +299,7 @@ nocrm_hosts_save(void)
 void
 nocrm_hosts_prune(void)
 {
-	if (!have_table())
+	if (!nocrm_table_exists(HOSTS_TABLE))
 		return;
 	nocrm_plan(&plan_prune,
 			   "DELETE FROM nocrm.webhook_hosts"

@@ -380,6 +380,7 @@ extern bool nocrm_transition_next(Tuplestorestate *table, int readptr, TupleTabl
 extern ErrorData *nocrm_in_subtransaction(void (*body) (void *arg), void *arg,
 										  MemoryContext errcxt);
 extern SPIPlanPtr nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);
+extern bool nocrm_table_exists(const char *table);
 extern void nocrm_plans_note_row(void);
 extern void nocrm_plans_xact_end(void);
 extern int64 nocrm_lookup_id(const char *sql, Datum arg, Oid argtype, bool *found);
@@ -657,7 +658,6 @@ extern bool nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum 
 extern void nocrm_group_statement_end(void);
 extern void nocrm_group_subxact_abort(void);
 extern void nocrm_group_xact_end(void);
-extern bool nocrm_group_increments_exist(void);
 
 /* preassign.c: owners decided in the BEFORE ROW trigger of an INSERT */
 typedef struct PreAssignment

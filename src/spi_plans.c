@@ -15,6 +15,8 @@
 #include "nodes/parsenodes.h"
 #include "utils/datum.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
+#include "utils/syscache.h"
 
 /*
  * Kept plans are generic, built with the table sizes of their first run.  A
@@ -65,6 +67,53 @@ nocrm_plans_xact_end(void)
 		SPI_freeplan((SPIPlanPtr) lfirst(lc));
 	list_free(retired_plans);
 	retired_plans = NIL;
+}
+
+/*
+ * Whether nocrm.<table> exists: tables that came with a later version are
+ * missing while a new library runs on an older schema.  Asked on every pick
+ * and commit, so the answers are kept until pg_class changes.  table must be
+ * a string literal (the pointer is kept).
+ */
+typedef struct KnownTable
+{
+	const char *name;
+	bool		exists;
+} KnownTable;
+
+static KnownTable known_tables[16];
+static int	nknown = 0;
+
+static void
+forget_known_tables(Datum arg, int cacheid, uint32 hashvalue)
+{
+	nknown = 0;
+}
+
+bool
+nocrm_table_exists(const char *table)
+{
+	static bool callback_registered = false;
+	Oid			nsp;
+	bool		exists;
+
+	for (int i = 0; i < nknown; i++)
+		if (strcmp(known_tables[i].name, table) == 0)
+			return known_tables[i].exists;
+	if (!callback_registered)
+	{
+		CacheRegisterSyscacheCallback(RELNAMENSP, forget_known_tables, (Datum) 0);
+		callback_registered = true;
+	}
+	nsp = get_namespace_oid("nocrm", true);
+	exists = OidIsValid(nsp) && OidIsValid(get_relname_relid(table, nsp));
+	if (nknown < lengthof(known_tables))
+	{
+		known_tables[nknown].name = table;
+		known_tables[nknown].exists = exists;
+		nknown++;
+	}
+	return exists;
 }
 
 static BlockNumber

@@ -212,15 +212,6 @@ nocrm_task_statement_trigger(PG_FUNCTION_ARGS)
 static SPIPlanPtr plan_overdue,
 			plan_mark;
 
-/* nocrm.tasks came with 1.3: a database not updated yet has none. */
-static bool
-tasks_table_exists(void)
-{
-	Oid			nsp = get_namespace_oid("nocrm", true);
-
-	return OidIsValid(nsp) && OidIsValid(get_relname_relid("tasks", nsp));
-}
-
 static void
 mark_overdue(int64 task_id)
 {
@@ -259,7 +250,7 @@ nocrm_raise_overdue_tasks(int max)
 	uint64		n;
 	int			ret;
 
-	if (max <= 0 || !tasks_table_exists())
+	if (max <= 0 || !nocrm_table_exists("tasks")	/* (came with 1.3) */)
 		return 0;
 	/* the partial index tasks_overdue_idx: open, not yet raised, by due_at */
 	nocrm_plan(&plan_overdue,

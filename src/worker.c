@@ -134,7 +134,7 @@ next_due_ms(void)
 							 "   (SELECT min(lease_until) FROM nocrm.queue WHERE state = 'processing'),"
 							 "   (SELECT min(due_at) FROM nocrm.date_firings WHERE state = 'pending')%s)"
 							 "   - clock_timestamp()) * 1000)::float8",
-							 OidIsValid(get_relname_relid("tasks", get_namespace_oid("nocrm", false)))
+							 nocrm_table_exists("tasks")
 							 ? ", (SELECT min(due_at) FROM nocrm.tasks WHERE done_at IS NULL AND overdue_at IS NULL)"
 							 : ""),
 					true, 1) != SPI_OK_SELECT)
@@ -171,8 +171,7 @@ drain_once(void)
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 		pgstat_report_activity(STATE_RUNNING, "nocrm drain");
-		if (OidIsValid(get_namespace_oid("nocrm", true)) &&
-			OidIsValid(get_relname_relid("queue", get_namespace_oid("nocrm", true))))
+		if (nocrm_table_exists("queue"))
 		{
 			Portal		portal;
 
