@@ -95,8 +95,8 @@ SELECT passed - :before_passed AS passed, skipped - :before_skipped AS skipped
 SELECT l.title, string_agg(t.name, ', ' ORDER BY t.name) AS tags
   FROM nocrm.leads l JOIN nocrm.tags t ON t.lead_id = l.id WHERE l.title LIKE 'gate %' OR l.title LIKE 'bulk %'
  GROUP BY l.id, l.title ORDER BY l.id;
-SELECT count(*) AS huge_runs FROM nocrm.automation_runs r JOIN nocrm.leads l ON l.id = r.lead_id
- WHERE l.title = 'gate huge';
+SELECT count(*) AS huge_runs FROM nocrm.lead_history h JOIN nocrm.leads l ON l.id = h.lead_id
+ WHERE l.title = 'gate huge' AND h.event LIKE 'action.%';
 RESET nocrm.history;
 
 -- 5. Bad conditions are refused when the rule is written, naming the place.

@@ -5,6 +5,7 @@
 -- statements take: each workload runs both ways and is compared.
 \i test/fixtures/crm.sql
 SET nocrm.history = actions;
+SET nocrm.run_log = 'all';   -- fired runs too, to compare them
 SELECT nocrm.create_automation(name => 'tag new', event => 'lead.creation',
   actions => '[{"type": "add_tags", "tags": ["Nuovo", "Web", "Nuovo"]}]');
 -- overlaps the first: records only what it adds

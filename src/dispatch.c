@@ -79,11 +79,10 @@ nocrm_dispatch_init(void)
 static void
 log_stop(LeadState *lead, Rule *rule, RaisedEvent *ev, const char *why)
 {
-	if (nocrm_history_level == HISTORY_NONE)
-		return;
-	nocrm_history(lead->id, "automation.stopped", rule->id, NULL, NULL,
-				  psprintf("automation %d \"%s\" not run for %s: %s",
-						   rule->id, rule->name, nocrm_event_names[ev->event], why));
+	if (nocrm_history_level != HISTORY_NONE)
+		nocrm_history(lead->id, "automation.stopped", rule->id, NULL, NULL,
+					  psprintf("automation %d \"%s\" not run for %s: %s",
+							   rule->id, rule->name, nocrm_event_names[ev->event], why));
 	nocrm_runlog_record(rule->id, lead, ev, nocrm_event_names[ev->event], "stopped",
 						NULL, 0, why);
 }

@@ -27,12 +27,10 @@ static void
 skip_recorded(Rule *rule, LeadState *lead, RaisedEvent *ev, const char *why)
 {
 	if (nocrm_history_level != HISTORY_NONE)
-	{
 		nocrm_history(lead->id, "automation.skipped", rule->id, NULL, ev->new_value,
 					  psprintf("automation %d \"%s\" not run for lead.date.reached: %s",
 							   rule->id, rule->name, why));
-		nocrm_runlog_record(rule->id, lead, ev, "lead.date.reached", "skipped", NULL, 0, why);
-	}
+	nocrm_runlog_record(rule->id, lead, ev, "lead.date.reached", "skipped", NULL, 0, why);
 	nocrm_flush_writes();
 }
 

@@ -49,6 +49,7 @@ int			nocrm_retry_base_seconds = 30;
 int			nocrm_retry_max_seconds = 3600;
 int			nocrm_queue_retention_seconds = 7 * 24 * 3600;
 int			nocrm_run_log_retention_seconds = 30 * 24 * 3600;
+int			nocrm_run_log_level = RUN_LOG_AUTO;
 
 static const struct config_enum_entry tls_options[] = {
 	{"none", SMTP_TLS_NONE, false},
@@ -75,6 +76,14 @@ static const struct config_enum_entry history_options[] = {
 	{"none", HISTORY_NONE, false},
 	{"actions", HISTORY_ACTIONS, false},
 	{"all", HISTORY_ALL, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry run_log_options[] = {
+	{"auto", RUN_LOG_AUTO, false},
+	{"none", RUN_LOG_NONE, false},
+	{"exceptions", RUN_LOG_EXCEPTIONS, false},
+	{"all", RUN_LOG_ALL, false},
 	{NULL, 0, false}
 };
 
@@ -354,6 +363,16 @@ nocrm_define_gucs(void)
 							NULL, &nocrm_queue_retention_seconds, 7 * 24 * 3600, 0, INT_MAX,
 							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 
+	DefineCustomEnumVariable("nocrm.run_log",
+							 "Which runs nocrm.automation_runs records: auto, all, exceptions or none.",
+							 "exceptions records test-mode runs, loop stops and refused moves, not fired runs; "
+							 "auto is all with nocrm.history = all, exceptions with actions, none with none.",
+							 &nocrm_run_log_level,
+							 RUN_LOG_AUTO,
+							 run_log_options,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
 	DefineCustomIntVariable("nocrm.run_log_retention",
 							"How long nocrm.automation_runs rows are kept; the drain prunes older ones.",
 							NULL, &nocrm_run_log_retention_seconds, 30 * 24 * 3600, 0, INT_MAX,

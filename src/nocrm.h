@@ -345,6 +345,7 @@ extern int	nocrm_retry_base_seconds;
 extern int	nocrm_retry_max_seconds;
 extern int	nocrm_queue_retention_seconds;
 extern int	nocrm_run_log_retention_seconds;
+extern int	nocrm_run_log_level;
 
 #define SMTP_TLS_NONE		0
 #define SMTP_TLS_TRY		1
@@ -353,6 +354,12 @@ extern int	nocrm_run_log_retention_seconds;
 #define HISTORY_NONE		0
 #define HISTORY_ACTIONS		1
 #define HISTORY_ALL			2
+
+/* nocrm.run_log: which runs nocrm.automation_runs records */
+#define RUN_LOG_AUTO		(-1)	/* as nocrm.history says */
+#define RUN_LOG_NONE		0
+#define RUN_LOG_EXCEPTIONS	1		/* all but fired runs */
+#define RUN_LOG_ALL			2
 
 extern void nocrm_define_gucs(void);
 

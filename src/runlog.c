@@ -13,9 +13,27 @@
 static RunOutcomes *run_outcomes = NULL;
 
 /*
+ * Whether a run is recorded (nocrm.run_log).  With nocrm.history = actions
+ * the action.* and trigger.fired rows of lead_history already say what each
+ * firing did, so by default only the runs they don't show are logged.
+ */
+static bool
+run_logged(bool fired)
+{
+	int			level = nocrm_run_log_level;
+
+	if (level == RUN_LOG_AUTO)
+		level = nocrm_history_level == HISTORY_ALL ? RUN_LOG_ALL
+			: nocrm_history_level == HISTORY_ACTIONS ? RUN_LOG_EXCEPTIONS
+			: RUN_LOG_NONE;
+	return level == RUN_LOG_ALL || (level == RUN_LOG_EXCEPTIONS && !fired);
+}
+
+/*
  * Starts collecting the outcomes of a firing's actions, in the caller's
- * memory context (which must outlive the actions' SPI calls).  Returns the
- * run it interrupts, for nocrm_runlog_resume.
+ * memory context (which must outlive the actions' SPI calls), unless fired
+ * runs are not logged.  Returns the run it interrupts, for
+ * nocrm_runlog_resume.
  */
 RunOutcomes *
 nocrm_runlog_begin(RunOutcomes *outcomes)
@@ -25,6 +43,11 @@ nocrm_runlog_begin(RunOutcomes *outcomes)
 	outcomes->state = NULL;
 	outcomes->context = CurrentMemoryContext;
 	outcomes->nactions = 0;
+	if (!run_logged(true))
+	{
+		run_outcomes = NULL;
+		return outer;
+	}
 	pushJsonbValue(&outcomes->state, WJB_BEGIN_ARRAY, NULL);
 	run_outcomes = outcomes;
 	return outer;
@@ -66,7 +89,7 @@ nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value, cons
 
 /*
  * One row of nocrm.automation_runs.  id > 0 is an automation, < 0 a stage
- * trigger.  Recorded unless nocrm.history is none.
+ * trigger.  Recorded as nocrm.run_log says.
  */
 void
 nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
@@ -96,7 +119,7 @@ record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 	Datum		values[13];
 	bool		nulls[13];
 
-	if (nocrm_history_level == HISTORY_NONE)
+	if (!run_logged(strcmp(outcome, "fired") == 0))
 		return;
 	memset(nulls, false, sizeof(nulls));
 	values[0] = Int32GetDatum(id);
@@ -135,8 +158,11 @@ void
 nocrm_runlog_fired(int32 id, LeadState *lead, RaisedEvent *ev, RunOutcomes *outcomes,
 				   int64 actor)
 {
-	Jsonb	   *recorded = JsonbValueToJsonb(pushJsonbValue(&outcomes->state, WJB_END_ARRAY, NULL));
+	Jsonb	   *recorded;
 
+	if (outcomes->state == NULL)	/* not collected: fired runs are not logged */
+		return;
+	recorded = JsonbValueToJsonb(pushJsonbValue(&outcomes->state, WJB_END_ARRAY, NULL));
 	record_run_as(id, lead, ev, nocrm_event_names[ev->event], "fired",
 				  recorded, outcomes->nactions, NULL, actor);
 }
