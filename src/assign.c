@@ -352,7 +352,21 @@ nocrm_assign_xact_end(void)
 static bool
 pick_counted(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
-	if (!nocrm_group_pick(rule, action, anyone, pending_by_position(rule, action), user_id))
+	if (!nocrm_group_pick_held(rule, action, anyone, user_id) &&
+		!nocrm_group_pick(rule, action, anyone, pending_by_position(rule, action), user_id))
+		return false;
+	bump(rule->id, action->action_no, *user_id, 1);
+	return true;
+}
+
+/*
+ * The member to assign when the group's members are held in memory (a bulk
+ * statement's round robin): no query, so no SPI or owner switch needed.
+ */
+bool
+nocrm_pick_assignee_held(Rule *rule, RuleAction *action, int64 *user_id)
+{
+	if (!nocrm_group_pick_held(rule, action, false, user_id))
 		return false;
 	bump(rule->id, action->action_no, *user_id, 1);
 	return true;

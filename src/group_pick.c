@@ -306,6 +306,24 @@ take(Rule *rule, RuleAction *action, Members *m)
 }
 
 /*
+ * A pick from the members held in memory for the rest of the statement,
+ * which needs no query: false when the group is not held.
+ */
+bool
+nocrm_group_pick_held(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
+{
+	HeldGroup  *g;
+
+	if (anyone || action->only_working_hours || action->kind != ACT_ASSIGN_ROUND_ROBIN)
+		return false;
+	g = group_of(rule, action);
+	if (g == NULL || !g->held)
+		return false;
+	*user_id = g->members.user_ids[take(rule, action, &g->members)];
+	return true;
+}
+
+/*
  * Picks the next member of a round-robin or balanced group and claims it;
  * false if nobody is available.  pending: this transaction's unwritten increments
  * by position (bigint[]).  The caller records the increment.
@@ -318,11 +336,8 @@ nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int
 	Members		m;
 	bool		keep = false;
 
-	if (g && g->held)
-	{
-		*user_id = g->members.user_ids[take(rule, action, &g->members)];
+	if (nocrm_group_pick_held(rule, action, anyone, user_id))
 		return true;
-	}
 
 	group_lock(rule->id, action->action_no, true);
 	PG_TRY();

@@ -653,6 +653,7 @@ extern void nocrm_assign_subxact_abort(SubTransactionId subid);
 extern void nocrm_assign_subxact_commit(SubTransactionId subid, SubTransactionId parent);
 extern void nocrm_assign_xact_end(void);
 extern void nocrm_flush_writes(void);
+extern bool nocrm_pick_assignee_held(Rule *rule, RuleAction *action, int64 *user_id);
 extern int64 nocrm_pick_assignee(Rule *rule, RuleAction *action, LeadState *lead,
 								 bool *found, bool *fallback);
 extern void nocrm_assign_refund(int32 automation_id, int32 action_no, int64 user_id);
@@ -660,6 +661,7 @@ extern void nocrm_assign_pre_commit(void);
 extern int64 nocrm_assign_fold_increments(void);
 
 /* group_pick.c */
+extern bool nocrm_group_pick_held(Rule *rule, RuleAction *action, bool anyone, int64 *user_id);
 extern bool nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending,
 							 int64 *user_id);
 extern void nocrm_group_statement_end(void);

@@ -213,6 +213,11 @@ nocrm_preassign_row(LeadState *lead, Relation rel, int64 *user_id)
 		!lead_events_trigger_enabled(rel))
 		return false;
 
+	if (nocrm_pick_assignee_held(rule, &rule->actions[0], user_id))
+	{
+		remember(lead->id, rule, *user_id, false);
+		return true;
+	}
 	nocrm_owner_enter(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
