@@ -173,3 +173,30 @@ SELECT l.title, s.op, u.name AS owner FROM pg_temp.seen s JOIN nocrm.leads l ON 
   LEFT JOIN nocrm.users u ON u.id = s.user_id ORDER BY l.id, s.op;
 SELECT l.title, h.event, h.new_value, h.detail FROM nocrm.lead_history h JOIN nocrm.leads l ON l.id = h.lead_id
  WHERE l.title IN ('Lead 17', 'Lead 18') AND h.event LIKE 'action.assign%' ORDER BY h.id;
+
+-- A bulk statement: after the first picks the group's members are held in
+-- memory for the rest of the statement (picks without a query); the rows are
+-- still written with their owners, the rotation stays strict, each
+-- assignment recorded by the Butler.
+SELECT nocrm.delete_automation(id) FROM nocrm.automations WHERE name = 'to Matteo';
+UPDATE nocrm.users SET active = true WHERE email = 'matteo@example.com';
+SELECT nocrm.create_automation(name => 'bulk robin', event => 'lead.creation',
+  conditions => '{"owner": null}',
+  actions => '[{"type": "assign_round_robin", "users": ["anna@example.com", "matteo@example.com", "giovanni@example.com"]}]');
+CREATE TEMP TABLE before_bulk AS
+  SELECT c.user_id, c.assigned FROM nocrm.group_counts c JOIN nocrm.automations a ON a.id = c.automation_id
+   WHERE a.name = 'bulk robin';
+TRUNCATE pg_temp.seen;
+INSERT INTO nocrm.leads (title, pipeline_id) SELECT 'Bulk ' || g, 1 FROM generate_series(1, 30) g;
+SELECT count(*) FILTER (WHERE op = 'INSERT') AS inserted, count(*) FILTER (WHERE op = 'UPDATE') AS updated,
+       count(*) FILTER (WHERE user_id IS NULL) AS without_owner FROM pg_temp.seen;
+SELECT u.name, b.assigned AS before, c.assigned - b.assigned AS got
+  FROM nocrm.group_counts c JOIN nocrm.automations a ON a.id = c.automation_id
+  JOIN before_bulk b USING (user_id) JOIN nocrm.users u ON u.id = c.user_id
+ WHERE a.name = 'bulk robin' ORDER BY c.position;
+SELECT count(*) AS same_owner_twice_in_a_row FROM (
+  SELECT user_id, lag(user_id) OVER (ORDER BY id) AS prev FROM nocrm.leads WHERE title LIKE 'Bulk %') x
+ WHERE user_id = prev;
+SELECT count(*) AS recorded FROM nocrm.lead_history h JOIN nocrm.leads l ON l.id = h.lead_id
+ WHERE l.title LIKE 'Bulk %' AND h.event = 'action.assign_round_robin' AND h.actor_id = 0
+   AND h.new_value->>'user_id' = l.user_id::text;
