@@ -7,20 +7,22 @@
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 
-/* {"key": value} */
+/* {"key": value}, converted as one object (history writes one per row) */
 static Jsonb *
 jsonb_pair(const char *key, JsonbValue *value)
 {
-	JsonbParseState *state = NULL;
-	JsonbValue	k;
+	JsonbPair	pair;
+	JsonbValue	object;
 
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	pushJsonbValue(&state, WJB_KEY, &k);
-	pushJsonbValue(&state, WJB_VALUE, value);
-	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	pair.key.type = jbvString;
+	pair.key.val.string.val = (char *) key;
+	pair.key.val.string.len = strlen(key);
+	pair.value = *value;
+	pair.order = 0;
+	object.type = jbvObject;
+	object.val.object.nPairs = 1;
+	object.val.object.pairs = &pair;
+	return JsonbValueToJsonb(&object);
 }
 
 /* "key" of an object being built with pushJsonbValue */

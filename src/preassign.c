@@ -26,6 +26,8 @@
 #include "utils/snapmgr.h"
 
 static HTAB *preassigned = NULL;
+/* the entry found last: each row looks its entry up several times */
+static PreAssignment *last_found = NULL;
 static long npreassigned = 0;
 static SubTransactionId max_subid = InvalidSubTransactionId;
 
@@ -249,7 +251,16 @@ nocrm_preassigned(int64 lead_id)
 {
 	if (npreassigned == 0)
 		return NULL;
-	return hash_search(preassigned, &lead_id, HASH_FIND, NULL);
+	if (last_found == NULL || last_found->lead_id != lead_id)
+		last_found = hash_search(preassigned, &lead_id, HASH_FIND, NULL);
+	return last_found;
+}
+
+static void
+forget(int64 lead_id)
+{
+	last_found = NULL;
+	(void) hash_search(preassigned, &lead_id, HASH_REMOVE, NULL);
 }
 
 /*
@@ -270,7 +281,7 @@ nocrm_preassign_seen(LeadState *lead)
 		return;
 	}
 	nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
-	(void) hash_search(preassigned, &lead->id, HASH_REMOVE, NULL);
+	forget(lead->id);
 	npreassigned--;
 }
 
@@ -331,7 +342,7 @@ nocrm_preassign_statement_end(void)
 		else if (entry->state == 's')
 			elog(DEBUG1, "nocrm: lead " INT64_FORMAT " kept the owner automation %d chose for it",
 				 entry->lead_id, entry->automation_id);
-		(void) hash_search(preassigned, &entry->lead_id, HASH_REMOVE, NULL);
+		forget(entry->lead_id);
 		npreassigned--;
 	}
 }
@@ -352,7 +363,7 @@ nocrm_preassign_subxact_abort(SubTransactionId subid)
 	while ((entry = hash_seq_search(&seq)) != NULL)
 		if (entry->subid >= subid)
 		{
-			(void) hash_search(preassigned, &entry->lead_id, HASH_REMOVE, NULL);
+			forget(entry->lead_id);
 			npreassigned--;
 		}
 }
@@ -364,6 +375,7 @@ nocrm_preassign_xact_end(void)
 	{
 		hash_destroy(preassigned);
 		preassigned = NULL;
+		last_found = NULL;
 	}
 	npreassigned = 0;
 	max_subid = InvalidSubTransactionId;
