@@ -7,7 +7,7 @@
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 
-/* {"key": value}, converted as one object (history writes one per row) */
+/* {"key": scalar}, converted as one object (history writes one per row) */
 static Jsonb *
 jsonb_pair(const char *key, JsonbValue *value)
 {
