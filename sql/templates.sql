@@ -79,3 +79,14 @@ SELECT nocrm.render('[{{lead.title}}]', '["a", "lead.title"]') AS from_array,
        nocrm.render('[{{lead.title}}]', '"lead.title"') AS from_string,
        nocrm.render('[{{lead.title}}]', '5') AS from_number,
        nocrm.render('[{{lead.title}}]', NULL) AS from_null;
+
+-- Messages that use only the lead's own placeholders are rendered from the
+-- lead at hand, without a query: the same text as through the full context
+-- (the second rule's {{lead.pipeline}}, empty here, sends it that way);
+-- NULL renders empty.
+SELECT nocrm.create_automation(name => 'local "quick"', event => 'lead.creation',
+  actions => '[{"type": "notify", "user": 4, "message": "L {{lead.id}}|{{ lead.title }}|{{lead.status}}|{{lead.contact_email}}|{{event}}|{{automation.name}}|"}]');
+SELECT nocrm.create_automation(name => 'local "quick"', event => 'lead.creation',
+  actions => '[{"type": "notify", "user": 4, "message": "F {{lead.id}}|{{ lead.title }}|{{lead.status}}|{{lead.contact_email}}|{{event}}|{{automation.name}}|{{lead.pipeline}}"}]');
+INSERT INTO nocrm.leads (title, contact_email) VALUES ('Locale è', 'c@example.com'), ('Senza email', NULL);
+SELECT message FROM nocrm.notifications WHERE message ~ '^[LF] ' ORDER BY message;

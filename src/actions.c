@@ -838,13 +838,6 @@ full_context(Rule *rule, LeadState *lead, RaisedEvent *ev, int64 user_id)
 								  false);
 }
 
-/* The placeholders the lead's own columns answer: what most messages use. */
-static Jsonb *
-lead_local_context(Rule *rule, LeadState *lead, RaisedEvent *ev)
-{
-	return nocrm_lead_local_context(lead, nocrm_event_names[ev->event], rule->name);
-}
-
 /*
  * Is the lead state the dispatcher passed still the lead's row?  Only for
  * a rule's first action: the dispatcher re-reads the lead between rules,
@@ -861,17 +854,17 @@ lead_is_current(Rule *rule, RuleAction *action, LeadState *lead)
 static const char *
 render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev, int64 user_id)
 {
-	Jsonb	   *context;
 	char	   *message;
 	int			len;
 
 	if (strstr(action->text, "{{") == NULL)
 		return action->text;
+	/* the placeholders the lead's own columns answer: what most messages use */
 	if (lead_is_current(rule, action, lead) && nocrm_placeholders_lead_local(action->text))
-		context = lead_local_context(rule, lead, ev);
+		message = nocrm_render_lead_local(action->text, lead, nocrm_event_names[ev->event],
+										  rule->name);
 	else
-		context = full_context(rule, lead, ev, user_id);
-	message = nocrm_render(action->text, context);
+		message = nocrm_render(action->text, full_context(rule, lead, ev, user_id));
 	/* Lead data can make it long: keep it within a pg_notify payload, whole characters only. */
 	len = strlen(message);
 	if (len > MAX_RENDERED_MESSAGE)

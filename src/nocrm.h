@@ -695,7 +695,8 @@ extern void nocrm_preassign_xact_end(void);
 extern char *nocrm_render(const char *text, Jsonb *context);
 extern char *nocrm_unknown_placeholder(const char *text, bool *unclosed);
 extern bool nocrm_placeholders_lead_local(const char *text);
-extern Jsonb *nocrm_lead_local_context(LeadState *lead, const char *event, const char *automation);
+extern char *nocrm_render_lead_local(const char *text, LeadState *lead, const char *event,
+									 const char *automation);
 extern Jsonb *nocrm_template_context(Datum lead_id, bool lead_null, Datum payload, bool payload_null,
 									 Datum automation_id, bool automation_null,
 									 Datum event, bool event_null, bool read_only);

@@ -183,7 +183,7 @@ render(Rule *rule, LeadState *lead, RaisedEvent *ev, const char *text, bool has_
 		return text;
 	/* the lead at hand is the lead now (nocrm_create_task): most titles need no query */
 	if (nocrm_placeholders_lead_local(text))
-		out = nocrm_render(text, nocrm_lead_local_context(lead, nocrm_event_names[ev->event], rule->name));
+		out = nocrm_render_lead_local(text, lead, nocrm_event_names[ev->event], rule->name);
 	else
 	{
 		/* {{user.*}} is the assignee */

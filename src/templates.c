@@ -103,6 +103,17 @@ static const char *const lead_local_placeholders[] = {
 	"lead.id", "lead.title", "lead.status", "lead.contact_email", "event", "automation.name", NULL
 };
 
+/* The index of a placeholder in lead_local_placeholders, or -1. */
+static int
+lead_local_index(const char *name, int namelen)
+{
+	for (int i = 0; lead_local_placeholders[i]; i++)
+		if (strlen(lead_local_placeholders[i]) == namelen &&
+			strncmp(lead_local_placeholders[i], name, namelen) == 0)
+			return i;
+	return -1;
+}
+
 /* Does the text use only lead_local_placeholders (or none)? */
 bool
 nocrm_placeholders_lead_local(const char *text)
@@ -115,35 +126,9 @@ nocrm_placeholders_lead_local(const char *text)
 	bool		unclosed;
 
 	while (next_placeholder(text, &pos, &start, &end, &name, &namelen, &unclosed))
-	{
-		bool		local = false;
-
-		for (int i = 0; lead_local_placeholders[i] && !local; i++)
-			local = strlen(lead_local_placeholders[i]) == namelen &&
-				strncmp(lead_local_placeholders[i], name, namelen) == 0;
-		if (!local)
+		if (lead_local_index(name, namelen) < 0)
 			return false;
-	}
 	return true;
-}
-
-/*
- * The values of lead_local_placeholders, from the lead state at hand: no
- * query, for messages and titles that use nothing else.
- */
-Jsonb *
-nocrm_lead_local_context(LeadState *lead, const char *event, const char *automation)
-{
-	JsonbParseState *state = NULL;
-
-	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	nocrm_jsonb_put_int64(&state, "lead.id", lead->id);
-	nocrm_jsonb_put_string(&state, "lead.title", lead->title);
-	nocrm_jsonb_put_string(&state, "lead.status", lead->status_text);
-	nocrm_jsonb_put_string(&state, "lead.contact_email", lead->contact_email);
-	nocrm_jsonb_put_string(&state, "event", event);
-	nocrm_jsonb_put_string(&state, "automation.name", automation);
-	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
 }
 
 static void
@@ -211,13 +196,11 @@ nocrm_template_validate_trigger(PG_FUNCTION_ARGS)
 	return PointerGetDatum(tuple);
 }
 
-/*
- * Renders a template against a context object mapping placeholder names to
- * values ({"lead.title": "ACME", ...}).  Missing or null values render as
- * empty text.
- */
-char *
-nocrm_render(const char *text, Jsonb *context)
+/* Appends the value of placeholder name (nothing for a missing or null one). */
+typedef void (*PlaceholderWriter) (StringInfo out, const char *name, int namelen, void *arg);
+
+static char *
+render_with(const char *text, PlaceholderWriter write_value, void *arg)
 {
 	StringInfoData out;
 	const char *pos = text;
@@ -229,29 +212,99 @@ nocrm_render(const char *text, Jsonb *context)
 	bool		unclosed;
 
 	initStringInfo(&out);
-	/* Only an object maps names to values; anything else renders placeholders empty. */
-	if (context && (!JB_ROOT_IS_OBJECT(context) || JB_ROOT_IS_SCALAR(context)))
-		context = NULL;
 	while (next_placeholder(text, &pos, &start, &end, &name, &namelen, &unclosed))
 	{
-		JsonbValue *v;
-
 		appendBinaryStringInfo(&out, copied, start - copied);
 		copied = end;
-		v = context ? getKeyJsonValueFromContainer(&context->root, name, namelen, NULL) : NULL;
-		if (v == NULL || v->type == jbvNull)
-			continue;
-		if (v->type == jbvString)
-			appendBinaryStringInfo(&out, v->val.string.val, v->val.string.len);
-		else if (v->type == jbvNumeric)
-			appendStringInfoString(&out,
-								   DatumGetCString(DirectFunctionCall1(numeric_out,
-																	   NumericGetDatum(v->val.numeric))));
-		else if (v->type == jbvBool)
-			appendStringInfoString(&out, v->val.boolean ? "true" : "false");
+		write_value(&out, name, namelen, arg);
 	}
 	appendStringInfoString(&out, copied);
 	return out.data;
+}
+
+static void
+write_from_context(StringInfo out, const char *name, int namelen, void *arg)
+{
+	Jsonb	   *context = (Jsonb *) arg;
+	JsonbValue *v;
+
+	v = context ? getKeyJsonValueFromContainer(&context->root, name, namelen, NULL) : NULL;
+	if (v == NULL || v->type == jbvNull)
+		return;
+	if (v->type == jbvString)
+		appendBinaryStringInfo(out, v->val.string.val, v->val.string.len);
+	else if (v->type == jbvNumeric)
+		appendStringInfoString(out,
+							   DatumGetCString(DirectFunctionCall1(numeric_out,
+																   NumericGetDatum(v->val.numeric))));
+	else if (v->type == jbvBool)
+		appendStringInfoString(out, v->val.boolean ? "true" : "false");
+}
+
+/*
+ * Renders a template against a context object mapping placeholder names to
+ * values ({"lead.title": "ACME", ...}).  Missing or null values render as
+ * empty text.
+ */
+char *
+nocrm_render(const char *text, Jsonb *context)
+{
+	/* Only an object maps names to values; anything else renders placeholders empty. */
+	if (context && (!JB_ROOT_IS_OBJECT(context) || JB_ROOT_IS_SCALAR(context)))
+		context = NULL;
+	return render_with(text, write_from_context, context);
+}
+
+typedef struct LeadLocal
+{
+	LeadState  *lead;
+	const char *event;
+	const char *automation;
+} LeadLocal;
+
+/* lead_local_placeholders' values, in that list's order */
+static void
+write_lead_local(StringInfo out, const char *name, int namelen, void *arg)
+{
+	LeadLocal  *l = (LeadLocal *) arg;
+	const char *value = NULL;
+
+	switch (lead_local_index(name, namelen))
+	{
+		case 0:
+			appendStringInfo(out, INT64_FORMAT, l->lead->id);
+			return;
+		case 1:
+			value = l->lead->title;
+			break;
+		case 2:
+			value = l->lead->status_text;
+			break;
+		case 3:
+			value = l->lead->contact_email;
+			break;
+		case 4:
+			value = l->event;
+			break;
+		case 5:
+			value = l->automation;
+			break;
+	}
+	if (value)
+		appendStringInfoString(out, value);
+}
+
+/*
+ * A text that uses only lead_local_placeholders, rendered from the lead
+ * state at hand: no query, and no context object built per row.
+ */
+char *
+nocrm_render_lead_local(const char *text, LeadState *lead, const char *event,
+						const char *automation)
+{
+	LeadLocal	l = {lead, event, automation};
+
+	return render_with(text, write_lead_local, &l);
 }
 
 /* nocrm.render_template(template, lead_id, message): (subject, body) */
