@@ -679,6 +679,8 @@ typedef struct PreAssignment
 	char		state;			/* 'p'ending, 's'een by the statement, 't'aken by the rule */
 	SubTransactionId subid;
 	const void *statement;		/* the INSERT's active snapshot, to tell statements apart */
+	struct PreAssignment *prev,
+			   *next;			/* in the order the choices were made */
 } PreAssignment;
 extern bool nocrm_preassign_row(LeadState *lead, Relation rel, int64 *user_id);
 extern PreAssignment *nocrm_preassigned(int64 lead_id);

@@ -26,8 +26,13 @@
 #include "utils/snapmgr.h"
 
 static HTAB *preassigned = NULL;
-/* the entry found last: each row looks its entry up several times */
+/*
+ * The entry found last, and the newest.  Each row looks its entry up several
+ * times, and a statement's events reach its rows in the order they were
+ * inserted: most lookups are the last entry or the one made after it.
+ */
 static PreAssignment *last_found = NULL;
+static PreAssignment *newest = NULL;
 static long npreassigned = 0;
 static SubTransactionId max_subid = InvalidSubTransactionId;
 
@@ -58,7 +63,14 @@ remember(int64 lead_id, Rule *rule, int64 user_id, bool fallback)
 	if (exists && entry->state == 'p')
 		nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
 	if (!exists)
+	{
 		npreassigned++;
+		entry->prev = newest;
+		entry->next = NULL;
+		if (newest)
+			newest->next = entry;
+		newest = entry;
+	}
 	entry->automation_id = rule->id;
 	entry->action_no = rule->actions[0].action_no;
 	entry->user_id = user_id;
@@ -251,14 +263,24 @@ nocrm_preassigned(int64 lead_id)
 {
 	if (npreassigned == 0)
 		return NULL;
-	if (last_found == NULL || last_found->lead_id != lead_id)
-		last_found = hash_search(preassigned, &lead_id, HASH_FIND, NULL);
-	return last_found;
+	if (last_found && last_found->lead_id == lead_id)
+		return last_found;
+	if (last_found && last_found->next && last_found->next->lead_id == lead_id)
+		return last_found = last_found->next;
+	return last_found = hash_search(preassigned, &lead_id, HASH_FIND, NULL);
 }
 
 static void
-forget(int64 lead_id)
+forget(PreAssignment *entry)
 {
+	int64		lead_id = entry->lead_id;
+
+	if (entry->prev)
+		entry->prev->next = entry->next;
+	if (entry->next)
+		entry->next->prev = entry->prev;
+	if (newest == entry)
+		newest = entry->prev;
 	last_found = NULL;
 	(void) hash_search(preassigned, &lead_id, HASH_REMOVE, NULL);
 }
@@ -281,7 +303,7 @@ nocrm_preassign_seen(LeadState *lead)
 		return;
 	}
 	nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
-	forget(lead->id);
+	forget(entry);
 	npreassigned--;
 }
 
@@ -342,7 +364,7 @@ nocrm_preassign_statement_end(void)
 		else if (entry->state == 's')
 			elog(DEBUG1, "nocrm: lead " INT64_FORMAT " kept the owner automation %d chose for it",
 				 entry->lead_id, entry->automation_id);
-		forget(entry->lead_id);
+		forget(entry);
 		npreassigned--;
 	}
 }
@@ -363,7 +385,7 @@ nocrm_preassign_subxact_abort(SubTransactionId subid)
 	while ((entry = hash_seq_search(&seq)) != NULL)
 		if (entry->subid >= subid)
 		{
-			forget(entry->lead_id);
+			forget(entry);
 			npreassigned--;
 		}
 }
@@ -376,6 +398,7 @@ nocrm_preassign_xact_end(void)
 		hash_destroy(preassigned);
 		preassigned = NULL;
 		last_found = NULL;
+		newest = NULL;
 	}
 	npreassigned = 0;
 	max_subid = InvalidSubTransactionId;
