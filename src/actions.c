@@ -158,9 +158,7 @@ nocrm_action_leaves_lead_alone(RuleAction *action)
 	switch (action->kind)
 	{
 		case ACT_NOTIFY:
-			return action->user_id != USER_IS_OWNER &&
-				(strstr(action->text, "{{") == NULL ||
-				 nocrm_placeholders_lead_local(action->text));
+			return action->user_id != USER_IS_OWNER && action->text_lead_local;
 		case ACT_SEND_EMAIL:
 			return true;		/* rendered by the drain, from the lead as it is then */
 		default:
@@ -860,7 +858,7 @@ render_message(Rule *rule, RuleAction *action, LeadState *lead, RaisedEvent *ev,
 	if (strstr(action->text, "{{") == NULL)
 		return action->text;
 	/* the placeholders the lead's own columns answer: what most messages use */
-	if (lead_is_current(rule, action, lead) && nocrm_placeholders_lead_local(action->text))
+	if (lead_is_current(rule, action, lead) && action->text_lead_local)
 		message = nocrm_render_lead_local(action->text, lead, nocrm_event_names[ev->event],
 										  rule->name);
 	else

@@ -914,6 +914,7 @@ compile_action(DefContext *cx, NocrmEvent event, JsonbValue *def, int no, RuleAc
 					if (unclosed)
 						invalid(cx, "unclosed placeholder in message", "Close it, e.g. {{lead.title}}.");
 				}
+				a->text_lead_local = nocrm_placeholders_lead_local(a->text);
 				a->channels = CHANNEL_BROWSER;
 				ch = action_arg(cx, c, no, a->kind, "channels");
 				if (ch)

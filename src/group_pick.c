@@ -29,8 +29,6 @@
 #include "access/xact.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
-#include "catalog/namespace.h"
-#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
@@ -305,6 +303,15 @@ take(Rule *rule, RuleAction *action, Members *m)
 	return best;
 }
 
+/* The group a pick may hold for the statement: round robin, any time, not "anyone". */
+static HeldGroup *
+holdable_group(Rule *rule, RuleAction *action, bool anyone)
+{
+	if (anyone || action->only_working_hours || action->kind != ACT_ASSIGN_ROUND_ROBIN)
+		return NULL;
+	return group_of(rule, action);
+}
+
 /*
  * A pick from the members held in memory for the rest of the statement,
  * which needs no query: false when the group is not held.
@@ -312,11 +319,8 @@ take(Rule *rule, RuleAction *action, Members *m)
 bool
 nocrm_group_pick_held(Rule *rule, RuleAction *action, bool anyone, int64 *user_id)
 {
-	HeldGroup  *g;
+	HeldGroup  *g = holdable_group(rule, action, anyone);
 
-	if (anyone || action->only_working_hours || action->kind != ACT_ASSIGN_ROUND_ROBIN)
-		return false;
-	g = group_of(rule, action);
 	if (g == NULL || !g->held)
 		return false;
 	*user_id = g->members.user_ids[take(rule, action, &g->members)];
@@ -326,18 +330,15 @@ nocrm_group_pick_held(Rule *rule, RuleAction *action, bool anyone, int64 *user_i
 /*
  * Picks the next member of a round-robin or balanced group and claims it;
  * false if nobody is available.  pending: this transaction's unwritten increments
- * by position (bigint[]).  The caller records the increment.
+ * by position (bigint[]).  The caller records the increment, and has tried
+ * nocrm_group_pick_held first.
  */
 bool
 nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int64 *user_id)
 {
-	HeldGroup  *g = (!anyone && !action->only_working_hours &&
-					 action->kind == ACT_ASSIGN_ROUND_ROBIN) ? group_of(rule, action) : NULL;
+	HeldGroup  *g = holdable_group(rule, action, anyone);
 	Members		m;
 	bool		keep = false;
-
-	if (nocrm_group_pick_held(rule, action, anyone, user_id))
-		return true;
 
 	group_lock(rule->id, action->action_no, true);
 	PG_TRY();

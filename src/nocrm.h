@@ -99,6 +99,7 @@ typedef struct RuleAction
 	const char *step_name;		/* set_step by name, within the lead's pipeline */
 	int64		step_id;		/* set_step by id, 0 if by name */
 	const char *text;			/* comment body, notify message */
+	bool		text_lead_local;	/* notify: the message uses only lead-local placeholders */
 	int			channels;		/* notify */
 	const char *template_name;	/* send_email */
 	const char *to;				/* send_email recipient, NULL = lead contact */

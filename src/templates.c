@@ -99,8 +99,19 @@ nocrm_unknown_placeholder(const char *text, bool *unclosed)
 }
 
 /* Placeholders the lead's own row and the rule answer, without a query. */
+enum
+{
+	LOCAL_LEAD_ID, LOCAL_LEAD_TITLE, LOCAL_LEAD_STATUS, LOCAL_LEAD_CONTACT_EMAIL, LOCAL_EVENT,
+	LOCAL_AUTOMATION_NAME
+};
 static const char *const lead_local_placeholders[] = {
-	"lead.id", "lead.title", "lead.status", "lead.contact_email", "event", "automation.name", NULL
+	[LOCAL_LEAD_ID] = "lead.id",
+	[LOCAL_LEAD_TITLE] = "lead.title",
+	[LOCAL_LEAD_STATUS] = "lead.status",
+	[LOCAL_LEAD_CONTACT_EMAIL] = "lead.contact_email",
+	[LOCAL_EVENT] = "event",
+	[LOCAL_AUTOMATION_NAME] = "automation.name",
+	NULL
 };
 
 /* The index of a placeholder in lead_local_placeholders, or -1. */
@@ -262,7 +273,7 @@ typedef struct LeadLocal
 	const char *automation;
 } LeadLocal;
 
-/* lead_local_placeholders' values, in that list's order */
+/* the value of one of lead_local_placeholders */
 static void
 write_lead_local(StringInfo out, const char *name, int namelen, void *arg)
 {
@@ -271,22 +282,22 @@ write_lead_local(StringInfo out, const char *name, int namelen, void *arg)
 
 	switch (lead_local_index(name, namelen))
 	{
-		case 0:
+		case LOCAL_LEAD_ID:
 			appendStringInfo(out, INT64_FORMAT, l->lead->id);
 			return;
-		case 1:
+		case LOCAL_LEAD_TITLE:
 			value = l->lead->title;
 			break;
-		case 2:
+		case LOCAL_LEAD_STATUS:
 			value = l->lead->status_text;
 			break;
-		case 3:
+		case LOCAL_LEAD_CONTACT_EMAIL:
 			value = l->lead->contact_email;
 			break;
-		case 4:
+		case LOCAL_EVENT:
 			value = l->event;
 			break;
-		case 5:
+		case LOCAL_AUTOMATION_NAME:
 			value = l->automation;
 			break;
 	}
