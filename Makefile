@@ -19,6 +19,7 @@ OBJS = \
 	src/group_pick.o \
 	src/explain.o \
 	src/fieldcmp.o \
+	src/firings.o \
 	src/guc.o \
 	src/hosts.o \
 	src/history.o \

@@ -60,6 +60,8 @@ SELECT (SELECT count(*) FROM nocrm.automation_runs) AS runs,
 SET nocrm.run_log = 'all';   -- quoted: ALL is a keyword in SET
 INSERT INTO nocrm.leads (title) SELECT 'bulk ' || i FROM generate_series(101, 200) i;
 SELECT outcome, count(*), min(actions::text) FROM nocrm.automation_runs GROUP BY outcome;
+-- automation_stats counts every firing, whatever the run log keeps
+-- (nocrm.firing_counts): 2 won leads in each of the 7 rounds, 200 new leads
 SELECT name, fired, test_runs, skipped FROM nocrm.automation_stats WHERE id IN (2, 4) ORDER BY id;
 RESET nocrm.run_log;
 RESET nocrm.history;

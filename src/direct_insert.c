@@ -55,7 +55,7 @@
 #include "utils/syscache.h"
 
 #define SLOTS_PER_BATCH	1000	/* as COPY FROM's buffer */
-#define CACHED_TABLES	4
+#define CACHED_TABLES	8	/* as many as there are write buffers */
 #define MAX_FOREIGN_KEYS 4
 
 /* A foreign key whose per-row check trigger the batch replaces. */

@@ -741,6 +741,7 @@ prune(void)
 	SPI_freetuptable(SPI_tuptable);
 	/* group counts the committing transactions could not add to their rows */
 	(void) nocrm_assign_fold_increments();
+	nocrm_fold_firing_counts(nocrm_run_log_retention_seconds);
 	nocrm_alerts_prune(nocrm_run_log_retention_seconds);
 	nocrm_hosts_prune();
 }

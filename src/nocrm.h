@@ -452,6 +452,10 @@ extern void nocrm_chain_reset(void);
 extern void nocrm_set_root_actor(int64 actor);
 extern int64 nocrm_root_actor(void);
 
+/* firings.c: nocrm.firing_counts */
+extern void nocrm_count_firing(int32 id, int nactions);
+extern void nocrm_fold_firing_counts(int retention_seconds);
+
 /* runlog.c: nocrm.automation_runs */
 typedef struct RunOutcomes
 {
@@ -604,10 +608,12 @@ typedef struct WriteBuffer
 	Datum	   *values;
 	bool	   *nulls;
 	SubTransactionId *subids;
+	uint64		generation;		/* changes whenever waiting rows are renumbered */
 	int64		direct_rows;	/* written so far, for nocrm.record_writes() */
 	int64		sql_rows;
 } WriteBuffer;
-extern void nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls);
+extern int	nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls);
+extern Datum *nocrm_buffered_values(WriteBuffer *buf, int row, uint64 generation);
 /* direct_insert.c: record rows without an INSERT statement */
 extern int	nocrm_direct_insert(WriteBuffer *buf, int nrows, int *retry);
 extern void nocrm_buffers_flush(void);

@@ -9,7 +9,7 @@
 #include "utils/fmgrprotos.h"
 #include "utils/timestamp.h"
 
-/* The run being recorded: its actions' outcomes, as a JSON array in the making. */
+/* The firing running: its actions counted, their outcomes (if logged) a JSON array in the making. */
 static RunOutcomes *run_outcomes = NULL;
 
 /*
@@ -30,9 +30,9 @@ run_logged(bool fired)
 }
 
 /*
- * Starts collecting the outcomes of a firing's actions, in the caller's
- * memory context (which must outlive the actions' SPI calls), unless fired
- * runs are not logged.  Returns the run it interrupts, for
+ * Starts counting a firing's actions and, unless fired runs are not
+ * logged, collecting their outcomes, in the caller's memory context (which
+ * must outlive the actions' SPI calls).  Returns the run it interrupts, for
  * nocrm_runlog_resume.
  */
 RunOutcomes *
@@ -43,12 +43,8 @@ nocrm_runlog_begin(RunOutcomes *outcomes)
 	outcomes->state = NULL;
 	outcomes->context = CurrentMemoryContext;
 	outcomes->nactions = 0;
-	if (!run_logged(true))
-	{
-		run_outcomes = NULL;
-		return outer;
-	}
-	pushJsonbValue(&outcomes->state, WJB_BEGIN_ARRAY, NULL);
+	if (run_logged(true))
+		pushJsonbValue(&outcomes->state, WJB_BEGIN_ARRAY, NULL);
 	run_outcomes = outcomes;
 	return outer;
 }
@@ -72,6 +68,9 @@ nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value, cons
 
 	if (run_outcomes == NULL)
 		return;
+	run_outcomes->nactions++;
+	if (run_outcomes->state == NULL)	/* counted, not logged */
+		return;
 	old = MemoryContextSwitchTo(run_outcomes->context);
 	pushJsonbValue(&run_outcomes->state, WJB_BEGIN_OBJECT, NULL);
 	nocrm_jsonb_put_int64(&run_outcomes->state, "no", action->action_no + 1);
@@ -83,18 +82,23 @@ nocrm_runlog_action(RuleAction *action, Jsonb *old_value, Jsonb *new_value, cons
 	if (detail)
 		nocrm_jsonb_put_string(&run_outcomes->state, "detail", detail);
 	pushJsonbValue(&run_outcomes->state, WJB_END_OBJECT, NULL);
-	run_outcomes->nactions++;
 	MemoryContextSwitchTo(old);
 }
 
 /*
  * One row of nocrm.automation_runs.  id > 0 is an automation, < 0 a stage
- * trigger.  Recorded as nocrm.run_log says.
+ * trigger.  Recorded as nocrm.run_log says; a firing is counted in any case.
  */
 void
 nocrm_runlog_record(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 					const char *outcome, const char *actions, int nactions, const char *detail)
 {
+	bool		fired = strcmp(outcome, "fired") == 0;
+
+	if (fired)
+		nocrm_count_firing(id, nactions);
+	if (!run_logged(fired))
+		return;
 	record_run_as(id, lead, ev, event, outcome,
 				  actions ? DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(actions))) : NULL,
 				  nactions, detail, nocrm_root_actor());
@@ -119,8 +123,6 @@ record_run_as(int32 id, LeadState *lead, RaisedEvent *ev, const char *event,
 	Datum		values[13];
 	bool		nulls[13];
 
-	if (!run_logged(strcmp(outcome, "fired") == 0))
-		return;
 	memset(nulls, false, sizeof(nulls));
 	values[0] = Int32GetDatum(id);
 	nulls[0] = id <= 0;
@@ -160,6 +162,7 @@ nocrm_runlog_fired(int32 id, LeadState *lead, RaisedEvent *ev, RunOutcomes *outc
 {
 	Jsonb	   *recorded;
 
+	nocrm_count_firing(id, outcomes->nactions);
 	if (outcomes->state == NULL)	/* not collected: fired runs are not logged */
 		return;
 	recorded = JsonbValueToJsonb(pushJsonbValue(&outcomes->state, WJB_END_ARRAY, NULL));

@@ -40,10 +40,15 @@ buffer_reset(WriteBuffer *buf)
 	buf->values = NULL;
 	buf->nulls = NULL;
 	buf->subids = NULL;
+	buf->generation++;
 }
 
-/* Appends one row; values are copied.  May flush (needs no SPI connection). */
-void
+/*
+ * Appends one row; values are copied.  May flush (needs no SPI connection).
+ * Returns the row's number for nocrm_buffered_values, -1 if it was written
+ * at once.
+ */
+int
 nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls)
 {
 	MemoryContext old;
@@ -88,7 +93,25 @@ nocrm_buffer_row(WriteBuffer *buf, Datum *values, bool *nulls)
 	buf->subids[buf->n++] = GetCurrentSubTransactionId();
 	MemoryContextSwitchTo(old);
 	if (++total_rows >= BUFFER_LIMIT)
+	{
 		nocrm_buffers_flush();
+		return -1;
+	}
+	return buf->n - 1;
+}
+
+/*
+ * The values of waiting row `row` (numbered when rows were last moved, see
+ * WriteBuffer.generation), for adding to its by-value columns in place;
+ * NULL once the rows have moved: written, dropped with a subtransaction,
+ * or gone with the transaction.
+ */
+Datum *
+nocrm_buffered_values(WriteBuffer *buf, int row, uint64 generation)
+{
+	if (generation != buf->generation || row < 0 || row >= buf->n)
+		return NULL;
+	return &buf->values[row * buf->ncols];
 }
 
 /* INSERT INTO nocrm.table (columns) SELECT * FROM unnest($1, ...) */
@@ -183,6 +206,7 @@ drop_written(WriteBuffer *buf, int n)
 		memmove(buf->subids, &buf->subids[n], sizeof(SubTransactionId) * left);
 	}
 	buf->n = left;
+	buf->generation++;
 	total_rows -= n;
 }
 
@@ -269,6 +293,8 @@ nocrm_buffers_subxact_abort(SubTransactionId subid)
 			kept++;
 		}
 		total_rows -= buf->n - kept;
+		if (kept < buf->n)
+			buf->generation++;
 		buf->n = kept;
 	}
 }

@@ -262,11 +262,11 @@ is( sq('src',
 is( sq('src',
 		q{SELECT count(*) FROM pg_extension e, unnest(e.extconfig) c
 		   WHERE e.extname = 'nocrm_automation' AND (SELECT relkind FROM pg_class WHERE oid = c) = 'S'}),
-	17, 'the 17 identity sequences are marked for dumping');
+	18, 'the 18 identity sequences are marked for dumping');
 push @tables, 'public.call_notes';
 # (tables added later are compared too, with or without rows)
 for my $t (map { "nocrm.$_" } qw(absences alerts assignment_counters automation_failures automation_enrollments automation_runs automations
-	business_calendar business_hours holidays comments email_templates emails lead_history leads notifications pipelines queue seeded_rows stage_triggers steps
+	business_calendar business_hours holidays comments email_templates emails firing_counts lead_history leads notifications pipelines queue seeded_rows stage_triggers steps
 	tags tasks users working_hours))
 {
 	cmp_ok((split / /, digest('src', $t))[0], '>', 0, "source: $t has rows");
@@ -289,6 +289,10 @@ my $processing = sq('src', q{SELECT id FROM nocrm.queue WHERE state = 'processin
 is( sq('src', q{SELECT string_agg(outcome || '=' || n, ' ' ORDER BY outcome)
 	             FROM (SELECT outcome, count(*) AS n FROM nocrm.automation_runs GROUP BY outcome) s}),
 	'fired=25 test=8', 'source run log: fired (two by the task rules) and test-mode runs');
+is( sq('src', q{SELECT (SELECT sum(fired) FROM nocrm.firing_counts) || ' = '
+                       || (SELECT sum(fired) FROM nocrm.automation_stats) || ' + '
+                       || (SELECT sum(fired) FROM nocrm.stage_trigger_stats)}),
+	'25 = 24 + 1', 'source: every fired run counted in firing_counts: automation_stats and stage_trigger_stats');
 is(sq('src', q{SELECT s.name FROM nocrm.leads l JOIN nocrm.steps s ON s.id = l.step_id WHERE l.title = 'Lead 2'}),
 	'Preventivo', 'source: the stage trigger moved Lead 2');
 is( sq('src', q{SELECT name || ' ' || email FROM nocrm.users WHERE is_butler}),

@@ -342,6 +342,12 @@ my $working_sql = q{SELECT string_agg(u.id || ' ' || t || ' ' || nocrm.is_workin
 my $working_1_2 = sq($working_sql);
 like($working_1_2, qr/ true 2027-/, '1.2: someone works sometimes');
 like($working_1_2, qr/ false 2027-/, '1.2: someone is off sometimes');
+# automation_stats counts firings from nocrm.firing_counts in 1.3, seeded
+# from the run log's fired rows: the same figures before and after.
+my $stats_sql = q{SELECT string_agg(concat_ws(' ', id, fired, last_fired, avg_actions), E'\n' ORDER BY id)
+                    FROM nocrm.automation_stats};
+my $stats_1_2 = sq($stats_sql);
+like($stats_1_2, qr/^\d+ [1-9]\d* \d{4}-/m, '1.2: some automation has fired');
 my $columns_1_2 = columns_now();
 my $data_1_2 = data_digest_of($columns_1_2);
 like($data_1_2, qr/^leads: [1-9][0-9]* [0-9a-f]{32}$/m, 'the 1.2 data digest covers the rows');
@@ -355,6 +361,7 @@ is(join("\n", grep { $seen_1_2{ (split /: /)[0] } } split /\n/, data_digest_of($
 is(sq(q{SELECT count(*) FROM nocrm.automations
          WHERE position <> 0 OR stop_processing OR once_per_lead OR at_most_every IS NOT NULL OR on_creation}),
 	0, '1.3: the automations keep their behaviour (options at their defaults)');
+is(sq($stats_sql), $stats_1_2, '1.3: automation_stats counts the firings the run log had');
 is(sq($working_sql), $working_1_2, '1.3: is_working and next_working_time give 1.2\'s answers (no company calendar)');
 is(sq(q{SELECT (SELECT count(*) FROM nocrm.business_calendar) + (SELECT count(*) FROM nocrm.business_hours)
                 + (SELECT count(*) FROM nocrm.holidays)}), 0, '1.3: the company calendar starts empty');
