@@ -10,7 +10,9 @@
  * BUFFER_LIMIT rows are waiting.  Rows keep the order they were made in
  * (unnest yields them in array order and the INSERT takes them as they
  * come: no sort, whose start-up a one-row batch would pay).  A rolled-back
- * subtransaction takes its rows with it.
+ * subtransaction takes its rows with it.  A waiting row may be added to in
+ * place (firings.c's counts): WriteBuffer.generation tells its maker when
+ * the row numbers have moved.
  */
 #include "nocrm.h"
 
@@ -232,6 +234,9 @@ nocrm_buffers_flush(void)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	flushing = true;
+	/* rows made while these are written are new rows, not additions to them */
+	for (int i = 0; i < nregistered; i++)
+		registered[i]->generation++;
 	PG_TRY();
 	{
 		while (any_rows())
