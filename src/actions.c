@@ -382,15 +382,8 @@ set_field_plan(RuleAction *action)
 	Oid			types[1] = {INT8OID};
 
 	if (set_field_plans == NULL)
-	{
-		HASHCTL		ctl;
-
-		ctl.keysize = sizeof(uint32);
-		ctl.entrysize = sizeof(SetFieldPlan);
-		ctl.hcxt = TopMemoryContext;
-		set_field_plans = hash_create("nocrm set_field plans", 64, &ctl,
-									  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-	}
+		set_field_plans = nocrm_blob_hash("nocrm set_field plans", 64, sizeof(uint32),
+										  sizeof(SetFieldPlan), TopMemoryContext);
 	entry = hash_search(set_field_plans, &key, HASH_ENTER, &found);
 	if (found && strcmp(entry->sql, action->sql) != 0)
 	{

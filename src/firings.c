@@ -51,15 +51,8 @@ firing_rows(void)
 		rows_by_key = NULL;
 	}
 	if (rows_by_key == NULL)
-	{
-		HASHCTL		ctl;
-
-		ctl.keysize = sizeof(FiringKey);
-		ctl.entrysize = sizeof(FiringRow);
-		ctl.hcxt = TopMemoryContext;
-		rows_by_key = hash_create("nocrm firing counts", 64, &ctl,
-								  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-	}
+		rows_by_key = nocrm_blob_hash("nocrm firing counts", 64, sizeof(FiringKey),
+									  sizeof(FiringRow), TopMemoryContext);
 	return rows_by_key;
 }
 

@@ -385,6 +385,8 @@ extern TupleTableSlot *nocrm_transition_reader(Tuplestorestate *table, TupleDesc
 extern bool nocrm_transition_next(Tuplestorestate *table, int readptr, TupleTableSlot *slot);
 
 /* spi_plans.c */
+extern HTAB *nocrm_blob_hash(const char *name, long nelem, Size keysize, Size entrysize,
+							 MemoryContext cxt);
 extern ErrorData *nocrm_in_subtransaction(void (*body) (void *arg), void *arg,
 										  MemoryContext errcxt);
 extern SPIPlanPtr nocrm_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes);

@@ -39,16 +39,10 @@ static SubTransactionId max_subid = InvalidSubTransactionId;
 static void
 ensure_table(void)
 {
-	HASHCTL		ctl;
-
 	if (preassigned)
 		return;
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(int64);
-	ctl.entrysize = sizeof(PreAssignment);
-	ctl.hcxt = TopMemoryContext;
-	preassigned = hash_create("nocrm pre-assigned leads", 1024, &ctl,
-							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	preassigned = nocrm_blob_hash("nocrm pre-assigned leads", 1024, sizeof(int64),
+								  sizeof(PreAssignment), TopMemoryContext);
 }
 
 /* Keeps a choice until the statement's events reach the row. */

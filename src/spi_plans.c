@@ -1,5 +1,6 @@
 /*
- * spi_plans.c — prepared SPI plans kept for the life of the backend.
+ * spi_plans.c — prepared SPI plans kept for the life of the backend, and
+ * the other small caches the modules above share the making of.
  */
 #include "nocrm.h"
 
@@ -305,4 +306,17 @@ nocrm_in_subtransaction(void (*body) (void *arg), void *arg, MemoryContext errcx
 	}
 	PG_END_TRY();
 	return edata;
+}
+
+/* A hash table keyed by the first keysize bytes of its entries, in cxt. */
+HTAB *
+nocrm_blob_hash(const char *name, long nelem, Size keysize, Size entrysize, MemoryContext cxt)
+{
+	HASHCTL		ctl;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = keysize;
+	ctl.entrysize = entrysize;
+	ctl.hcxt = cxt;
+	return hash_create(name, nelem, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }

@@ -102,7 +102,6 @@ nocrm_tagset_load(int64 *ids, int n)
 	Oid			types[1] = {INT8ARRAYOID};
 	Datum		args[1];
 	Datum	   *elems;
-	HASHCTL		ctl;
 	MemoryContext old;
 
 	nocrm_tagset_forget();
@@ -119,12 +118,8 @@ nocrm_tagset_load(int64 *ids, int n)
 			   " JOIN nocrm.tags t ON t.lead_id = i.id", 1, types);
 	nocrm_exec_plan(plan, args, NULL, SPI_OK_SELECT, "reading tags failed");
 
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(LeadTag);
-	ctl.entrysize = sizeof(LeadTag);
-	ctl.hcxt = chunk_context;
-	chunk_tags = hash_create("nocrm tag set", Max(256, SPI_processed * 2), &ctl,
-							 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	chunk_tags = nocrm_blob_hash("nocrm tag set", Max(256, SPI_processed * 2), sizeof(LeadTag),
+								 sizeof(LeadTag), chunk_context);
 	old = MemoryContextSwitchTo(chunk_context);
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{

@@ -10,23 +10,15 @@
 # (perf record -g of that engine statement into $WORK/perf.data), ENGINE_SQL
 # (run in the engine's database after the rules are loaded, for experiments).
 set -e
-PG=$(pg_config --bindir)
-export PATH=$PG:$PATH
 H="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . $H/server.sh; . $H/rulesets.sh
-PGBIN=$PG
-WORK=/tmp/nocrm_cpu_bulk; PGDATA=$WORK/data
-log() { echo "$*" >&2; }; die() { echo "$*" >&2; exit 1; }
-[ -f $WORK/data/postmaster.pid ] && runuser -u postgres -- $PG/pg_ctl -D $PGDATA -m immediate stop >/dev/null 2>&1 || true
-rm -rf $WORK; mkdir -p $WORK; chown postgres $WORK; chmod 755 $WORK
-cp $H/handwritten_rules.sql $WORK/; chown postgres $WORK/*
+bench_scratch /tmp/nocrm_cpu_bulk; PG=$PGBIN
 bench_server_start sb <<EOF
 shared_buffers = 256MB
 max_wal_size = 4GB
 checkpoint_timeout = 30min
 EOF
 N=${N:-100000}; REP=${REP:-3}
-q() { local d=$1; shift; runuser -u postgres -- $PG/psql -h $WORK -X -q -v ON_ERROR_STOP=1 -At -d $d "$@"; }
 triggers_off="ALTER TABLE nocrm.leads DISABLE TRIGGER USER; ALTER TABLE nocrm.tags DISABLE TRIGGER USER; ALTER TABLE nocrm.comments DISABLE TRIGGER USER; ALTER TABLE nocrm.emails DISABLE TRIGGER USER;"
 RULES_VARIANT=engine
 psql_() { q engine "$@"; }

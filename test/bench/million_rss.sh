@@ -3,14 +3,10 @@
 # the backend's peak RssAnon, sampled every 50 ms (fsync off).
 #   bash test/bench/million_rss.sh   (N=..., HIST=..., RULES=...)
 set -e
-PG=$(pg_config --bindir)
 H="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . $H/server.sh; . $H/rulesets.sh
-PGBIN=$PG; WORK=/tmp/nocrm_million; PGDATA=$WORK/data
-log() { echo "$*" >&2; }; die() { echo "$*" >&2; exit 1; }
-rm -rf $WORK; mkdir -p $WORK; chown postgres $WORK; chmod 755 $WORK
+bench_scratch /tmp/nocrm_million; PG=$PGBIN
 printf 'shared_buffers = 256MB\nmax_wal_size = 8GB\nfsync = off\nsynchronous_commit = off\n' | bench_server_start mil
-q() { local d=$1; shift; runuser -u postgres -- $PG/psql -h $WORK -X -q -v ON_ERROR_STOP=1 -At -d $d "$@"; }
 runuser -u postgres -- $PG/createdb -h $WORK engine
 q engine -c "SET client_min_messages=warning; CREATE EXTENSION nocrm_automation;" -c "$BENCH_CRM_SQL" >/dev/null
 q bench -c "ALTER DATABASE engine SET nocrm.history = '${HIST:-actions}'"

@@ -6,15 +6,9 @@
 # nocrm.worker_database = engine (the notify relay); SC: synchronous_commit;
 # HIST: nocrm.history (actions); PERF=1: perf record of the engine's backends.
 set -e
-PG=$(pg_config --bindir)
-export PATH=$PG:$PATH
 H="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . $H/server.sh; . $H/rulesets.sh
-PGBIN=$PG; WORK=/tmp/nocrm_pgb_pair; PGDATA=$WORK/data
-log() { echo "$*" >&2; }; die() { echo "$*" >&2; exit 1; }
-[ -f $WORK/data/postmaster.pid ] && runuser -u postgres -- $PG/pg_ctl -D $PGDATA -m immediate stop >/dev/null 2>&1 || true
-rm -rf $WORK; mkdir -p $WORK; chown postgres $WORK; chmod 755 $WORK
-cp $H/handwritten_rules.sql $WORK/
+bench_scratch /tmp/nocrm_pgb_pair; PG=$PGBIN
 echo "INSERT INTO nocrm.leads (title, pipeline_id, contact_email) VALUES ('pgbench lead', 1, 'pgb@bench.test');" > $WORK/lead_insert.sql
 printf '%s\n' '\set id random(1, 10000)' "UPDATE nocrm.leads SET status = CASE WHEN status = 'won' THEN 'todo' ELSE 'won' END WHERE id = :id;" > $WORK/status_upd.sql
 chown postgres $WORK/*
@@ -26,7 +20,6 @@ synchronous_commit = ${SC:-on}
 ${PRELOAD:+shared_preload_libraries = 'nocrm_automation'}
 ${PRELOAD:+nocrm.worker_database = 'engine'}
 EOF
-q() { local d=$1; shift; runuser -u postgres -- $PG/psql -h $WORK -X -q -v ON_ERROR_STOP=1 -At -d $d "$@"; }
 RULES_VARIANT=engine; psql_() { q engine "$@"; }
 for v in handwritten engine; do
   runuser -u postgres -- $PG/createdb -h $WORK $v

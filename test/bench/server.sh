@@ -17,6 +17,22 @@ bench_preamble() {
     EXT_SO="$(pg_config --pkglibdir)/nocrm_automation.so"
 }
 
+# bench_scratch DIR: the quick benchmarks' common start: PGBIN (on PATH),
+# WORK=DIR and PGDATA, plain die() and log(), a server left running there by
+# an interrupted run stopped, DIR made afresh for the postgres user with a
+# copy of the hand-written anchor, q DB ARGS... (psql to a database, as
+# postgres, tuples only, stopping at the first error).
+bench_scratch() {
+    PGBIN="$(pg_config --bindir)"; export PATH="$PGBIN:$PATH"
+    WORK=$1; PGDATA=$WORK/data
+    log() { echo "$*" >&2; }; die() { echo "$*" >&2; exit 1; }
+    [ -f "$PGDATA/postmaster.pid" ] &&
+        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate stop >/dev/null 2>&1
+    rm -rf "$WORK"; mkdir -p "$WORK"; chown postgres "$WORK"; chmod 755 "$WORK"
+    cp "$(dirname "${BASH_SOURCE[0]}")/handwritten_rules.sql" "$WORK/"; chown postgres "$WORK"/*
+    q() { local d=$1; shift; runuser -u postgres -- "$PGBIN/psql" -h "$WORK" -X -q -v ON_ERROR_STOP=1 -At -d "$d" "$@"; }
+}
+
 # bench_server_start NAME: initdb, start, create database "bench".  Extra
 # postgresql.conf lines (the same for every variant of a run) come on stdin.
 bench_server_start() {

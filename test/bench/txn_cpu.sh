@@ -9,20 +9,12 @@
 #   N=20000 REP=3 HIST=actions [PERF=ins|upd] bash test/bench/txn_cpu.sh
 # PERF: perf record -g of the engine's loop of that kind into $WORK/perf.data.
 set -e
-PG=$(pg_config --bindir)
-export PATH=$PG:$PATH
 H="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . $H/server.sh; . $H/rulesets.sh
-PGBIN=$PG
-WORK=/tmp/nocrm_txn_cpu; PGDATA=$WORK/data
-log() { echo "$*" >&2; }; die() { echo "$*" >&2; exit 1; }
-[ -f $WORK/data/postmaster.pid ] && runuser -u postgres -- $PG/pg_ctl -D $PGDATA -m immediate stop >/dev/null 2>&1 || true
-rm -rf $WORK; mkdir -p $WORK; chown postgres $WORK; chmod 755 $WORK
-cp $H/handwritten_rules.sql $WORK/; chown postgres $WORK/*
+bench_scratch /tmp/nocrm_txn_cpu; PG=$PGBIN
 printf '%s\n' "shared_buffers = 256MB" "max_wal_size = 4GB" "checkpoint_timeout = 30min" \
   "synchronous_commit = off" | bench_server_start tc
 N=${N:-20000}; REP=${REP:-3}
-q() { local d=$1; shift; runuser -u postgres -- $PG/psql -h $WORK -X -q -v ON_ERROR_STOP=1 -At -d $d "$@"; }
 RULES_VARIANT=engine
 psql_() { q engine "$@"; }
 for v in handwritten engine; do
