@@ -685,11 +685,10 @@ typedef struct PreAssignment
 	int32		action_no;
 	int64		user_id;
 	bool		fallback;		/* nobody available: fallback "anyone" applied */
-	char		state;			/* 'p'ending, 's'een by the statement, 't'aken by the rule */
+	char		state;			/* 'p'ending, 's'een by the statement, 't'aken by the rule, 'x' gone */
 	SubTransactionId subid;
 	const void *statement;		/* the INSERT's active snapshot, to tell statements apart */
-	struct PreAssignment *prev,
-			   *next;			/* in the order the choices were made */
+	struct PreAssignment *next; /* the choice made after it (a hint: check lead_id, state) */
 } PreAssignment;
 extern bool nocrm_preassign_row(LeadState *lead, Relation rel, int64 *user_id);
 extern PreAssignment *nocrm_preassigned(int64 lead_id);

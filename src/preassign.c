@@ -26,10 +26,15 @@
 #include "utils/snapmgr.h"
 
 static HTAB *preassigned = NULL;
+
+#define STATE_GONE	'x'			/* PreAssignment.state of a forgotten entry */
 /*
  * The entry found last, and the newest.  Each row looks its entry up several
  * times, and a statement's events reach its rows in the order they were
- * inserted: most lookups are the last entry or the one made after it.
+ * inserted: most lookups are the last entry or the one made after it.  The
+ * order is a singly linked hint (a million-row insert keeps a million
+ * entries): an entry forgotten stays readable, marked gone, in the table's
+ * memory until it is destroyed, and a link to it is never taken.
  */
 static PreAssignment *last_found = NULL;
 static PreAssignment *newest = NULL;
@@ -59,7 +64,6 @@ remember(int64 lead_id, Rule *rule, int64 user_id, bool fallback)
 	if (!exists)
 	{
 		npreassigned++;
-		entry->prev = newest;
 		entry->next = NULL;
 		if (newest)
 			newest->next = entry;
@@ -259,7 +263,8 @@ nocrm_preassigned(int64 lead_id)
 		return NULL;
 	if (last_found && last_found->lead_id == lead_id)
 		return last_found;
-	if (last_found && last_found->next && last_found->next->lead_id == lead_id)
+	if (last_found && last_found->next && last_found->next->lead_id == lead_id &&
+		last_found->next->state != STATE_GONE)
 		return last_found = last_found->next;
 	return last_found = hash_search(preassigned, &lead_id, HASH_FIND, NULL);
 }
@@ -269,12 +274,9 @@ forget(PreAssignment *entry)
 {
 	int64		lead_id = entry->lead_id;
 
-	if (entry->prev)
-		entry->prev->next = entry->next;
-	if (entry->next)
-		entry->next->prev = entry->prev;
+	entry->state = STATE_GONE;	/* for links to it: the memory is reused later */
 	if (newest == entry)
-		newest = entry->prev;
+		newest = NULL;			/* the next choice starts a new chain */
 	last_found = NULL;
 	(void) hash_search(preassigned, &lead_id, HASH_REMOVE, NULL);
 }
