@@ -681,14 +681,11 @@ extern void nocrm_group_xact_end(void);
 typedef struct PreAssignment
 {
 	int64		lead_id;		/* hash key */
-	int32		automation_id;
-	int32		action_no;
 	int64		user_id;
+	struct PreAssignment *next; /* the choice made after it (a hint: check lead_id, state) */
+	uint32		made;			/* preassign.c's Making: the rule, subtransaction, statement */
 	bool		fallback;		/* nobody available: fallback "anyone" applied */
 	char		state;			/* 'p'ending, 's'een by the statement, 't'aken by the rule, 'x' gone */
-	SubTransactionId subid;
-	const void *statement;		/* the INSERT's active snapshot, to tell statements apart */
-	struct PreAssignment *next; /* the choice made after it (a hint: check lead_id, state) */
 } PreAssignment;
 extern bool nocrm_preassign_row(LeadState *lead, Relation rel, int64 *user_id);
 extern PreAssignment *nocrm_preassigned(int64 lead_id);

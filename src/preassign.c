@@ -28,6 +28,48 @@
 static HTAB *preassigned = NULL;
 
 #define STATE_GONE	'x'			/* PreAssignment.state of a forgotten entry */
+
+/*
+ * What the choices of one rule in one statement and subtransaction share,
+ * kept once: a bulk insert's million entries point to one of these.
+ */
+typedef struct Making
+{
+	int32		automation_id;
+	int32		action_no;
+	SubTransactionId subid;
+	const void *statement;		/* the INSERT's active snapshot, to tell statements apart */
+} Making;
+
+static Making *makings = NULL;	/* in TopMemoryContext */
+static uint32 nmakings = 0;
+static uint32 makings_cap = 0;
+
+/* The Making of a choice made now by rule's first action. */
+static uint32
+making_now(Rule *rule)
+{
+	Making		now;
+
+	now.automation_id = rule->id;
+	now.action_no = rule->actions[0].action_no;
+	now.subid = GetCurrentSubTransactionId();
+	now.statement = ActiveSnapshotSet() ? (const void *) GetActiveSnapshot() : NULL;
+	for (uint32 i = nmakings; i-- > 0 && nmakings - i <= 4;)	/* the latest few */
+		if (makings[i].automation_id == now.automation_id && makings[i].action_no == now.action_no &&
+			makings[i].subid == now.subid && makings[i].statement == now.statement)
+			return i;
+	if (nmakings == makings_cap)
+	{
+		makings_cap = makings_cap ? makings_cap * 2 : 8;
+		makings = makings ? repalloc(makings, sizeof(Making) * makings_cap)
+			: MemoryContextAlloc(TopMemoryContext, sizeof(Making) * makings_cap);
+	}
+	makings[nmakings] = now;
+	return nmakings++;
+}
+
+#define MADE(entry)	(&makings[(entry)->made])
 /*
  * The entry found last, and the newest.  Each row looks its entry up several
  * times, and a statement's events reach its rows in the order they were
@@ -58,9 +100,11 @@ remember(int64 lead_id, Rule *rule, int64 user_id, bool fallback)
 	bool		exists;
 
 	ensure_table();
+	if (npreassigned == 0)
+		nmakings = 0;			/* no entry points to them any more */
 	entry = hash_search(preassigned, &lead_id, HASH_ENTER, &exists);
 	if (exists && entry->state == 'p')
-		nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
+		nocrm_assign_refund(MADE(entry)->automation_id, MADE(entry)->action_no, entry->user_id);
 	if (!exists)
 	{
 		npreassigned++;
@@ -69,14 +113,11 @@ remember(int64 lead_id, Rule *rule, int64 user_id, bool fallback)
 			newest->next = entry;
 		newest = entry;
 	}
-	entry->automation_id = rule->id;
-	entry->action_no = rule->actions[0].action_no;
+	entry->made = making_now(rule);
 	entry->user_id = user_id;
 	entry->fallback = fallback;
 	entry->state = 'p';
-	entry->subid = GetCurrentSubTransactionId();
-	entry->statement = ActiveSnapshotSet() ? (const void *) GetActiveSnapshot() : NULL;
-	max_subid = Max(max_subid, entry->subid);
+	max_subid = Max(max_subid, MADE(entry)->subid);
 }
 
 /* The rule's conditions on a lead that is being inserted, without a query. */
@@ -298,7 +339,7 @@ nocrm_preassign_seen(LeadState *lead)
 		entry->state = 's';
 		return;
 	}
-	nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
+	nocrm_assign_refund(MADE(entry)->automation_id, MADE(entry)->action_no, entry->user_id);
 	forget(entry);
 	npreassigned--;
 }
@@ -323,8 +364,8 @@ nocrm_preassign_take(int64 lead_id, int32 automation_id, int32 action_no,
 {
 	PreAssignment *entry = nocrm_preassigned(lead_id);
 
-	if (entry == NULL || entry->state == 't' || entry->automation_id != automation_id ||
-		entry->action_no != action_no)
+	if (entry == NULL || entry->state == 't' || MADE(entry)->automation_id != automation_id ||
+		MADE(entry)->action_no != action_no)
 		return false;
 	entry->state = 't';
 	*user_id = entry->user_id;
@@ -353,13 +394,13 @@ nocrm_preassign_statement_end(void)
 	hash_seq_init(&seq, preassigned);
 	while ((entry = hash_seq_search(&seq)) != NULL)
 	{
-		if (entry->state == 'p' && entry->statement != statement)
+		if (entry->state == 'p' && MADE(entry)->statement != statement)
 			continue;
 		if (entry->state == 'p')
-			nocrm_assign_refund(entry->automation_id, entry->action_no, entry->user_id);
+			nocrm_assign_refund(MADE(entry)->automation_id, MADE(entry)->action_no, entry->user_id);
 		else if (entry->state == 's')
 			elog(DEBUG1, "nocrm: lead " INT64_FORMAT " kept the owner automation %d chose for it",
-				 entry->lead_id, entry->automation_id);
+				 entry->lead_id, MADE(entry)->automation_id);
 		forget(entry);
 		npreassigned--;
 	}
@@ -379,7 +420,7 @@ nocrm_preassign_subxact_abort(SubTransactionId subid)
 		return;
 	hash_seq_init(&seq, preassigned);
 	while ((entry = hash_seq_search(&seq)) != NULL)
-		if (entry->subid >= subid)
+		if (MADE(entry)->subid >= subid)
 		{
 			forget(entry);
 			npreassigned--;
@@ -397,5 +438,6 @@ nocrm_preassign_xact_end(void)
 		newest = NULL;
 	}
 	npreassigned = 0;
+	nmakings = 0;
 	max_subid = InvalidSubTransactionId;
 }
