@@ -17,6 +17,9 @@ bench_server_start sb <<EOF
 shared_buffers = 256MB
 max_wal_size = 4GB
 checkpoint_timeout = 30min
+# reset() vacuums each variant: a worker vacuuming the previous variant's
+# tables would share the CPU (and its caches) with the next one
+autovacuum = off
 EOF
 N=${N:-100000}; REP=${REP:-3}
 triggers_off="ALTER TABLE nocrm.leads DISABLE TRIGGER USER; ALTER TABLE nocrm.tags DISABLE TRIGGER USER; ALTER TABLE nocrm.comments DISABLE TRIGGER USER; ALTER TABLE nocrm.emails DISABLE TRIGGER USER;"

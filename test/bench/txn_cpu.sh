@@ -13,7 +13,7 @@ H="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . $H/server.sh; . $H/rulesets.sh
 bench_scratch /tmp/nocrm_txn_cpu; PG=$PGBIN
 printf '%s\n' "shared_buffers = 256MB" "max_wal_size = 4GB" "checkpoint_timeout = 30min" \
-  "synchronous_commit = off" | bench_server_start tc
+  "synchronous_commit = off" "autovacuum = off" | bench_server_start tc   # reset() vacuums
 N=${N:-20000}; REP=${REP:-3}
 RULES_VARIANT=engine
 psql_() { q engine "$@"; }
