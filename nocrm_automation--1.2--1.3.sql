@@ -1845,7 +1845,6 @@ END $$;
 -- nocrm.run_log (src/runlog.c): with nocrm.history = actions the run log no
 -- longer repeats what lead_history's action.* and trigger.fired rows record.
 GRANT SET ON PARAMETER nocrm.run_log TO nocrm_admin;
-COMMENT ON VIEW nocrm.automation_stats IS 'Per automation: firings, test-mode runs, loop stops, failed deliveries (dead queue items), last firing, average actions per firing. Counts cover the runs the run log keeps (nocrm.run_log, nocrm.run_log_retention): fired runs are not logged with nocrm.history = actions unless nocrm.run_log = all.';
 
 -- ==== firing counts ====
 -- automation_stats counted the run log's fired rows, which nocrm.run_log
