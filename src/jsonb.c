@@ -6,6 +6,7 @@
 
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
+#include "utils/memutils.h"
 
 /* {"key": scalar}, converted as one object (history writes one per row) */
 static Jsonb *
@@ -98,15 +99,55 @@ nocrm_jsonb_pair(const char *key, const char *value)
 	return jsonb_pair(key, &v);
 }
 
-/* {"key": 123} (or null) */
+/*
+ * The last few {"key": 123} made: a bulk statement's history rows repeat a
+ * handful of them (the members of a group, a step) for every lead.
+ */
+#define INT_PAIRS_KEPT	8
+
+typedef struct IntPair
+{
+	char		key[NAMEDATALEN];
+	int64		value;
+	bool		isnull;
+	Jsonb	   *jsonb;			/* in TopMemoryContext; NULL = free */
+} IntPair;
+
+static IntPair int_pairs[INT_PAIRS_KEPT];
+static int	next_int_pair = 0;
+
+/* {"key": 123} (or null), a copy of its own in the current memory context */
 Jsonb *
 nocrm_jsonb_int_pair(const char *key, int64 value, bool isnull)
 {
 	JsonbValue	v;
+	Jsonb	   *made;
+	IntPair    *kept;
 
+	for (int i = 0; i < INT_PAIRS_KEPT; i++)
+		if (int_pairs[i].jsonb && int_pairs[i].value == value && int_pairs[i].isnull == isnull &&
+			strcmp(int_pairs[i].key, key) == 0)
+		{
+			made = palloc(VARSIZE(int_pairs[i].jsonb));
+			memcpy(made, int_pairs[i].jsonb, VARSIZE(int_pairs[i].jsonb));
+			return made;
+		}
 	v.type = isnull ? jbvNull : jbvNumeric;
 	if (!isnull)
 		v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int8_numeric,
 															Int64GetDatum(value)));
-	return jsonb_pair(key, &v);
+	made = jsonb_pair(key, &v);
+	if (strlen(key) >= NAMEDATALEN)
+		return made;
+	kept = &int_pairs[next_int_pair];
+	next_int_pair = (next_int_pair + 1) % INT_PAIRS_KEPT;
+	if (kept->jsonb)
+		pfree(kept->jsonb);
+	kept->jsonb = NULL;
+	strlcpy(kept->key, key, NAMEDATALEN);
+	kept->value = value;
+	kept->isnull = isnull;
+	kept->jsonb = MemoryContextAlloc(TopMemoryContext, VARSIZE(made));
+	memcpy(kept->jsonb, made, VARSIZE(made));
+	return made;
 }
