@@ -90,3 +90,24 @@ SELECT event, detail FROM nocrm.lead_history
 -- Deleting the automation removes its counters.
 SELECT nocrm.delete_automation(1);
 SELECT count(*) AS counters FROM nocrm.assignment_counters;
+
+-- A capped member is skipped while they hold their cap of open leads
+-- (one-lead statements pick by query, a bulk one in memory; both honour it),
+-- and takes turns again once a lead of theirs is closed.
+UPDATE nocrm.users SET active = true;
+SELECT nocrm.create_automation(name => 'capped', event => 'lead.creation',
+  actions => '[{"type": "assign_round_robin", "users": [{"user": "anna@example.com", "cap": 1}, "matteo@example.com"]}]') AS capped_id \gset
+SELECT u.name, COALESCE((SELECT count(*) FROM nocrm.leads l WHERE l.user_id = u.id AND l.status IN ('todo', 'standby')), 0) AS open
+  FROM nocrm.users u WHERE u.name IN ('Anna', 'Matteo') ORDER BY u.id;
+UPDATE nocrm.leads SET status = 'won' WHERE user_id IN (1, 2);
+INSERT INTO nocrm.leads (title) VALUES ('Cap 1');
+INSERT INTO nocrm.leads (title) VALUES ('Cap 2');
+INSERT INTO nocrm.leads (title) VALUES ('Cap 3');
+INSERT INTO nocrm.leads (title) SELECT 'Cap bulk ' || i FROM generate_series(1, 3) i;
+SELECT l.title, u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id
+ WHERE l.title LIKE 'Cap %' ORDER BY l.id;
+UPDATE nocrm.leads SET status = 'lost' WHERE title = 'Cap 1';
+INSERT INTO nocrm.leads (title) VALUES ('Cap 4');
+SELECT l.title, u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id
+ WHERE l.title = 'Cap 4';
+SELECT nocrm.delete_automation(:capped_id);

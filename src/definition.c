@@ -602,7 +602,10 @@ group_members(DefContext *cx, JsonbValue *users, RuleAction *a)
 				else if (strcmp(key, "weight") == 0)
 					(void) json_int(cx, &v, "weight", 1, 1000);
 				else if (strcmp(key, "cap") == 0)
+				{
 					(void) json_int(cx, &v, "cap", 1, 1000000);
+					a->capped = true;
+				}
 				else
 					invalid(cx, psprintf("unknown member key %s", quote_literal_cstr(key)),
 							"A member is a user, or {\"user\": ..., \"weight\": 2, \"cap\": 20}.");

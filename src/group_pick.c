@@ -40,7 +40,7 @@
 #define PICKS_BEFORE_HOLDING	8
 #define MAX_HELD_GROUPS			16
 
-static SPIPlanPtr member_plans[3][2];
+static SPIPlanPtr member_plans[4][2];
 
 /* A group's available members, by position, as one pick sees them. */
 typedef struct Members
@@ -196,8 +196,8 @@ lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
 	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0)," \
 	"       c.cap IS NOT NULL,"
 
-/* The member queries: any time, open tasks, open leads; each on a schema
- * without and with nocrm.group_counts (1.3). */
+/* The member queries: any time, open tasks, open leads, any time without
+ * caps; each on a schema without and with nocrm.group_counts (1.3). */
 #define MEMBER_QUERY(open, members) MEMBER_COUNTS open members " ORDER BY c.position"
 #define ANY_TIME_OPEN	"       NULL::bigint"
 #define TASKS_OPEN		"       CASE WHEN $6 THEN " OPEN_TASKS("c") " END"
@@ -205,13 +205,15 @@ lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
 #define OLD_COUNTERS	"nocrm.assignment_counters"
 #define COUNTERS		"nocrm.group_counts"
 
-static const char *const member_queries[3][2] = {
+static const char *const member_queries[4][2] = {
 	{MEMBER_QUERY(ANY_TIME_OPEN, MEMBERS_ANY_TIME(OLD_COUNTERS, "c", "u")),
 	MEMBER_QUERY(ANY_TIME_OPEN, MEMBERS_ANY_TIME(COUNTERS, "c", "u"))},
 	{MEMBER_QUERY(TASKS_OPEN, MEMBERS(OLD_COUNTERS, "c", "u")),
 	MEMBER_QUERY(TASKS_OPEN, MEMBERS(COUNTERS, "c", "u"))},
 	{MEMBER_QUERY(LEADS_OPEN, MEMBERS(OLD_COUNTERS, "c", "u")),
 	MEMBER_QUERY(LEADS_OPEN, MEMBERS(COUNTERS, "c", "u"))},
+	{MEMBER_QUERY(ANY_TIME_OPEN, MEMBERS_UNCAPPED(OLD_COUNTERS, "c", "u")),
+	MEMBER_QUERY(ANY_TIME_OPEN, MEMBERS_UNCAPPED(COUNTERS, "c", "u"))},
 };
 
 /*
@@ -231,7 +233,8 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 		BoolGetDatum(anyone), BoolGetDatum(action->only_working_hours),
 	BoolGetDatum(balanced)};
 	/* (tasks balance by their own statement: nocrm.tasks is not there before 1.3) */
-	int			kind = (!balanced && !action->only_working_hours) ? 0 : tasks ? 1 : 2;
+	int			kind = (!balanced && !action->only_working_hours) ? (action->capped ? 0 : 3)
+		: tasks ? 1 : 2;
 	int			with_increments = nocrm_table_exists("assignment_increments") ? 1 : 0;
 	SPIPlanPtr	plan;
 	int			ret;

@@ -53,7 +53,12 @@
 	" FROM " counters " " c " JOIN nocrm.users " u " ON " u ".id = " c ".user_id" \
 	" WHERE " c ".automation_id = $1 AND " c ".action_no = $2 AND" available
 
+/* ... and when no member has a cap: no open-lead count to start on every pick */
+#define AVAILABLE_UNCAPPED(c, u) \
+	" " u ".active AND ($4 OR " NOT_ABSENT(u) ")"
+
 #define MEMBERS(counters, c, u)			MEMBERS_WHERE(counters, c, u, AVAILABLE(c, u))
+#define MEMBERS_UNCAPPED(counters, c, u)	MEMBERS_WHERE(counters, c, u, AVAILABLE_UNCAPPED(c, u))
 #define MEMBERS_ANY_TIME(counters, c, u)	MEMBERS_WHERE(counters, c, u, AVAILABLE_ANY_TIME(c, u))
 
 #endif							/* NOCRM_GROUPS_H */

@@ -115,6 +115,7 @@ typedef struct RuleAction
 	bool		respect_working_hours;	/* queued: wait for the owner's working time */
 	bool		only_working_hours; /* groups: skip members outside working hours */
 	bool		assign_anyway;	/* groups: fallback "anyone" */
+	bool		capped;			/* groups: some member has a cap */
 	/* create_task (title in text; a group in users, picked as group_kind) */
 	const char *task_notes;
 	ActionKind	group_kind;		/* ACT_ASSIGN for one user or the owner (user_id) */
