@@ -138,31 +138,31 @@ increment_order(const void *a, const void *b)
 	t ".automation_id = $1 AND " t ".action_no = $2 AND " t ".user_id = $3"
 
 /*
- * Adds $4 to a member's count.  If no one holds the counter row, it is
+ * Adds $4 to a member's count if no one holds the counter row: it is
  * locked and gets the increment plus the increments folded from
  * nocrm.assignment_increments (those committed so far: a later one stays
- * for the next fold); if someone does, the increment is inserted there
- * instead.  A member that is gone (removed from the group meanwhile)
- * counts nothing.  Under READ COMMITTED the UPDATE finds the row's latest
- * version, the one locked.
+ * for the next fold).  Updates nothing if someone holds it, or if the
+ * member is gone (removed from the group meanwhile): ADD_TO_INCREMENTS
+ * then records the increment, or nothing.  (Two statements, so that the
+ * usual commit starts no INSERT, nor its table's statement trigger.)
+ * Under READ COMMITTED the UPDATE finds the row's latest version, the one
+ * locked.
  */
 #define ADD_TO_COUNTER \
 	"WITH mine AS (SELECT FROM nocrm.assignment_counters c WHERE " MEMBER_KEY("c") \
 	"               FOR NO KEY UPDATE SKIP LOCKED)," \
 	"     folded AS (DELETE FROM nocrm.assignment_increments i" \
 	"                 WHERE " MEMBER_KEY("i") " AND EXISTS (SELECT FROM mine)" \
-	"                RETURNING i.delta)," \
-	"     counted AS (UPDATE nocrm.assignment_counters c" \
-	"                    SET assigned = c.assigned + $4 + coalesce((SELECT sum(delta) FROM folded), 0)::bigint" \
-	"                  WHERE " MEMBER_KEY("c") " AND EXISTS (SELECT FROM mine) RETURNING 1)" \
-	" INSERT INTO nocrm.assignment_increments (automation_id, action_no, user_id, delta)" \
-	" SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT FROM mine)" \
-	"    AND EXISTS (SELECT FROM nocrm.assignment_counters c WHERE " MEMBER_KEY("c") ")"
+	"                RETURNING i.delta)" \
+	" UPDATE nocrm.assignment_counters c" \
+	"    SET assigned = c.assigned + $4 + coalesce((SELECT sum(delta) FROM folded), 0)::bigint" \
+	"  WHERE " MEMBER_KEY("c") " AND EXISTS (SELECT FROM mine)"
 
 /*
- * Under REPEATABLE READ or SERIALIZABLE a counter row updated since the
- * snapshot cannot be locked without a serialization failure: such a
- * transaction always records its increments to be folded.
+ * The increment recorded to be folded later: when the counter row is held,
+ * and always under REPEATABLE READ or SERIALIZABLE, where a counter row
+ * updated since the snapshot cannot be locked without a serialization
+ * failure.
  */
 #define ADD_TO_INCREMENTS \
 	"INSERT INTO nocrm.assignment_increments (automation_id, action_no, user_id, delta)" \
@@ -198,10 +198,12 @@ flush_pending(void)
 	qsort(todo, n, sizeof(PendingIncrement), increment_order);
 	if (!nocrm_table_exists("assignment_increments"))
 		plan = nocrm_plan(&plan_waiting, ADD_TO_COUNTER_WAITING, 4, types);
-	else if (IsolationUsesXactSnapshot())
-		plan = nocrm_plan(&plan_increments, ADD_TO_INCREMENTS, 4, types);
 	else
-		plan = nocrm_plan(&plan_counter, ADD_TO_COUNTER, 4, types);
+	{
+		(void) nocrm_plan(&plan_increments, ADD_TO_INCREMENTS, 4, types);
+		plan = IsolationUsesXactSnapshot() ? plan_increments
+			: nocrm_plan(&plan_counter, ADD_TO_COUNTER, 4, types);
+	}
 	for (int i = 0; i < n;)
 	{
 		Datum		args[4] = {Int32GetDatum(todo[i].automation_id), Int32GetDatum(todo[i].action_no),
@@ -215,8 +217,11 @@ flush_pending(void)
 		if (delta == 0)
 			continue;
 		args[3] = Int64GetDatum(delta);
-		nocrm_exec_plan(plan, args, NULL, plan == plan_waiting ? SPI_OK_UPDATE : SPI_OK_INSERT,
+		nocrm_exec_plan(plan, args, NULL, plan == plan_increments ? SPI_OK_INSERT : SPI_OK_UPDATE,
 						"updating assignment counters failed");
+		if (plan == plan_counter && SPI_processed == 0)	/* held by another transaction */
+			nocrm_exec_plan(plan_increments, args, NULL, SPI_OK_INSERT,
+							"updating assignment counters failed");
 	}
 }
 
