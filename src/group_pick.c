@@ -52,7 +52,6 @@ typedef struct Members
 	int64	   *counts;			/* committed + unwritten + in flight */
 	int64	   *flying;			/* claims in flight elsewhere */
 	int64	   *open;			/* balanced: open leads + in flight; else NULL */
-	bool		capped;			/* some member has a cap */
 } Members;
 
 /* A group whose lock this statement holds, with its members' counts. */
@@ -193,8 +192,7 @@ lowest(int n, const int64 *counts, const int64 *inflight, const int64 *open,
 /* each member query's columns before the open count */
 #define MEMBER_COUNTS \
 	"SELECT c.user_id, c.position, c.weight," \
-	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0)," \
-	"       c.cap IS NOT NULL,"
+	"       c.assigned + coalesce(($3::bigint[])[c.position + 1], 0),"
 
 /* The member queries: any time, open tasks, open leads, any time without
  * caps; each on a schema without and with nocrm.group_counts (1.3). */
@@ -251,7 +249,6 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 	m->counts = palloc(sizeof(int64) * Max(m->n, 1));
 	m->flying = palloc(sizeof(int64) * Max(m->n, 1));
 	m->open = balanced ? palloc(sizeof(int64) * Max(m->n, 1)) : NULL;
-	m->capped = false;
 	for (int r = 0; r < m->n; r++)
 	{
 		HeapTuple	row = SPI_tuptable->vals[r];
@@ -264,10 +261,9 @@ read_members(Rule *rule, RuleAction *action, bool anyone, Datum pending, const i
 		m->weights[r] = DatumGetInt32(SPI_getbinval(row, desc, 3, &isnull));
 		m->flying[r] = position >= 0 && position < action->nusers ? inflight[position] : 0;
 		m->counts[r] = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull)) + m->flying[r];
-		m->capped |= DatumGetBool(SPI_getbinval(row, desc, 5, &isnull));
 		if (m->open)
 		{
-			Datum		o = SPI_getbinval(row, desc, 6, &isnull);
+			Datum		o = SPI_getbinval(row, desc, 5, &isnull);
 
 			m->open[r] = (isnull ? 0 : DatumGetInt64(o)) + m->flying[r];
 		}
@@ -355,7 +351,7 @@ nocrm_group_pick(Rule *rule, RuleAction *action, bool anyone, Datum pending, int
 		{
 			*user_id = m.user_ids[take(rule, action, &m)];
 			/* caps count open leads, which each assignment changes: no picks in memory */
-			keep = g && !m.capped && ++g->picks > PICKS_BEFORE_HOLDING;
+			keep = g && !action->capped && ++g->picks > PICKS_BEFORE_HOLDING;
 			if (keep)
 			{
 				keep_members(g, &m);

@@ -70,6 +70,7 @@ making_now(Rule *rule)
 }
 
 #define MADE(entry)	(&makings[(entry)->made])
+
 /*
  * The entry found last, and the newest.  Each row looks its entry up several
  * times, and a statement's events reach its rows in the order they were
