@@ -110,4 +110,15 @@ UPDATE nocrm.leads SET status = 'lost' WHERE title = 'Cap 1';
 INSERT INTO nocrm.leads (title) VALUES ('Cap 4');
 SELECT l.title, u.name AS owner FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id
  WHERE l.title = 'Cap 4';
+-- A bulk statement longer than the picks made one by one before a group is
+-- held in memory: a capped group is never held.  Anna, under her cap but 10
+-- assignments ahead, is first picked after that point, and only once.
+UPDATE nocrm.leads SET status = 'won' WHERE title = 'Cap 4';
+UPDATE nocrm.assignment_counters a SET assigned = m.assigned + 10
+  FROM nocrm.assignment_counters m
+ WHERE a.automation_id = :capped_id AND m.automation_id = :capped_id AND a.user_id = 1 AND m.user_id = 2;
+INSERT INTO nocrm.leads (title) SELECT 'Cap long ' || i FROM generate_series(1, 30) i;
+SELECT u.name AS owner, count(*), min(l.title) FILTER (WHERE u.name = 'Anna') AS anna_got
+  FROM nocrm.leads l JOIN nocrm.users u ON u.id = l.user_id
+ WHERE l.title LIKE 'Cap long %' GROUP BY u.name ORDER BY u.name;
 SELECT nocrm.delete_automation(:capped_id);
